@@ -1,0 +1,266 @@
+"""The wire format between coordinator and workers; the only code that packs or unpacks it.
+
+A message is a ZeroMQ multipart message `[header, frame 0, frame 1, ...]`. The header
+is a msgpack map with exactly these keys, in this order:
+
+    {"v": WIRE_VERSION,                 # refused when it differs
+     "kind": "step",                    # what the message is: "step", "result", "free", ...
+     "fields": {...},                   # the caller's msgpack-able values (batch layout,
+                                        #   positions, SamplingParams.to_dict(), ...)
+     "tensors": [{"name": "hidden", "dtype": "bfloat16", "shape": [4, 1, 576]}, ...]}
+
+and frame i holds the raw little-endian bytes of tensors[i], C order, nothing else.
+Tensors go out zero-copy (a buffer over the tensor's own memory) and come back
+zero-copy (`torch.frombuffer` over the received frame). Anything malformed raises
+`WireError`, and nothing else. Tuples in `fields` come back as lists.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+__all__ = [
+    "WIRE_VERSION", "MAX_HEADER_BYTES", "MAX_FRAME_BYTES", "DEFAULT_ACTIVATION_DTYPE",
+    "DTYPES", "WireError", "Message", "encode", "decode", "send", "recv",
+    "activation_dtype", "to_wire", "from_wire",
+]
+
+WIRE_VERSION = 1
+MAX_HEADER_BYTES = 16 * 1024**2  # default limits; decode/encode/recv take others
+MAX_FRAME_BYTES = 1024**3
+_MAX_DIMS = 32
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_HEADER_KEYS = ("v", "kind", "fields", "tensors")
+_TENSOR_KEYS = {"name", "dtype", "shape"}
+
+DEFAULT_ACTIVATION_DTYPE = torch.bfloat16
+_ACTIVATION_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+class WireError(ValueError):
+    """A message that is not, or cannot be, in this module's format."""
+
+
+@dataclass
+class Message:
+    """A decoded message. `tensors` share memory with the received frames: treat them
+    as read-only (clone before writing in place)."""
+
+    kind: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    version: int = WIRE_VERSION
+
+
+def encode(
+    kind: str,
+    fields: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    *,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_frame_bytes: int = MAX_FRAME_BYTES,
+) -> list[bytes | memoryview]:
+    """Pack a message. Tensor frames are views over the tensors' memory (a CUDA or
+    non-contiguous tensor is first copied to a contiguous CPU one), so the tensors must
+    not be written in place until ZeroMQ has sent them."""
+    if not isinstance(kind, str) or not kind:
+        raise WireError(f"kind must be a non-empty string, got {kind!r}")
+    fields = {} if fields is None else fields
+    if not isinstance(fields, dict):
+        raise WireError(f"fields must be a dict, got {type(fields).__name__}")
+    descs, frames = [], []
+    for name, t in (tensors or {}).items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise WireError(
+                f"tensors must map str to torch.Tensor, got {name!r}: {type(t).__name__}"
+            )
+        dtype = _DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            raise WireError(f"tensor {name!r} has dtype {t.dtype}; the wire carries {list(DTYPES)}")
+        t = t.detach().to("cpu").contiguous()
+        if t.numel() * t.element_size() > max_frame_bytes:
+            raise WireError(f"tensor {name!r} is {t.numel() * t.element_size()} bytes, over "
+                            f"the {max_frame_bytes}-byte frame limit")
+        descs.append({"name": name, "dtype": dtype, "shape": list(t.shape)})
+        # numpy has no bfloat16: reinterpret every dtype as bytes, 1-D so 0-d works too.
+        frames.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    header_map = {"v": WIRE_VERSION, "kind": kind, "fields": fields, "tensors": descs}
+    try:
+        header = msgpack.packb(header_map, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise WireError(f"fields of {kind!r} message are not msgpack-able: {e}; "
+                        "send tensors in `tensors=` and dataclasses as .to_dict()") from e
+    if len(header) > max_header_bytes:
+        raise WireError(f"header of {kind!r} message is {len(header)} bytes, over the "
+                        f"{max_header_bytes}-byte limit")
+    return [header, *frames]
+
+
+def decode(
+    frames: list[Any],
+    *,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_frame_bytes: int = MAX_FRAME_BYTES,
+) -> Message:
+    """Unpack `[header, frame...]` (bytes, bytearray, memoryview or zmq.Frame).
+
+    Raises WireError, naming what is wrong, for any input that is not a valid message.
+    """
+    if not isinstance(frames, (list, tuple)):
+        raise WireError(f"expected a list of frames, got {type(frames).__name__}")
+    if not frames:
+        raise WireError("empty message: expected [header, tensor frames...]")
+    header_buf = _buffer(frames[0], "header")
+    if header_buf.nbytes > max_header_bytes:
+        raise WireError(f"header is {header_buf.nbytes} bytes, over the "
+                        f"{max_header_bytes}-byte limit")
+    header = _unpack_header(header_buf)
+    descs = header["tensors"]
+    if len(descs) != len(frames) - 1:
+        raise WireError(f"header describes {len(descs)} tensor frames but the message "
+                        f"has {len(frames) - 1} (truncated or mixed-up message)")
+    tensors: dict[str, torch.Tensor] = {}
+    for i, desc in enumerate(descs):
+        name, dtype, shape = _check_desc(i, desc, tensors)
+        tensors[name] = _tensor(name, dtype, shape, _buffer(frames[i + 1], f"frame of {name!r}"),
+                                max_frame_bytes)
+    return Message(kind=header["kind"], fields=header["fields"], tensors=tensors,
+                   version=header["v"])
+
+
+def _buffer(frame: Any, what: str) -> memoryview:
+    buf = getattr(frame, "buffer", frame)  # zmq.Frame exposes its bytes as .buffer
+    try:
+        if isinstance(buf, str):
+            raise TypeError("str")
+        mv = memoryview(buf)
+    except TypeError:
+        raise WireError(f"{what} is a {type(frame).__name__}, expected bytes") from None
+    if mv.format == "B" and mv.ndim == 1:
+        return mv
+    if not mv.c_contiguous:
+        raise WireError(f"{what} is not a contiguous buffer")
+    try:
+        return mv.cast("B")
+    except (TypeError, ValueError) as e:
+        raise WireError(f"{what} cannot be read as bytes: {e}") from None
+
+
+def _unpack_header(buf: memoryview) -> dict[str, Any]:
+    try:
+        header = msgpack.unpackb(buf, raw=False, strict_map_key=False, use_list=True)
+    except Exception as e:  # msgpack raises several types on garbage, all mean the same
+        raise WireError(f"header is not valid msgpack ({type(e).__name__}: {e})") from e
+    if not isinstance(header, dict):
+        raise WireError(f"header is a msgpack {type(header).__name__}, expected a map")
+    version = header.get("v")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise WireError(f"header has no wire version 'v' (got {version!r})")
+    if version != WIRE_VERSION:
+        raise WireError(f"wire version {version}, expected {WIRE_VERSION}: coordinator and "
+                        "worker run different llm-shard versions")
+    missing = [k for k in _HEADER_KEYS if k not in header]
+    unknown = [k for k in header if k not in _HEADER_KEYS]
+    if missing or unknown:
+        raise WireError(f"header keys wrong: missing {missing}, unknown {unknown!r}")
+    if not isinstance(header["kind"], str) or not header["kind"]:
+        raise WireError(f"header 'kind' must be a non-empty string, got {header['kind']!r}")
+    if not isinstance(header["fields"], dict):
+        raise WireError(f"header 'fields' must be a map, got {type(header['fields']).__name__}")
+    if not isinstance(header["tensors"], list):
+        raise WireError(f"header 'tensors' must be a list, got "
+                        f"{type(header['tensors']).__name__}")
+    return header
+
+
+def _check_desc(i: int, desc: Any, seen: dict) -> tuple[str, torch.dtype, list[int]]:
+    if not isinstance(desc, dict) or set(desc) != _TENSOR_KEYS:
+        raise WireError(f"tensor {i} must be a map with keys {sorted(_TENSOR_KEYS)}, got {desc!r}")
+    name, dtype, shape = desc["name"], desc["dtype"], desc["shape"]
+    if not isinstance(name, str) or name in seen:
+        raise WireError(f"tensor {i} name {name!r} is not a string or is repeated")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise WireError(f"tensor {name!r} has unknown dtype {dtype!r}; expected one of "
+                        f"{list(DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise WireError(f"tensor {name!r} has bad shape {shape!r}; expected a list of at "
+                        f"most {_MAX_DIMS} sizes >= 0")
+    return name, DTYPES[dtype], shape
+
+
+def _tensor(name: str, dtype: torch.dtype, shape: list[int], buf: memoryview,
+            max_frame_bytes: int) -> torch.Tensor:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    # Zero-size dims aside, the sizes must fit the limit too: [0, 2**62, 2**62] is "empty"
+    # but overflows torch's stride arithmetic.
+    spread = math.prod(max(d, 1) for d in shape) * itemsize
+    if max(spread, buf.nbytes) > max_frame_bytes:
+        raise WireError(f"tensor {name!r} is {max(spread, buf.nbytes)} bytes, over the "
+                        f"{max_frame_bytes}-byte frame limit")
+    if buf.nbytes != expected:
+        raise WireError(f"tensor {name!r} frame has {buf.nbytes} bytes, but shape {shape} "
+                        f"of {dtype} needs {expected}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    if buf.readonly:
+        # bytes frames (tests, copy=True receives) are read-only; the tensor is
+        # documented read-only, so torch's once-per-process warning says nothing new.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            flat = torch.frombuffer(buf, dtype=torch.uint8)
+    else:
+        flat = torch.frombuffer(buf, dtype=torch.uint8)
+    if flat.data_ptr() % itemsize:
+        flat = flat.clone()  # tiny zmq frames live inline and may be unaligned
+    if dtype == torch.bool and bool((flat > 1).any()):
+        raise WireError(f"tensor {name!r} is bool but has bytes other than 0 and 1")
+    return flat.view(dtype).reshape(shape)
+
+
+def send(socket: Any, frames: list[bytes | memoryview]) -> None:
+    """Send `encode(...)` output on a ZeroMQ socket without copying the tensor bytes."""
+    socket.send_multipart(frames, copy=False)
+
+
+def recv(socket: Any, **limits: int) -> Message:
+    """Receive and decode one message; `limits` are decode's max_header_bytes/max_frame_bytes."""
+    return decode(socket.recv_multipart(copy=False), **limits)
+
+
+def activation_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'bf16'/'bfloat16', 'fp16'/'float16'/'half', 'fp32'/'float32'/'float' → torch dtype."""
+    if isinstance(name, torch.dtype) and name in _ACTIVATION_DTYPES.values():
+        return name
+    dtype = _ACTIVATION_DTYPES.get(name.lower()) if isinstance(name, str) else None
+    if dtype is None:
+        raise ValueError(f"activation dtype {name!r} is not one of {list(_ACTIVATION_DTYPES)}")
+    return dtype
+
+
+def to_wire(hidden: torch.Tensor, dtype: torch.dtype = DEFAULT_ACTIVATION_DTYPE) -> torch.Tensor:
+    """Cast floating activations to the wire dtype (bf16 halves the bytes of fp32)."""
+    return hidden.to(activation_dtype(dtype)) if hidden.is_floating_point() else hidden
+
+
+def from_wire(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast received activations to the stage's compute dtype (a copy, so writable)."""
+    return hidden.to(dtype, copy=True)

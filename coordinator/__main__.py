@@ -1,0 +1,3 @@
+from llm_shard.coordinator.cli import main
+
+main()

@@ -1,0 +1,33 @@
+"""llm_shard.models: architectures block by block, the checkpoint store, tokenizers, int8.
+
+Knows no Ray and no ZeroMQ: everything here runs on plain tensors in one process.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import Arch
+
+_ARCH_MODULES = {"llama": "llama", "pangu-alpha": "pangu"}
+PLANNED = ("chatglm", "rwkv", "moss", "cpm2")  # architectures of the seed not yet written
+
+
+class UnknownArch(ValueError):
+    pass
+
+
+def arch_names() -> list[str]:
+    return sorted(_ARCH_MODULES)
+
+
+def get_arch(name: str) -> Arch:
+    """The architecture for a --arch name or an alias (e.g. a config's model_type)."""
+    key = name.lower().replace("_", "-")
+    for arch_name, module in _ARCH_MODULES.items():
+        arch = importlib.import_module(f".{module}", __name__).ARCH
+        if key == arch_name or key in arch.aliases:
+            return arch
+    if key in PLANNED:
+        raise UnknownArch(f"architecture {name!r} is planned but not implemented yet")
+    raise UnknownArch(f"unknown architecture {name!r}; known: {', '.join(arch_names())}")

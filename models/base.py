@@ -1,0 +1,86 @@
+"""What every architecture module provides, and the names of a model's parts.
+
+A model is three kinds of part: the embedding, blocks with global indices, and the
+head. Each part is one file in the store and one module at run time, so a worker
+builds and loads only the parts of its range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Part:
+    kind: str  # "embed" | "block" | "head"
+    index: int = -1  # global block index, for blocks
+
+    @property
+    def file(self) -> str:
+        if self.kind == "block":
+            return f"blocks/{self.index:03d}.safetensors"
+        return f"{self.kind}.safetensors"
+
+    def __str__(self) -> str:
+        return f"block {self.index}" if self.kind == "block" else self.kind
+
+
+def parts_of(n_blocks: int) -> list[Part]:
+    return [Part("embed"), *(Part("block", i) for i in range(n_blocks)), Part("head")]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Where one store tensor comes from: a source key ({i} = block index) and a transform."""
+
+    source: str
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class ArchConfig:
+    """Base of every architecture's config dataclass."""
+
+    @classmethod
+    def normalize(cls, raw: dict) -> dict:
+        return dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict):
+        """Build from a checkpoint's config, dropping keys this architecture doesn't use."""
+        d = cls.normalize(raw)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def n_blocks(self) -> int:
+        raise NotImplementedError
+
+
+Layout = Callable[[ArchConfig], dict]
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    config: type[ArchConfig]
+    embed: Callable[[ArchConfig], nn.Module]
+    block: Callable[[ArchConfig, int], nn.Module]
+    head: Callable[[ArchConfig], nn.Module]
+    # source layout name -> {"embed"|"block"|"block N"|"head": {key: Rule}, "ignore": (regex,)}
+    layouts: dict[str, Layout]
+    chat_template: str = "plain"
+    aliases: tuple[str, ...] = field(default=())
+
+    def build(self, cfg: ArchConfig, part: Part) -> nn.Module:
+        if part.kind == "block":
+            return self.block(cfg, part.index)
+        return {"embed": self.embed, "head": self.head}[part.kind](cfg)

@@ -1,0 +1,141 @@
+"""Parts shared by several architectures: norms, rotary embeddings, cached attention, MLPs.
+
+Activations inside a stage are flattened rows (rows, hidden); `Batch` says which rows
+belong to which sequence. Linear layers run on all rows at once; only attention loops
+over sequences, each against its own cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import Batch
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's norm: computed in fp32, weight only."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary:
+    """Half-split rotary embedding (Hugging Face's rotate_half convention).
+
+    `scaling` follows Hugging Face's rope_scaling: {"type": "linear"|"dynamic", "factor"}.
+    Dynamic NTK scaling depends on each sequence's current length.
+    """
+
+    def __init__(self, dim: int, base: float, max_positions: int,
+                 scaling: dict | None = None) -> None:
+        self.dim, self.base, self.max_positions = dim, base, max_positions
+        self.kind = (scaling or {}).get("type") or (scaling or {}).get("rope_type") or "default"
+        if self.kind not in ("default", "linear", "dynamic"):
+            raise ValueError(f"rope scaling type {self.kind!r} is not supported "
+                             "(supported: linear, dynamic)")
+        self.factor = float((scaling or {}).get("factor", 1.0))
+        self.inv_freq = self._inv_freq(base)
+
+    def _inv_freq(self, base: float) -> torch.Tensor:
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.float32,
+                                             device="cpu") / self.dim))
+
+    def cos_sin(self, positions: torch.Tensor, seq_len: int | None = None):
+        """cos, sin of shape (rows, dim) for the given absolute positions."""
+        inv_freq = self.inv_freq
+        pos = positions.float()
+        if self.kind == "linear":
+            pos = pos / self.factor
+        elif self.kind == "dynamic" and seq_len is not None and seq_len > self.max_positions:
+            base = self.base * ((self.factor * seq_len / self.max_positions)
+                                - (self.factor - 1)) ** (self.dim / (self.dim - 2))
+            inv_freq = self._inv_freq(base)
+        freqs = torch.outer(pos.cpu(), inv_freq).to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (rows, heads, dim); cos/sin (rows, dim)."""
+        cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+def rope_rows(rope: Rotary, batch: Batch):
+    """cos/sin for every row of a batch; dynamic scaling uses each sequence's length."""
+    if rope.kind != "dynamic":
+        return rope.cos_sin(batch.positions)
+    parts, row = [], 0
+    for n in batch.seq_lens:
+        pos = batch.positions[row: row + n]
+        parts.append(rope.cos_sin(pos, seq_len=int(pos[-1]) + 1 if n else 0))
+        row += n
+    return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch,
+                     layer: int, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new rows against its cache.
+
+    q (rows, heads, d), k/v (rows, kv_heads, d); returns (rows, heads, d). The new k/v
+    are appended to the cache of `layer` (a global index) first.
+    """
+    out = torch.empty_like(q)
+    row = 0
+    for n, cache in zip(batch.seq_lens, batch.caches):
+        if n == 0:
+            continue
+        keys, values = cache.layer(layer).update_and_fetch(
+            k[row: row + n].transpose(0, 1), v[row: row + n].transpose(0, 1))
+        total = keys.shape[1]
+        mask = None
+        if n > 1:  # row i sees every cached token and new tokens up to itself
+            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+        # (heads, n, d) against (kv_heads, total, d)
+        o = F.scaled_dot_product_attention(
+            q[row: row + n].transpose(0, 1), keys, values, attn_mask=mask, scale=scale,
+            enable_gqa=keys.shape[0] != q.shape[1])
+        out[row: row + n] = o.transpose(0, 1)
+        row += n
+    return out
+
+
+class SwiGLU(nn.Module):
+    """LLaMA's MLP: down(silu(gate(x)) * up(x)); names follow Hugging Face."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    """GPT-2-style MLP with erf GELU: c_proj(gelu(c_fc(x)))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(dim, hidden)
+        self.c_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

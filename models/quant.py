@@ -1,0 +1,330 @@
+"""Int8 weights: the per-channel quantizer, `Int8Linear`, the swap, and the int8 kernels.
+
+Quantization is a swap, not a branch: build the model as usual, then `quantize(model)`
+replaces chosen `nn.Linear`s by `Int8Linear`s. Block code never sees int8.
+
+    quantize(model, predicate)          # fp32 weights in memory -> int8 (offline quantizer)
+    swap_int8(model, predicate)         # empty Int8Linears of the same shapes, then
+    model.load_state_dict(int8_state)   #   load an int8 checkpoint into them,
+    prepare_int8(model)                 #   and pack weights for the kernel (optional: lazy)
+
+State dict of an `Int8Linear` named `<name>`: `<name>.weight` int8 (out, in), `<name>.scales`
+float32 (out,), and `<name>.bias` float32 (out,) only when the Linear had a bias;
+w ~= weight * scales[:, None].
+
+Kernels. A forward runs through a kernel from `KERNELS`, chosen per layer by `prepare()`
+from the device's preference list (`PREFERENCE`), each kernel saying when it is valid:
+
+- "fbgemm" (CPU): `quantized::linear_dynamic` on a prepacked per-channel qint8 weight.
+  Activations are quantized at run time with one scale per call, so rows are first
+  divided by their own absmax (and the output multiplied back): per-token activation
+  quantization at any batch size. 7-bit activations (`reduce_range`), because AVX2
+  without VNNI sums pairs of u8*s8 products in int16 and saturates otherwise.
+- "int8pack" (CPU): `aten._weight_int8pack_mm`, weight-only int8 with bf16 activations.
+  Only valid when in_features % 16 == 0: otherwise it returns wrong rows or crashes.
+- "dequant" (any device; the CUDA path): `F.linear(x, weight.to(x.dtype)) * scales`,
+  weight-only, as gpt-fast's `WeightOnlyInt8Linear`.
+
+On CPU "fbgemm" is preferred: measured here (benchmarks/kernels.py) it is the fastest
+at every batch size, and on SmolLM2-135M it keeps top-1 agreement and perplexity within
+the project's bar (tests/test_quant.py). When a preferred kernel is not valid for a
+layer, the layer falls back to the next valid one and that is logged once per reason.
+
+Preparation (packing) happens in `prepare()`, which `prepare_int8` calls for a whole
+model after its weights are loaded; a forward on an unprepared layer prepares it
+lazily under a lock. Loading a state dict or moving the module drops the prepared
+state, so packed weights never go stale; after changing buffers in place any other
+way, call `prepare()` again.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+QMAX = 127  # symmetric int8: [-127, 127], -128 unused
+
+# Kernel names tried in order, per device type; a device type not listed uses "*".
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("fbgemm", "int8pack", "dequant"),
+    "*": ("dequant",),
+}
+
+_PREPARE_LOCK = threading.Lock()
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: returns (q int8 (out, in), scales float32 (out,)).
+
+    w ~= q * scales[:, None]; an all-zero row gets scale 1.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    q = torch.round(w / scales[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scales
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One way to run an Int8Linear forward.
+
+    why_invalid(layer) -> None when the kernel can run this layer, else the reason.
+    pack(layer) -> the prepared state the kernel needs (after weights are loaded).
+    run(layer, state, x) -> y, with x (rows, in) of any float dtype, y (rows, out) in
+    x.dtype, bias included.
+    """
+
+    name: str
+    why_invalid: Callable[[Int8Linear], str | None]
+    pack: Callable[[Int8Linear], object]
+    run: Callable[[Int8Linear, object, torch.Tensor], torch.Tensor]
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y.add_(bias.to(y.dtype))
+
+
+# --- fbgemm: W8A8, per-token activation scales -------------------------------------
+
+def _fbgemm_invalid(layer: Int8Linear) -> str | None:
+    if layer.weight.device.type != "cpu":
+        return f"it runs on CPU only, weights are on {layer.weight.device}"
+    engine = torch.backends.quantized.engine
+    if engine not in ("fbgemm", "x86"):
+        return (f"torch's quantized engine is {engine!r} (supported: "
+                f"{torch.backends.quantized.supported_engines}); it needs 'x86' or 'fbgemm'")
+    try:
+        torch.ops.quantized.linear_prepack  # noqa: B018  (removed in some torch builds)
+        torch.ops.quantized.linear_dynamic  # noqa: B018
+    except (AttributeError, RuntimeError) as e:
+        return f"this torch has no quantized.linear_dynamic ({e})"
+    return None
+
+
+def _fbgemm_pack(layer: Int8Linear) -> object:
+    zeros = torch.zeros(layer.out_features, dtype=torch.long)
+    qw = torch._make_per_channel_quantized_tensor(layer.weight, layer.scales.double(), zeros, 0)
+    return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def _fbgemm_run(layer: Int8Linear, packed: object, x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    if xf.shape[0] > 1:
+        # linear_dynamic quantizes with one scale per call; dividing each row by its absmax
+        # first makes that scale per token. (rows, 1)
+        s = xf.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
+        y = torch.ops.quantized.linear_dynamic(xf / s, packed, True).mul_(s)
+    else:
+        y = torch.ops.quantized.linear_dynamic(xf.contiguous(), packed, True)
+    return _add_bias(y, layer.bias).to(x.dtype)
+
+
+# --- int8pack: weight-only, bf16 activations -------------------------------------
+
+def _int8pack_invalid(layer: Int8Linear) -> str | None:
+    if layer.weight.device.type != "cpu":
+        return f"it runs on CPU only here, weights are on {layer.weight.device}"
+    if layer.in_features % 16:
+        return (f"in_features={layer.in_features} is not a multiple of 16 "
+                "(_weight_int8pack_mm then returns wrong rows or crashes)")
+    return None
+
+
+def _int8pack_pack(layer: Int8Linear) -> object:
+    # fp32 activations run ~10x slower than bf16 in this op; scales must match x's dtype.
+    return layer.scales.to(torch.bfloat16)
+
+
+def _int8pack_run(layer: Int8Linear, scales: object, x: torch.Tensor) -> torch.Tensor:
+    y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), layer.weight, scales)
+    return _add_bias(y.to(x.dtype), layer.bias)
+
+
+# --- dequant: weight-only, any device ----------------------------------------------
+
+def _dequant_run(layer: Int8Linear, _: object, x: torch.Tensor) -> torch.Tensor:
+    y = F.linear(x, layer.weight.to(x.dtype)) * layer.scales.to(x.dtype)
+    return _add_bias(y, layer.bias)
+
+
+KERNELS: dict[str, Kernel] = {
+    k.name: k for k in (
+        Kernel("fbgemm", _fbgemm_invalid, _fbgemm_pack, _fbgemm_run),
+        Kernel("int8pack", _int8pack_invalid, _int8pack_pack, _int8pack_run),
+        Kernel("dequant", lambda layer: None, lambda layer: None, _dequant_run),
+    )
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(wanted: str, chosen: str, reason: str) -> None:
+    """Logs each distinct fallback once per process."""
+    log.warning("int8 kernel %r is not used for some layers: %s; using %r instead",
+                wanted, reason, chosen)
+
+
+def choose_kernel(layer: Int8Linear, preferred: str | None = None) -> Kernel:
+    """The first valid kernel for this layer: `preferred` first, then the device's list."""
+    order = PREFERENCE.get(layer.weight.device.type, PREFERENCE["*"])
+    if preferred is not None:
+        if preferred not in KERNELS:
+            raise ValueError(f"unknown int8 kernel {preferred!r}; known: {sorted(KERNELS)}")
+        order = (preferred, *(k for k in order if k != preferred))
+    first_reason = None
+    for name in order:
+        reason = KERNELS[name].why_invalid(layer)
+        if reason is None:
+            if first_reason is not None:
+                _log_fallback(order[0], name, first_reason)
+            return KERNELS[name]
+        first_reason = first_reason or reason
+    raise RuntimeError(f"no int8 kernel can run {layer!r}: {first_reason}")
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (weight * scales[:, None]).T + bias, with int8 weight and per-row scales.
+
+    `kernel` names the preferred kernel (None: the device's preference list).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None, kernel: str | None = None) -> None:
+        super().__init__()
+        if kernel is not None and kernel not in KERNELS:
+            raise ValueError(f"unknown int8 kernel {kernel!r}; known: {sorted(KERNELS)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.preferred_kernel = kernel
+        self.register_buffer(
+            "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "scales", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer(
+            "bias", torch.zeros(out_features, dtype=torch.float32, device=device)
+            if bias else None)
+        self._plan: tuple[Kernel, object] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, kernel: str | None = None) -> Int8Linear:
+        q, scales = quantize_weight(linear.weight)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                device=linear.weight.device, kernel=kernel)
+        m.weight.copy_(q)
+        m.scales.copy_(scales)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach())
+        return m
+
+    @property
+    def kernel(self) -> str | None:
+        """The kernel the layer runs with, or None before it is prepared."""
+        return None if self._plan is None else self._plan[0].name
+
+    def prepare(self, kernel: str | None = None) -> str:
+        """Chooses this layer's kernel and packs weights for it; returns the kernel's name.
+
+        `kernel` (if given) becomes the layer's preferred kernel, kept across reloads.
+        """
+        if kernel is not None:
+            self.preferred_kernel = kernel
+        with _PREPARE_LOCK:
+            chosen = choose_kernel(self, self.preferred_kernel)
+            with torch.no_grad():
+                self._plan = (chosen, chosen.pack(self))
+        return chosen.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._plan
+        if plan is None:
+            self.prepare()
+            plan = self._plan
+        kernel, state = plan
+        lead = x.shape[:-1]
+        y = kernel.run(self, state, x.reshape(-1, self.in_features))
+        return y.reshape(*lead, self.out_features)
+
+    # Packed weights are derived from the buffers: drop them whenever the buffers change.
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._plan = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._plan = None
+        super()._apply(fn, recurse)
+        # module.to(torch.bfloat16) must not touch the scales' or bias' dtype.
+        for name in ("scales", "bias"):
+            buf = self._buffers[name]
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_plan": None}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, kernel={self.kernel or self.preferred_kernel}")
+
+
+Predicate = Callable[[str, nn.Module], bool]
+
+
+def _swap(module: nn.Module, predicate: Predicate | None,
+          make: Callable[[nn.Linear], Int8Linear]) -> nn.Module:
+    chosen = [(name, mod) for name, mod in module.named_modules()
+              if isinstance(mod, nn.Linear) and (predicate is None or predicate(name, mod))]
+    for name, linear in chosen:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        setattr(parent, attr, make(linear))
+    return module
+
+
+def quantize(module: nn.Module, predicate: Predicate | None = None,
+             kernel: str | None = None) -> nn.Module:
+    """Replaces, in place, every nn.Linear with predicate(name, linear) true (default: all)
+    by an Int8Linear quantized from its weights; returns `module`."""
+    if isinstance(module, nn.Linear):
+        raise TypeError("quantize() swaps children in place; use Int8Linear.from_linear")
+    return _swap(module, predicate, lambda lin: Int8Linear.from_linear(lin, kernel=kernel))
+
+
+def swap_int8(module: nn.Module, predicate: Predicate | None = None,
+              kernel: str | None = None) -> nn.Module:
+    """Like quantize(), but the Int8Linears are empty (zero weights) and the Linears' own
+    weights are never read, so they may be uninitialized or on the meta device: for
+    loading an int8 state dict next. Returns `module`."""
+    if isinstance(module, nn.Linear):
+        raise TypeError("swap_int8() swaps children in place; build an Int8Linear instead")
+
+    def make(lin: nn.Linear) -> Int8Linear:
+        device = None if lin.weight.device.type == "meta" else lin.weight.device
+        return Int8Linear(lin.in_features, lin.out_features, lin.bias is not None,
+                          device=device, kernel=kernel)
+
+    return _swap(module, predicate, make)
+
+
+def prepare_int8(module: nn.Module, kernel: str | None = None) -> dict[str, str]:
+    """Prepares every Int8Linear in `module` (call after load_state_dict); returns
+    {layer name: kernel name}."""
+    return {name: mod.prepare(kernel) for name, mod in module.named_modules()
+            if isinstance(mod, Int8Linear)}
+
+
+def int8_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of every Int8Linear in `module`: `<name>.weight` (int8), `<name>.scales`
+    (float32) and `<name>.bias` (float32) where the layer has one."""
+    return {k: v for name, mod in module.named_modules() if isinstance(mod, Int8Linear)
+            for k, v in mod.state_dict(prefix=f"{name}." if name else "").items()}

@@ -1,0 +1,75 @@
+"""Running a range of a model on tensors: the compute a pipeline stage does, with no transport.
+
+`StageModel` holds the parts of one stage (stage 0 also the embedding, the last stage also
+the head) keyed by global block index. A worker wraps it in ZeroMQ and Ray; tests and
+`LocalModel` call it directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Part
+from .cache import Batch, SequenceCache
+from .store import Store
+
+
+class StageModel(nn.Module):
+    def __init__(self, store: Store, start: int, end: int, *, embed: bool | None = None,
+                 head: bool | None = None, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        n = store.n_blocks
+        if not 0 <= start < end <= n:
+            raise ValueError(f"block range [{start}, {end}) is not inside [0, {n})")
+        self.start, self.end = start, end
+        self.has_embed = start == 0 if embed is None else embed
+        self.has_head = end == n if head is None else head
+        self.embed = store.load(Part("embed"), dtype, device) if self.has_embed else None
+        self.blocks = nn.ModuleDict({str(i): store.load(Part("block", i), dtype, device)
+                                     for i in range(start, end)})
+        self.head = store.load(Part("head"), dtype, device) if self.has_head else None
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, batch: Batch, all_logits: bool = False):
+        """inputs: token ids (rows,) on the first stage, else hidden (rows, hidden).
+
+        Returns hidden (rows, hidden), or on the last stage logits: (sequences, vocab)
+        for each sequence's last row, or (rows, vocab) with all_logits.
+        """
+        x = self.embed(inputs, batch) if self.embed is not None else inputs
+        for block in self.blocks.values():
+            x = block(x, batch)
+        if self.head is None:
+            return x
+        if not all_logits:
+            x = x[batch.last_rows]
+        return self.head(x).float()
+
+
+class LocalModel:
+    """A whole model in this process: for tests, conversion checks and quick generation."""
+
+    def __init__(self, store: Store | str, dtype: torch.dtype = torch.float32) -> None:
+        self.store = store if isinstance(store, Store) else Store.open(store)
+        self.stage = StageModel(self.store, 0, self.store.n_blocks, dtype=dtype)
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """(len(ids), vocab) logits of a full forward pass over one sequence."""
+        cache = SequenceCache()
+        return self.stage(torch.tensor(ids), Batch.of([len(ids)], [cache]), all_logits=True)
+
+    def stream(self, ids: list[int], max_tokens: int, eos: tuple[int, ...] = ()):
+        """Greedy continuation with the cache: prefill once, then one token per step."""
+        cache, step = SequenceCache(), list(ids)
+        for _ in range(max_tokens):
+            logits = self.stage(torch.tensor(step), Batch.of([len(step)], [cache]))
+            token = int(logits[0].argmax())
+            yield token
+            if token in eos:
+                return
+            step = [token]
+
+    def greedy(self, ids: list[int], max_tokens: int, eos: tuple[int, ...] = ()) -> list[int]:
+        return list(self.stream(ids, max_tokens, eos))

@@ -1,0 +1,227 @@
+"""Readers for checkpoint sources: a Hugging Face folder, a Meta LLaMA folder, a Megatron
+PanGu-α file, a GGUF file. Each gives keys, shapes, a config and lazily loaded tensors.
+
+Nothing here unpickles arbitrary objects: .bin/.pth files load with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class SourceError(Exception):
+    """A checkpoint source that cannot be read; the message says what to do."""
+
+
+class Source:
+    layout: str  # which of the arch's layouts the keys follow
+    arch: str | None  # what the source says it is, if it says
+    path: Path
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def where(self, key: str) -> str:
+        """The file that holds key, for error messages."""
+        return self._where[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def config(self, arch: str) -> dict:
+        raise NotImplementedError
+
+    def tokenizer(self, arch: str):
+        """The source's tokenizer, or None when it carries none."""
+        from .tokenizer import TokenizerError, tokenizer_from_folder
+
+        try:
+            return tokenizer_from_folder(self.path if self.path.is_dir() else self.path.parent,
+                                         arch)
+        except TokenizerError:
+            return None
+
+
+def _load_pickle_free(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError and RuntimeError variants here
+        raise SourceError(f"{path}: cannot load as a plain tensor file ({e.__class__.__name__}: "
+                          f"{str(e).splitlines()[0]}); llm-shard never unpickles objects") from None
+
+
+def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        elif isinstance(v, torch.Tensor):
+            yield prefix + k, v
+
+
+class TensorFiles(Source):
+    """Keys spread over safetensors or torch files, each opened lazily and memory-mapped."""
+
+    def __init__(self, path: Path, files: list[Path], layout: str, arch: str | None,
+                 strip: tuple[str, ...] = ()) -> None:
+        self.path, self.layout, self.arch = path, layout, arch
+        self._where: dict[str, str] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._st: dict[str, object] = {}
+        for f in files:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                handle = safe_open(f, framework="pt")
+                self._st[f.name] = handle
+                for k in handle.keys():
+                    self._where[k] = f.name
+            else:
+                for k, t in _flatten(_load_pickle_free(f)):
+                    for s in strip:
+                        k = k[len(s):] if k.startswith(s) else k
+                    self._where[k], self._tensors[k] = f.name, t
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key in self._tensors:
+            return tuple(self._tensors[key].shape)
+        return tuple(self._st[self._where[key]].get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._tensors:
+            return self._tensors[key]
+        return self._st[self._where[key]].get_tensor(key)
+
+
+class HFFolder(TensorFiles):
+    def __init__(self, path: Path) -> None:
+        try:
+            self._config = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SourceError(f"{path}/config.json is unreadable: {e}") from None
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+        if not files:
+            raise SourceError(f"{path} has config.json but no *.safetensors or "
+                              "pytorch_model*.bin weights")
+        super().__init__(path, files, "hf", self._config.get("model_type"))
+
+    def config(self, arch: str) -> dict:
+        return self._config
+
+
+class MetaFolder(TensorFiles):
+    """Meta's LLaMA release: params.json + consolidated.NN.pth."""
+
+    def __init__(self, path: Path) -> None:
+        shards = sorted(path.glob("consolidated.*.pth"))
+        if len(shards) != 1:
+            raise SourceError(f"{path}: found {len(shards)} consolidated.*.pth files; only "
+                              "single-shard Meta checkpoints (7B) are supported")
+        self._params = json.loads((path / "params.json").read_text())
+        super().__init__(path, shards, "meta", "llama")
+
+    def config(self, arch: str) -> dict:
+        from .llama import config_from_meta
+
+        return config_from_meta(self._params, {k: self.shape(k) for k in self.keys()})
+
+
+class MegatronFile(TensorFiles):
+    """PanGu-α's Megatron port: one torch file of nested dicts under model.language_model."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, [path], "megatron", "pangu-alpha",
+                         strip=("model.language_model.", "language_model."))
+        if "embedding.word_embeddings.weight" not in self._where:
+            raise SourceError(f"{path}: no embedding.word_embeddings.weight; not a Megatron "
+                              "PanGu-α checkpoint")
+
+    def config(self, arch: str) -> dict:
+        cfg_file = self.path.parent / "config.json"
+        if cfg_file.is_file():
+            return json.loads(cfg_file.read_text())
+        from .pangu import config_from_megatron
+
+        return config_from_megatron({k: self.shape(k) for k in self.keys()})
+
+
+class GGUFFile(Source):
+    """A GGUF file: tensors dequantized to float32 on demand (numpy, via the gguf package)."""
+
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self.path, self.layout = path, "gguf"
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except Exception as e:  # gguf raises ValueError/struct.error/OSError on bad files
+            raise SourceError(f"{path} is not a readable GGUF file: {e}") from None
+        self._by_name = {t.name: t for t in self.reader.tensors}
+        self._where = {name: path.name for name in self._by_name}
+        self.meta = {}
+        for name, field in self.reader.fields.items():
+            if name.startswith("GGUF.") or name in ("tokenizer.ggml.tokens",
+                                                    "tokenizer.ggml.merges",
+                                                    "tokenizer.ggml.token_type",
+                                                    "tokenizer.ggml.scores"):
+                continue
+            self.meta[name] = field.contents()
+        self.arch = self.meta.get("general.architecture")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self._by_name[key].shape))
+
+    def get(self, key: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self._by_name[key]
+        arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        return torch.from_numpy(arr.reshape(self.shape(key)).copy())
+
+    def config(self, arch: str) -> dict:
+        from .llama import config_from_gguf
+
+        meta = dict(self.meta)
+        meta["tensor_names"] = set(self._by_name)
+        meta["tokenizer.ggml.tokens"] = self.reader.fields["tokenizer.ggml.tokens"].data
+        return config_from_gguf(meta)
+
+    def tokenizer(self, arch: str):
+        from .tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(self.reader)
+
+
+def open_source(src: str | Path) -> Source:
+    """Recognise what SRC is by what it contains."""
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise SourceError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return GGUFFile(path)
+        if path.suffix in (".pt", ".pth", ".bin"):
+            return MegatronFile(path)
+        raise SourceError(f"{path}: unknown file type {path.suffix!r} (expected .gguf, or a "
+                          "folder with config.json or params.json)")
+    if (path / "config.json").is_file() and (any(path.glob("*.safetensors"))
+                                            or any(path.glob("pytorch_model*.bin"))):
+        return HFFolder(path)
+    if (path / "params.json").is_file():
+        return MetaFolder(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return GGUFFile(ggufs[0])
+    megatron = sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
+    if len(megatron) == 1:
+        return MegatronFile(megatron[0])
+    raise SourceError(f"{path}: not a checkpoint folder (expected config.json with "
+                      "*.safetensors or pytorch_model*.bin, params.json with consolidated.00.pth, "
+                      "one *.gguf, or one Megatron *.pt)")

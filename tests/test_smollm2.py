@@ -1,0 +1,63 @@
+"""Real weights: SmolLM2-135M-Instruct from its GGUF, fp32 and int8, through the store."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llm_shard.models.base import Part
+from llm_shard.models.runner import LocalModel
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_capital_of_france(smollm2_stores):
+    store = smollm2_stores["fp32"]
+    tok = store.tokenizer()
+    out = LocalModel(store).greedy(tok.encode("The capital of France is"), max_tokens=4)
+    assert tok.decode(out).strip().startswith("Paris")
+
+
+def test_chat_template_answers(smollm2_stores):
+    store = smollm2_stores["int8"]
+    tok = store.tokenizer()
+    prompt = tok.render_chat([{"role": "user", "content": "What is the capital of France?"}])
+    assert prompt.endswith("<|im_start|>assistant\n")
+    out = LocalModel(store).greedy(tok.encode(prompt), max_tokens=24, eos=tok.eos_ids)
+    assert "Paris" in tok.decode(out)
+
+
+def teacher_forced(store, ids):
+    logits = LocalModel(store).logits(ids)[:-1]
+    nll = F.cross_entropy(logits, torch.tensor(ids[1:]))
+    return logits.argmax(-1), math.exp(float(nll))
+
+
+def test_int8_quality_bar(smollm2_stores):
+    """Top-1 agreement with fp32 >= 99% and perplexity within 1%, on >= 500 tokens."""
+    tok = smollm2_stores["fp32"].tokenizer()
+    ids = tok.encode((DATA / "eval_text.txt").read_text())
+    assert len(ids) >= 500
+    top_fp32, ppl_fp32 = teacher_forced(smollm2_stores["fp32"], ids)
+    top_int8, ppl_int8 = teacher_forced(smollm2_stores["int8"], ids)
+    agreement = float((top_fp32 == top_int8).float().mean())
+    ratio = ppl_int8 / ppl_fp32
+    print(f"\nint8 vs fp32 on {len(ids)} tokens: top-1 agreement {agreement:.4f}, "
+          f"perplexity {ppl_int8:.3f} vs {ppl_fp32:.3f} (ratio {ratio:.4f})")
+    assert agreement >= 0.99
+    assert abs(ratio - 1) <= 0.01
+
+
+def test_int8_store_is_int8_and_smaller(smollm2_stores):
+    fp32, int8 = smollm2_stores["fp32"], smollm2_stores["int8"]
+    block = int8.tensors(Part("block", 0))
+    assert block["self_attn.q_proj.weight"].dtype == torch.int8
+    assert block["self_attn.q_proj.scales"].shape == (576,)
+    assert block["input_layernorm.weight"].dtype == torch.float32
+    size = {k: sum(f["bytes"] for f in s.manifest["files"]) for k, s in smollm2_stores.items()}
+    assert size["int8"] < 0.4 * size["fp32"]
+    assert int8.manifest["quantization"]["method"] == "int8-symmetric-per-output-channel"
+    assert fp32.manifest["quantization"] is None
