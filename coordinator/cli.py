@@ -103,8 +103,10 @@ def generate(model: str, prompt: str, max_tokens: int, chat: bool, dtype: str) -
     local = LocalModel(store)
     stream = StreamDecoder(tok)
     for token in local.stream(tok.encode(text), max_tokens, tok.eos_ids):
+        if token in tok.eos_ids:
+            break
         click.echo(stream.push(token), nl=False)
-    click.echo()
+    click.echo(stream.flush())
 
 
 @cli.group()

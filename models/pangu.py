@@ -44,9 +44,9 @@ class PanGuConfig(ArchConfig):
         return self.hidden_size // self.num_heads
 
 
-PRESETS = {  # hidden size -> what Megatron checkpoints don't record
-    2560: {"num_heads": 32, "num_layers": 32},
-    5120: {"num_heads": 40, "num_layers": 40},
+PRESETS = {  # the released sizes; Megatron checkpoints don't record their head count
+    "2.6b": PanGuConfig(hidden_size=2560, num_layers=32, num_heads=32),
+    "13b": PanGuConfig(hidden_size=5120, num_layers=40, num_heads=40),
 }
 
 
@@ -159,12 +159,13 @@ def layout_megatron(cfg: PanGuConfig) -> dict:
 def config_from_megatron(shapes: dict[str, tuple]) -> dict:
     """Megatron files record no config: sizes from the tensors, heads from the presets."""
     vocab, hidden = shapes["embedding.word_embeddings.weight"]
-    if hidden not in PRESETS:
+    heads = {p.hidden_size: p.num_heads for p in PRESETS.values()}
+    if hidden not in heads:
         raise ValueError(f"no PanGu-α preset for hidden size {hidden} (known: "
-                         f"{sorted(PRESETS)}); pass a config.json beside the checkpoint")
+                         f"{sorted(heads)}); pass a config.json beside the checkpoint")
     n_normal = len({k.split(".")[2] for k in shapes if k.startswith("transformer.layers.")})
     return {"vocab_size": vocab, "hidden_size": hidden, "num_layers": n_normal + 1,
-            "num_heads": PRESETS[hidden]["num_heads"],
+            "num_heads": heads[hidden],
             "intermediate_size": shapes["transformer.layers.0.mlp.dense_h_to_4h.weight"][0],
             "max_position_embeddings": shapes["embedding.position_embeddings.weight"][0]}
 

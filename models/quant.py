@@ -96,7 +96,16 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y.add_(bias.to(y.dtype))
 
 
-# --- fbgemm: W8A8, per-token activation scales -------------------------------------
+# --- fbgemm: int8 weights, two-level 7-bit activations ----------------------------
+# fbgemm's u8 x s8 kernels on AVX2 (no VNNI) sum pairs of products in int16: activations
+# must stay in [0, 127] or they saturate. One 7-bit level per token costs too much
+# accuracy (activation outliers; see tests/test_quant.py), so each row x is sent twice:
+# hi = x / absmax(x) on a grid of step 1/ACT_LEVELS, and the rounding residual scaled
+# up by 2 * ACT_LEVELS. Both rows share one pass over the weights (at batch 1 the GEMM
+# is memory-bound: 2 rows cost what 1 does); the activation error is ~14 bits per token.
+ACT_LEVELS = 63  # grid points each side of zero; u8 value = level + ACT_ZERO in [1, 127]
+ACT_ZERO = 64
+
 
 def _fbgemm_invalid(layer: Int8Linear) -> str | None:
     if layer.weight.device.type != "cpu":
@@ -106,10 +115,10 @@ def _fbgemm_invalid(layer: Int8Linear) -> str | None:
         return (f"torch's quantized engine is {engine!r} (supported: "
                 f"{torch.backends.quantized.supported_engines}); it needs 'x86' or 'fbgemm'")
     try:
-        torch.ops.quantized.linear_prepack  # noqa: B018  (removed in some torch builds)
-        torch.ops.quantized.linear_dynamic  # noqa: B018
+        torch.ops.quantized.linear_prepack  # noqa: B018  (deprecated; absent from some builds)
+        torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32  # noqa: B018
     except (AttributeError, RuntimeError) as e:
-        return f"this torch has no quantized.linear_dynamic ({e})"
+        return f"this torch lacks the fbgemm linear ops ({e})"
     return None
 
 
@@ -121,13 +130,18 @@ def _fbgemm_pack(layer: Int8Linear) -> object:
 
 def _fbgemm_run(layer: Int8Linear, packed: object, x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
-    if xf.shape[0] > 1:
-        # linear_dynamic quantizes with one scale per call; dividing each row by its absmax
-        # first makes that scale per token. (rows, 1)
-        s = xf.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
-        y = torch.ops.quantized.linear_dynamic(xf / s, packed, True).mul_(s)
-    else:
-        y = torch.ops.quantized.linear_dynamic(xf.contiguous(), packed, True)
+    rows = xf.shape[0]
+    amax = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True)  # (rows, 1)
+    amax.clamp_min_(torch.finfo(torch.float32).tiny)
+    # Few ops on purpose: at batch 1 each costs several us next to a ~200 us GEMM.
+    both = torch.empty(2 * rows, xf.shape[1])
+    hi, lo = both[:rows], both[rows:]
+    torch.div(xf, amax, out=hi)  # in [-1, 1]
+    torch.mul(hi, ACT_LEVELS, out=lo).round_()  # hi's level on the grid
+    lo.mul_(-2).add_(hi, alpha=2 * ACT_LEVELS)  # (hi - level / ACT_LEVELS) * 2 ACT_LEVELS
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        both, 1.0 / ACT_LEVELS, ACT_ZERO, packed)  # (2 * rows, out)
+    y = y[:rows].add_(y[rows:], alpha=1.0 / (2 * ACT_LEVELS)).mul_(amax)
     return _add_bias(y, layer.bias).to(x.dtype)
 
 
@@ -168,7 +182,7 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_fallback(wanted: str, chosen: str, reason: str) -> None:
     """Logs each distinct fallback once per process."""
     log.warning("int8 kernel %r is not used for some layers: %s; using %r instead",
@@ -238,11 +252,23 @@ class Int8Linear(nn.Module):
         """
         if kernel is not None:
             self.preferred_kernel = kernel
+        self._check_buffers()
         with _PREPARE_LOCK:
             chosen = choose_kernel(self, self.preferred_kernel)
             with torch.no_grad():
                 self._plan = (chosen, chosen.pack(self))
         return chosen.name
+
+    def _check_buffers(self) -> None:
+        """A state dict loaded with assign=True may bring other dtypes or shapes."""
+        out_f, in_f = self.out_features, self.in_features
+        expect = {"weight": (torch.int8, (out_f, in_f)), "scales": (torch.float32, (out_f,)),
+                  "bias": (torch.float32, (out_f,))}
+        for name, (dtype, shape) in expect.items():
+            t = getattr(self, name)
+            if t is not None and (t.dtype != dtype or tuple(t.shape) != shape):
+                raise ValueError(f"Int8Linear.{name} must be {dtype} {shape}, "
+                                 f"got {t.dtype} {tuple(t.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._plan
@@ -258,16 +284,19 @@ class Int8Linear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._plan = None
         super()._load_from_state_dict(*args, **kwargs)
+        self._float32_scales_and_bias()  # load_state_dict(assign=True) may bring others
 
     def _apply(self, fn, recurse: bool = True):
         self._plan = None
         super()._apply(fn, recurse)
-        # module.to(torch.bfloat16) must not touch the scales' or bias' dtype.
+        self._float32_scales_and_bias()  # module.to(torch.bfloat16) must not change them
+        return self
+
+    def _float32_scales_and_bias(self) -> None:
         for name in ("scales", "bias"):
             buf = self._buffers[name]
-            if buf is not None and buf.dtype != torch.float32:
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
                 self._buffers[name] = buf.float()
-        return self
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_plan": None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -61,3 +62,16 @@ def test_int8_store_is_int8_and_smaller(smollm2_stores):
     assert size["int8"] < 0.4 * size["fp32"]
     assert int8.manifest["quantization"]["method"] == "int8-symmetric-per-output-channel"
     assert fp32.manifest["quantization"] is None
+
+
+def test_generate_command_streams_the_answer(smollm2_stores):
+    """`llm-shard generate STORE PROMPT` as a user runs it: the console script, real weights."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("llm-shard") or str(Path(sys.executable).parent / "llm-shard")
+    proc = subprocess.run([exe, "generate", str(smollm2_stores["int8"].path),
+                           "What is the capital of France?", "--chat", "--max-tokens", "24"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout and "<|im_end|>" not in proc.stdout
