@@ -4,13 +4,13 @@
 under its own `SamplingParams`: repetition penalty (HF/CTRL), temperature, top-k,
 top-p, then one draw. Greedy rows (temperature 0) are one batched argmax.
 
-Reproducibility: the draw of sequence i is a single uniform u derived from
-(seed, step) by a hash, and the candidates are walked in a canonical order
-(probability descending, ties to the lowest id). So a token depends only on that
-sequence's logits, params, history and step: not on the batch it shares, its row,
-the process, or a restart that replays it. `seed=None` means fresh OS randomness
-for that draw; the coordinator gives every request a seed so that a replay after a
-failure draws the same tokens.
+Reproducibility: the draw of sequence i is one uniform u, a hash of (seed, step),
+inverted through the cumulative mass of its candidates in a canonical order (logit
+descending, ties to the lowest id; id order when nothing is cut). So a token depends
+only on that sequence's logits, params, history and step: not on the batch it shares,
+its row, the process, or a restart that replays it. `seed=None` means fresh OS
+randomness for that draw; the coordinator gives every request a seed so that a replay
+after a failure draws the same tokens.
 
 `finish_reason` and `truncate_at_stop` are the stop rules the coordinator applies.
 """
@@ -67,25 +67,27 @@ def _top(values: torch.Tensor, n: int) -> torch.Tensor:
     return ids[torch.sort(values[ids], descending=True, stable=True).indices[:n]]
 
 
-def _candidates(probs: torch.Tensor, top_k: int, top_p: float):
-    """(ids, probs) left by top-k then top-p, canonical order; ids None: the whole vocab.
+def _candidates(scaled: torch.Tensor, top_k: int, top_p: float):
+    """(ids, probs) that top-k then top-p leave of `scaled` (vocab,), the logits / temperature.
 
-    `probs` (vocab,) float64. The nucleus is the shortest prefix whose mass reaches
-    top_p of the top-k mass (at least one token).
+    Canonical order: logit descending, ties to the lowest id; ids None: the whole vocab
+    in id order. probs float64, not renormalised. The nucleus is the shortest prefix
+    whose mass reaches top_p of the top-k mass (at least one token).
     """
-    vocab = probs.numel()
+    vocab = scaled.numel()
+    probs = torch.softmax(scaled, -1)
     k = top_k if 0 < top_k < vocab else vocab
     if k == vocab and top_p >= 1:
-        return None, probs
+        return None, probs.double()
     n = k if k < vocab or top_p >= 1 else min(vocab, _NUCLEUS_PROBE)
-    total = probs.sum() if k == vocab else None
+    total = probs.sum(dtype=torch.float64) if k == vocab else None
     while True:
-        ids = _top(probs, n)  # the canonical order's first n: a prefix of any longer probe
-        p = probs[ids]
+        ids = _top(scaled, n)  # the canonical order's first n: a prefix of any longer probe
+        p = probs[ids].double()
         if top_p >= 1:
             return ids, p
         cum = torch.cumsum(p, 0)
-        m = int((cum < top_p * (cum[-1] if total is None else total)).sum()) + 1
+        m = int(torch.searchsorted(cum, top_p * (cum[-1] if total is None else total))) + 1
         if m <= n or n == k:  # covered, or rounding left top_p out of reach of all k
             return ids[:m], p[:m]
         n = min(k, n * 8)
@@ -93,10 +95,9 @@ def _candidates(probs: torch.Tensor, top_k: int, top_p: float):
 
 def _draw(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
     """One token from one row (vocab,) of penalized logits."""
-    probs = torch.softmax(logits.double() / params.temperature, -1)
-    ids, p = _candidates(probs, params.top_k, params.top_p)
+    ids, p = _candidates(logits / params.temperature, params.top_k, params.top_p)
     cdf = torch.cumsum(p, 0)
-    j = int((cdf <= uniform(params.seed, step) * cdf[-1]).sum())  # first cdf > u * mass
+    j = int(torch.searchsorted(cdf, uniform(params.seed, step) * cdf[-1], right=True))
     if j >= p.numel():  # u * mass rounded up to the mass: take the last token with mass
         j = int(torch.nonzero(p).max())
     return j if ids is None else int(ids[j])
@@ -104,7 +105,7 @@ def _draw(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
 
 def _penalize(row: torch.Tensor, history: Sequence[int], penalty: float) -> None:
     """HF/CTRL repetition penalty, in place: seen tokens' logits > 0 / penalty, else * penalty."""
-    if not history:
+    if not history or penalty == 1:
         return
     ids = torch.unique(torch.as_tensor(history, dtype=torch.long))
     if ids[0] < 0 or ids[-1] >= row.numel():
@@ -128,33 +129,35 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     if not len(params) == len(histories) == len(steps) == batch:
         raise ValueError(f"{batch} rows of logits but {len(params)} params, "
                          f"{len(histories)} histories and {len(steps)} steps")
-    nan = torch.isnan(logits).any(-1)  # (batch,)
+    nan = torch.isnan(logits.sum(-1))  # (batch,): a NaN anywhere in a row
     if nan.any():
-        raise ValueError(f"logits of rows {nan.nonzero().flatten().tolist()} contain NaN")
-    raw, logits = logits, logits.float()
-    penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1]
-    if penalized:
-        logits = logits.clone()
-        for i in penalized:
-            _penalize(logits[i], histories[i], params[i].repetition_penalty)
+        rows = nan.nonzero().flatten().tolist()
+        raise ValueError(f"logits of rows {rows} contain NaN (or both +inf and -inf)")
+    logits = logits.float()
 
     tokens = [0] * batch
     greedy = [i for i, p in enumerate(params) if p.greedy]
-    if greedy:  # torch.argmax returns the first maximum: ties go to the lowest id
-        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+    if greedy:
+        rows = logits[greedy]  # a copy, (len(greedy), vocab), to penalize in place
+        for row, i in zip(rows, greedy):
+            _penalize(row, histories[i], params[i].repetition_penalty)
+        # torch.argmax returns the first maximum: ties go to the lowest id
+        for i, t in zip(greedy, rows.argmax(-1).tolist()):
             tokens[i] = t
     for i, p in enumerate(params):
         if not p.greedy:
-            tokens[i] = _draw(logits[i], p, steps[i])
+            row = logits[i].clone() if p.repetition_penalty != 1 else logits[i]
+            _penalize(row, histories[i], p.repetition_penalty)
+            tokens[i] = _draw(row, p, steps[i])
 
     out = [Sampled(t) for t in tokens]
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if wanted:
-        logprobs = torch.log_softmax(raw[wanted].float(), -1)  # (len(wanted), vocab)
-        for row, i in zip(logprobs, wanted):
+    if wanted:  # log_softmax of the raw logits: logit - logsumexp
+        raw = logits[wanted]  # (len(wanted), vocab)
+        for row, lse, i in zip(raw, torch.logsumexp(raw, -1).tolist(), wanted):
             top = _top(row, params[i].logprobs).tolist() if params[i].logprobs else []
-            out[i] = Sampled(tokens[i], float(row[tokens[i]]),
-                             [(t, float(row[t])) for t in top])
+            out[i] = Sampled(tokens[i], float(row[tokens[i]]) - lse,
+                             [(t, float(row[t]) - lse) for t in top])
     return out
 
 
