@@ -109,6 +109,45 @@ def generate(model: str, prompt: str, max_tokens: int, chat: bool, dtype: str) -
     click.echo(stream.flush())
 
 
+# Until workers calibrate themselves (they measure on start), plans use nominal speeds:
+# bytes of weights per second for a CPU core pair's RAM, an SSD, a small GPU.
+NOMINAL_SPEED = {"gpu": 200e9, "ram": 20e9, "disk": 1.5e9}
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--worker", "workers", multiple=True, required=True,
+              help="A worker's budget, e.g. ram=2GiB,disk=8GiB,gpu=4GiB (repeat per worker).")
+@click.option("--objective", type=click.Choice(["latency", "throughput"]), default="latency",
+              show_default=True)
+@click.option("--cache-tokens", default=4096, show_default=True, type=click.IntRange(0, None),
+              help="KV-cache tokens to reserve on every block (all sequences together).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="int8", show_default=True)
+def plan(model: str, workers: tuple[str, ...], objective: str, cache_tokens: int,
+         dtype: str) -> None:
+    """Print the partition table for MODEL over the given workers, loading nothing."""
+    from llm_shard.cluster.types import Capacity, Tier
+    from llm_shard.coordinator.planner import ModelCost, PlanError, WorkerSpec, format_plan
+    from llm_shard.coordinator.planner import plan as make_plan
+    from llm_shard.models.catalog import resolve
+
+    store = resolve(model, dtype=dtype)
+    try:
+        specs = [WorkerSpec(Capacity.parse(w), {t: NOMINAL_SPEED[t.value] for t in Tier})
+                 for w in workers]
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--worker") from None
+    cost = ModelCost.from_manifest(store.manifest, cache_tokens,
+                                   store.config.cache_bytes_per_token)
+    try:
+        p, report = make_plan(cost, specs, objective=objective)
+    except PlanError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{store.path.name}: {store.n_blocks} blocks, {dtype}; nominal speeds "
+               f"(workers calibrate on start): {NOMINAL_SPEED}")
+    click.echo(format_plan(p, report, cost))
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks that print figures and ratios to physical limits."""

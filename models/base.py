@@ -64,6 +64,11 @@ class ArchConfig:
     def n_blocks(self) -> int:
         raise NotImplementedError
 
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """KV-cache bytes one token costs in one block (float32 cache)."""
+        raise NotImplementedError
+
 
 Layout = Callable[[ArchConfig], dict]
 

@@ -58,6 +58,10 @@ class LlamaConfig(ArchConfig):
     def n_blocks(self) -> int:
         return self.num_hidden_layers
 
+    @property
+    def cache_bytes_per_token(self) -> int:
+        return 2 * self.num_key_value_heads * self.head_dim * 4
+
 
 class Embedding(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:

@@ -40,6 +40,10 @@ class PanGuConfig(ArchConfig):
         return self.num_layers
 
     @property
+    def cache_bytes_per_token(self) -> int:
+        return 2 * self.hidden_size * 4
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 

@@ -75,3 +75,19 @@ def test_generate_command_streams_the_answer(smollm2_stores):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout and "<|im_end|>" not in proc.stdout
+
+
+def test_plan_command(smollm2_stores):
+    from click.testing import CliRunner
+
+    from llm_shard.coordinator.cli import cli
+
+    store = str(smollm2_stores["int8"].path)
+    res = CliRunner().invoke(cli, ["plan", store, "--worker", "ram=300MiB",
+                                   "--worker", "ram=120MiB,disk=1GiB", "--cache-tokens", "2048"])
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.output.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[:3] for r in rows] == [["0", "0", "[0,"], ["1", "1", rows[1][2]]]
+    assert "30 blocks on 2 stages" in res.output
+    res = CliRunner().invoke(cli, ["plan", store, "--worker", "ram=10MiB"])
+    assert res.exit_code == 1 and "short of" in res.output and "Traceback" not in res.output

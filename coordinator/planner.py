@@ -1,0 +1,373 @@
+"""The planner: which worker hosts which contiguous block range, and in which memory tier.
+
+A pure function (no Ray, torch or I/O) from a model's per-part byte costs (`ModelCost`)
+and the workers' budgets and measured speeds (`WorkerSpec`) to a `Plan` plus the
+`PlanReport` of estimates behind it. The cost model, for a worker hosting blocks [s, e):
+
+- Memory fills in the order embedding (stage 0), blocks s..e-1, head (last stage): a GPU
+  prefix while GPU memory lasts, then RAM as far as it goes, the remaining blocks on DISK
+  (never the embedding or head). A tier with no measured speed holds no blocks.
+- A block's KV cache (cache_bytes_per_token x cache_tokens) sits where the block
+  computes: GPU memory for a GPU block, RAM otherwise. Disk blocks stream through a RAM
+  staging buffer of DISK_STAGING_SLOTS x the largest disk block.
+- Stage seconds = sum of block_bytes / speed[tier], plus head_bytes / speed of the
+  head's tier; the embedding is a gather and costs nothing.
+- "latency": minimise the sum of stage seconds + hop_seconds per hop (one sequence's
+  seconds per token); "throughput": minimise the slowest stage, ties broken by latency.
+
+Dynamic programming over (worker, first block) finds the exact optimum in O(W·N²). As the
+fill only appends, a range that misfits makes every longer one misfit, which ends each
+scan early. Workers keep the caller's order; one that does not help gets no blocks and no
+stage (unless `use_all_workers`). Stage `worker` ids index the `workers` sequence.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from bisect import bisect_right
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import NamedTuple
+
+from llm_shard.cluster.types import Capacity, Memory, Plan, StageAssignment, Tier
+
+__all__ = ["DEFAULT_HOP_SECONDS", "DISK_STAGING_SLOTS", "ModelCost", "PlanError", "PlanReport",
+           "StageReport", "WorkerSpec", "format_plan", "plan"]
+
+# A disk-tier worker keeps two blocks in RAM: the one computing and the one prefetching.
+DISK_STAGING_SLOTS = 2
+# Per-hop cost of handing activations to the next stage (ZeroMQ on a LAN), latency objective.
+DEFAULT_HOP_SECONDS = 0.5e-3
+# Relative tolerance when comparing float costs, so that ties go to the secondary key.
+_REL_TOL = 1e-9
+_OBJECTIVES = ("latency", "throughput")
+_BLOCK_FILE = re.compile(r"^blocks/(\d+)\.safetensors$")
+
+
+class PlanError(ValueError):
+    """No plan fits; the message says which resource is short and by how much."""
+
+
+def _count(name: str, v: object) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+    return int(v)  # plain ints: the planner's sums may go negative, a Memory may not
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Bytes of each block (global order), the embedding and head; KV cache per token per
+    block (one int for all blocks) and how many tokens of cache to reserve per block."""
+
+    block_bytes: tuple[int, ...]
+    embed_bytes: int = 0
+    head_bytes: int = 0
+    cache_bytes_per_token: tuple[int, ...] | int = 0
+    cache_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        blocks = tuple(_count("block bytes", b) for b in self.block_bytes)
+        if not blocks:
+            raise ValueError("a model needs at least one block")
+        cache = self.cache_bytes_per_token
+        cache = (cache,) * len(blocks) if isinstance(cache, int) else tuple(cache)
+        if len(cache) != len(blocks):
+            raise ValueError(f"{len(cache)} cache sizes for {len(blocks)} blocks")
+        object.__setattr__(self, "block_bytes", blocks)
+        object.__setattr__(self, "cache_bytes_per_token",
+                           tuple(_count("cache bytes per token", c) for c in cache))
+        for name in ("embed_bytes", "head_bytes", "cache_tokens"):
+            object.__setattr__(self, name, _count(name, getattr(self, name)))
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_bytes)
+
+    def cache_bytes(self, block: int) -> int:
+        return self.cache_bytes_per_token[block] * self.cache_tokens
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping, cache_tokens: int,
+                      cache_bytes_per_token_per_block: int) -> ModelCost:
+        """From a store manifest's "n_blocks" and "files" ({"name", "bytes"}) entries."""
+        n, sizes, blocks = manifest["n_blocks"], {}, {}
+        for entry in manifest["files"]:
+            name, size = entry["name"], entry["bytes"]
+            if m := _BLOCK_FILE.match(name):
+                blocks[int(m.group(1))] = size
+            elif name in ("embed.safetensors", "head.safetensors"):
+                sizes[name] = size
+        missing = [f"blocks/{i:03d}.safetensors" for i in range(n) if i not in blocks]
+        missing += [f for f in ("embed.safetensors", "head.safetensors") if f not in sizes]
+        if missing:
+            raise ValueError(f"manifest of {n} blocks lists no {', '.join(missing)}")
+        return cls(tuple(blocks[i] for i in range(n)), sizes["embed.safetensors"],
+                   sizes["head.safetensors"], cache_bytes_per_token_per_block, cache_tokens)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """A worker's budget and its calibrated speed per tier, in bytes of weights per second.
+
+    A tier missing from `speed` holds no blocks on this worker.
+    """
+
+    capacity: Capacity
+    speed: Mapping[Tier, float]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.capacity, Capacity):
+            raise ValueError(f"capacity must be a Capacity, got {self.capacity!r}")
+        speed = {Tier(k): float(v) for k, v in dict(self.speed).items()}
+        for tier, v in speed.items():
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"speed of tier {tier} must be a finite number > 0, got {v!r}")
+        object.__setattr__(self, "speed", speed)
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """One stage's estimate: blocks and bytes per tier (`resident`: embed, head, KV cache)."""
+
+    worker: int
+    start: int
+    end: int
+    blocks: dict[Tier, int]
+    weights: dict[Tier, Memory]
+    resident: dict[Tier, Memory]
+    buffers: Memory  # disk staging, in RAM
+    seconds: float
+
+    def used(self, tier: Tier) -> Memory:
+        """All bytes this stage keeps in `tier`: weights, residents and (RAM) buffers."""
+        return self.weights[tier] + self.resident[tier] + (self.buffers if tier is Tier.RAM else 0)
+
+
+def _rate(seconds: float) -> float:
+    return 1 / seconds if seconds > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """The plan's estimates. Per token: `seconds_per_token` for one sequence through every
+    stage and hop; `bottleneck_seconds` for the slowest stage, which sets the pace once a
+    micro-batch is in flight per stage (`pipeline_tokens_per_second`)."""
+
+    objective: str
+    hop_seconds: float
+    stages: tuple[StageReport, ...]
+
+    @property
+    def seconds_per_token(self) -> float:
+        return sum(s.seconds for s in self.stages) + self.hop_seconds * (len(self.stages) - 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return _rate(self.seconds_per_token)
+
+    @property
+    def bottleneck_seconds(self) -> float:
+        return max(s.seconds for s in self.stages)
+
+    @property
+    def pipeline_tokens_per_second(self) -> float:
+        return _rate(self.bottleneck_seconds)
+
+
+class _Model(NamedTuple):
+    cost: ModelCost
+    weights: list[int]  # prefix sums: blocks [s, e) weigh weights[e] - weights[s]
+    cache: list[int]  # prefix sums of reserved KV-cache bytes
+    footprint: list[int]  # prefix sums of weights + cache: what a GPU block takes there
+
+
+def _model(cost: ModelCost) -> _Model:
+    cache = [cost.cache_bytes(b) for b in range(cost.n_blocks)]
+    return _Model(cost, list(accumulate(cost.block_bytes, initial=0)),
+                  list(accumulate(cache, initial=0)),
+                  list(accumulate(map(sum, zip(cost.block_bytes, cache)), initial=0)))
+
+
+def _stages_from(m: _Model, w: WorkerSpec, s: int):
+    """Yield (end, seconds, gpu_end, ram_end, gpu_resident, ram_resident, buffers) for `w`
+    hosting blocks [s, end), end = s+1, s+2, ... for as long as the range fits.
+
+    Blocks [s, gpu_end) sit on GPU, [gpu_end, ram_end) in RAM, [ram_end, end) on DISK.
+    A longer range only appends to the fill, so once a range misfits every longer one
+    does, and the RAM/DISK boundary only moves down: O(1) amortised per range.
+    """
+    cost, P, C, F = m.cost, m.weights, m.cache, m.footprint
+    n, blocks, slots = cost.n_blocks, cost.block_bytes, DISK_STAGING_SLOTS
+    speed, disk = w.speed, int(w.capacity.disk)
+    i_gpu, i_ram, i_disk = (1 / speed[t] if t in speed else 0.0 for t in Tier)  # s/byte
+    i_head_ram = 1 / speed.get(Tier.RAM, min(speed.values(), default=1.0))
+    ram_ok, disk_ok = Tier.RAM in speed, Tier.DISK in speed
+    gpu = int(w.capacity.gpu_mem) if Tier.GPU in speed else 0
+    embed = cost.embed_bytes if s == 0 else 0
+    embed_gpu = embed if embed <= gpu else 0
+    gpu, ram = gpu - embed_gpu, int(w.capacity.ram) - (embed - embed_gpu)
+    g_max = bisect_right(F, F[s] + gpu, s, n + 1) - 1 if Tier.GPU in speed else s
+    r, biggest = s, 0  # RAM/DISK boundary; largest disk block (sizes the staging buffer)
+    head = head_gpu = 0
+    for e in range(s + 1, n + 1):
+        g = e if e < g_max else g_max
+        if e == n:
+            head = cost.head_bytes
+            head_gpu = head if g == e and head <= gpu - (F[e] - F[s]) else 0
+        room = ram - (head - head_gpu) - (C[e] - C[g])  # for RAM weights + staging buffer
+        if r == e - 1:  # nothing on disk yet: the new block may go to RAM (or GPU) too
+            r, biggest = e, 0
+        elif blocks[e - 1] > biggest:
+            biggest = blocks[e - 1]
+        while P[r] - P[g] + slots * biggest > room or (r > g and not ram_ok):
+            if r == g or not disk_ok:
+                return
+            r -= 1
+            biggest = max(biggest, blocks[r])
+        if P[e] - P[r] > disk:
+            return
+        seconds = ((P[g] - P[s] + head_gpu) * i_gpu + (P[r] - P[g]) * i_ram
+                   + (P[e] - P[r]) * i_disk + (head - head_gpu) * i_head_ram)
+        yield (e, seconds, g, r, embed_gpu + head_gpu + C[g] - C[s],
+               embed - embed_gpu + head - head_gpu + C[e] - C[g], slots * biggest)
+
+
+def _wins(x0: float, x1: float, lo: float, hi: float, c1: float) -> bool:
+    """(x0, x1) beats the best so far, whose primary cost is within [lo, hi] and second c1."""
+    return x0 < lo or (x0 <= hi and x1 < c1 - _REL_TOL * c1)
+
+
+def plan(model: ModelCost, workers: Sequence[WorkerSpec], *, objective: str = "latency",
+         hop_seconds: float = DEFAULT_HOP_SECONDS,
+         use_all_workers: bool = False) -> tuple[Plan, PlanReport]:
+    """The optimal contiguous plan under the cost model; raises PlanError if none fits."""
+    if objective not in _OBJECTIVES:
+        raise ValueError(f"objective must be one of {_OBJECTIVES}, got {objective!r}")
+    if not (math.isfinite(hop_seconds) and hop_seconds >= 0):
+        raise ValueError(f"hop_seconds must be a finite number >= 0, got {hop_seconds!r}")
+    if not workers:
+        raise PlanError(f"cannot place {model.n_blocks} blocks on no workers")
+    n, nw, m = model.n_blocks, len(workers), _model(model)
+    P = m.weights
+    latency, inf = objective == "latency", (math.inf, math.inf)
+    # best[w][s]: cost of blocks [s, n) on workers w.., as (primary, tie-break) seconds;
+    # end[w][s]: where worker w's stage from s ends (None: w is skipped).
+    best = [[inf] * (n + 1) for _ in range(nw + 1)]
+    end: list[list[int | None]] = [[None] * (n + 1) for _ in range(nw + 1)]
+    best[nw][n] = (0.0, 0.0)
+    for w in reversed(range(nw)):
+        spec, after = workers[w], best[w + 1]
+        bound = 1 / max(spec.speed.values(), default=1.0)  # fewest seconds per byte
+        if not use_all_workers:
+            best[w][n] = (0.0, 0.0)
+        for s in range(n):
+            c0 = c1 = lo = hi = math.inf  # best (primary, tie-break); [lo, hi]: ties with c0
+            pick = None
+            for p in _stages_from(m, spec, s):
+                e, t = p[0], p[1]
+                if not latency and (P[e] - P[s]) * bound > hi:
+                    break  # a lower bound of this and every longer stage loses already
+                r0, r1 = after[e]
+                if r0 == math.inf:
+                    continue
+                hop = hop_seconds if e < n else 0.0
+                if latency:
+                    x0, x1 = t + hop + r0, (t if t > r1 else r1)
+                else:
+                    x0, x1 = (t if t > r0 else r0), t + hop + r1
+                if _wins(x0, x1, lo, hi, c1):
+                    c0, c1, pick = x0, x1, e
+                    lo, hi = c0 * (1 - _REL_TOL), c0 * (1 + _REL_TOL)
+            skip = not use_all_workers and _wins(*after[s], lo, hi, c1)  # ties: w works
+            best[w][s], end[w][s] = (after[s], None) if skip else ((c0, c1), pick)
+    if best[0][0][0] == math.inf:
+        raise _infeasible(m, workers)
+    stages, reports, s = [], [], 0
+    for w in range(nw):
+        if s == n or (e := end[w][s]) is None:
+            continue
+        _, seconds, g, r, gpu_res, ram_res, buffers = next(
+            p for p in _stages_from(m, workers[w], s) if p[0] == e)
+        bounds = {Tier.GPU: (s, g), Tier.RAM: (g, r), Tier.DISK: (r, e)}
+        stages.append(StageAssignment(w, s, e, sum(((t,) * (b - a) for t, (a, b)
+                                                    in bounds.items()), ())))
+        reports.append(StageReport(
+            w, s, e, {t: b - a for t, (a, b) in bounds.items()},
+            {t: Memory(P[b] - P[a]) for t, (a, b) in bounds.items()},
+            {Tier.GPU: Memory(gpu_res), Tier.RAM: Memory(ram_res), Tier.DISK: Memory(0)},
+            Memory(buffers), seconds))
+        s = e
+    return Plan(tuple(stages), n), PlanReport(objective, hop_seconds, tuple(reports))
+
+
+def _one_block_short(m: _Model, w: WorkerSpec) -> tuple[int, int, int]:
+    """(bytes short, block, cache + buffers) for the block `w` comes closest to hosting alone."""
+    speed, options = w.speed, []
+    gpu, ram, disk = int(w.capacity.gpu_mem), int(w.capacity.ram), int(w.capacity.disk)
+    for b, size in enumerate(m.cost.block_bytes):
+        cache = m.cost.cache_bytes(b)
+        if Tier.GPU in speed:
+            options.append((max(0, size + cache - gpu), b, cache))
+        if Tier.RAM in speed:
+            options.append((max(0, size + cache - ram), b, cache))
+        if Tier.DISK in speed:
+            buffers = DISK_STAGING_SLOTS * size
+            options.append((max(0, size - disk) + max(0, buffers + cache - ram),
+                            b, cache + buffers))
+    return min(options, default=(m.weights[-1], 0, 0))
+
+
+def _infeasible(m: _Model, workers: Sequence[WorkerSpec]) -> PlanError:
+    cost, n = m.cost, m.cost.n_blocks
+    need = m.weights[-1] + m.cache[-1] + cost.embed_bytes + cost.head_bytes
+    offer = sum(int(w.capacity.ram) + int(w.capacity.gpu_mem) * (Tier.GPU in w.speed)
+                + int(w.capacity.disk) * (Tier.DISK in w.speed) for w in workers)
+    what = (f"cannot place {n} blocks ({Memory(m.weights[-1])}) on {len(workers)} "
+            f"worker{'s' * (len(workers) != 1)}")
+    if need > offer:
+        parts = [f"{what}: short of {Memory(need - offer)} of memory (weights, embedding, "
+                 f"head and KV cache need {Memory(need)}, the workers offer {Memory(offer)})"]
+    else:
+        reach = 0
+        for w in workers:
+            reach = max((p[0] for p in _stages_from(m, w, reach)), default=reach)
+        why = (f"with staging buffers and contiguous ranges, in order they reach only block "
+               f"{reach} of {n}" if reach < n else "not with a stage on every worker")
+        parts = [f"{what}: the workers offer {Memory(offer)} for the {Memory(need)} of "
+                 f"weights, embedding, head and KV cache, but {why}"]
+    for i, w in enumerate(workers):
+        if not w.speed:
+            parts.append(f"worker {i} has no measured speed for any tier")
+            continue
+        short, b, extra = _one_block_short(m, w)
+        if short:
+            parts.append(f"worker {i} ({w.capacity}) cannot hold even block {b} "
+                         f"({Memory(cost.block_bytes[b])}) plus its KV cache and buffers "
+                         f"({Memory(extra)}): short of {Memory(short)}")
+    return PlanError("; ".join(parts))
+
+
+def format_plan(plan: Plan, report: PlanReport, model: ModelCost) -> str:
+    """The partition table `llm-shard plan` prints: a row per stage, then the totals."""
+    if [(s.worker, s.start, s.end) for s in plan] != \
+            [(r.worker, r.start, r.end) for r in report.stages]:
+        raise ValueError("the report does not describe this plan")
+    tiers = (Tier.GPU, Tier.RAM, Tier.DISK)
+    rows = [f"{'stage':>5}  {'worker':>6}  {'blocks':<10}"
+            + "".join(f"  {t.value:>19}" for t in tiers) + f"  {'ms/token':>9}"]
+    for i, r in enumerate(report.stages):
+        cells = "".join(f"  {f'{r.blocks[t]} blk {r.used(t)}' if r.used(t) else '-':>19}"
+                        for t in tiers)
+        rows.append(f"{i:>5}  {r.worker:>6}  {f'[{r.start}, {r.end})':<10}{cells}"
+                    f"  {r.seconds * 1e3:>9.3f}")
+    cache = sum(model.cache_bytes(b) for b in range(model.n_blocks))
+    rows.append(f"total: {model.n_blocks} blocks on {len(plan)} stages; weights "
+                f"{Memory(sum(model.block_bytes))}, embed+head "
+                f"{Memory(model.embed_bytes + model.head_bytes)}, KV cache {Memory(cache)}")
+    rows.append(f"est. {report.seconds_per_token * 1e3:.3f} ms/token "
+                f"({report.tokens_per_second:.1f} tokens/s) for one sequence; bottleneck "
+                f"{report.bottleneck_seconds * 1e3:.3f} ms ({report.pipeline_tokens_per_second:.1f}"
+                f" tokens/s) with the pipeline full; objective {report.objective}")
+    return "\n".join(rows)
