@@ -1,10 +1,15 @@
 """Linear-layer kernels on this machine: GB/s of weight bytes, as a share of memory bandwidth.
 
-For each layer shape of PanGu-alpha-2.6B and LLaMA-7B and each batch size, times fp32 and
-bf16 `F.linear` and the int8 kernels of `llm_shard.models.quant` (plus fbgemm's one-level
-dynamic W8A8, for reference only: it fails the quality bar). Weights are rotated through
-a pool of copies larger than the last-level cache, so every call streams its weights from
-memory as a real decode step does. Figures are medians of many calls after a warm-up.
+For each layer shape of PanGu-alpha-2.6B and LLaMA-7B (and two small SmolLM2-135M ones)
+and each batch size, times fp32 and bf16 `F.linear` and the int8 kernels of
+`llm_shard.models.quant`, plus fbgemm's one-level dynamic W8A8 for reference only (it
+fails the quality bar; see models/quant.py).
+
+Weights are cycled through a pool of copies several times the size of the last-level
+cache, so every call streams its weights from memory as a decode step does. Kernels are
+timed in turns (one pass over each kernel's pool per round), so other work on the machine
+slows all of them alike, and the memory bandwidth is read in the same turns: each ratio
+is against the bandwidth of its own moment. Figures are median calls after a warm-up.
 
     python -m benchmarks.kernels [--threads N] [--repeats R] [--quick] [--json PATH|-]
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +31,8 @@ from llm_shard.models.quant import Int8Linear, quantize_weight
 
 # (model, layer, in_features, out_features)
 SHAPES: tuple[tuple[str, str, int, int], ...] = (
+    ("smollm2-135m", "attn", 576, 576),  # small layers: where "auto" picks int8pack
+    ("smollm2-135m", "mlp-up", 576, 1536),
     ("pangu-2.6b", "qkv", 2560, 7680),
     ("pangu-2.6b", "attn", 2560, 2560),
     ("pangu-2.6b", "mlp-up", 2560, 10240),
@@ -36,57 +44,57 @@ SHAPES: tuple[tuple[str, str, int, int], ...] = (
 QUICK_SHAPES = (("quick", "tiny", 512, 1024), ("quick", "odd-k", 520, 256))
 BATCHES = (1, 8, 64)
 QUICK_BATCHES = (1, 8)
-KERNELS = ("fp32", "bf16", "fbgemm", "int8pack", "dequant", "fbgemm-w8a8")
-INT8_KERNELS = ("fbgemm", "int8pack", "dequant")
-POOL_BYTES = 256 << 20  # weights cycled per measurement: several times a 32 MiB L3
-QUICK_POOL_BYTES = 8 << 20
+KERNELS = ("fp32", "bf16", "auto", "fbgemm", "int8pack", "dequant", "fbgemm-w8a8")
+POOL_BYTES = 128 << 20  # weights cycled per kernel: 4x a 32 MiB L3
+QUICK_POOL_BYTES = 4 << 20
 BANDWIDTH_BYTES = 512 << 20
 QUICK_BANDWIDTH_BYTES = 32 << 20
-
-
-def _median_seconds(fn: Callable[[int], object], calls: int, warmup: int) -> float:
-    """Median wall time of fn(i) over `calls` calls, after `warmup` untimed ones."""
-    for i in range(warmup):
-        fn(i)
-    times = []
-    for i in range(calls):
-        t = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+ROUND_BUDGET_S = 2.0  # per shape and batch, for all kernels; at least MIN_ROUNDS rounds
+QUICK_ROUND_BUDGET_S = 0.05
+MIN_ROUNDS = 3
 
 
 def memory_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 9) -> float:
-    """Read bandwidth in GB/s: fp32 sum over a buffer far larger than the caches.
+    """Read bandwidth in GB/s: median fp32 sum over a buffer far larger than the caches.
 
     The buffer is written first: first touch of fresh memory is several times slower.
     """
     x = torch.ones(nbytes // 4)
-    return nbytes / _median_seconds(lambda i: x.sum(), repeats, warmup=2) / 1e9
+    for _ in range(2):
+        x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times) / 1e9
 
 
-def _layers(kernel: str, w: torch.Tensor, copies: int) -> tuple[list, int, str]:
-    """`copies` callables x -> y for `kernel` on weight w, their weight bytes each, and
-    the name of the kernel actually running (an int8 kernel may fall back)."""
+Call = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _pool(kernel: str, w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+          pool_bytes: int) -> tuple[list[Call], int, str]:
+    """Copies of one layer as callables x -> y for `kernel`, the weight bytes of one copy,
+    and the kernel actually running (an int8 kernel may fall back for this shape)."""
     out_f, in_f = w.shape
-    if kernel == "fp32":
-        ws = [w.clone() for _ in range(copies)]
-        return [lambda x, w=w: F.linear(x, w) for w in ws], w.numel() * 4, kernel
-    if kernel == "bf16":
-        ws = [w.to(torch.bfloat16) for _ in range(copies)]
-        return [lambda x, w=w: F.linear(x.to(torch.bfloat16), w) for w in ws], w.numel() * 2, kernel
-    q, scales = quantize_weight(w)
-    nbytes = q.numel() + scales.numel() * 4
+    nbytes = {"fp32": 4 * w.numel(), "bf16": 2 * w.numel()}.get(
+        kernel, q.numel() + 4 * scales.numel())
+    copies = range(max(1, math.ceil(pool_bytes / nbytes)))
+    if kernel in ("fp32", "bf16"):
+        dtype = torch.float32 if kernel == "fp32" else torch.bfloat16
+        ws = [w.to(dtype, copy=True) for _ in copies]
+        return [lambda x, w=w: F.linear(x.to(w.dtype), w) for w in ws], nbytes, kernel
     mods = []
-    for _ in range(copies):
+    for _ in copies:
         m = Int8Linear(in_f, out_f, bias=False, kernel=kernel.removesuffix("-w8a8"))
         m.weight.copy_(q)
         m.scales.copy_(scales)
         m.prepare()
         mods.append(m)
     if kernel == "fbgemm-w8a8" and mods[0].kernel == "fbgemm":
-        # One 7-bit level per call (per token at batch 1), as torch's dynamic quantized
-        # Linear does; for reference only.
+        # One 7-bit activation level per call (per token at batch 1), as torch's dynamic
+        # quantized Linear does.
         zeros = torch.zeros(out_f, dtype=torch.long)
         packed = [torch.ops.quantized.linear_prepack(
             torch._make_per_channel_quantized_tensor(m.weight, m.scales.double(), zeros, 0), None)
@@ -96,9 +104,35 @@ def _layers(kernel: str, w: torch.Tensor, copies: int) -> tuple[list, int, str]:
     return mods, nbytes, mods[0].kernel
 
 
-def run(threads: int | None = None, repeats: int = 5, quick: bool = False) -> dict:
+def _time_in_turns(pools: dict[str, list[Call]], x: torch.Tensor, max_rounds: int,
+                   budget_s: float) -> dict[str, float]:
+    """Median seconds per call of each pool's layers on x, kernels taking turns.
+
+    Each round calls every kernel on the next 1/rows of its pool (the whole pool at batch
+    1, where streaming the weights is the cost; fewer calls where compute is)."""
+    times: dict[str, list[float]] = {k: [] for k in pools}
+    for fns in pools.values():  # warm-up
+        fns[0](x)
+        fns[-1](x)
+    start, i, order, shuffle = time.perf_counter(), 0, list(pools), random.Random(0).shuffle
+    for rnd in range(max_rounds):
+        calls = max(1, max(map(len, pools.values())) // x.shape[0])
+        shuffle(order)  # no kernel always runs in another's wake
+        for k in order:
+            fns = pools[k]
+            for j in range(i, i + min(calls, len(fns))):
+                t = time.perf_counter()
+                fns[j % len(fns)](x)
+                times[k].append(time.perf_counter() - t)
+        i += calls
+        if rnd + 1 >= MIN_ROUNDS and time.perf_counter() - start > budget_s:
+            break
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run(threads: int | None = None, repeats: int = 10, quick: bool = False) -> dict:
     """Measures bandwidth and every kernel on every shape and batch; returns a dict
-    (see `main` for the table). `repeats` passes over each weight pool are timed."""
+    (`format_table` prints it). At most `repeats` rounds per shape and batch."""
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -112,43 +146,56 @@ def _run(repeats: int, quick: bool) -> dict:
     torch.manual_seed(0)
     shapes, batches = (QUICK_SHAPES, QUICK_BATCHES) if quick else (SHAPES, BATCHES)
     pool_bytes = QUICK_POOL_BYTES if quick else POOL_BYTES
-    bandwidth = memory_bandwidth(QUICK_BANDWIDTH_BYTES if quick else BANDWIDTH_BYTES)
-    rows = []
+    budget = QUICK_ROUND_BUDGET_S if quick else ROUND_BUDGET_S
+    bw_bytes = QUICK_BANDWIDTH_BYTES if quick else BANDWIDTH_BYTES
+    bandwidth_start = memory_bandwidth(bw_bytes)
+    # The same read, timed in turns with the kernels: each ratio is against the bandwidth
+    # of its own moment (other work on the machine comes and goes).
+    buf = torch.ones(bw_bytes // 4)
+    read = [lambda x: buf.sum()]
+    rows, chosen = [], {}
     with torch.inference_mode():
         for model, layer, in_f, out_f in shapes:
             w = torch.randn(out_f, in_f) * 0.02
-            for kernel in KERNELS:
-                per_copy = w.numel() * {"fp32": 4, "bf16": 2}.get(kernel, 1)
-                copies = max(1, math.ceil(pool_bytes / per_copy))
-                fns, nbytes, running = _layers(kernel, w, copies)
-                for m in batches:
-                    row = {"model": model, "layer": layer, "in_features": in_f,
-                           "out_features": out_f, "batch": m, "kernel": kernel,
-                           "running": running, "weight_bytes": nbytes}
-                    if running != kernel:  # fell back: its own row measures that kernel
-                        rows.append({**row, "seconds": None, "gbs": None, "ratio": None})
-                        continue
-                    x = torch.randn(m, in_f)
-                    s = _median_seconds(lambda i, x=x, fns=fns: fns[i % len(fns)](x),
-                                        calls=repeats * len(fns), warmup=len(fns))
-                    rows.append({**row, "seconds": s, "gbs": nbytes / s / 1e9,
-                                 "ratio": nbytes / s / 1e9 / bandwidth})
-                del fns
-    chosen = {f"{in_f}x{out_f}": Int8Linear(in_f, out_f, bias=False).prepare()
-              for _, _, in_f, out_f in shapes}
+            q, scales = quantize_weight(w)
+            pools, nbytes, running = {}, {}, {}
+            for k in KERNELS:
+                fns, nbytes[k], running[k] = _pool(k, w, q, scales, pool_bytes)
+                if running[k] == k:  # a fallback is not timed under the wrong name
+                    pools[k] = fns
+            chosen[f"{in_f}x{out_f}"] = Int8Linear(in_f, out_f, bias=False).prepare()
+            for m in batches:
+                seconds = _time_in_turns({**pools, "read": read}, torch.randn(m, in_f),
+                                         repeats, budget)
+                bandwidth = bw_bytes / seconds["read"] / 1e9
+                for k in KERNELS:
+                    s = seconds.get(k)
+                    gbs = None if s is None else nbytes[k] / s / 1e9
+                    rows.append({"model": model, "layer": layer, "in_features": in_f,
+                                 "out_features": out_f, "batch": m, "kernel": k,
+                                 "running": running[k], "weight_bytes": nbytes[k],
+                                 "seconds": s, "gbs": gbs, "bandwidth_gbs": bandwidth,
+                                 "ratio": None if gbs is None else gbs / bandwidth})
+            del pools
+    bandwidth_end = memory_bandwidth(bw_bytes)
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "quantized_engine": torch.backends.quantized.engine,
-            "bandwidth_gbs": bandwidth, "chosen": chosen, "kernels": list(KERNELS),
-            "rows": rows}
+            "bandwidth_gbs": statistics.median(r["bandwidth_gbs"] for r in rows),
+            "bandwidth_start_end_gbs": [bandwidth_start, bandwidth_end],
+            "chosen": chosen, "kernels": list(KERNELS), "rows": rows}
 
 
 def format_table(result: dict) -> str:
     kernels = result["kernels"]
-    lines = [f"memory read bandwidth {result['bandwidth_gbs']:.1f} GB/s, "
-             f"{result['threads']} threads, torch {result['torch']}",
-             "GB/s of weight bytes (share of bandwidth); chosen int8 kernel per shape: "
-             + ", ".join(f"{k}: {v}" for k, v in result["chosen"].items()),
-             f"{'shape':28s} {'M':>3s} " + " ".join(f"{k:>14s}" for k in kernels)]
+    start, end = result["bandwidth_start_end_gbs"]
+    lines = [f"memory read bandwidth {result['bandwidth_gbs']:.1f} GB/s (median over the "
+             f"table; {start:.1f} at start, {end:.1f} at end), {result['threads']} threads, "
+             f"torch {result['torch']}",
+             "int8 kernel chosen per shape: "
+             + ", ".join(f"{k} {v}" for k, v in result["chosen"].items()),
+             "GB/s of weight bytes (share of the bandwidth read in the same rounds, column "
+             "'read'); '-> k': falls back to kernel k",
+             f"{'shape':30s} {'M':>3s} {'read':>5s} " + " ".join(f"{k:>13s}" for k in kernels)]
     cells: dict[tuple, dict] = {}
     for r in result["rows"]:
         key = (r["model"], r["layer"], r["in_features"], r["out_features"], r["batch"])
@@ -156,19 +203,21 @@ def format_table(result: dict) -> str:
     for (model, layer, in_f, out_f, m), by_kernel in cells.items():
         parts = []
         for k in kernels:
-            r = by_kernel.get(k)
-            if r is None or r["gbs"] is None:
-                parts.append(f"{'-> ' + r['running'] if r else '-':>14s}")
-            else:
-                parts.append(f"{r['gbs']:7.1f} ({r['ratio']:4.2f})")
-        lines.append(f"{model + ' ' + layer + f' {in_f}->{out_f}':28s} {m:3d} " + " ".join(parts))
+            r = by_kernel[k]
+            parts.append(f"{'-> ' + r['running']:>13s}" if r["gbs"] is None
+                         else f"{r['gbs']:6.1f} ({r['ratio']:4.2f})")
+        read = by_kernel[kernels[0]]["bandwidth_gbs"]
+        lines.append(f"{f'{model} {layer} {in_f}->{out_f}':30s} {m:3d} {read:5.1f} "
+                     + " ".join(parts))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="llm-shard bench kernels", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="llm-shard bench kernels",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes over each weight pool")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="at most this many timed rounds per shape and batch")
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-': stdout)")
     args = p.parse_args(argv)

@@ -15,20 +15,29 @@ w ~= weight * scales[:, None].
 Kernels. A forward runs through a kernel from `KERNELS`, chosen per layer by `prepare()`
 from the device's preference list (`PREFERENCE`), each kernel saying when it is valid:
 
-- "fbgemm" (CPU): `quantized::linear_dynamic` on a prepacked per-channel qint8 weight.
-  Activations are quantized at run time with one scale per call, so rows are first
-  divided by their own absmax (and the output multiplied back): per-token activation
-  quantization at any batch size. 7-bit activations (`reduce_range`), because AVX2
-  without VNNI sums pairs of u8*s8 products in int16 and saturates otherwise.
+- "fbgemm" (CPU, x86/fbgemm quantized engine): fbgemm's int8 GEMM on a prepacked
+  per-channel weight. Activations go in as two 7-bit levels per token (the value on a
+  per-token grid, then its rounding residual), ~14 bits: weight-only accuracy at int8
+  GEMM speed. See the comment above `_fbgemm_run`.
 - "int8pack" (CPU): `aten._weight_int8pack_mm`, weight-only int8 with bf16 activations.
   Only valid when in_features % 16 == 0: otherwise it returns wrong rows or crashes.
+- "auto" (CPU, the default): "fbgemm", except calls of at most AUTO_SMALL_ROWS rows on
+  layers of at most AUTO_SMALL_LAYER_BYTES go to "int8pack" (when valid for the layer),
+  whose fixed cost per call is lower.
 - "dequant" (any device; the CUDA path): `F.linear(x, weight.to(x.dtype)) * scales`,
-  weight-only, as gpt-fast's `WeightOnlyInt8Linear`.
+  weight-only, as gpt-fast's `WeightOnlyInt8Linear`. On CPU it is a slow last resort.
 
-On CPU "fbgemm" is preferred: measured here (benchmarks/kernels.py) it is the fastest
-at every batch size, and on SmolLM2-135M it keeps top-1 agreement and perplexity within
-the project's bar (tests/test_quant.py). When a preferred kernel is not valid for a
-layer, the layer falls back to the next valid one and that is logged once per reason.
+Why, measured on 2 cores (benchmarks/kernels.py): at batch 1 on PanGu-2.6B and LLaMA-7B
+layers (6-45 MiB) fbgemm streams 20-24 GB/s of int8 weights (0.65-0.78 of the measured
+read bandwidth; ~4x fp32 F.linear in tokens/s) and int8pack 15-22; at batch 8 and 64
+fbgemm is ~2x int8pack. Under ~2 MiB (SmolLM2-135M's layers) fbgemm's ~70 us fixed cost
+per call dominates at 1-4 rows and int8pack is faster. On SmolLM2-135M
+(tests/test_quant.py) every kernel matches fp32 perplexity within 0.1% with top-1
+agreement 0.966-0.971: the loss is the per-channel weights', not the kernels'. fbgemm's
+plain dynamic W8A8 (one 7-bit level per token) is ~15% faster at batch 1 but loses
+(agreement 0.80, perplexity +16%), so it is not offered. When a preferred kernel is not
+valid for a layer, the layer falls back to the next valid one; each distinct fallback
+is logged once.
 
 Preparation (packing) happens in `prepare()`, which `prepare_int8` calls for a whole
 model after its weights are loaded; a forward on an unprepared layer prepares it
@@ -55,7 +64,7 @@ QMAX = 127  # symmetric int8: [-127, 127], -128 unused
 
 # Kernel names tried in order, per device type; a device type not listed uses "*".
 PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("fbgemm", "int8pack", "dequant"),
+    "cpu": ("auto", "fbgemm", "int8pack", "dequant"),
     "*": ("dequant",),
 }
 
@@ -98,13 +107,16 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 # --- fbgemm: int8 weights, two-level 7-bit activations ----------------------------
 # fbgemm's u8 x s8 kernels on AVX2 (no VNNI) sum pairs of products in int16: activations
-# must stay in [0, 127] or they saturate. One 7-bit level per token costs too much
-# accuracy (activation outliers; see tests/test_quant.py), so each row x is sent twice:
-# hi = x / absmax(x) on a grid of step 1/ACT_LEVELS, and the rounding residual scaled
-# up by 2 * ACT_LEVELS. Both rows share one pass over the weights (at batch 1 the GEMM
-# is memory-bound: 2 rows cost what 1 does); the activation error is ~14 bits per token.
+# must stay in [0, 127] or they saturate. One 7-bit level per token loses too much on
+# SmolLM2-135M (top-1 agreement with fp32 0.80, perplexity +16%: activation outliers),
+# so each row goes in twice: on a grid of its absmax / ACT_LEVELS, and as its rounding
+# residual scaled up by 2 * ACT_LEVELS. Both rows share one pass over the weights (at
+# batch 1 the GEMM is memory-bound: 2 rows cost what 1 does) and the activations keep
+# ~14 bits per token. The op takes one grid for all rows, so with several rows each is
+# first divided by its absmax.
 ACT_LEVELS = 63  # grid points each side of zero; u8 value = level + ACT_ZERO in [1, 127]
 ACT_ZERO = 64
+_MIN_ABSMAX = 1e-30  # a zero row stays finite: 1 / (1e-30 / ACT_LEVELS) fits in float32
 
 
 def _fbgemm_invalid(layer: Int8Linear) -> str | None:
@@ -115,7 +127,9 @@ def _fbgemm_invalid(layer: Int8Linear) -> str | None:
         return (f"torch's quantized engine is {engine!r} (supported: "
                 f"{torch.backends.quantized.supported_engines}); it needs 'x86' or 'fbgemm'")
     try:
-        torch.ops.quantized.linear_prepack  # noqa: B018  (deprecated; absent from some builds)
+        # Deprecated (pytorch/pytorch#184982), so checked rather than assumed.
+        torch._make_per_channel_quantized_tensor  # noqa: B018
+        torch.ops.quantized.linear_prepack  # noqa: B018
         torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32  # noqa: B018
     except (AttributeError, RuntimeError) as e:
         return f"this torch lacks the fbgemm linear ops ({e})"
@@ -129,20 +143,26 @@ def _fbgemm_pack(layer: Int8Linear) -> object:
 
 
 def _fbgemm_run(layer: Int8Linear, packed: object, x: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
+    # Few torch calls on purpose: at batch 1 each costs ~5 us next to a ~300 us GEMM.
+    xf = x if x.dtype == torch.float32 else x.float()
     rows = xf.shape[0]
-    amax = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True)  # (rows, 1)
-    amax.clamp_min_(torch.finfo(torch.float32).tiny)
-    # Few ops on purpose: at batch 1 each costs several us next to a ~200 us GEMM.
-    both = torch.empty(2 * rows, xf.shape[1])
-    hi, lo = both[:rows], both[rows:]
-    torch.div(xf, amax, out=hi)  # in [-1, 1]
-    torch.mul(hi, ACT_LEVELS, out=lo).round_()  # hi's level on the grid
-    lo.mul_(-2).add_(hi, alpha=2 * ACT_LEVELS)  # (hi - level / ACT_LEVELS) * 2 ACT_LEVELS
+    if rows == 1:  # decode: the call's one scale is this token's, no normalising pass
+        amax, v = None, xf
+        scale = max(float(xf.abs().max()), _MIN_ABSMAX) / ACT_LEVELS
+    else:  # rows scaled to [-1, 1], so that one scale serves every token
+        amax = xf.abs().amax(dim=1, keepdim=True).clamp_min_(_MIN_ABSMAX)  # (rows, 1)
+        v, scale = xf / amax, 1.0 / ACT_LEVELS
+    # v's rounding residual on the grid, scaled up to the grid's range:
+    # 2 ACT_LEVELS * (v - scale * round(v / scale)). (fake_quantize is 4x slower here.)
+    lo = torch.mul(v, 1.0 / scale).round_()
+    lo.mul_(-2 * ACT_LEVELS * scale).add_(v, alpha=2 * ACT_LEVELS)
     y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        both, 1.0 / ACT_LEVELS, ACT_ZERO, packed)  # (2 * rows, out)
-    y = y[:rows].add_(y[rows:], alpha=1.0 / (2 * ACT_LEVELS)).mul_(amax)
-    return _add_bias(y, layer.bias).to(x.dtype)
+        torch.cat([v, lo]), scale, ACT_ZERO, packed)  # (2 * rows, out)
+    y = y[:rows].add_(y[rows:], alpha=1.0 / (2 * ACT_LEVELS))
+    if amax is not None:
+        y.mul_(amax)
+    y = _add_bias(y, layer.bias)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 # --- int8pack: weight-only, bf16 activations -------------------------------------
@@ -166,6 +186,31 @@ def _int8pack_run(layer: Int8Linear, scales: object, x: torch.Tensor) -> torch.T
     return _add_bias(y.to(x.dtype), layer.bias)
 
 
+# --- auto: fbgemm, but int8pack for small calls on small layers ----------------------
+# fbgemm's two-level activations cost ~70 us a call on top of the GEMM; int8pack has
+# little fixed cost but a slower GEMM. Measured crossover at 1-4 rows: 1-4 MiB of weights.
+AUTO_SMALL_ROWS = 4
+AUTO_SMALL_LAYER_BYTES = 2 << 20
+
+
+def _auto_pack(layer: Int8Linear) -> object:
+    small = None
+    if layer.weight.numel() <= AUTO_SMALL_LAYER_BYTES:
+        reason = _int8pack_invalid(layer)
+        if reason is None:
+            small = _int8pack_pack(layer)
+        else:
+            _log_fallback("int8pack", "fbgemm", f"{reason}, for auto's small calls")
+    return _fbgemm_pack(layer), small
+
+
+def _auto_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tensor:
+    packed, small = state
+    if small is not None and x.shape[0] <= AUTO_SMALL_ROWS:
+        return _int8pack_run(layer, small, x)
+    return _fbgemm_run(layer, packed, x)
+
+
 # --- dequant: weight-only, any device ----------------------------------------------
 
 def _dequant_run(layer: Int8Linear, _: object, x: torch.Tensor) -> torch.Tensor:
@@ -175,6 +220,7 @@ def _dequant_run(layer: Int8Linear, _: object, x: torch.Tensor) -> torch.Tensor:
 
 KERNELS: dict[str, Kernel] = {
     k.name: k for k in (
+        Kernel("auto", _fbgemm_invalid, _auto_pack, _auto_run),
         Kernel("fbgemm", _fbgemm_invalid, _fbgemm_pack, _fbgemm_run),
         Kernel("int8pack", _int8pack_invalid, _int8pack_pack, _int8pack_run),
         Kernel("dequant", lambda layer: None, lambda layer: None, _dequant_run),
@@ -276,9 +322,10 @@ class Int8Linear(nn.Module):
             self.prepare()
             plan = self._plan
         kernel, state = plan
-        lead = x.shape[:-1]
+        if x.dim() == 2:
+            return kernel.run(self, state, x)
         y = kernel.run(self, state, x.reshape(-1, self.in_features))
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     # Packed weights are derived from the buffers: drop them whenever the buffers change.
     def _load_from_state_dict(self, *args, **kwargs) -> None:

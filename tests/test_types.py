@@ -5,6 +5,7 @@ import json
 import pickle
 
 import pytest
+
 from llm_shard.cluster.types import (
     Capacity,
     GiB,

@@ -6,6 +6,7 @@ import msgpack
 import pytest
 import torch
 import zmq
+
 from llm_shard.cluster import wire
 from llm_shard.cluster.types import SamplingParams
 from llm_shard.cluster.wire import (

@@ -1,0 +1,386 @@
+"""Int8 weights: the quantizer, Int8Linear and its kernels, the swap, state dicts, and int8
+vs fp32 on the real SmolLM2-135M (transformers as the fp32 reference)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm_shard.models import quant
+from llm_shard.models.quant import (
+    KERNELS,
+    Int8Linear,
+    int8_state_dict,
+    prepare_int8,
+    quantize,
+    quantize_weight,
+    swap_int8,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+
+# Relative error of each kernel against fp32 math on the same (dequantized) int8 weights:
+# fbgemm quantizes activations to ~14 bits (two 7-bit levels), int8pack rounds them to bf16.
+KERNEL_RTOL = {"fbgemm": 2e-3, "int8pack": 1e-2, "auto": 1e-2, "dequant": 1e-5}
+# Against the original fp32 weights: per-channel int8 of Gaussian rows is ~1% off.
+WEIGHT_RTOL = 2.5e-2
+# (in_features, out_features); 100, 520 and 33 are not multiples of 16.
+SHAPES = [(64, 32), (576, 192), (100, 48), (520, 200), (33, 7)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def cpu_kernels() -> list[str]:
+    probe = Int8Linear(16, 16)
+    return [k for k in KERNELS if KERNELS[k].why_invalid(probe) is None]
+
+
+def test_quantize_weight_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(48, 100) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different size
+    w[5] = 0.0
+    q, scales = quantize_weight(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape
+    assert scales.dtype == torch.float32 and scales.shape == (48,)
+    assert int(q.abs().max()) == 127 and int(q.min()) >= -127
+    assert scales[5] == 1.0 and not q[5].any()  # all-zero row: scale 1, no division by zero
+    err = (q.float() * scales[:, None] - w).abs()
+    assert bool((err <= scales[:, None] / 2 * (1 + 1e-5)).all())  # at most half a step
+    assert bool((q.abs().amax(1)[torch.arange(48) != 5] == 127).all())  # full range per row
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+def test_int8_linear_matches_fp32(kernel, in_f, out_f):
+    torch.manual_seed(in_f)
+    lin = nn.Linear(in_f, out_f)
+    m = Int8Linear.from_linear(lin, kernel=kernel)
+    running = m.prepare()
+    if kernel == "int8pack" and in_f % 16:
+        assert running != "int8pack"  # the guard: int8pack is wrong or crashes here
+    deq = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        deq.weight.copy_(m.weight.float() * m.scales[:, None])
+        deq.bias.copy_(lin.bias)
+    for rows in (1, 5):
+        x = torch.randn(rows, in_f)
+        with torch.no_grad():
+            y = m(x)
+            assert y.shape == (rows, out_f) and y.dtype == torch.float32
+            assert rel_err(y, deq(x)) <= KERNEL_RTOL[running], (running, rows)
+            assert rel_err(y, lin(x)) <= WEIGHT_RTOL, (running, rows)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_one_row_at_a_time_matches_the_batch(kernel):
+    """Decode (one row per call) and prefill (many rows) take different paths in fbgemm,
+    and different kernels in auto."""
+    torch.manual_seed(7)
+    m = Int8Linear.from_linear(nn.Linear(256, 96), kernel=kernel)
+    x = torch.randn(6, 256) * torch.logspace(-2, 2, 6)[:, None]  # rows of very different size
+    with torch.no_grad():
+        batch = m(x)
+        rows = torch.cat([m(x[i:i + 1]) for i in range(6)])
+    tol = KERNEL_RTOL["int8pack"] if m.kernel == "auto" else 1e-4
+    for i in range(6):
+        assert rel_err(rows[i], batch[i]) <= tol, (m.kernel, i)
+
+
+def outputs(lin: nn.Linear, kernel: str, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return Int8Linear.from_linear(lin, kernel=kernel)(x)
+
+
+@pytest.mark.skipif("auto" not in cpu_kernels(), reason="needs torch's fbgemm engine")
+def test_auto_uses_int8pack_only_for_small_calls_on_small_layers(caplog):
+    torch.manual_seed(8)
+    small, big = nn.Linear(576, 1536), nn.Linear(2048, 1040)  # 0.84 and 2.03 MiB of int8
+    assert big.weight.numel() > quant.AUTO_SMALL_LAYER_BYTES >= small.weight.numel()
+    few, many = quant.AUTO_SMALL_ROWS, quant.AUTO_SMALL_ROWS + 1
+    for lin, rows, expect in [(small, few, "int8pack"), (small, many, "fbgemm"),
+                              (big, 1, "fbgemm"), (big, many, "fbgemm")]:
+        x = torch.randn(rows, lin.in_features)
+        assert torch.equal(outputs(lin, "auto", x), outputs(lin, expect, x)), (lin, rows)
+
+    quant._log_fallback.cache_clear()
+    odd = nn.Linear(520, 64)  # int8pack is wrong here: auto must stay on fbgemm
+    x = torch.randn(1, 520)
+    with caplog.at_level(logging.WARNING, logger=quant.__name__):
+        assert torch.equal(outputs(odd, "auto", x), outputs(odd, "fbgemm", x))
+    assert any("multiple of 16" in r.getMessage() for r in caplog.records)
+
+
+def test_int8pack_fallback_is_logged_once(caplog):
+    quant._log_fallback.cache_clear()
+    torch.manual_seed(0)
+    layers = [Int8Linear.from_linear(nn.Linear(100, 32), kernel="int8pack") for _ in range(3)]
+    with caplog.at_level(logging.WARNING, logger=quant.__name__):
+        chosen = {m.prepare() for m in layers}
+    assert chosen.isdisjoint({"int8pack"})
+    messages = [r.getMessage() for r in caplog.records if r.name == quant.__name__]
+    assert messages and len(messages) == len(set(messages))  # once per distinct fallback
+    assert any("'int8pack'" in m and "multiple of 16" in m for m in messages)
+
+
+def test_outlier_activations_and_zero_rows():
+    """Activations with a huge channel (as LLM MLP inputs have) stay accurate; a zero row
+    gives the bias, not NaN."""
+    torch.manual_seed(1)
+    lin = nn.Linear(256, 64)
+    x = torch.randn(4, 256)
+    x[:, 7] = 300.0
+    x[2] = 0.0
+    for kernel in cpu_kernels():
+        m = Int8Linear.from_linear(lin, kernel=kernel)
+        with torch.no_grad():
+            y, ref = m(x), F.linear(x, m.weight.float() * m.scales[:, None], lin.bias)
+        assert torch.isfinite(y).all()
+        assert rel_err(y[[0, 1, 3]], ref[[0, 1, 3]]) <= KERNEL_RTOL[m.kernel], kernel
+        torch.testing.assert_close(y[2], lin.bias.detach(), rtol=0, atol=1e-6)
+        with torch.no_grad():  # batch 1 takes another path in fbgemm
+            y1 = m(x[2:3])
+            assert rel_err(m(x[:1]), ref[:1]) <= KERNEL_RTOL[m.kernel], kernel
+        torch.testing.assert_close(y1[0], lin.bias.detach(), rtol=0, atol=1e-6)
+
+
+def test_dtypes_and_leading_dims():
+    torch.manual_seed(2)
+    lin = nn.Linear(64, 48, bias=False)
+    m = Int8Linear.from_linear(lin)
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        y = m(x)
+        assert y.shape == (2, 3, 48)
+        yb = m(x.to(torch.bfloat16))
+    assert yb.dtype == torch.bfloat16
+    assert rel_err(yb, y) <= 1e-2
+    assert m.bias is None
+    assert m.kernel in KERNELS  # prepared lazily by the first forward
+
+
+def test_unknown_kernel_is_an_error():
+    with pytest.raises(ValueError, match="unknown int8 kernel"):
+        Int8Linear(16, 16, kernel="int4")
+    with pytest.raises(ValueError, match="unknown int8 kernel"):
+        Int8Linear(16, 16).prepare("nope")
+
+
+class Tiny(nn.Module):
+    """Names like a decoder: embedding, blocks of Linears, lm_head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(50, 32)
+        self.layers = nn.ModuleList(nn.ModuleDict({"q_proj": nn.Linear(32, 32, bias=False),
+                                                   "up_proj": nn.Linear(32, 80)})
+                                    for _ in range(2))
+        self.lm_head = nn.Linear(32, 50, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(ids)
+        for layer in self.layers:
+            h = h + layer["q_proj"](h) + layer["up_proj"](h)[..., :32]
+        return self.lm_head(h)
+
+
+def test_quantize_swaps_what_the_predicate_selects():
+    torch.manual_seed(3)
+    model = Tiny()
+    ref = copy.deepcopy(model)
+    assert quantize(model, lambda name, mod: name != "lm_head") is model
+    kinds = {name: type(mod) for name, mod in model.named_modules()}
+    assert kinds["lm_head"] is nn.Linear and kinds["embed_tokens"] is nn.Embedding
+    swapped = [f"layers.{i}.{p}" for i in range(2) for p in ("q_proj", "up_proj")]
+    assert all(kinds[name] is Int8Linear for name in swapped)
+    assert model.layers[1]["up_proj"].bias is not None
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        assert rel_err(model(ids), ref(ids)) <= WEIGHT_RTOL
+
+    everything = quantize(copy.deepcopy(ref))  # default predicate: every Linear
+    assert not any(type(m) is nn.Linear for m in everything.modules())
+    with pytest.raises(TypeError):
+        quantize(nn.Linear(4, 4))
+
+
+def test_state_dict_load_into_swapped_model_then_prepare():
+    torch.manual_seed(4)
+    src = quantize(Tiny(), lambda name, mod: name != "lm_head")
+    state = src.state_dict()
+    for i in range(2):
+        assert state[f"layers.{i}.q_proj.weight"].dtype == torch.int8
+        assert state[f"layers.{i}.q_proj.scales"].dtype == torch.float32
+        assert state[f"layers.{i}.q_proj.scales"].shape == (32,)
+        assert f"layers.{i}.q_proj.bias" not in state
+        assert state[f"layers.{i}.up_proj.bias"].dtype == torch.float32
+    assert state["lm_head.weight"].dtype == torch.float32
+    int8 = int8_state_dict(src)
+    assert set(int8) == {k for k in state if k.startswith("layers.")}
+
+    with torch.device("meta"):  # as a store builds a part: no memory for fp32 weights
+        dst = Tiny()
+    swap_int8(dst, lambda name, mod: name != "lm_head")
+    dst.load_state_dict(state, strict=True, assign=True)
+    chosen = prepare_int8(dst)
+    assert set(chosen) == {f"layers.{i}.{p}" for i in range(2) for p in ("q_proj", "up_proj")}
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        assert torch.equal(dst(ids), src(ids))
+
+
+def test_loading_new_weights_drops_the_packed_ones():
+    torch.manual_seed(5)
+    a, b = (Int8Linear.from_linear(nn.Linear(64, 32)) for _ in range(2))
+    a.prepare()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        a.load_state_dict(b.state_dict())
+        assert a.kernel is None
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_to_bfloat16_keeps_int8_and_float32_scales():
+    m = Int8Linear.from_linear(nn.Linear(32, 16))
+    m.prepare()
+    m.to(torch.bfloat16)
+    assert m.weight.dtype == torch.int8
+    assert m.scales.dtype == torch.float32 and m.bias.dtype == torch.float32
+    assert m.kernel is None  # re-prepared on the next forward
+
+
+def test_deepcopy_of_a_prepared_layer():
+    m = Int8Linear.from_linear(nn.Linear(64, 32))
+    m.prepare()
+    c = copy.deepcopy(m)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x), rtol=0, atol=0)
+
+
+def test_wrong_buffer_dtype_is_an_error():
+    m = Int8Linear(32, 16)
+    m.weight = torch.zeros(16, 32)  # e.g. a float checkpoint loaded with assign=True
+    with pytest.raises(ValueError, match="weight must be torch.int8"):
+        m.prepare()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_path():
+    torch.manual_seed(6)
+    lin = nn.Linear(4096, 1024).cuda()
+    m = Int8Linear.from_linear(lin)
+    assert m.weight.device.type == "cuda"
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = m(x)
+        ref = F.linear(x.float(), m.weight.float() * m.scales[:, None], lin.bias)
+    assert m.kernel == "dequant" and y.dtype == torch.bfloat16 and y.device.type == "cuda"
+    assert rel_err(y, ref) <= 1e-2
+
+
+# --- SmolLM2-135M: int8 swap vs transformers fp32 ------------------------------------
+
+AGREEMENT_FLOOR = 0.95  # measured 0.966-0.971 for every kernel on eval_text.txt
+FLIP_MARGIN = 0.5  # logits; measured <= 0.22
+PROJECT_AGREEMENT_BAR = 0.99
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(smollm2_path):
+    """(fp32 transformers model, token ids (1, n), {kernel: (agreement, ppl ratio)})."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    folder, name = str(smollm2_path.parent), smollm2_path.name
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32).eval()
+    ids = tok((DATA / "eval_text.txt").read_text(), return_tensors="pt").input_ids
+    assert ids.shape[1] >= 500
+    return model, ids, {}
+
+
+def int8_vs_fp32(smollm2_hf, kernel: str | None) -> tuple[float, float, float]:
+    """Teacher-forced top-1 agreement, perplexity ratio int8 / fp32, and the largest fp32
+    top-2 logit margin among the flipped positions; all Linears but lm_head (tied to the
+    embedding) in int8."""
+    model, ids, cache = smollm2_hf
+    if kernel not in cache:
+        q = quantize(copy.deepcopy(model), lambda name, mod: name != "lm_head", kernel=kernel)
+        with torch.inference_mode():
+            ref, got = (m(ids).logits[0, :-1] for m in (model, q))
+        ppl = [math.exp(float(F.cross_entropy(lg, ids[0, 1:]))) for lg in (ref, got)]
+        same = got.argmax(-1) == ref.argmax(-1)
+        top2 = ref.topk(2, dim=-1).values
+        margin = float((top2[:, 0] - top2[:, 1])[~same].max()) if not same.all() else 0.0
+        agreement = float(same.float().mean())
+        cache[kernel] = (agreement, ppl[1] / ppl[0], margin)
+        running = q.get_submodule("model.layers.0.mlp.down_proj").kernel
+        print(f"\nSmolLM2-135M int8 (kernel {kernel or 'default'}: {running}) vs fp32 on "
+              f"{ids.shape[1]} tokens: top-1 agreement {agreement:.4f}, perplexity "
+              f"{ppl[1]:.3f} vs {ppl[0]:.3f} (ratio {ppl[1] / ppl[0]:.4f}); flipped tokens "
+              f"had fp32 top-2 margins <= {margin:.3f}")
+    return cache[kernel]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", [None, "fbgemm", "int8pack", "dequant"])
+def test_smollm2_int8_quality(smollm2_hf, kernel):
+    agreement, ratio, flip_margin = int8_vs_fp32(smollm2_hf, kernel)
+    assert abs(ratio - 1) <= 0.01
+    assert agreement >= AGREEMENT_FLOOR
+    assert flip_margin <= FLIP_MARGIN  # int8 only flips near-ties, never a clear choice
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "per-output-channel int8 weights flip ~3% of top-1 tokens on SmolLM2-135M whatever the "
+    "kernel (0.966-0.971 on eval_text.txt, where 8% of positions have an fp32 top-2 logit "
+    "margin < 0.1); bf16 weights reach 0.997, group-32 int8 0.986. The 99% bar needs "
+    "finer scales or calibrated rounding."))
+def test_smollm2_int8_meets_project_agreement_bar(smollm2_hf):
+    agreement, _, _ = int8_vs_fp32(smollm2_hf, None)
+    assert agreement >= PROJECT_AGREEMENT_BAR
+
+
+# --- the kernels benchmark ---------------------------------------------------------------
+
+def load_benchmark():
+    path = REPO / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernels_benchmark_quick(tmp_path, capsys):
+    bench = load_benchmark()
+    out = tmp_path / "kernels.json"
+    result = bench.main(["--quick", "--repeats", "1", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["bandwidth_gbs"] > 0 and result["threads"] == 1
+    assert set(result["chosen"].values()) <= set(KERNELS)
+    shapes = {(r["in_features"], r["out_features"]) for r in result["rows"]}
+    keys = {(r["in_features"], r["out_features"], r["batch"], r["kernel"]) for r in result["rows"]}
+    assert keys == {(i, o, b, k) for i, o in shapes for b in bench.QUICK_BATCHES
+                    for k in bench.KERNELS}
+    for r in result["rows"]:
+        assert set(r) >= {"model", "layer", "batch", "kernel", "running", "weight_bytes",
+                          "seconds", "gbs", "ratio"}
+        if r["running"] == r["kernel"]:
+            assert r["seconds"] > 0 and r["gbs"] > 0 and r["ratio"] > 0
+        else:  # a fallback is reported, not timed under the wrong name
+            assert r["gbs"] is None
+    table = capsys.readouterr().out
+    assert "GB/s" in table and "fbgemm" in table
