@@ -9,8 +9,9 @@ import importlib
 
 from .base import Arch
 
-_ARCH_MODULES = {"llama": "llama", "pangu-alpha": "pangu"}
-PLANNED = ("chatglm", "rwkv", "moss", "cpm2")  # architectures of the seed not yet written
+_ARCH_MODULES = {"llama": "llama", "pangu-alpha": "pangu", "moss": "moss", "chatglm": "chatglm",
+                 "rwkv": "rwkv"}
+PLANNED = ("cpm2",)  # architectures of the seed not yet written
 
 
 class UnknownArch(ValueError):

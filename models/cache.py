@@ -1,7 +1,9 @@
 """Per-sequence caches and the batch descriptor that blocks receive.
 
 Whoever runs the blocks (a worker, or a local runner) owns the caches; a block only
-receives them through a `Batch`. Layer indices are the model's global ones.
+receives them through a `Batch`. Layer indices are the model's global ones. A layer keeps
+either keys/values that grow with the sequence (`KVCache`, attention models) or a
+fixed-size recurrent state that each step replaces (`StateCache`, RWKV).
 """
 
 from __future__ import annotations
@@ -53,11 +55,47 @@ class KVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
 
+class StateCache:
+    """Recurrent state of one layer of one sequence (RWKV): a fixed-size tensor that each
+    step replaces; `offset` counts the tokens folded into it."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+        self.offset = 0
+
+    def update(self, value: torch.Tensor, n: int) -> None:
+        """Replace the state by `value`, which has absorbed n more tokens."""
+        self.value = value
+        self.offset += n
+
+    def trim(self, n: int) -> None:
+        if n:
+            raise ValueError(f"a recurrent state cannot forget its last {n} tokens: replay "
+                             "the sequence into a fresh cache instead")
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.value is None else self.value.numel() * self.value.element_size()
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """GLM's prompt context (ChatGLM-6B), one per sequence. Rows before `length` (the index
+    of <sop>) attend to each other in both directions; from <sop> on, every row's position
+    id is `mask_pos` (the index of [gMASK]/[MASK]) and its block position counts 1, 2, 3..."""
+
+    length: int
+    mask_pos: int
+
+
 @dataclass
 class SequenceCache:
-    """All cached state of one sequence on one stage: a KVCache per global layer index."""
+    """All cached state of one sequence on one stage, by global layer index: a KVCache per
+    attention layer, a StateCache per recurrent layer, and the sequence's GLM prefix."""
 
     layers: dict[int, KVCache] = field(default_factory=dict)
+    states: dict[int, StateCache] = field(default_factory=dict)
+    prefix: Prefix | None = None
 
     def layer(self, index: int) -> KVCache:
         cache = self.layers.get(index)
@@ -65,13 +103,22 @@ class SequenceCache:
             cache = self.layers[index] = KVCache()
         return cache
 
+    def state(self, index: int) -> StateCache:
+        cache = self.states.get(index)
+        if cache is None:
+            cache = self.states[index] = StateCache()
+        return cache
+
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.layers.values())
+        return (sum(c.nbytes for c in self.layers.values())
+                + sum(c.nbytes for c in self.states.values()))
 
     def trim(self, n: int) -> None:
         for c in self.layers.values():
             c.trim(n)
+        for s in self.states.values():
+            s.trim(n)
 
 
 @dataclass
@@ -80,11 +127,15 @@ class Batch:
 
     Rows are grouped by sequence in order: sequence i owns `seq_lens[i]` consecutive
     rows. `positions` (rows,) holds each row's absolute position in its sequence.
+    `prefixes` (optional, one per sequence, None where unknown) carries GLM prompt
+    contexts to stages that never see the tokens; a sequence's cache remembers its prefix
+    after the first step, so it is only needed when a sequence starts.
     """
 
     seq_lens: list[int]
     positions: torch.Tensor
     caches: list[SequenceCache]
+    prefixes: list[Prefix | None] | None = None
 
     def __post_init__(self) -> None:
         if len(self.seq_lens) != len(self.caches):
@@ -92,14 +143,17 @@ class Batch:
         if sum(self.seq_lens) != self.positions.numel():
             raise ValueError(f"seq_lens sum to {sum(self.seq_lens)}, positions has "
                              f"{self.positions.numel()} rows")
+        if self.prefixes is not None and len(self.prefixes) != len(self.seq_lens):
+            raise ValueError(f"{len(self.seq_lens)} sequences but {len(self.prefixes)} prefixes")
 
     @classmethod
-    def of(cls, seq_lens: list[int], caches: list[SequenceCache]) -> Batch:
+    def of(cls, seq_lens: list[int], caches: list[SequenceCache],
+           prefixes: list[Prefix | None] | None = None) -> Batch:
         """Positions continue each sequence from its cache's current length."""
         starts = [_cache_len(c) for c in caches]
         pos = [torch.arange(s, s + n) for s, n in zip(starts, seq_lens)]
         return cls(list(seq_lens), torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long),
-                   caches)
+                   caches, prefixes)
 
     @property
     def last_rows(self) -> torch.Tensor:
@@ -108,4 +162,5 @@ class Batch:
 
 
 def _cache_len(cache: SequenceCache) -> int:
-    return max((c.offset for c in cache.layers.values()), default=0)
+    return max((c.offset for c in (*cache.layers.values(), *cache.states.values())),
+               default=0)

@@ -38,8 +38,11 @@ class Rotary:
     """
 
     def __init__(self, dim: int, base: float, max_positions: int,
-                 scaling: dict | None = None) -> None:
+                 scaling: dict | None = None, table_dtype: torch.dtype = torch.float32) -> None:
+        # table_dtype=float16 computes inv_freq, positions, angles and cos/sin in fp16, as
+        # ChatGLM-6B's code does (its checkpoints were made that way)
         self.dim, self.base, self.max_positions = dim, base, max_positions
+        self.table_dtype = table_dtype
         self.kind = (scaling or {}).get("type") or (scaling or {}).get("rope_type") or "default"
         if self.kind not in ("default", "linear", "dynamic"):
             raise ValueError(f"rope scaling type {self.kind!r} is not supported "
@@ -61,6 +64,11 @@ class Rotary:
             base = self.base * ((self.factor * seq_len / self.max_positions)
                                 - (self.factor - 1)) ** (self.dim / (self.dim - 2))
             inv_freq = self._inv_freq(base)
+        if self.table_dtype != torch.float32:
+            t = self.table_dtype
+            freqs = (pos.cpu().to(t)[:, None] * inv_freq.to(t)[None, :]).to(positions.device)
+            emb = torch.cat((freqs, freqs), dim=-1).float()
+            return emb.cos().to(t), emb.sin().to(t)
         freqs = torch.outer(pos.cpu(), inv_freq).to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
@@ -70,6 +78,16 @@ class Rotary:
         cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    @staticmethod
+    def apply_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """GPT-J/CodeGen rotation of adjacent pairs (2i, 2i+1) by angle i, with the cos/sin of
+        `cos_sin` (rows, dim): x (rows, heads, dim)."""
+        half = x.shape[-1] // 2
+        cos = cos[:, None, :half].repeat_interleave(2, -1).to(x.dtype)
+        sin = sin[:, None, :half].repeat_interleave(2, -1).to(x.dtype)
+        rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
         return x * cos + rotated * sin
 
 
@@ -86,15 +104,17 @@ def rope_rows(rope: Rotary, batch: Batch):
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch,
-                     layer: int, scale: float | None = None) -> torch.Tensor:
+                     layer: int, scale: float | None = None,
+                     prefix_lens: list[int] | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new rows against its cache.
 
     q (rows, heads, d), k/v (rows, kv_heads, d); returns (rows, heads, d). The new k/v
-    are appended to the cache of `layer` (a global index) first.
+    are appended to the cache of `layer` (a global index) first. `prefix_lens` (one per
+    sequence) makes the first columns visible to every row: GLM's bidirectional prompt.
     """
     out = torch.empty_like(q)
     row = 0
-    for n, cache in zip(batch.seq_lens, batch.caches):
+    for i, (n, cache) in enumerate(zip(batch.seq_lens, batch.caches)):
         if n == 0:
             continue
         keys, values = cache.layer(layer).update_and_fetch(
@@ -103,6 +123,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: B
         mask = None
         if n > 1:  # row i sees every cached token and new tokens up to itself
             mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+            if prefix_lens is not None and prefix_lens[i]:
+                mask[:, : prefix_lens[i]] = True
         # (heads, n, d) against (kv_heads, total, d)
         o = F.scaled_dot_product_attention(
             q[row: row + n].transpose(0, 1), keys, values, attn_mask=mask, scale=scale,

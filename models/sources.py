@@ -1,5 +1,6 @@
 """Readers for checkpoint sources: a Hugging Face folder, a Meta LLaMA folder, a Megatron
-PanGu-α file, a GGUF file. Each gives keys, shapes, a config and lazily loaded tensors.
+PanGu-α file, a ChatRWKV RWKV-4 .pth, a GGUF file. Each gives keys, shapes, a config and
+lazily loaded tensors.
 
 Nothing here unpickles arbitrary objects: .bin/.pth files load with weights_only=True.
 """
@@ -152,6 +153,27 @@ class MegatronFile(TensorFiles):
         return config_from_megatron({k: self.shape(k) for k in self.keys()})
 
 
+class RWKVFile(TensorFiles):
+    """ChatRWKV's RWKV-4 checkpoint: one .pth of flat keys (emb.weight, blocks.N.att.*,
+    blocks.N.ffn.*, ln_out, head), with no config: sizes come from the tensors."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, [path], "pth", "rwkv")
+
+    def config(self, arch: str) -> dict:
+        from .rwkv import config_from_pth
+
+        return config_from_pth({k: self.shape(k) for k in self.keys()})
+
+
+def _torch_file(path: Path) -> Source:
+    """A single torch file: ChatRWKV's RWKV-4 .pth, else a Megatron PanGu-α file."""
+    keys = _load_pickle_free(path)
+    if isinstance(keys, dict) and "emb.weight" in keys and "blocks.0.ln0.weight" in keys:
+        return RWKVFile(path)
+    return MegatronFile(path)
+
+
 class GGUFFile(Source):
     """A GGUF file: tensors dequantized to float32 on demand (numpy, via the gguf package)."""
 
@@ -208,7 +230,7 @@ def open_source(src: str | Path) -> Source:
         if path.suffix == ".gguf":
             return GGUFFile(path)
         if path.suffix in (".pt", ".pth", ".bin"):
-            return MegatronFile(path)
+            return _torch_file(path)
         raise SourceError(f"{path}: unknown file type {path.suffix!r} (expected .gguf, or a "
                           "folder with config.json or params.json)")
     if (path / "config.json").is_file() and (any(path.glob("*.safetensors"))
@@ -221,7 +243,7 @@ def open_source(src: str | Path) -> Source:
         return GGUFFile(ggufs[0])
     megatron = sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
     if len(megatron) == 1:
-        return MegatronFile(megatron[0])
+        return _torch_file(megatron[0])
     raise SourceError(f"{path}: not a checkpoint folder (expected config.json with "
                       "*.safetensors or pytorch_model*.bin, params.json with consolidated.00.pth, "
-                      "one *.gguf, or one Megatron *.pt)")
+                      "one *.gguf, one Megatron *.pt, or one ChatRWKV *.pth)")

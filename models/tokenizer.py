@@ -1,9 +1,10 @@
 """Tokenizers behind one interface: text <-> ids, BOS/EOS, chat prompts, save/load.
 
-Kinds: "sentencepiece" (LLaMA, LLaMA-2, Atom), "pangu" (jieba + SentencePiece, PanGu-α)
-and "bpe" (anything the `tokenizers` library runs: GGUF byte-level BPE such as SmolLM2, or
-an HF tokenizer.json). encode() never lets a backend add specials: BOS is added here, once,
-so that every kind follows the same rule.
+Kinds: "sentencepiece" (LLaMA, LLaMA-2, Atom), "pangu" (jieba + SentencePiece, PanGu-α),
+"chatglm" (ChatGLM-6B's preprocessed SentencePiece) and "bpe" (anything the `tokenizers`
+library runs: GGUF byte-level BPE such as SmolLM2, an HF tokenizer.json, or GPT-2-style
+vocab.json + merges.txt such as MOSS's). encode() never lets a backend add specials: BOS
+is added here, once, so that every kind follows the same rule.
 """
 
 from __future__ import annotations
@@ -165,7 +166,73 @@ class BPETokenizer(Tokenizer):
         return self._spec(file=self.file)
 
 
-KINDS = {c.kind: c for c in (SentencePieceTokenizer, PanGuTokenizer, BPETokenizer)}
+class ChatGLMTokenizer(SentencePieceTokenizer):
+    """ChatGLM-6B v1.1's `ice_text.model` (MODELS.md §4). Before SentencePiece, '\n' becomes
+    <n>, a tab <|tab|> and a run of 2-80 spaces <|blank_n|>; decode undoes it. The GLM
+    specials written in the text ([MASK], [gMASK], <sop>, ...) become their ids. A prompt
+    ends with [gMASK] <sop>: encode appends them where BOS would go (bos=False skips them).
+    (v1.0's 150528-token vocab shifted every id by 20000 image tokens: not supported.)"""
+
+    kind = "chatglm"
+    file = "ice_text.model"
+    SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>",
+                "<dBLOCK>")
+    MAX_BLANK = 80
+
+    def __init__(self, model: bytes, *, bos_id: int | None = None,
+                 eos_ids: Sequence[int] | None = None, add_bos: bool = True,
+                 chat_template: str = "chatglm") -> None:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_proto=model)
+        piece = {p: sp.piece_to_id(p) for p in self.SPECIALS}
+        missing = [p for p, i in piece.items() if sp.id_to_piece(i) != p]
+        if missing:
+            raise TokenizerError(f"{self.file} lacks the GLM pieces {missing}: not ChatGLM-6B "
+                                 "v1.1's tokenizer")
+        super().__init__(model, bos_id=piece["<sop>"] if bos_id is None else bos_id,
+                         eos_ids=(piece["<eop>"],) if eos_ids is None else eos_ids,
+                         add_bos=add_bos, chat_template=chat_template)
+        self.gmask_id = piece["[gMASK]"]
+        self.specials = piece
+        self.split = re.compile("(" + "|".join(map(re.escape, piece)) + ")")
+
+    @classmethod
+    def preprocess(cls, text: str) -> str:
+        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+        for n in range(cls.MAX_BLANK, 1, -1):
+            text = text.replace(" " * n, f"<|blank_{n}|>")
+        return text
+
+    @classmethod
+    def postprocess(cls, text: str) -> str:
+        text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+        for n in range(2, cls.MAX_BLANK + 1):
+            text = text.replace(f"<|blank_{n}|>", " " * n)
+        return text
+
+    def _encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in self.split.split(text):
+            if part in self.specials:
+                ids.append(self.specials[part])
+            elif part:
+                ids += self.sp.encode(self.preprocess(part))
+        return ids
+
+    def encode(self, text: str, *, bos: bool | None = None) -> list[int]:
+        ids = self._encode(text)
+        tail = [self.gmask_id, self.bos_id]
+        if (self.add_bos if bos is None else bos) and ids[-2:] != tail:
+            ids += tail
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.postprocess(self.sp.decode(list(ids)))
+
+
+KINDS = {c.kind: c for c in (SentencePieceTokenizer, PanGuTokenizer, BPETokenizer,
+                             ChatGLMTokenizer)}
 
 
 def load_tokenizer(directory: Path, spec: dict) -> Tokenizer:
@@ -270,10 +337,42 @@ def _token_id(tok, value) -> int | None:
     return tok.token_to_id(value) if isinstance(value, str) else None
 
 
-def _bpe_from_folder(folder: Path, default_template: str) -> BPETokenizer:
+def gpt2_files_tokenizer(folder: Path):
+    """A `tokenizers.Tokenizer` from GPT-2-style vocab.json + merges.txt (+ added_tokens.json,
+    whose tokens keep their ids and match whole, as the slow GPT2Tokenizer splits them out):
+    MOSS's tokenizer files."""
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers as pt
+
+    try:
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        added_file = folder / "added_tokens.json"
+        added = json.loads(added_file.read_text(encoding="utf-8")) if added_file.is_file() else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"GPT-2 tokenizer files in {folder} are unreadable: {e}") from None
+    merges = [tuple(line.split(" ")) for line in lines
+              if line and not line.startswith("#version")]
+    bad = [m for m in merges if len(m) != 2]
+    if bad:
+        raise TokenizerError(f"{folder / 'merges.txt'}: line {' '.join(bad[0])!r} is not a pair")
+    clash = {t: i for t, i in added.items() if vocab.get(t, i) != i}
+    if clash:
+        raise TokenizerError(f"added_tokens.json gives {clash} ids that vocab.json gives others")
+    tok = HFTokenizer(models.BPE(vocab | added, merges))
+    tok.pre_tokenizer = pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, normalized=False)
+                            for t in sorted(added, key=added.get)])
+    return tok
+
+
+def _bpe_from_folder(folder: Path, default_template: str, tok=None) -> BPETokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
-    tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    if tok is None:
+        tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
     cfg = {}
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
         if (folder / name).is_file():
@@ -303,13 +402,26 @@ def tokenizer_from_folder(folder: Path, arch: str) -> Tokenizer:
         looked = ("vocab.model",)
         if (folder / "vocab.model").is_file():
             return PanGuTokenizer.from_file(folder / "vocab.model")
+    elif arch_.name == "chatglm":
+        looked = ("ice_text.model",)
+        if (folder / "ice_text.model").is_file():
+            return ChatGLMTokenizer.from_file(folder / "ice_text.model")
     else:
-        looked = ("tokenizer.model", "tokenizer.json")
+        looked = ("tokenizer.model", "tokenizer.json", "vocab.json + merges.txt")
         if (folder / "tokenizer.model").is_file():
             return SentencePieceTokenizer.from_file(folder / "tokenizer.model",
                                                     chat_template=arch_.chat_template)
         if (folder / "tokenizer.json").is_file():
             return _bpe_from_folder(folder, arch_.chat_template)
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return _bpe_from_folder(folder, arch_.chat_template, gpt2_files_tokenizer(folder))
+        if arch_.name == "rwkv" and (folder / "20B_tokenizer.json").is_file():
+            # ChatRWKV's Raven tokenizer beside a .pth (GPT-NeoX 20B, <|endoftext|> = 0)
+            from tokenizers import Tokenizer as HFTokenizer
+
+            tok = HFTokenizer.from_file(str(folder / "20B_tokenizer.json"))
+            return BPETokenizer(tok, bos_id=None, eos_ids=(0,), add_bos=False,
+                                chat_template=arch_.chat_template)
     raise TokenizerError(f"no tokenizer in {folder}: looked for {', '.join(looked)}")
 
 
