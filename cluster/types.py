@@ -481,3 +481,28 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
         return cls(**_check_keys(cls, d))
+
+
+@dataclass
+class Completion:
+    """One finished request, as `LLM.generate` and `Client.generate` return it.
+
+    `token_ids` are the generated ids only (an eos or stop id that ended it included,
+    as vLLM does; its text is not). `logprobs[i]`, when asked for, maps the chosen token
+    and the top-N tokens of step i to their log-probs. `finish_reason`: "stop" (eos, stop
+    id or stop string) or "length".
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    logprobs: list[dict[int, float]] | None = None
+    prompt: str | None = None
+    index: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.logprobs is not None:  # JSON object keys are strings
+            d["logprobs"] = [{str(k): v for k, v in step.items()} for step in self.logprobs]
+        return d

@@ -29,3 +29,23 @@ def smollm2_stores(smollm2_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
     return {dtype: convert(smollm2_path, root / dtype, dtype=dtype, progress=False)
             for dtype in ("fp32", "int8")}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster for the whole session (`ray.cluster_utils.Cluster`: its head here;
+    tests add nodes with their own budgets and remove them). Auth and usage stats off:
+    a local test cluster only."""
+    import os
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 2, "include_dashboard": False})
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -1,3 +1,33 @@
-"""llm-shard: big language models split across a home lab of cheap machines."""
+"""llm-shard: big language models split across a home lab of cheap machines.
+
+    from llm_shard import LLM, SamplingParams
+
+Names are imported on first use, so `import llm_shard` stays light (no torch, no Ray).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "LLM": "llm_shard.coordinator.llm",
+    "RequestError": "llm_shard.coordinator.scheduler",
+    "SamplingParams": "llm_shard.cluster.types",
+    "Completion": "llm_shard.cluster.types",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llm_shard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

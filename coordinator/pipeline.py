@@ -1,0 +1,171 @@
+"""The Ray side of the coordinator: worker actors, their calibration, the plan, and the
+re-plan after a failure. The scheduler (scheduler.py) owns the ZeroMQ side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+from llm_shard.cluster import ray_glue
+from llm_shard.cluster.types import Capacity, Plan, Tier
+from llm_shard.models.store import Store
+from llm_shard.worker.actor import Worker
+
+from .planner import DEFAULT_HOP_SECONDS, ModelCost, PlanError, PlanReport, WorkerSpec, plan
+
+log = logging.getLogger("llm_shard.coordinator")
+
+# A worker must answer a control call within this many seconds or be counted as dead.
+CONTROL_TIMEOUT = 30.0
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    capacity: Capacity
+    node: ray_glue.Node
+    actor: object
+    info: dict = field(default_factory=dict)
+    speed: float = 0.0  # bytes of weights per second from RAM, measured on start
+    watch: object = None  # the ObjectRef of its `watch` call: fails when the actor dies
+    alive: bool = True
+
+
+class Pipeline:
+    """Workers on Ray, calibrated, planned and configured for the current epoch."""
+
+    def __init__(self, store: Store, capacities: list[Capacity], *, threads: list[int],
+                 compute_dtype: str = "fp32", wire_dtype: str = "bf16",
+                 objective: str = "latency", cache_tokens: int = 4096,
+                 use_all_workers: bool = False, hop_seconds: float = DEFAULT_HOP_SECONDS,
+                 result_address: str) -> None:
+        import ray
+
+        self.store = store
+        self.objective, self.use_all_workers = objective, use_all_workers
+        self.hop_seconds, self.cache_tokens = hop_seconds, cache_tokens
+        self.result_address = result_address
+        self.cost = ModelCost.from_manifest(store.manifest, cache_tokens,
+                                            store.config.cache_bytes_per_token)
+        nodes = ray_glue.worker_nodes(capacities)
+        self.workers = [
+            WorkerHandle(i, cap, node, ray_glue.start_actor(
+                Worker, node, str(store.path), threads=t, compute_dtype=compute_dtype,
+                wire_dtype=wire_dtype))
+            for i, (cap, node, t) in enumerate(zip(capacities, nodes, threads))]
+        try:
+            infos = ray.get([w.actor.info.remote() for w in self.workers], timeout=300)
+            for w, info in zip(self.workers, infos):
+                w.info = info
+                w.watch = w.actor.watch.remote()
+            # one at a time: workers sharing a machine would slow each other's measurement
+            for w in self.workers:
+                w.speed = ray.get(w.actor.calibrate.remote(), timeout=300)
+                log.info("worker %d (%s, pid %s): %.2f GB/s of weights", w.index,
+                         w.capacity, w.info["pid"], w.speed / 1e9)
+            self.epoch = 0
+            self.plan, self.report = self._plan()
+            self.cache_capacity = self._configure()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------ plan
+    def alive(self) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.alive]
+
+    def _plan(self) -> tuple[Plan, PlanReport]:
+        alive = self.alive()
+        specs = [WorkerSpec(w.capacity, {Tier.RAM: w.speed}) for w in alive]
+        p, report = plan(self.cost, specs, objective=self.objective,
+                         hop_seconds=self.hop_seconds, use_all_workers=self.use_all_workers)
+        # the planner numbers the workers it was given; map back to ours (and the
+        # report's stages keep the planner's numbering, in the same order as the plan's)
+        stages = tuple(dataclasses.replace(s, worker=alive[s.worker].index) for s in p.stages)
+        return Plan(stages, p.n_blocks), report
+
+    def _configure(self) -> int:
+        """Send every alive worker its part of the plan; returns the cache tokens the
+        smallest stage holds (the scheduler admits sequences within it)."""
+        import ray
+
+        stages = list(self.plan.stages)
+        bpt = self.store.config.cache_bytes_per_token
+        calls = []
+        for k, s in enumerate(stages):
+            w = self.workers[s.worker]
+            nxt = (self.workers[stages[k + 1].worker].info["address"] if k + 1 < len(stages)
+                   else self.result_address)
+            calls.append(w.actor.configure.remote(
+                self.epoch, s.start, s.end, cache_bytes=self.cache_tokens * bpt * (s.end - s.start),
+                next_address=nxt, result_address=self.result_address))
+        used = {s.worker for s in stages}
+        idle = [w.actor.configure.remote(self.epoch) for w in self.alive() if w.index not in used]
+        got = ray.get(calls + idle, timeout=600)
+        return min(r["cache_tokens"] for r in got[: len(calls)])
+
+    @property
+    def first_address(self) -> str:
+        return self.workers[self.plan.stages[0].worker].info["address"]
+
+    # ------------------------------------------------------------------ failures
+    def dead(self) -> list[WorkerHandle]:
+        """Workers whose actor has died since the last look (no waiting)."""
+        import ray
+
+        watched = {w.watch: w for w in self.alive()}
+        if not watched:
+            return []
+        done, _ = ray.wait(list(watched), num_returns=len(watched), timeout=0)
+        return [watched[ref] for ref in done]
+
+    def probe(self) -> list[WorkerHandle]:
+        """Ask every alive worker for its stats; those that do not answer are dead."""
+        import ray
+
+        bad = []
+        for w in self.alive():
+            try:
+                ray.get(w.actor.stats.remote(), timeout=CONTROL_TIMEOUT)
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                log.warning("worker %d does not answer: %s", w.index, e)
+                bad.append(w)
+        return bad
+
+    def replan(self, lost: list[WorkerHandle]) -> None:
+        """Re-plan over the workers left and configure them for a new epoch.
+        Raises PlanError when what is left cannot hold the model."""
+        import ray
+
+        for w in lost:
+            w.alive = False
+            try:
+                ray.kill(w.actor)
+            except Exception:  # already gone
+                pass
+        t0 = time.perf_counter()
+        self.epoch += 1
+        if not self.alive():
+            raise PlanError("every worker has failed; nothing is left to run the model on")
+        self.plan, self.report = self._plan()
+        self.cache_capacity = self._configure()
+        log.warning("re-planned over %d workers in %.1f s (epoch %d)", len(self.alive()),
+                    time.perf_counter() - t0, self.epoch)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            if w.alive:
+                try:
+                    ray.get(w.actor.shutdown.remote(), timeout=10)
+                except Exception:
+                    pass
+                try:
+                    ray.kill(w.actor)
+                except Exception:
+                    pass
+                w.alive = False

@@ -1,0 +1,363 @@
+"""The scheduler: continuous batching over a pipeline of stages, and recovery.
+
+One thread owns the ZeroMQ sockets: a PUSH to stage 0 and a PULL where the last stage
+sends sampled tokens. Running sequences are spread over `micro_batches` groups (one per
+stage by default), each group is at most one step in flight, so with S stages S groups
+keep every stage busy. A request joins the emptiest idle group at its next step (its
+prompt as prefill rows beside the others' decode rows) and leaves when it finishes,
+its caches freed by the group's next message.
+
+Recovery: a worker's death (its Ray `watch` call fails) or a step that does not come
+back within `step_timeout` makes the pipeline re-plan over the workers left; every
+running sequence is then replayed (prompt + tokens so far as one prefill) and goes on.
+Sampling draws depend only on (seed, step), and every request gets a seed, so replayed
+output is the same as undisturbed output.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+
+import torch
+import zmq
+
+from llm_shard.cluster import wire
+from llm_shard.cluster.types import Completion, SamplingParams
+from llm_shard.models.sampling import finish_reason, truncate_at_stop
+from llm_shard.models.tokenizer import StreamDecoder, Tokenizer
+from llm_shard.worker.actor import ERROR
+from llm_shard.worker.stage import FREE, RESULT, STEP, reserved_tokens
+
+from .pipeline import Pipeline
+from .planner import PlanError
+
+log = logging.getLogger("llm_shard.coordinator")
+
+
+class RequestError(RuntimeError):
+    """A request that cannot be served (too long for the cache, or no plan fits)."""
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    decoder: StreamDecoder | None  # None: a store with no tokenizer (ids only, no text)
+    future: Future
+    on_text: Callable[[str], None] | None = None
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    text: str = ""
+    sent_chars: int = 0  # text handed to on_text so far
+    group: int | None = None
+    fresh: bool = True  # its next step is a prefill of prompt + generated (new or replayed)
+    reserved: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+
+@dataclass
+class Group:
+    """A micro-batch: sequences stepped together, at most one step in flight."""
+
+    id: int
+    seqs: list[int] = field(default_factory=list)
+    in_flight: list[int] | None = None  # sequences of the step in flight
+    sent_at: float = 0.0
+    free: list[int] = field(default_factory=list)  # to free with the next message
+
+
+class Scheduler:
+    def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer | None, results: zmq.Socket, *,
+                 micro_batches: int | None = None, max_len: int,
+                 step_timeout: float = 120.0) -> None:
+        self.pipeline, self.tok, self.results = pipeline, tokenizer, results
+        self.max_len, self.step_timeout = max_len, step_timeout
+        self.n_groups = micro_batches or len(pipeline.plan.stages)
+        self.eos = tuple(tokenizer.eos_ids) if tokenizer is not None else ()
+        self.inbox: queue.Queue = queue.Queue()
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}
+        self.groups = [Group(i) for i in range(self.n_groups)]
+        self.ids = 0
+        self.failed: str | None = None  # set when no plan fits: every request fails
+        self.recoveries = 0
+        self.stopping = threading.Event()
+        self.push = self._connect(pipeline.first_address)
+        self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ API
+    def submit(self, prompt: list[int], params: SamplingParams,
+               on_text: Callable[[str], None] | None = None) -> Future:
+        """Queue one request; the Future gives its Completion (or raises RequestError).
+        `on_text` receives text pieces as they are generated (from the scheduler thread)."""
+        if not prompt:
+            raise ValueError("a prompt needs at least one token")
+        vocab = self.pipeline.store.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} "
+                             f"is longer than the model's {self.max_len}-token context")
+        if params.seed is None and not params.greedy:  # a seed makes a replay draw the same
+            params = replace(params, seed=secrets.randbits(63))
+        future: Future = Future()
+        self.inbox.put((list(prompt), params, on_text, future))
+        return future
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+        self.push.close(linger=0)
+
+    # ------------------------------------------------------------------ loop
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.results, zmq.POLLIN)
+        while not self.stopping.is_set():
+            try:
+                self._take_new()
+                self._admit()
+                self._send_steps()
+                if poller.poll(20 if self.running else 50):
+                    self._receive()
+                self._watch()
+            except Exception as e:  # never let a bug hang every request
+                log.exception("scheduler failed")
+                self._fail_all(f"scheduler failed: {type(e).__name__}: {e}")
+        self._fail_all("the LLM was shut down")
+
+    def _take_new(self) -> None:
+        while True:
+            try:
+                prompt, params, on_text, future = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if self.failed:
+                future.set_exception(RequestError(self.failed))
+                continue
+            self.ids += 1
+            decoder = StreamDecoder(self.tok) if self.tok is not None else None
+            seq = Sequence(self.ids, prompt, params, decoder, future, on_text)
+            seq.reserved = reserved_tokens(len(prompt) + params.max_tokens)
+            self.waiting.append(seq)
+
+    def _admit(self) -> None:
+        """Move waiting sequences into groups while every stage's cache has room."""
+        capacity = self.pipeline.cache_capacity
+        used = sum(s.reserved for s in self.running.values())
+        while self.waiting:
+            seq = self.waiting[0]
+            if seq.reserved > capacity:
+                self.waiting.popleft()
+                self._finish_error(seq, f"the request needs {seq.reserved} cache tokens "
+                                   f"(prompt {len(seq.prompt)} + max_tokens "
+                                   f"{seq.params.max_tokens}) but a stage holds {capacity}: "
+                                   "ask for fewer tokens or give the workers more cache")
+                continue
+            if used + seq.reserved > capacity:
+                return  # waits for a running sequence to finish
+            self.waiting.popleft()
+            idle = [g for g in self.groups if g.in_flight is None]
+            group = min(idle or self.groups, key=lambda g: len(g.seqs))
+            group.seqs.append(seq.id)
+            seq.group, seq.fresh = group.id, True
+            self.running[seq.id] = seq
+            used += seq.reserved
+
+    def _send_steps(self) -> None:
+        epoch = self.pipeline.epoch
+        for g in self.groups:
+            if g.in_flight is not None:
+                continue
+            if not g.seqs:
+                if g.free:
+                    wire.send(self.push, wire.encode(FREE, {"epoch": epoch, "seqs": g.free}))
+                    g.free = []
+                continue
+            ids, lens, reset, params, steps = [], [], [], {}, []
+            for i in g.seqs:
+                s = self.running[i]
+                rows = s.tokens if s.fresh else s.generated[-1:]
+                ids += rows
+                lens.append(len(rows))
+                steps.append(len(s.generated))
+                if s.fresh:
+                    reset.append(i)
+                    params[str(i)] = s.params.to_dict()
+                    s.fresh = False
+            fields = {"epoch": epoch, "mb": g.id, "seqs": list(g.seqs), "lens": lens,
+                      "reset": reset, "params": params, "steps": steps, "free": g.free}
+            wire.send(self.push, wire.encode(STEP, fields, {"tokens": torch.tensor(ids)}))
+            g.in_flight, g.sent_at, g.free = list(g.seqs), time.monotonic(), []
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                frames = self.results.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = wire.decode(frames)
+            except wire.WireError as e:
+                log.error("coordinator dropped a malformed result: %s", e)
+                continue
+            if msg.fields.get("epoch") != self.pipeline.epoch:
+                continue  # from before a re-plan
+            mb = msg.fields.get("mb")
+            if not isinstance(mb, int) or not 0 <= mb < len(self.groups):
+                log.error("result names micro-batch %r, not one of ours", mb)
+                continue
+            g = self.groups[mb]
+            if g.in_flight is None:
+                continue
+            stepped, g.in_flight = g.in_flight, None
+            if msg.kind == ERROR:
+                for i in stepped:
+                    if i in self.running:
+                        self._drop(self.running[i], free=True)
+                        self._finish_error(self.running.pop(i), "worker holding blocks "
+                                           f"{msg.fields.get('blocks')} failed the step: "
+                                           f"{msg.fields.get('error')}")
+                continue
+            if msg.kind != RESULT:
+                log.error("coordinator got a %r message on its results socket", msg.kind)
+                continue
+            self._apply(g, msg.fields)
+
+    def _apply(self, g: Group, f: dict) -> None:
+        for key, why in (f.get("rejected") or {}).items():
+            seq = self.running.pop(int(key), None)
+            if seq is None:
+                continue
+            log.warning("sequence %s requeued: %s", key, why)
+            self._drop(seq, free=True)
+            seq.fresh = True
+            self.waiting.appendleft(seq)
+        for i, token, lp, top in zip(f["seqs"], f["sampled"], f["logprobs"], f["top"]):
+            seq = self.running.get(i)
+            if seq is None:
+                continue
+            seq.generated.append(token)
+            if seq.params.logprobs is not None:
+                step = {int(t): float(v) for t, v in (top or [])}
+                step[token] = float(lp)
+                seq.logprobs.append(step)
+            piece = seq.decoder.push(token) if seq.decoder else ""
+            reason = finish_reason(token, seq.text + piece, seq.params, self.eos,
+                                   len(seq.generated))
+            if reason is None:
+                seq.text += piece
+                self._emit(seq, final=False)
+                continue
+            stopped_by_id = token in seq.params.stop_token_ids or (
+                token in self.eos and not seq.params.ignore_eos)
+            if reason == "stop" and not stopped_by_id:
+                seq.text = truncate_at_stop(seq.text + piece, seq.params.stop)
+            elif not stopped_by_id:
+                seq.text += piece + (seq.decoder.flush() if seq.decoder else "")
+            self._emit(seq, final=True)
+            self.running.pop(i)
+            self._drop(seq, free=True)
+            seq.future.set_result(Completion(
+                text=seq.text, token_ids=list(seq.generated), prompt_token_ids=seq.prompt,
+                finish_reason=reason,
+                logprobs=seq.logprobs if seq.params.logprobs is not None else None))
+
+    def _emit(self, seq: Sequence, final: bool) -> None:
+        """Hand new text to the listener, holding back what may yet become a stop string."""
+        if seq.on_text is None:
+            return
+        hold = 0 if final else max((len(s) - 1 for s in seq.params.stop), default=0)
+        upto = max(seq.sent_chars, len(seq.text) - hold)
+        if upto > seq.sent_chars:
+            piece, seq.sent_chars = seq.text[seq.sent_chars:upto], upto
+            try:
+                seq.on_text(piece)
+            except Exception:
+                log.exception("on_text listener of sequence %d failed", seq.id)
+
+    def _drop(self, seq: Sequence, free: bool) -> None:
+        """Take seq out of its group (and free its caches with the group's next message)."""
+        if seq.group is None:
+            return
+        g = self.groups[seq.group]
+        if seq.id in g.seqs:
+            g.seqs.remove(seq.id)
+        if free:
+            g.free.append(seq.id)
+        seq.group = None
+
+    def _finish_error(self, seq: Sequence, why: str) -> None:
+        if not seq.future.done():
+            seq.future.set_exception(RequestError(why))
+
+    def _fail_all(self, why: str) -> None:
+        for seq in list(self.running.values()) + list(self.waiting):
+            self._finish_error(seq, why)
+        self.running.clear()
+        self.waiting.clear()
+        for g in self.groups:
+            g.seqs, g.in_flight, g.free = [], None, []
+        while True:
+            try:
+                *_, future = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            future.set_exception(RequestError(why))
+
+    # ------------------------------------------------------------------ recovery
+    def _watch(self) -> None:
+        lost = self.pipeline.dead()
+        now = time.monotonic()
+        late = [g for g in self.groups
+                if g.in_flight is not None and now - g.sent_at > self.step_timeout]
+        if late and not lost:
+            log.warning("micro-batch %d has been in flight for %.0f s; probing the workers",
+                        late[0].id, now - late[0].sent_at)
+            lost = self.pipeline.probe()
+        if lost or late:
+            self._recover(lost)
+
+    def _recover(self, lost) -> None:
+        names = ", ".join(f"worker {w.index} (pid {w.info.get('pid')})" for w in lost)
+        log.warning("recovering from the loss of %s", names or "a step that never came back")
+        self.recoveries += 1
+        try:
+            self.pipeline.replan(lost)
+        except PlanError as e:
+            self.failed = f"no plan fits the workers left after a failure: {e}"
+            log.error(self.failed)
+            self._fail_all(self.failed)
+            return
+        self.push.close(linger=0)
+        self.push = self._connect(self.pipeline.first_address)
+        for g in self.groups:
+            g.in_flight, g.free = None, []
+        for seq in self.running.values():
+            seq.fresh = True
+        # the cache may now be smaller: requeue, youngest first, what no longer fits
+        capacity = self.pipeline.cache_capacity
+        while sum(s.reserved for s in self.running.values()) > capacity and self.running:
+            seq = self.running.pop(max(self.running))
+            self._drop(seq, free=False)
+            self.waiting.appendleft(seq)
+
+    def _connect(self, address: str) -> zmq.Socket:
+        sock = self.results.context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        return sock

@@ -1,0 +1,187 @@
+"""The distributed pipeline on a real Ray cluster with ZeroMQ between stages, on the real
+SmolLM2-135M weights: splits, continuous batching, recovery from killed workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from llm_shard import LLM, RequestError, SamplingParams
+from llm_shard.models.runner import LocalModel
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea, there lived",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at",
+    "A haiku about autumn:",
+    "List three fruits: apples, bananas and",
+    "In 1969, the first humans to walk on the Moon were",
+]
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def store(smollm2_stores):
+    return smollm2_stores["fp32"]
+
+
+@pytest.fixture(scope="module")
+def reference(store):
+    """Each prompt alone, unsplit, in this process: the tokens every run must give."""
+    tok, model = store.tokenizer(), LocalModel(store)
+    return [model.greedy(tok.encode(p), GREEDY.max_tokens, tok.eos_ids) for p in PROMPTS]
+
+
+def llm(store, n, **kw):
+    kw.setdefault("wire_dtype", "fp32")
+    return LLM(str(store.path), workers=kw.pop("workers", ["ram=1GiB"] * n),
+               use_all_workers=True, cache_tokens=kw.pop("cache_tokens", 2048), **kw)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_split_gives_the_unsplit_tokens_and_logits(ray_cluster, store, reference, n):
+    with llm(store, n) as model:
+        assert len(model.plan.stages) == n
+        outs = model.generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=0,
+                                                          logprobs=5))
+    assert [o.token_ids for o in outs] == reference[:2]
+    tok = store.tokenizer()
+    for o, prompt in zip(outs, PROMPTS):
+        assert o.prompt == prompt and o.finish_reason in ("stop", "length")
+        assert o.text == tok.decode([t for t in o.token_ids if t not in tok.eos_ids])
+        # the first step's log-probs against the unsplit model's logits
+        want = torch.log_softmax(LocalModel(store).logits(o.prompt_token_ids)[-1], -1)
+        for token, lp in o.logprobs[0].items():
+            assert abs(lp - float(want[token])) < 1e-4
+
+
+def test_continuous_batching_gives_each_prompt_its_own_tokens(ray_cluster, store, reference):
+    with llm(store, 2) as model:
+        outs = model.generate(PROMPTS, GREEDY)
+        ids = model.generate(prompt_token_ids=[o.prompt_token_ids for o in outs[:2]],
+                             params=GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    assert [o.index for o in outs] == list(range(len(PROMPTS)))
+    assert [o.token_ids for o in ids] == reference[:2]
+
+
+def test_a_request_joins_while_others_decode(ray_cluster, store):
+    with llm(store, 2) as model:
+        tok = store.tokenizer()
+        started = threading.Event()
+        pieces = []
+
+        def on_text(piece):
+            pieces.append(piece)
+            if len(pieces) >= 3:
+                started.set()
+
+        long = model.submit(tok.encode(PROMPTS[1]),
+                            SamplingParams(max_tokens=400, temperature=0, ignore_eos=True),
+                            on_text)
+        assert started.wait(60)
+        short = model.submit(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=3,
+                                                                    temperature=0))
+        assert short.result(timeout=60).token_ids
+        assert not long.done()  # the short one did not wait for the long one
+        done = long.result(timeout=300)
+        assert len(done.token_ids) == 400 and done.finish_reason == "length"
+        assert "".join(pieces) == done.text
+
+
+def _kill(model, worker, how):
+    import ray
+
+    if how == "pid":
+        os.kill(worker.info["pid"], signal.SIGKILL)
+    else:
+        ray.kill(worker.actor)
+
+
+@pytest.mark.parametrize("how", ["pid", "ray.kill"])
+def test_a_killed_worker_costs_no_request(ray_cluster, store, reference, how):
+    with llm(store, 3) as model:
+        tok = store.tokenizer()
+        started = threading.Event()
+        futures = [model.submit(tok.encode(p), GREEDY,
+                                (lambda piece: started.set()) if i == 0 else None)
+                   for i, p in enumerate(PROMPTS[:4])]
+        assert started.wait(60)
+        middle = model.pipeline.workers[model.plan.stages[1].worker]
+        _kill(model, middle, how)
+        outs = [f.result(timeout=300) for f in futures]
+        assert [o.token_ids for o in outs] == reference[:4]
+        stats = model.stats()
+        assert stats["recoveries"] >= 1 and stats["epoch"] >= 1
+        assert [w["alive"] for w in stats["workers"]].count(False) == 1
+        assert len(model.plan.stages) == 2
+        # and it keeps serving
+        assert model.generate(PROMPTS[:1], GREEDY)[0].token_ids == reference[0]
+
+
+def test_no_plan_left_fails_requests_clearly(ray_cluster, store):
+    total = sum(f["bytes"] for f in store.manifest["files"])
+    ram = f"ram={int(total * 0.75)}"
+    with llm(store, 2, workers=[ram, ram], cache_tokens=1024) as model:
+        assert len(model.plan.stages) == 2
+        tok = store.tokenizer()
+        started = threading.Event()
+        future = model.submit(tok.encode(PROMPTS[1]),
+                              SamplingParams(max_tokens=300, temperature=0, ignore_eos=True),
+                              lambda piece: started.set())
+        assert started.wait(60)
+        _kill(model, model.pipeline.workers[0], "ray.kill")
+        with pytest.raises(RequestError, match="no plan fits"):
+            future.result(timeout=120)
+        with pytest.raises(RequestError, match="no plan fits"):
+            model.generate(PROMPTS[:1], GREEDY)
+
+
+def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(ray_cluster, store,
+                                                                     reference):
+    import ray
+
+    from llm_shard.cluster import wire
+
+    with llm(store, 1) as model:
+        worker = model.pipeline.workers[0]
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(worker.info["address"])
+        sock.send_multipart([b"\x93not a header"])
+        header = wire.encode("step", {"epoch": model.pipeline.epoch})[0]
+        sock.send_multipart([header.replace(b"\x01", b"\x07", 1)])  # another wire version
+        wire.send(sock, wire.encode("step", {"epoch": model.pipeline.epoch, "mb": 99,
+                                             "seqs": [5], "lens": [3]},
+                                    {"tokens": torch.tensor([1, 2])}))
+        sock.close()
+        ctx.term()
+        deadline = time.monotonic() + 30
+        while ray.get(worker.actor.stats.remote())["malformed"] < 3:
+            assert time.monotonic() < deadline, "the worker never saw the bad messages"
+            time.sleep(0.1)
+        assert model.generate(PROMPTS[:1], GREEDY)[0].token_ids == reference[0]
+        stats = ray.get(worker.actor.stats.remote())
+        assert stats["malformed"] == 3, stats
+        assert "tokens` of 3 rows" in stats["last_error"]
+
+
+def test_bad_requests_are_refused_by_name(ray_cluster, store):
+    with llm(store, 1) as model:
+        with pytest.raises(ValueError, match="exactly one of"):
+            model.generate()
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model.generate(prompt_token_ids=[[10**7]])
+        with pytest.raises(ValueError, match="context"):
+            model.generate(PROMPTS[:1], SamplingParams(max_tokens=10**6))
+        with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+            model.generate(PROMPTS[:1], [GREEDY, GREEDY])
