@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import zmq
 
 from llm_shard.cluster import ray_glue
+from llm_shard.cluster.resources import budgets_from_ray_nodes
 from llm_shard.cluster.types import Capacity, Completion, Memory, Plan, SamplingParams
 from llm_shard.models.catalog import resolve
 from llm_shard.models.store import StoreError
@@ -47,12 +48,15 @@ def worker_capacities(workers) -> list[Capacity]:
         ram = Memory(int(_available_ram() * LOCAL_RAM_SHARE / workers))
         return [Capacity(ram=ram) for _ in range(workers)]
     if workers is None:
-        out = []
-        for node in ray_glue.nodes():
-            out.append(Capacity(ram=Memory(node.memory), node=node.node_id))
-        if not out:
-            raise ValueError("the Ray cluster has no alive nodes")
-        return out
+        import ray
+
+        advertised = [cap for _, _, cap in budgets_from_ray_nodes(ray.nodes())]
+        if advertised:
+            return advertised
+        log.warning("no Ray node advertises an llm-shard budget (`ray start --resources="
+                    "\"$(llm-shard node-resources)\"`): one worker per node, with the "
+                    "memory Ray counts for it")
+        return [Capacity(ram=Memory(n.memory), node=n.node_id) for n in ray_glue.nodes()]
     if isinstance(workers, (str, Capacity)):
         workers = [workers]
     caps = []
@@ -142,6 +146,13 @@ class LLM:
                on_text=None):
         """Queue one tokenized prompt; returns a Future of its Completion."""
         return self.scheduler.submit(prompt_token_ids, params or SamplingParams(), on_text)
+
+    def cancel(self, future) -> None:
+        """Stop a submitted request and free its caches (its Future is cancelled)."""
+        self.scheduler.cancel(future)
+
+    def metrics(self) -> dict:
+        return self.scheduler.metrics()
 
     def generate(self, prompts: str | Sequence[str] | None = None,
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,

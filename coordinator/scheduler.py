@@ -92,6 +92,10 @@ class Scheduler:
         self.groups = [Group(i) for i in range(self.n_groups)]
         self.ids = 0
         self.failed: str | None = None  # set when no plan fits: every request fails
+        self.tokens_total = 0
+        self.finished_total: dict[str, int] = {}
+        self.stage_seconds: list[float] = []  # per stage: compute seconds of a step (EMA)
+        self.step_seconds = 0.0  # a micro-batch's round trip through every stage (EMA)
         self.recoveries = 0
         self.stopping = threading.Event()
         self.push = self._connect(pipeline.first_address)
@@ -118,6 +122,18 @@ class Scheduler:
         self.inbox.put((list(prompt), params, on_text, future))
         return future
 
+    def cancel(self, future: Future) -> None:
+        """Stop a request (a client went away): it leaves its group, its caches are freed
+        with the group's next message, and its Future is cancelled."""
+        self.inbox.put(("cancel", future))
+
+    def metrics(self) -> dict:
+        """Counters and gauges for /metrics (read from any thread; approximate)."""
+        return {"requests_total": self.ids, "tokens_total": self.tokens_total,
+                "finished_total": dict(self.finished_total), "waiting": len(self.waiting),
+                "running": len(self.running), "recoveries_total": self.recoveries,
+                "stage_seconds": list(self.stage_seconds), "step_seconds": self.step_seconds}
+
     def close(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=10)
@@ -143,9 +159,13 @@ class Scheduler:
     def _take_new(self) -> None:
         while True:
             try:
-                prompt, params, on_text, future = self.inbox.get_nowait()
+                item = self.inbox.get_nowait()
             except queue.Empty:
                 return
+            if item[0] == "cancel":
+                self._cancel(item[1])
+                continue
+            prompt, params, on_text, future = item
             if self.failed:
                 future.set_exception(RequestError(self.failed))
                 continue
@@ -239,6 +259,13 @@ class Scheduler:
             self._apply(g, msg.fields)
 
     def _apply(self, g: Group, f: dict) -> None:
+        ema = 0.2
+        self.step_seconds += ema * (time.monotonic() - g.sent_at - self.step_seconds)
+        ms = f.get("stage_ms") or []
+        if len(self.stage_seconds) != len(ms):
+            self.stage_seconds = [m / 1e3 for m in ms]
+        else:
+            self.stage_seconds = [s + ema * (m / 1e3 - s) for s, m in zip(self.stage_seconds, ms)]
         for key, why in (f.get("rejected") or {}).items():
             seq = self.running.pop(int(key), None)
             if seq is None:
@@ -252,6 +279,7 @@ class Scheduler:
             if seq is None:
                 continue
             seq.generated.append(token)
+            self.tokens_total += 1
             if seq.params.logprobs is not None:
                 step = {int(t): float(v) for t, v in (top or [])}
                 step[token] = float(lp)
@@ -272,6 +300,7 @@ class Scheduler:
             self._emit(seq, final=True)
             self.running.pop(i)
             self._drop(seq, free=True)
+            self._count(seq, reason)
             seq.future.set_result(Completion(
                 text=seq.text, token_ids=list(seq.generated), prompt_token_ids=seq.prompt,
                 finish_reason=reason,
@@ -290,6 +319,21 @@ class Scheduler:
             except Exception:
                 log.exception("on_text listener of sequence %d failed", seq.id)
 
+    def _cancel(self, future: Future) -> None:
+        for seq in list(self.running.values()) + list(self.waiting):
+            if seq.future is future:
+                if seq.id in self.running:
+                    self.running.pop(seq.id)
+                    self._drop(seq, free=True)
+                else:
+                    self.waiting.remove(seq)
+                self._count(seq, "cancelled")
+                future.cancel()
+                return
+
+    def _count(self, seq: Sequence, reason: str) -> None:
+        self.finished_total[reason] = self.finished_total.get(reason, 0) + 1
+
     def _drop(self, seq: Sequence, free: bool) -> None:
         """Take seq out of its group (and free its caches with the group's next message)."""
         if seq.group is None:
@@ -302,6 +346,7 @@ class Scheduler:
         seq.group = None
 
     def _finish_error(self, seq: Sequence, why: str) -> None:
+        self._count(seq, "error")
         if not seq.future.done():
             seq.future.set_exception(RequestError(why))
 
@@ -314,10 +359,11 @@ class Scheduler:
             g.seqs, g.in_flight, g.free = [], None, []
         while True:
             try:
-                *_, future = self.inbox.get_nowait()
+                item = self.inbox.get_nowait()
             except queue.Empty:
                 break
-            future.set_exception(RequestError(why))
+            if item[0] != "cancel":
+                item[-1].set_exception(RequestError(why))
 
     # ------------------------------------------------------------------ recovery
     def _watch(self) -> None:

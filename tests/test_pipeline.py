@@ -185,3 +185,57 @@ def test_bad_requests_are_refused_by_name(ray_cluster, store):
             model.generate(PROMPTS[:1], SamplingParams(max_tokens=10**6))
         with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
             model.generate(PROMPTS[:1], [GREEDY, GREEDY])
+
+
+def test_cancel_frees_the_caches_on_every_stage(ray_cluster, store):
+    import ray
+
+    with llm(store, 2) as model:
+        tok = store.tokenizer()
+        started = threading.Event()
+        future = model.submit(tok.encode(PROMPTS[1]),
+                              SamplingParams(max_tokens=400, temperature=0, ignore_eos=True),
+                              lambda piece: started.set())
+        assert started.wait(60)
+        model.cancel(future)
+        deadline = time.monotonic() + 30
+        while not future.cancelled():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = [model.pipeline.workers[s.worker] for s in model.plan.stages]
+        while any(ray.get(w.actor.stats.remote())["sequences"] for w in workers):
+            assert time.monotonic() < deadline, "caches were not freed"
+            time.sleep(0.1)
+        assert model.metrics()["finished_total"] == {"cancelled": 1}
+        assert model.metrics()["running"] == 0
+
+
+def test_multi_node_plan_respects_each_advertised_budget(ray_cluster, store, reference):
+    """Three nodes advertise different budgets (as `llm-shard node-resources` makes them);
+    LLM() with no workers finds them, the plan fits each, and each actor runs on its node."""
+    import ray
+
+    from llm_shard.cluster.resources import to_ray_resources
+    from llm_shard.cluster.types import Capacity, Memory, Tier
+
+    total = sum(f["bytes"] for f in store.manifest["files"])
+    budgets = [Capacity(ram=Memory(int(total * share))) for share in (0.3, 0.45, 0.6)]
+    nodes = [ray_cluster.add_node(num_cpus=1, resources=to_ray_resources(c)) for c in budgets]
+    try:
+        ray_cluster.wait_for_nodes()
+        with LLM(str(store.path), wire_dtype="fp32", cache_tokens=512) as model:
+            workers = model.pipeline.workers
+            assert sorted(w.capacity.ram for w in workers) == [c.ram for c in budgets]
+            assert len(model.plan.stages) >= 2  # no node holds the whole model
+            for stage, report in zip(model.plan.stages, model.plan_report.stages):
+                w = workers[stage.worker]
+                assert w.info["node_id"] == w.capacity.node  # on the node the plan names
+                assert report.used(Tier.RAM) <= w.capacity.ram
+            assert len({workers[s.worker].info["node_id"] for s in model.plan.stages}) == \
+                len(model.plan.stages)
+            outs = model.generate(PROMPTS[:2], GREEDY)
+            assert [o.token_ids for o in outs] == reference[:2]
+            assert ray.get(workers[0].actor.info.remote())["threads"] == 1
+    finally:
+        for node in nodes:
+            ray_cluster.remove_node(node)

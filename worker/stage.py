@@ -12,6 +12,7 @@ fresh cache: a new request, or one replayed after a failure. `free` drops caches
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -144,7 +145,9 @@ class StageRunner:
         batch = Batch.of(lens, [self.sequences[i].cache for i in seqs])
         x = tokens.to(self.device) if self.first else wire.from_wire(hidden, self.dtype).to(
             self.device)
+        t0 = time.perf_counter()
         out = self.model(x, batch)
+        out_fields["stage_ms"] = [*fields.get("stage_ms", ()), (time.perf_counter() - t0) * 1e3]
         for i, n in zip(seqs, lens):
             self.sequences[i].tokens += n
         if not self.last:
