@@ -124,7 +124,7 @@ class LLM:
             cfg = self.store.config
             self.scheduler = Scheduler(self.pipeline, self.tokenizer, self._results,
                                        micro_batches=micro_batches,
-                                       max_len=cfg.max_position_embeddings,
+                                       max_len=cfg.max_context,
                                        step_timeout=step_timeout)
         except BaseException:
             self.shutdown()

@@ -13,6 +13,7 @@ from llm_shard.cluster import ray_glue
 from llm_shard.cluster.types import Capacity, Plan, Tier
 from llm_shard.models.store import Store
 from llm_shard.worker.actor import Worker
+from llm_shard.worker.stage import block_cache_budget
 
 from .planner import DEFAULT_HOP_SECONDS, ModelCost, PlanError, PlanReport, WorkerSpec, plan
 
@@ -48,8 +49,10 @@ class Pipeline:
         self.objective, self.use_all_workers = objective, use_all_workers
         self.hop_seconds, self.cache_tokens = hop_seconds, cache_tokens
         self.result_address = result_address
+        # per block, float32 bytes (stage.block_cache_budget): K/V rows, or RWKV states
+        self.cache_budget = block_cache_budget(store.config, cache_tokens)
         self.cost = ModelCost.from_manifest(store.manifest, cache_tokens,
-                                            store.config.cache_bytes_per_token)
+                                            -(-self.cache_budget // max(1, cache_tokens)))
         nodes = ray_glue.worker_nodes(capacities)
         self.workers = [
             WorkerHandle(i, cap, node, ray_glue.start_actor(
@@ -88,24 +91,23 @@ class Pipeline:
         return Plan(stages, p.n_blocks), report
 
     def _configure(self) -> int:
-        """Send every alive worker its part of the plan; returns the cache tokens the
-        smallest stage holds (the scheduler admits sequences within it)."""
+        """Send every alive worker its part of the plan; returns the per-block cache budget
+        every stage holds (the scheduler admits sequences within it)."""
         import ray
 
         stages = list(self.plan.stages)
-        bpt = self.store.config.cache_bytes_per_token
         calls = []
         for k, s in enumerate(stages):
             w = self.workers[s.worker]
             nxt = (self.workers[stages[k + 1].worker].info["address"] if k + 1 < len(stages)
                    else self.result_address)
             calls.append(w.actor.configure.remote(
-                self.epoch, s.start, s.end, cache_bytes=self.cache_tokens * bpt * (s.end - s.start),
+                self.epoch, s.start, s.end, cache_budget=self.cache_budget,
                 next_address=nxt, result_address=self.result_address))
         used = {s.worker for s in stages}
         idle = [w.actor.configure.remote(self.epoch) for w in self.alive() if w.index not in used]
         got = ray.get(calls + idle, timeout=600)
-        return min(r["cache_tokens"] for r in got[: len(calls)])
+        return min(r["cache_budget"] for r in got[: len(calls)])
 
     @property
     def first_address(self) -> str:

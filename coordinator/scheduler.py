@@ -34,7 +34,7 @@ from llm_shard.cluster.types import Completion, SamplingParams
 from llm_shard.models.sampling import finish_reason, truncate_at_stop
 from llm_shard.models.tokenizer import StreamDecoder, Tokenizer
 from llm_shard.worker.actor import ERROR
-from llm_shard.worker.stage import FREE, RESULT, STEP, reserved_tokens
+from llm_shard.worker.stage import FREE, RESULT, STEP, sequence_bytes
 
 from .pipeline import Pipeline
 from .planner import PlanError
@@ -60,7 +60,7 @@ class Sequence:
     sent_chars: int = 0  # text handed to on_text so far
     group: int | None = None
     fresh: bool = True  # its next step is a prefill of prompt + generated (new or replayed)
-    reserved: int = 0
+    reserved: int = 0  # cache bytes per block (stage.sequence_bytes)
 
     @property
     def tokens(self) -> list[int]:
@@ -80,7 +80,7 @@ class Group:
 
 class Scheduler:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer | None, results: zmq.Socket, *,
-                 micro_batches: int | None = None, max_len: int,
+                 micro_batches: int | None = None, max_len: int | None,
                  step_timeout: float = 120.0) -> None:
         self.pipeline, self.tok, self.results = pipeline, tokenizer, results
         self.max_len, self.step_timeout = max_len, step_timeout
@@ -113,7 +113,7 @@ class Scheduler:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if len(prompt) + params.max_tokens > self.max_len:
+        if self.max_len is not None and len(prompt) + params.max_tokens > self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} "
                              f"is longer than the model's {self.max_len}-token context")
         if params.seed is None and not params.greedy:  # a seed makes a replay draw the same
@@ -172,7 +172,8 @@ class Scheduler:
             self.ids += 1
             decoder = StreamDecoder(self.tok) if self.tok is not None else None
             seq = Sequence(self.ids, prompt, params, decoder, future, on_text)
-            seq.reserved = reserved_tokens(len(prompt) + params.max_tokens)
+            seq.reserved = sequence_bytes(self.pipeline.store.config,
+                                          len(prompt) + params.max_tokens)
             self.waiting.append(seq)
 
     def _admit(self) -> None:
@@ -183,9 +184,9 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.reserved > capacity:
                 self.waiting.popleft()
-                self._finish_error(seq, f"the request needs {seq.reserved} cache tokens "
-                                   f"(prompt {len(seq.prompt)} + max_tokens "
-                                   f"{seq.params.max_tokens}) but a stage holds {capacity}: "
+                self._finish_error(seq, f"the request needs {seq.reserved} cache bytes per "
+                                   f"block (prompt {len(seq.prompt)} + max_tokens "
+                                   f"{seq.params.max_tokens}) but the stages hold {capacity}: "
                                    "ask for fewer tokens or give the workers more cache")
                 continue
             if used + seq.reserved > capacity:

@@ -65,6 +65,15 @@ class ArchConfig:
         raise NotImplementedError
 
     @property
+    def max_context(self) -> int | None:
+        """The longest sequence the model takes; None where nothing bounds it (RWKV)."""
+        for name in ("max_position_embeddings", "max_sequence_length", "n_positions"):
+            value = getattr(self, name, None)
+            if value:
+                return int(value)
+        return None
+
+    @property
     def cache_bytes_per_token(self) -> int:
         """KV-cache bytes one token costs in one block (float32 cache)."""
         raise NotImplementedError

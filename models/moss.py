@@ -58,6 +58,10 @@ class MossConfig(ArchConfig):
         return d
 
     @property
+    def hidden_size(self) -> int:  # the name the rest of llm-shard reads
+        return self.n_embd
+
+    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 

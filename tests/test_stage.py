@@ -18,7 +18,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0).to_dict()
 
 
 def chain(store, bounds, **kw):
-    return [StageRunner(store, a, b, cache_bytes=kw.get("cache_bytes", BIG),
+    return [StageRunner(store, a, b, cache_budget=kw.get("cache_budget", BIG),
                         wire_dtype=kw.get("wire_dtype", torch.float32))
             for a, b in zip(bounds, bounds[1:])]
 
@@ -92,8 +92,8 @@ def test_smollm2_split_logits_match_unsplit(smollm2_stores, bounds):
 
 
 def test_cache_budget_rejects_what_does_not_fit(pangu_store):
-    (stage,) = chain(pangu_store, [0, 4], cache_bytes=0)
-    stage.cache_bytes = stage.bytes_per_token * 256  # one chunk of 256 tokens
+    (stage,) = chain(pangu_store, [0, 4], cache_budget=0)
+    stage.cache_budget = pangu_store.config.cache_bytes_per_token * 256  # one chunk
     f = run([stage], {"epoch": 0, "mb": 0, "seqs": [0, 1], "lens": [3, 2], "reset": [0, 1],
                       "params": {"0": GREEDY, "1": GREEDY}, "steps": [0, 0]},
             [1, 2, 3, 4, 5])
@@ -106,7 +106,7 @@ def test_cache_budget_rejects_what_does_not_fit(pangu_store):
 
 def test_rejections_travel_to_the_last_stage(pangu_store):
     first, last = chain(pangu_store, [0, 2, 4])
-    last.cache_bytes = 0
+    last.cache_budget = 0
     f = run([first, last], {"epoch": 0, "mb": 0, "seqs": [0], "lens": [2], "reset": [0],
                             "params": {"0": GREEDY}, "steps": [0]}, [1, 2])
     assert f["seqs"] == [] and f["sampled"] == [] and "0" in f["rejected"]

@@ -22,7 +22,7 @@ import zmq
 
 from llm_shard.cluster import wire
 from llm_shard.models.base import Part
-from llm_shard.models.cache import Batch, SequenceCache
+from llm_shard.models.cache import Batch, Prefix, SequenceCache
 from llm_shard.models.store import Store
 
 from .stage import FREE, STEP, StageError, StageRunner
@@ -77,16 +77,20 @@ class Worker:
         the model, one token at a time (what decoding does)."""
         block = self.store.load(Part("block", 0), self.dtype)
         x = torch.randn(1, self.store.config.hidden_size, dtype=self.dtype)
+
+        def one_token():  # a fresh one-token sequence (a GLM prefix for ChatGLM's blocks)
+            return Batch.of([1], [SequenceCache()], prefixes=[Prefix(1, 0)])
+
         with torch.inference_mode():
-            block(x, Batch.of([1], [SequenceCache()]))  # warm up: first touch, kernel choice
+            block(x, one_token())  # warm up: first touch, kernel choice
             t0 = time.perf_counter()
             for _ in range(repeats):
-                block(x, Batch.of([1], [SequenceCache()]))
+                block(x, one_token())
             seconds = (time.perf_counter() - t0) / repeats
         return self.store.part_bytes(Part("block", 0)) / max(seconds, 1e-9)
 
     def configure(self, epoch: int, start: int | None = None, end: int | None = None, *,
-                  cache_bytes: int = 0, next_address: str | None = None,
+                  cache_budget: int = 0, next_address: str | None = None,
                   result_address: str | None = None) -> dict:
         """Host blocks [start, end) (None: none) for `epoch`, sending on to next_address.
         Every cache is dropped: after a re-plan the coordinator replays its sequences."""
@@ -99,12 +103,12 @@ class Worker:
                     sock.close(linger=0)
             self.next = self.report = None
             if start is None:
-                return {"cache_tokens": 0}
-            self.runner = StageRunner(self.store, start, end, cache_bytes=cache_bytes,
+                return {"cache_budget": 0}
+            self.runner = StageRunner(self.store, start, end, cache_budget=cache_budget,
                                       dtype=self.dtype, wire_dtype=self.wire_dtype)
             self.next = self._push(next_address)
             self.report = self._push(result_address)
-            return {"cache_tokens": self.runner.cache_tokens}
+            return {"cache_budget": self.runner.cache_budget}
 
     def stats(self) -> dict:
         with self.lock:

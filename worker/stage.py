@@ -19,7 +19,7 @@ import torch
 
 from llm_shard.cluster import wire
 from llm_shard.cluster.types import SamplingParams
-from llm_shard.models.cache import CHUNK, Batch, SequenceCache
+from llm_shard.models.cache import CHUNK, Batch, Prefix, SequenceCache
 from llm_shard.models.runner import StageModel
 from llm_shard.models.sampling import sample
 from llm_shard.models.store import Store
@@ -47,12 +47,29 @@ def reserved_tokens(n: int) -> int:
     return -(-n // CHUNK) * CHUNK
 
 
+# Cache accounting is in float32 bytes per block (a bf16 cache takes half: conservative),
+# the same unit for the planner, the scheduler's admission and each stage's budget.
+def sequence_bytes(cfg, n_tokens: int) -> int:
+    """What one sequence of n tokens holds in one block: K/V rows (in CHUNK steps) and,
+    for a recurrent model (RWKV), its fixed-size state."""
+    return (reserved_tokens(n_tokens) * cfg.cache_bytes_per_token
+            + getattr(cfg, "state_bytes_per_sequence", 0))
+
+
+def block_cache_budget(cfg, cache_tokens: int) -> int:
+    """The per-block budget for `cache_tokens` rows of K/V, all sequences together; a
+    recurrent model gets one sequence state per CHUNK of those tokens instead."""
+    return (cache_tokens * cfg.cache_bytes_per_token
+            + cache_tokens // CHUNK * getattr(cfg, "state_bytes_per_sequence", 0))
+
+
 class StageRunner:
     """Blocks [start, end) of a store, the caches of the sequences passing through, and
-    (last stage) the sampler. `cache_bytes` bounds this stage's KV caches; a sequence that
-    would overflow it is rejected with CACHE_FULL (its cache freed), never half-computed."""
+    (last stage) the sampler. `cache_budget` (float32 bytes per block, see
+    `block_cache_budget`) bounds the caches; a sequence that would overflow it is rejected
+    with CACHE_FULL (its cache freed), never half-computed."""
 
-    def __init__(self, store: Store, start: int, end: int, *, cache_bytes: int,
+    def __init__(self, store: Store, start: int, end: int, *, cache_budget: int,
                  dtype: torch.dtype = torch.float32,
                  wire_dtype: torch.dtype = wire.DEFAULT_ACTIVATION_DTYPE,
                  device: str | torch.device = "cpu") -> None:
@@ -60,20 +77,13 @@ class StageRunner:
         self.start, self.end = start, end
         self.first, self.last = self.model.has_embed, self.model.has_head
         self.dtype, self.wire_dtype, self.device = dtype, wire_dtype, torch.device(device)
-        itemsize = torch.tensor([], dtype=dtype).element_size()
-        # the config's figure is for a float32 cache; the cache has the compute dtype
-        self.bytes_per_token = store.config.cache_bytes_per_token * itemsize // 4 * (end - start)
-        self.cache_bytes = int(cache_bytes)
+        self.cfg = store.config
+        self.cache_budget = int(cache_budget)
         self.sequences: dict[int, _Sequence] = {}
 
     # ------------------------------------------------------------------ caches
-    @property
-    def cache_tokens(self) -> int:
-        """How many cache rows fit in the budget (all sequences together)."""
-        return self.cache_bytes // max(1, self.bytes_per_token)
-
-    def _reserved(self) -> int:
-        return sum(reserved_tokens(s.tokens) for s in self.sequences.values())
+    def _cost(self, n_tokens: int) -> int:
+        return sequence_bytes(self.cfg, n_tokens)
 
     def free(self, seq_ids) -> None:
         for i in seq_ids:
@@ -88,16 +98,17 @@ class StageRunner:
             if i not in reset and i not in self.sequences:
                 raise StageError(f"sequence {i} has no cache on blocks [{self.start}, "
                                  f"{self.end}) and is not marked reset")
-        used = self._reserved()
+        used = sum(self._cost(s.tokens) for s in self.sequences.values())
         for i, n in zip(seqs, lens):
-            held = self.sequences[i].tokens if i in self.sequences else 0
-            grow = reserved_tokens(held + n) - reserved_tokens(held)
-            if used + grow > self.cache_tokens:
+            held = self.sequences[i].tokens if i in self.sequences else None
+            now = self._cost(held) if held is not None else 0
+            grow = self._cost((held or 0) + n) - now
+            if used + grow > self.cache_budget:
                 rejected[i] = (f"{CACHE_FULL}: blocks [{self.start}, {self.end}) hold "
-                               f"{used} of {self.cache_tokens} cache tokens; sequence {i} "
-                               f"needs {grow} more")
+                               f"{used} of {self.cache_budget} cache bytes per block; "
+                               f"sequence {i} needs {grow} more")
                 self.sequences.pop(i, None)
-                used -= reserved_tokens(held)
+                used -= now
                 continue
             used += grow
             if i not in self.sequences:
@@ -142,7 +153,10 @@ class StageRunner:
         if not seqs:
             return self._empty(out_fields, tokens)
 
-        batch = Batch.of(lens, [self.sequences[i].cache for i in seqs])
+        known = fields.get("prefixes") or {}  # GLM prompt contexts, from the first stage
+        prefixes = [Prefix(*known[str(i)]) if str(i) in known else None for i in seqs]
+        batch = Batch.of(lens, [self.sequences[i].cache for i in seqs],
+                         prefixes if any(prefixes) else None)
         x = tokens.to(self.device) if self.first else wire.from_wire(hidden, self.dtype).to(
             self.device)
         t0 = time.perf_counter()
@@ -150,6 +164,10 @@ class StageRunner:
         out_fields["stage_ms"] = [*fields.get("stage_ms", ()), (time.perf_counter() - t0) * 1e3]
         for i, n in zip(seqs, lens):
             self.sequences[i].tokens += n
+        if self.first and batch.prefixes is not None:
+            out_fields["prefixes"] = {str(i): [p.length, p.mask_pos]
+                                      for i, p in zip(seqs, batch.prefixes)
+                                      if p is not None and i in reset}
         if not self.last:
             hidden = wire.to_wire(out, self.wire_dtype)
             return STEP, out_fields, {"tokens": tokens, "hidden": hidden}
