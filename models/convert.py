@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from . import get_arch
 from .base import Arch, ArchConfig, Part, Rule, parts_of
+from .calibrate import Calibrator, calibration_ids
 from .quant import quantize_weight
 from .sources import Source, open_source
 from .store import DTYPES, Store, StoreWriter
@@ -71,8 +72,30 @@ def check(source: Source, arch: Arch, cfg: ArchConfig, layout: dict) -> None:
                            f"({', '.join(repr(k) for k in unknown[1:5])})")
 
 
+def tied_keys(layout: dict) -> set[str]:
+    """Source keys of the embedding: a head rule reading one of them is a tied LM head."""
+    return {r.source for r in layout["embed"].values()}
+
+
+def int8_keys(layout: dict, part: Part, linears: set[str]) -> set[str]:
+    """The part's Linear weights that an int8 store holds as int8: every one, but a tied
+    LM head, which stays float.
+
+    A tied head is the embedding matrix, kept float anyway: an int8 copy would save no
+    storage and costs SmolLM2-135M 2 points of top-1 agreement (0.971 -> 0.952 with
+    round-to-nearest blocks). An untied head is int8: on LLaMA-7B it is 500 MB of fp32
+    that the last stage reads at every decode step, so int8 there cuts the largest
+    single read 4x.
+    """
+    rules = part_rules(layout, part)
+    tied = tied_keys(layout) if part.kind != "embed" else set()
+    return {k for k in linears if rules[k].source not in tied}
+
+
 def encode_part(source: Source, arch: Arch, cfg: ArchConfig, layout: dict, part: Part,
-                dtype: str) -> dict[str, torch.Tensor]:
+                dtype: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The part's tensors in `dtype` (int8 stores: float32, not yet rounded), and for
+    int8 the keys of the Linear weights to round to int8."""
     shapes, linears = _expected_shapes(arch, cfg, part)
     out = {}
     for key, rule in part_rules(layout, part).items():
@@ -82,18 +105,36 @@ def encode_part(source: Source, arch: Arch, cfg: ArchConfig, layout: dict, part:
         if tuple(t.shape) != shapes[key]:
             raise ConvertError(f"key {rule.source!r} in {source.where(rule.source)} has shape "
                                f"{list(t.shape)} after conversion, expected {list(shapes[key])}")
-        if dtype == "int8" and key in linears:
-            q, scales = quantize_weight(t)
-            out[key], out[key[: -len("weight")] + "scales"] = q, scales
-        else:
-            out[key] = t.to(DTYPES[dtype])
+        out[key] = t.to(DTYPES[dtype])
+    return out, (int8_keys(layout, part, linears) if dtype == "int8" else set())
+
+
+def round_nearest(tensors: dict[str, torch.Tensor], int8: set[str]) -> dict[str, torch.Tensor]:
+    out = dict(tensors)
+    for key in int8:
+        out[key], out[key[: -len("weight")] + "scales"] = quantize_weight(tensors[key])
     return out
 
 
+ROUNDINGS = ("gptq", "nearest")
+
+
 def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: str = "int8",
-            progress: bool = True) -> Store:
+            progress: bool = True, rounding: str | None = None) -> Store:
+    """SRC -> a store at OUT. int8 `rounding`: "nearest" (the default) or "gptq"
+    (calibrated on the built-in text; needs the source's tokenizer). The manifest records
+    which was used.
+
+    Nearest is the default because GPTQ buys little here: on SmolLM2-135M (float tied
+    head) top-1 agreement with fp32 goes 0.970 -> 0.975 while perplexity moves 1.0008 ->
+    1.0027 of fp32, and the conversion takes 32 s instead of 5 s on 2 cores."""
     if dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if rounding is not None and rounding not in ROUNDINGS:
+        raise ConvertError(f"unknown int8 rounding {rounding!r}; choose one of "
+                           f"{', '.join(ROUNDINGS)}")
+    if rounding is not None and dtype != "int8":
+        raise ConvertError(f"rounding={rounding!r} applies to int8 stores only, not {dtype}")
     source = open_source(src)
     arch_name = arch or source.arch
     if arch_name is None:
@@ -108,10 +149,39 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
     tokenizer = source.tokenizer(a.name)
     if tokenizer is None:
         log.warning("no tokenizer found in %s: the store will take token ids only", src)
+    calibrator = None
+    if dtype == "int8":
+        if rounding == "gptq" and tokenizer is None:
+            raise ConvertError(f"int8 rounding 'gptq' calibrates on text, and {src} has no "
+                               "tokenizer: add one, or choose rounding 'nearest'")
+        rounding = rounding or "nearest"
+        if rounding == "gptq":
+            calibrator = Calibrator(a, cfg, calibration_ids(tokenizer))
     writer = StoreWriter(Path(out), a, cfg, dtype,
                          {"path": str(Path(src).resolve()), "layout": source.layout})
+    int8_record: dict[str, list[str]] = {}
     parts = parts_of(cfg.n_blocks)
-    for part in tqdm(parts, desc=f"convert {Path(src).name} -> {dtype}", unit="part",
+    how = f"{dtype}, {rounding} rounding" if dtype == "int8" else dtype
+    for part in tqdm(parts, desc=f"convert {Path(src).name} -> {how}", unit="part",
                      disable=not progress):
-        writer.write(part, encode_part(source, a, cfg, layout, part, dtype))
+        tensors, int8 = encode_part(source, a, cfg, layout, part, dtype)
+        if calibrator is not None:
+            tensors = calibrator.quantize_part(part, tensors, int8)
+        elif int8:
+            tensors = round_nearest(tensors, int8)
+        writer.write(part, tensors)
+        if dtype == "int8":
+            kind = "blocks" if part.kind == "block" else part.kind
+            int8_record.setdefault(kind, sorted(k[: -len(".weight")] for k in int8))
+    if dtype == "int8":
+        writer.manifest["quantization"].update({
+            "rounding": rounding,
+            "calibration": ({"text": "built-in (models/calibrate.py), English and Chinese",
+                             "tokens": calibrator.tokens} if calibrator is not None else None),
+            # Which Linears are int8, per part kind (blocks: every block alike); every
+            # other tensor (embedding, norms, biases, a tied LM head) is float32.
+            "int8": int8_record,
+            "lm_head": "float32, tied to the embedding" if any(
+                tied_keys(layout) & {r.source for r in part_rules(layout, Part("head")).values()}
+            ) else "int8"})
     return writer.finish(tokenizer)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -138,7 +139,12 @@ def _fbgemm_invalid(layer: Int8Linear) -> str | None:
 
 def _fbgemm_pack(layer: Int8Linear) -> object:
     zeros = torch.zeros(layer.out_features, dtype=torch.long)
-    qw = torch._make_per_channel_quantized_tensor(layer.weight, layer.scales.double(), zeros, 0)
+    with warnings.catch_warnings():
+        # "quantized tensor creation functions ... are deprecated" (pytorch#184982): this
+        # is fbgemm's only entry point, and _fbgemm_invalid checks it still exists.
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(layer.weight, layer.scales.double(),
+                                                      zeros, 0)
     return torch.ops.quantized.linear_prepack(qw, None)
 
 
@@ -173,6 +179,9 @@ def _int8pack_invalid(layer: Int8Linear) -> str | None:
     if layer.in_features % 16:
         return (f"in_features={layer.in_features} is not a multiple of 16 "
                 "(_weight_int8pack_mm then returns wrong rows or crashes)")
+    if layer.weight.data_ptr() % 16:
+        return ("its int8 weights are not 16-byte aligned (_weight_int8pack_mm crashes "
+                "on them from 4 rows up; stores written by this version are aligned)")
     return None
 
 

@@ -12,13 +12,16 @@ int8 stores hold each Linear weight as `<name>.weight` (int8, out x in) plus
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import get_arch
@@ -29,6 +32,72 @@ FORMAT = "llm-shard-store"
 VERSION = 1
 DTYPES = {"int8": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
           "fp16": torch.float16}
+
+
+# int8 kernels that copy the weights into their own packed form when prepared.
+PACKED_KERNELS = ("fbgemm", "auto")
+_MADV_DONTNEED = 4
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+
+
+def release_mapped(t: torch.Tensor) -> None:
+    """Drop the pages of a memory-mapped CPU tensor from this process's resident set;
+    they are read back from the file if the tensor is touched again."""
+    if _libc is None or t.device.type != "cpu" or t.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside only
+    if last > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+# Every tensor's data starts at a multiple of ALIGN bytes in its file, and so in a mapping
+# or a page-aligned staging buffer: _weight_int8pack_mm crashes (SIGSEGV) on int8 weights
+# that are not 16-byte aligned once a call has 4 or more rows, and vector loads prefer it.
+ALIGN = 64
+PAD = "__pad"  # filler tensors that keep the data aligned (a safetensors file has no holes)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file whose tensors' data are ALIGN-byte aligned.
+
+    The header is padded with spaces (the format allows it) to end on ALIGN bytes; a
+    tensor that would start misaligned is preceded by a uint8 filler named __padN, which
+    `without_padding` drops. Any safetensors reader opens the file."""
+    header, chunks, offset = {}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _DTYPE_NAMES:
+            raise StoreError(f"tensor {name!r} has dtype {t.dtype}, which a store cannot hold")
+        gap = -offset % ALIGN
+        if gap:
+            header[f"{PAD}{len(header)}"] = {"dtype": "U8", "shape": [gap],
+                                             "data_offsets": [offset, offset + gap]}
+            chunks.append(bytes(gap))
+            offset += gap
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        chunks.append(t.reshape(-1).view(torch.uint8).numpy() if size else b"")
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for chunk in chunks:
+            f.write(chunk)
+
+
+def without_padding(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if not k.startswith(PAD)}
 
 
 class StoreError(Exception):
@@ -112,7 +181,7 @@ class Store:
 
     def tensors(self, part: Part) -> dict[str, torch.Tensor]:
         """The part's tensors, memory-mapped (nothing is read until used)."""
-        return load_file(self._checked(part.file))
+        return without_padding(load_file(self._checked(part.file)))
 
     def load(self, part: Part, dtype: torch.dtype = torch.float32,
              device: str | torch.device = "cpu") -> nn.Module:
@@ -123,13 +192,17 @@ class Store:
         state = self.tensors(part)
         int8 = {k[: -len(".scales")] for k in state if k.endswith(".scales")}
         if int8:
-            swap_int8(module, lambda name, _m: name in int8)
+            with torch.device("meta"):  # empty Int8Linears: the state dict fills them
+                swap_int8(module, lambda name, _m: name in int8)
         state = {k: (v if v.dtype == torch.int8 or k.endswith(".scales") else v.to(dtype))
                  for k, v in state.items()}
         module.load_state_dict(state, strict=True, assign=True)
         module.to(device)
         if int8:
-            prepare_int8(module)
+            kernels = prepare_int8(module)
+            for name, kernel in kernels.items():
+                if kernel in PACKED_KERNELS:  # the packed copy replaced the mapped bytes
+                    release_mapped(module.get_submodule(name).weight)
         return module.eval().requires_grad_(False)
 
     def tokenizer(self):
@@ -163,7 +236,7 @@ class StoreWriter:
 
     def write(self, part: Part, tensors: dict[str, torch.Tensor]) -> None:
         path = self.path / part.file
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+        save_aligned(tensors, path)
         self.manifest["files"].append({"name": part.file, "bytes": path.stat().st_size,
                                        "sha256": sha256_file(path)})
 

@@ -384,3 +384,39 @@ def test_kernels_benchmark_quick(tmp_path, capsys):
             assert r["gbs"] is None
     table = capsys.readouterr().out
     assert "GB/s" in table and "fbgemm" in table
+
+
+def test_store_files_keep_every_tensor_aligned(tmp_path):
+    """_weight_int8pack_mm crashes on int8 weights that are not 16-byte aligned once a call
+    has 4+ rows; a store file keeps each tensor 64-byte aligned, with fillers when needed."""
+    from safetensors.torch import load_file
+
+    from llm_shard.models.store import ALIGN, PAD, save_aligned, without_padding
+
+    tensors = {"a.weight": torch.randint(-127, 127, (48, 32), dtype=torch.int8),
+               "b": torch.randn(3), "c": torch.randn(5, dtype=torch.float64),
+               "d.weight": torch.randint(-127, 127, (16, 48), dtype=torch.int8),
+               "e": torch.zeros(0), "f": torch.tensor(True)}
+    save_aligned(tensors, tmp_path / "x.safetensors")
+    loaded = load_file(tmp_path / "x.safetensors")  # the stock reader opens it
+    assert any(k.startswith(PAD) for k in loaded)
+    loaded = without_padding(loaded)
+    assert loaded.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert torch.equal(loaded[k], t), k
+        assert loaded[k].numel() == 0 or loaded[k].data_ptr() % ALIGN == 0, k
+    layer = Int8Linear(48, 16, bias=False)
+    layer.weight, layer.scales = loaded["d.weight"], torch.rand(16) / 127
+    x = torch.randn(6, 48)  # 6 rows: the case that crashed on a misaligned weight
+    y = KERNELS["int8pack"].run(layer, KERNELS["int8pack"].pack(layer), x)
+    ref = KERNELS["dequant"].run(layer, None, x)
+    assert (y - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_int8pack_refuses_misaligned_weights():
+    buf = torch.randint(-127, 127, (16 * 32 + 8,), dtype=torch.int8)
+    layer = Int8Linear(32, 16, bias=False)
+    layer.weight, layer.scales = buf[8:].view(16, 32), torch.rand(16)
+    if layer.weight.data_ptr() % 16 == 0:
+        pytest.skip("the allocator placed the slice aligned")
+    assert "aligned" in KERNELS["int8pack"].why_invalid(layer)

@@ -39,8 +39,9 @@ def teacher_forced(store, ids):
 
 def test_int8_quality_bar(smollm2_stores):
     """Perplexity within 1% of fp32 on >= 500 tokens, and top-1 agreement held at its
-    measured level (0.952 with the int8 head). The project's 99% agreement bar is not
-    met yet: test_quant.py carries it as a strict xfail."""
+    measured level (0.970: int8 blocks, the tied head kept float; 0.952 with an int8
+    head). The project's 99% agreement bar is not met yet: test_quant.py carries it as a
+    strict xfail."""
     tok = smollm2_stores["fp32"].tokenizer()
     ids = tok.encode((DATA / "eval_text.txt").read_text())
     assert len(ids) >= 500
@@ -50,7 +51,7 @@ def test_int8_quality_bar(smollm2_stores):
     ratio = ppl_int8 / ppl_fp32
     print(f"\nint8 vs fp32 on {len(ids)} tokens: top-1 agreement {agreement:.4f}, "
           f"perplexity {ppl_int8:.3f} vs {ppl_fp32:.3f} (ratio {ratio:.4f})")
-    assert agreement >= 0.945
+    assert agreement >= 0.965
     assert abs(ratio - 1) <= 0.01
 
 
@@ -60,8 +61,10 @@ def test_int8_store_is_int8_and_smaller(smollm2_stores):
     assert block["self_attn.q_proj.weight"].dtype == torch.int8
     assert block["self_attn.q_proj.scales"].shape == (576,)
     assert block["input_layernorm.weight"].dtype == torch.float32
-    size = {k: sum(f["bytes"] for f in s.manifest["files"]) for k, s in smollm2_stores.items()}
-    assert size["int8"] < 0.4 * size["fp32"]
+    # blocks shrink ~4x; embedding and the tied head stay float32 in both
+    size = {k: sum(f["bytes"] for f in s.manifest["files"] if f["name"].startswith("blocks/"))
+            for k, s in smollm2_stores.items()}
+    assert size["int8"] < 0.3 * size["fp32"]
     assert int8.manifest["quantization"]["method"] == "int8-symmetric-per-output-channel"
     assert fp32.manifest["quantization"] is None
 
@@ -93,3 +96,25 @@ def test_plan_command(smollm2_stores):
     assert "30 blocks on 2 stages" in res.output
     res = CliRunner().invoke(cli, ["plan", store, "--worker", "ram=10MiB"])
     assert res.exit_code == 1 and "short of" in res.output and "Traceback" not in res.output
+
+
+def test_gptq_rounding_converts_and_keeps_the_bar(smollm2_path, smollm2_stores, tmp_path):
+    """`convert --rounding gptq`: calibrated int8, recorded in the manifest, at least as
+    close to fp32 as round-to-nearest in top-1 (0.975 vs 0.970 measured)."""
+    from llm_shard.models.convert import convert
+
+    gptq = convert(smollm2_path, tmp_path / "gptq", dtype="int8", rounding="gptq",
+                   progress=False)
+    q = gptq.manifest["quantization"]
+    assert q["rounding"] == "gptq" and q["calibration"]["tokens"] > 500
+    assert smollm2_stores["int8"].manifest["quantization"]["rounding"] == "nearest"
+    tok = gptq.tokenizer()
+    ids = tok.encode((DATA / "eval_text.txt").read_text())
+    top_fp32, ppl_fp32 = teacher_forced(smollm2_stores["fp32"], ids)
+    top_gptq, ppl_gptq = teacher_forced(gptq, ids)
+    top_near, _ = teacher_forced(smollm2_stores["int8"], ids)
+    agree_gptq = float((top_fp32 == top_gptq).float().mean())
+    agree_near = float((top_fp32 == top_near).float().mean())
+    print(f"\ntop-1 agreement: gptq {agree_gptq:.4f}, nearest {agree_near:.4f}; "
+          f"gptq perplexity ratio {ppl_gptq / ppl_fp32:.4f}")
+    assert agree_gptq >= agree_near and abs(ppl_gptq / ppl_fp32 - 1) <= 0.01
