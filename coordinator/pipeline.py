@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from llm_shard.cluster import ray_glue
+from llm_shard.cluster.transfer import StoreSource
 from llm_shard.cluster.types import Capacity, Plan, Tier
 from llm_shard.models.store import Store
 from llm_shard.worker.actor import Worker
@@ -30,7 +31,7 @@ class WorkerHandle:
     node: ray_glue.Node
     actor: object
     info: dict = field(default_factory=dict)
-    speed: float = 0.0  # bytes of weights per second from RAM, measured on start
+    speed: dict = field(default_factory=dict)  # tier -> bytes of weights/s, measured
     watch: object = None  # the ObjectRef of its `watch` call: fails when the actor dies
     alive: bool = True
 
@@ -42,7 +43,9 @@ class Pipeline:
                  compute_dtype: str = "fp32", wire_dtype: str = "bf16",
                  objective: str = "latency", cache_tokens: int = 4096,
                  use_all_workers: bool = False, hop_seconds: float = DEFAULT_HOP_SECONDS,
-                 result_address: str) -> None:
+                 result_address: str, store_source: StoreSource | None = None) -> None:
+        """`store_source`: where workers fetch the store files their node lacks (store
+        transfer, cluster/transfer.py); None: every node has the store at store.path."""
         import ray
 
         self.store = store
@@ -57,7 +60,7 @@ class Pipeline:
         self.workers = [
             WorkerHandle(i, cap, node, ray_glue.start_actor(
                 Worker, node, str(store.path), threads=t, compute_dtype=compute_dtype,
-                wire_dtype=wire_dtype))
+                wire_dtype=wire_dtype, store_source=store_source))
             for i, (cap, node, t) in enumerate(zip(capacities, nodes, threads))]
         try:
             infos = ray.get([w.actor.info.remote() for w in self.workers], timeout=300)
@@ -67,8 +70,8 @@ class Pipeline:
             # one at a time: workers sharing a machine would slow each other's measurement
             for w in self.workers:
                 w.speed = ray.get(w.actor.calibrate.remote(), timeout=300)
-                log.info("worker %d (%s, pid %s): %.2f GB/s of weights", w.index,
-                         w.capacity, w.info["pid"], w.speed / 1e9)
+                log.info("worker %d (%s, pid %s): GB/s of weights %s", w.index, w.capacity,
+                         w.info["pid"], {t: round(v / 1e9, 2) for t, v in w.speed.items()})
             self.epoch = 0
             self.plan, self.report = self._plan()
             self.cache_capacity = self._configure()
@@ -82,7 +85,8 @@ class Pipeline:
 
     def _plan(self) -> tuple[Plan, PlanReport]:
         alive = self.alive()
-        specs = [WorkerSpec(w.capacity, {Tier.RAM: w.speed}) for w in alive]
+        specs = [WorkerSpec(w.capacity, {Tier(t): v for t, v in w.speed.items()})
+                 for w in alive]
         p, report = plan(self.cost, specs, objective=self.objective,
                          hop_seconds=self.hop_seconds, use_all_workers=self.use_all_workers)
         # the planner numbers the workers it was given; map back to ours (and the
@@ -102,7 +106,8 @@ class Pipeline:
             nxt = (self.workers[stages[k + 1].worker].info["address"] if k + 1 < len(stages)
                    else self.result_address)
             calls.append(w.actor.configure.remote(
-                self.epoch, s.start, s.end, cache_budget=self.cache_budget,
+                self.epoch, s.start, s.end, tiers=[t.value for t in s.tiers],
+                cache_budget=self.cache_budget,
                 next_address=nxt, result_address=self.result_address))
         used = {s.worker for s in stages}
         idle = [w.actor.configure.remote(self.epoch) for w in self.alive() if w.index not in used]

@@ -61,6 +61,7 @@ class Sequence:
     group: int | None = None
     fresh: bool = True  # its next step is a prefill of prompt + generated (new or replayed)
     reserved: int = 0  # cache bytes per block (stage.sequence_bytes)
+    waited: bool = False  # it waited in the queue for cache room
 
     @property
     def tokens(self) -> list[int]:
@@ -97,6 +98,7 @@ class Scheduler:
         self.stage_seconds: list[float] = []  # per stage: compute seconds of a step (EMA)
         self.step_seconds = 0.0  # a micro-batch's round trip through every stage (EMA)
         self.recoveries = 0
+        self.cache_waits = 0  # sequences that waited for cache room
         self.stopping = threading.Event()
         self.push = self._connect(pipeline.first_address)
         self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -132,6 +134,7 @@ class Scheduler:
         return {"requests_total": self.ids, "tokens_total": self.tokens_total,
                 "finished_total": dict(self.finished_total), "waiting": len(self.waiting),
                 "running": len(self.running), "recoveries_total": self.recoveries,
+                "cache_waits_total": self.cache_waits,
                 "stage_seconds": list(self.stage_seconds), "step_seconds": self.step_seconds}
 
     def close(self) -> None:
@@ -190,6 +193,8 @@ class Scheduler:
                                    "ask for fewer tokens or give the workers more cache")
                 continue
             if used + seq.reserved > capacity:
+                if not seq.waited:
+                    seq.waited, self.cache_waits = True, self.cache_waits + 1
                 return  # waits for a running sequence to finish
             self.waiting.popleft()
             idle = [g for g in self.groups if g.in_flight is None]

@@ -18,7 +18,7 @@ from .store import Store
 class StageModel(nn.Module):
     def __init__(self, store: Store, start: int, end: int, *, embed: bool | None = None,
                  head: bool | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", load_blocks: bool = True) -> None:
         super().__init__()
         n = store.n_blocks
         if not 0 <= start < end <= n:
@@ -27,18 +27,24 @@ class StageModel(nn.Module):
         self.has_embed = start == 0 if embed is None else embed
         self.has_head = end == n if head is None else head
         self.embed = store.load(Part("embed"), dtype, device) if self.has_embed else None
+        # load_blocks=False: the caller keeps the blocks (a worker's memory tiers) and
+        # passes `run_blocks` to forward
         self.blocks = nn.ModuleDict({str(i): store.load(Part("block", i), dtype, device)
-                                     for i in range(start, end)})
+                                     for i in range(start, end)} if load_blocks else {})
         self.head = store.load(Part("head"), dtype, device) if self.has_head else None
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, batch: Batch, all_logits: bool = False):
+    def forward(self, inputs: torch.Tensor, batch: Batch, all_logits: bool = False,
+                run_blocks=None):
         """inputs: token ids (rows,) on the first stage, else hidden (rows, hidden).
+        `run_blocks(x, batch)`, if given, runs the blocks instead of self.blocks.
 
         Returns hidden (rows, hidden), or on the last stage logits: (sequences, vocab)
         for each sequence's last row, or (rows, vocab) with all_logits.
         """
         x = self.embed(inputs, batch) if self.embed is not None else inputs
+        if run_blocks is not None:
+            x = run_blocks(x, batch)
         for block in self.blocks.values():
             x = block(x, batch)
         if self.head is None:

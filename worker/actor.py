@@ -20,28 +20,63 @@ import time
 import torch
 import zmq
 
-from llm_shard.cluster import wire
+from llm_shard.cluster import transfer, wire
+from llm_shard.cluster.types import Tier
 from llm_shard.models.base import Part
 from llm_shard.models.cache import Batch, Prefix, SequenceCache
+from llm_shard.models.catalog import home
 from llm_shard.models.store import Store
 
 from .stage import FREE, STEP, StageError, StageRunner
+from .tiers import read_into
 
 log = logging.getLogger("llm_shard.worker")
 
 ERROR = "error"
+# A worker's fixed memory overhead, beyond its RAM budget: Python, torch, Ray, ZeroMQ and
+# the model code of an idle worker. Measured on start (info()["baseline_rss"]): ~360 MiB
+# with torch 2.13 CPU and Ray 2.60. Its peak RSS stays within budget + this baseline.
+WORKER_OVERHEAD = 512 * 2**20
 _POLL_MS = 100
+
+
+def rss_bytes() -> int:
+    """This process's resident set now, from /proc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM), from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class Worker:
     """One stage of the pipeline on one node, within the budget it was given."""
 
     def __init__(self, store_path: str, *, threads: int, compute_dtype: str = "fp32",
-                 wire_dtype: str = "bf16", host: str | None = None) -> None:
+                 wire_dtype: str = "bf16", host: str | None = None,
+                 store_source: transfer.StoreSource | None = None) -> None:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the budget says otherwise.
         torch.set_num_threads(int(threads))
         self.threads = int(threads)
-        self.store = Store.open(store_path)
+        # -- store transfer (cluster/transfer.py) ------------------------------------
+        # With `store_source` (the coordinator's StoreServer), a node whose store root
+        # ($LLM_SHARD_HOME) differs from the coordinator's keeps its own copy there; a
+        # worker fetches the manifest now and each part's file before it loads it.
+        self.store_source, self.store_path = store_source, store_path
+        self.fetched: list[dict] = []  # FetchStats.to_dict() of each fetch that copied files
+        if store_source is not None:
+            transfer.log_to_stderr()
+            self.store_path = str(transfer.local_store_path(store_path, store_source.home,
+                                                            home()))
+            self._fetch([])
+        # -- end store transfer ------------------------------------------------------
+        self.store = Store.open(self.store_path)
         self.dtype = wire.activation_dtype(compute_dtype)
         self.wire_dtype = wire.activation_dtype(wire_dtype)
         self.ctx = zmq.Context()
@@ -64,38 +99,85 @@ class Worker:
         self.stopping = threading.Event()
         self.loop = threading.Thread(target=self._loop, name="stage-loop", daemon=True)
         self.loop.start()
+        with torch.device("meta"):  # import and initialise the model code: no weights
+            self.store.arch.build(self.store.config, Part("embed"))
+        self.baseline_rss = rss_bytes()  # Python, torch, Ray, ZeroMQ, model code: no weights
+
+    # -- store transfer (cluster/transfer.py) ----------------------------------------
+    def _fetch(self, parts: list[Part]) -> None:
+        """Fetch the manifest and the files of `parts` that this node's store lacks."""
+        src = self.store_source
+        if src is None:
+            return
+        stats = transfer.fetch(self.store_path, src.address, [p.file for p in parts],
+                               manifest_sha256=src.manifest_sha256)
+        if stats.files:
+            self.fetched.append(stats.to_dict())
+
+    def _fetch_stage(self, start: int, end: int) -> None:
+        n = self.store.n_blocks
+        self._fetch([Part("embed")] * (start == 0) + [Part("block", i) for i in range(start, end)]
+                    + [Part("head")] * (end == n))
+    # -- end store transfer ----------------------------------------------------------
 
     # ------------------------------------------------------------------ control
     def info(self) -> dict:
         import ray
 
         return {"address": self._address, "pid": os.getpid(), "threads": self.threads,
+                "baseline_rss": self.baseline_rss,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
-    def calibrate(self, repeats: int = 5) -> float:
-        """Bytes of weights per second this worker computes from RAM: one real block of
-        the model, one token at a time (what decoding does)."""
-        block = self.store.load(Part("block", 0), self.dtype)
-        x = torch.randn(1, self.store.config.hidden_size, dtype=self.dtype)
+    def calibrate(self, repeats: int = 5) -> dict[str, float]:
+        """Bytes of weights per second, per tier this worker can use: "ram" from one real
+        block of the model run one token at a time (what decoding does); "disk" no faster
+        than a cold read of that block's file (prefetch overlaps reading and computing);
+        "gpu" the same block on the GPU, where there is one."""
+        part = Part("block", 0)
+        self._fetch([part])  # store transfer
+        size = self.store.part_bytes(part)
+        speeds = {"ram": size / self._time_block(self.store.load(part, self.dtype), repeats)}
+        path = self.store._checked(part.file)
+        with open(path, "rb", buffering=0) as f:  # drop it from the page cache: a cold read
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        buf = torch.empty(os.path.getsize(path), dtype=torch.uint8)
+        t0 = time.perf_counter()
+        read_into(path, buf)
+        speeds["disk"] = min(speeds["ram"], size / max(time.perf_counter() - t0, 1e-9))
+        if torch.cuda.is_available():
+            block = self.store.load(part, self.dtype, "cuda")
+            speeds["gpu"] = size / self._time_block(block, repeats, "cuda")
+        return speeds
+
+    def _time_block(self, block, repeats: int, device: str = "cpu") -> float:
+        x = torch.randn(1, self.store.config.hidden_size, dtype=self.dtype, device=device)
 
         def one_token():  # a fresh one-token sequence (a GLM prefix for ChatGLM's blocks)
             return Batch.of([1], [SequenceCache()], prefixes=[Prefix(1, 0)])
 
         with torch.inference_mode():
             block(x, one_token())  # warm up: first touch, kernel choice
+            if device != "cpu":
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(repeats):
                 block(x, one_token())
-            seconds = (time.perf_counter() - t0) / repeats
-        return self.store.part_bytes(Part("block", 0)) / max(seconds, 1e-9)
+            if device != "cpu":
+                torch.cuda.synchronize()
+        return max((time.perf_counter() - t0) / repeats, 1e-9)
 
     def configure(self, epoch: int, start: int | None = None, end: int | None = None, *,
-                  cache_budget: int = 0, next_address: str | None = None,
-                  result_address: str | None = None) -> dict:
-        """Host blocks [start, end) (None: none) for `epoch`, sending on to next_address.
-        Every cache is dropped: after a re-plan the coordinator replays its sequences."""
+                  tiers: list[str] | None = None, cache_budget: int = 0,
+                  next_address: str | None = None, result_address: str | None = None) -> dict:
+        """Host blocks [start, end) (None: none) in `tiers` for `epoch`, sending on to
+        next_address. Every cache is dropped: after a re-plan the coordinator replays its
+        sequences."""
+        if start is not None:  # store transfer: fetch missing files first, outside the lock
+            self._fetch_stage(start, end)
         with self.lock:
             self.epoch = epoch
+            if self.runner is not None:
+                self.runner.close()
             self.runner = None
             gc.collect()
             for sock in (self.next, self.report):
@@ -105,18 +187,26 @@ class Worker:
             if start is None:
                 return {"cache_budget": 0}
             self.runner = StageRunner(self.store, start, end, cache_budget=cache_budget,
-                                      dtype=self.dtype, wire_dtype=self.wire_dtype)
+                                      dtype=self.dtype, wire_dtype=self.wire_dtype,
+                                      tiers=[Tier(t) for t in tiers] if tiers else None)
             self.next = self._push(next_address)
             self.report = self._push(result_address)
-            return {"cache_budget": self.runner.cache_budget}
+            return {"cache_budget": self.runner.cache_budget, "rss": rss_bytes()}
 
     def stats(self) -> dict:
         with self.lock:
             r = self.runner
+            streamer = r.blocks.streamer if r else None
             return {"epoch": self.epoch, "steps": self.steps, "malformed": self.malformed,
                     "last_error": self.last_error,
                     "sequences": sorted(r.sequences) if r else [],
-                    "blocks": [r.start, r.end] if r else None}
+                    "blocks": [r.start, r.end] if r else None,
+                    "bytes_by_tier": r.blocks.bytes_by_tier(self.store) if r else {},
+                    "staging_bytes": streamer.staging_bytes if streamer else 0,
+                    "swap_bytes_read": streamer.bytes_read if streamer else 0,
+                    "swap_read_seconds": streamer.read_seconds if streamer else 0.0,
+                    "rss": rss_bytes(), "peak_rss": peak_rss_bytes(),
+                    "store_path": self.store_path, "fetched": self.fetched}  # store transfer
 
     def watch(self) -> None:
         """Returns only when the worker shuts down: the coordinator holds this call's

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 import torch
 
 from llm_shard.cluster import wire
-from llm_shard.cluster.types import SamplingParams
+from llm_shard.cluster.types import SamplingParams, Tier
 from llm_shard.models.cache import CHUNK, Batch, Prefix, SequenceCache
 from llm_shard.models.runner import StageModel
 from llm_shard.models.sampling import sample
 from llm_shard.models.store import Store
+
+from .tiers import TieredBlocks
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +74,21 @@ class StageRunner:
     def __init__(self, store: Store, start: int, end: int, *, cache_budget: int,
                  dtype: torch.dtype = torch.float32,
                  wire_dtype: torch.dtype = wire.DEFAULT_ACTIVATION_DTYPE,
-                 device: str | torch.device = "cpu") -> None:
-        self.model = StageModel(store, start, end, dtype=dtype, device=device)
+                 device: str | torch.device = "cpu", tiers: list[Tier] | None = None) -> None:
+        """`tiers`: each block's tier (None: all in RAM), see worker/tiers.py."""
+        self.model = StageModel(store, start, end, dtype=dtype, device=device,
+                                load_blocks=False)
+        self.blocks = TieredBlocks(store, start, end, tiers or [Tier.RAM] * (end - start),
+                                   dtype=dtype)
         self.start, self.end = start, end
         self.first, self.last = self.model.has_embed, self.model.has_head
         self.dtype, self.wire_dtype, self.device = dtype, wire_dtype, torch.device(device)
         self.cfg = store.config
         self.cache_budget = int(cache_budget)
         self.sequences: dict[int, _Sequence] = {}
+
+    def close(self) -> None:
+        self.blocks.close()
 
     # ------------------------------------------------------------------ caches
     def _cost(self, n_tokens: int) -> int:
@@ -160,7 +169,7 @@ class StageRunner:
         x = tokens.to(self.device) if self.first else wire.from_wire(hidden, self.dtype).to(
             self.device)
         t0 = time.perf_counter()
-        out = self.model(x, batch)
+        out = self.model(x, batch, run_blocks=self.blocks.run)
         out_fields["stage_ms"] = [*fields.get("stage_ms", ()), (time.perf_counter() - t0) * 1e3]
         for i, n in zip(seqs, lens):
             self.sequences[i].tokens += n

@@ -1,0 +1,197 @@
+"""Disk-tier streaming: a model far larger than its worker's RAM budget, decoded block by
+block from disk, with and without prefetch.
+
+Builds (once, then reused) a random-weight int8 store with PanGu-α-2.6B shapes: 32 blocks
+of 79 MB, 2.5 GB of blocks. One stage holds all 32 on the disk tier, as a pipeline stage
+between the first and the last does: its RAM holds two staging buffers and the KV cache,
+about 1/15 of its blocks. The run prints, from one process:
+
+- the cold disk-read bandwidth of the block files (page cache dropped per file with
+  POSIX_FADV_DONTNEED, read with readinto into a staging buffer, as the worker reads);
+- decode tokens/s with prefetch on and off (a token is one pass through the 32 blocks);
+- achieved disk throughput during decode, and its ratio to that bandwidth (goal >= 80%
+  with prefetch: reading the next block while the current one computes hides compute).
+
+    llm-shard bench swap [--preset 2.6b] [--layers N] [--tokens N] [--dir PATH] [--json PATH|-]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from llm_shard.models.base import Part
+
+
+def build_store(path: Path, preset: str, layers: int | None, progress: bool = True):
+    """A random int8 PanGu-α store at `path` (reused when it is there)."""
+    from tqdm import tqdm
+
+    from llm_shard.models import get_arch
+    from llm_shard.models.base import parts_of
+    from llm_shard.models.pangu import PRESETS
+    from llm_shard.models.quant import quantize_weight
+    from llm_shard.models.store import Store, StoreWriter
+
+    if (path / "manifest.json").is_file():
+        return Store.open(path)
+    arch = get_arch("pangu-alpha")
+    cfg = PRESETS[preset]
+    if layers is not None:
+        cfg = type(cfg).from_dict({**cfg.to_dict(), "num_layers": layers})
+    writer = StoreWriter(path, arch, cfg, "int8", {"path": f"random PanGu-α {preset}",
+                                                   "layout": "random"})
+    g = torch.Generator().manual_seed(0)
+    for part in tqdm(parts_of(cfg.n_blocks), desc=f"random PanGu-α-{preset} int8",
+                     unit="part", disable=not progress):
+        with torch.device("meta"):
+            module = arch.build(cfg, part)
+        linears = {f"{n}.weight" for n, m in module.named_modules()
+                   if isinstance(m, torch.nn.Linear)} if part.kind == "block" else set()
+        tensors = {}
+        for name, p in module.state_dict().items():
+            t = torch.randn(p.shape, generator=g) * 0.02
+            if name.endswith(".weight") and p.dim() == 1:  # LayerNorm gains
+                t = torch.ones(p.shape)
+            if name in linears:
+                q, scales = quantize_weight(t)
+                tensors[name], tensors[name[: -len("weight")] + "scales"] = q, scales
+            else:
+                tensors[name] = t
+        writer.write(part, tensors)
+    store = writer.finish()
+    for f in store.manifest["files"]:  # written pages to disk, so that reads are cold
+        with open(store.path / f["name"], "rb") as fh:
+            os.fsync(fh.fileno())
+    return store
+
+
+def cold_read_bandwidth(store, runs: int = 3) -> float:
+    """Bytes/s reading the block files cold into one staging buffer (median of runs)."""
+    from llm_shard.worker.tiers import read_into
+
+    paths = [store.path / Part("block", i).file for i in range(store.n_blocks)]
+    buf = torch.empty(max(p.stat().st_size for p in paths), dtype=torch.uint8)
+    rates = []
+    for _ in range(runs):
+        for p in paths:
+            drop_cache(p)
+        t0 = time.perf_counter()
+        n = 0
+        for p in paths:
+            read_into(p, buf)
+            n += p.stat().st_size
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def drop_cache(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def decode(store, tokens: int, prefetch: bool, context: int = 16) -> dict:
+    """One stage holding every block on disk: `tokens` decode steps after a prefill of
+    `context` rows. Returns tok/s and the disk bytes/s achieved during decode."""
+    from llm_shard.cluster.types import Tier
+    from llm_shard.models.cache import Batch, SequenceCache
+    from llm_shard.worker.tiers import TieredBlocks
+
+    n = store.n_blocks
+    for i in range(n):
+        drop_cache(store.path / f"blocks/{i:03d}.safetensors")
+    blocks = TieredBlocks(store, 0, n, [Tier.DISK] * n)
+    streamer = blocks.streamer
+    streamer.prefetch_enabled = prefetch
+    if not prefetch and streamer.pending is not None:  # the constructor's first read
+        streamer.pending[2].result()
+    cache, hidden = SequenceCache(), store.config.hidden_size
+    g = torch.Generator().manual_seed(1)
+    try:
+        with torch.inference_mode():
+            blocks.run(torch.randn(context, hidden, generator=g), Batch.of([context], [cache]))
+            read0, t0 = streamer.bytes_read, time.perf_counter()
+            for _ in range(tokens):
+                blocks.run(torch.randn(1, hidden, generator=g), Batch.of([1], [cache]))
+            seconds = time.perf_counter() - t0
+            read = streamer.bytes_read - read0
+    finally:
+        blocks.close()
+    return {"tok_s": tokens / seconds, "disk_bytes_s": read / seconds}
+
+
+def run(preset: str = "2.6b", layers: int | None = None, tokens: int = 3,
+        folder: Path | None = None, progress: bool = True) -> dict:
+    from llm_shard.models.catalog import home
+
+    folder = folder or home() / f"bench-swap-pangu-{preset}" \
+        f"{'' if layers is None else f'-{layers}l'}"
+    store = build_store(folder, preset, layers, progress)
+    n = store.n_blocks
+    block_bytes = [store.part_bytes(Part("block", i)) for i in range(n)]
+    model_bytes = sum(block_bytes)
+    cache = (tokens + 16) * store.config.cache_bytes_per_token * n
+    ram_budget = 2 * max(block_bytes) + cache  # staging buffers + KV cache
+    bandwidth = cold_read_bandwidth(store)
+    on = decode(store, tokens, prefetch=True)
+    off = decode(store, tokens, prefetch=False)
+    return {
+        "model": f"random PanGu-α-{preset} int8" + (f", {n} blocks" if layers else ""),
+        "store": str(store.path), "blocks": n,
+        "block_bytes": model_bytes, "stage_ram_budget_bytes": ram_budget,
+        "model_over_budget": model_bytes / ram_budget,
+        "cold_read_GBps": bandwidth / 1e9,
+        "prefetch_on": {"tok_s": on["tok_s"], "disk_GBps": on["disk_bytes_s"] / 1e9,
+                        "of_bandwidth": on["disk_bytes_s"] / bandwidth},
+        "prefetch_off": {"tok_s": off["tok_s"], "disk_GBps": off["disk_bytes_s"] / 1e9,
+                         "of_bandwidth": off["disk_bytes_s"] / bandwidth},
+        "prefetch_speedup": on["tok_s"] / off["tok_s"],
+        "tokens": tokens, "threads": torch.get_num_threads(),
+    }
+
+
+def report(r: dict) -> str:
+    on, off = r["prefetch_on"], r["prefetch_off"]
+    return "\n".join([
+        f"{r['model']}: {r['blocks']} blocks, {r['block_bytes'] / 2**30:.2f} GiB of blocks, "
+        f"all on the disk tier",
+        f"stage RAM budget (2 staging buffers + KV cache): "
+        f"{r['stage_ram_budget_bytes'] / 2**20:.0f} MiB; model is "
+        f"{r['model_over_budget']:.1f}x that",
+        f"cold disk read: {r['cold_read_GBps']:.2f} GB/s",
+        f"prefetch on : {on['tok_s']:.3f} tok/s, disk {on['disk_GBps']:.2f} GB/s = "
+        f"{on['of_bandwidth']:.0%} of bandwidth (goal >= 80%)",
+        f"prefetch off: {off['tok_s']:.3f} tok/s, disk {off['disk_GBps']:.2f} GB/s = "
+        f"{off['of_bandwidth']:.0%} of bandwidth",
+        f"prefetch speedup: {r['prefetch_speedup']:.2f}x",
+    ])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="llm-shard bench swap", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="2.6b", choices=["2.6b", "13b"])
+    ap.add_argument("--layers", type=int, default=None,
+                    help="fewer blocks than the preset (a quick run)")
+    ap.add_argument("--tokens", type=int, default=3, help="decode steps per setting")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="where the random store is built (default: under $LLM_SHARD_HOME)")
+    ap.add_argument("--json", default=None, help="write the figures as JSON (- for stdout)")
+    a = ap.parse_args(argv)
+    r = run(a.preset, a.layers, a.tokens, a.dir)
+    print(report(r))
+    if a.json == "-":
+        print(json.dumps(r, indent=1))
+    elif a.json:
+        Path(a.json).write_text(json.dumps(r, indent=1))
+    return r
+
+
+if __name__ == "__main__":
+    main()
