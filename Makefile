@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv install test lint bench clean
+.PHONY: venv install test lint bench demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,16 @@ lint: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q
+
+# demo: serve SmolLM2-135M on 127.0.0.1:8000 over two local workers (Ctrl-C stops it).
+demo: $(VENV)/.installed
+	@echo "Starting llm-shard on http://127.0.0.1:8000 (Ctrl-C stops it). Once it says"
+	@echo "'Uvicorn running', open http://127.0.0.1:8000/ in a browser, or:"
+	@echo "  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 64}'"
+	@echo "  $(BIN)/llm-shard chat http://127.0.0.1:8000"
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/llm-shard serve smollm2-135m \
+	  --worker ram=1GiB --worker ram=1GiB --host 127.0.0.1 --port 8000
 
 bench: $(VENV)/.installed
 	$(BIN)/llm-shard bench kernels

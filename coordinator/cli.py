@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from llm_shard.cluster.resources import node_resources
 from llm_shard.models import UnknownArch, arch_names
 from llm_shard.models.convert import ConvertError
 from llm_shard.models.sources import SourceError
@@ -44,7 +45,11 @@ def cli(debug: bool) -> None:
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="int8", show_default=True)
 @click.option("-o", "--out", "out", required=True, help="Store folder to create.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at OUT.")
-def convert(src: str, arch: str | None, dtype: str, out: str, overwrite: bool) -> None:
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default=None,
+              help="int8 rounding: nearest (default), or gptq calibrated on built-in text "
+                   "(slower; needs the source's tokenizer).")
+def convert(src: str, arch: str | None, dtype: str, out: str, overwrite: bool,
+            rounding: str | None) -> None:
     """Convert a checkpoint (HF folder, Meta folder, Megatron file, GGUF) into a store."""
     from pathlib import Path
 
@@ -52,7 +57,7 @@ def convert(src: str, arch: str | None, dtype: str, out: str, overwrite: bool) -
 
     if (Path(out) / "manifest.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a store; pass --overwrite to replace it")
-    store = run(src, out, arch=arch, dtype=dtype)
+    store = run(src, out, arch=arch, dtype=dtype, rounding=rounding)
     size = sum(f["bytes"] for f in store.manifest["files"])
     click.echo(f"wrote {store.path}: {store.manifest['arch']}, {store.n_blocks} blocks, "
                f"{dtype}, {size / 2**20:.1f} MiB")
@@ -71,10 +76,21 @@ def verify(store: str) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def models(as_json: bool) -> None:
+@click.option("--remove", "remove", metavar="NAME", multiple=True,
+              help="Delete the local store NAME (a folder in the store folder) to free disk.")
+@click.option("--clean-partial", is_flag=True,
+              help="Delete *.partial staging folders that interrupted conversions left in the "
+                   "store folder (run it while no conversion is running).")
+def models(as_json: bool, remove: tuple[str, ...], clean_partial: bool) -> None:
     """Known model names, where their weights come from, and what is stored locally."""
     from llm_shard.models.catalog import home, local_status
 
+    if remove or clean_partial:
+        for path in [_store_folder(name) for name in remove] + (
+                sorted(home().glob("*.partial")) if clean_partial else []):
+            size = _remove(path)
+            click.echo(f"removed {path} ({size / 2**20:.1f} MiB)")
+        return
     rows = local_status()
     if as_json:
         click.echo(json.dumps(rows, indent=1))
@@ -83,6 +99,33 @@ def models(as_json: bool) -> None:
     for r in rows:
         local = f"{r['bytes'] / 2**20:8.1f} MiB" if r["store"] else "   not local"
         click.echo(f"  {r['name']:16} {r['arch']:12} {local}  {r['source']}")
+
+
+def _store_folder(name: str):
+    """The folder of a store NAME under $LLM_SHARD_HOME; never a path outside it."""
+    from llm_shard.models.catalog import home
+
+    path = home() / name
+    if not name or "/" in name or name in (".", "..") or not path.exists():
+        stored = sorted(p.name for p in home().iterdir()) if home().is_dir() else []
+        raise click.ClickException(f"no store named {name!r} in {home()}; stored: "
+                                   f"{', '.join(stored) or 'nothing'}")
+    if path.is_dir() and not (path / "manifest.json").exists() \
+            and not path.name.endswith(".partial"):
+        raise click.ClickException(f"{path} is not a store (no manifest.json); not removing it")
+    return path
+
+
+def _remove(path) -> int:
+    import shutil
+
+    if path.is_dir():
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        shutil.rmtree(path)
+    else:
+        size = path.stat().st_size
+        path.unlink()
+    return size
 
 
 @cli.command()
@@ -160,6 +203,220 @@ def bench_kernels(args: tuple[str, ...]) -> None:
     from llm_shard.benchmarks.kernels import main as kernels_main
 
     kernels_main(list(args))
+
+
+@bench.command("swap", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_swap(args: tuple[str, ...]) -> None:
+    """Disk-tier decode of a random PanGu-α-2.6B int8 far over its RAM budget: cold disk
+    bandwidth, tok/s with prefetch on and off, disk throughput achieved (--help)."""
+    from llm_shard.benchmarks.swap import main as swap_main
+
+    swap_main(list(args))
+
+
+@bench.command("pipeline", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_pipeline(args: tuple[str, ...]) -> None:
+    """Decode unsplit vs split over 2 and 3 local Ray workers, per-hop cost, concurrent
+    sequences with and without micro-batches (--help)."""
+    from llm_shard.benchmarks.pipeline import main as pipeline_main
+
+    pipeline_main(list(args))
+
+
+SERVE_HELP = """Plan, start workers, load MODEL and serve it over HTTP.
+
+With no --address, joins the running Ray cluster (RAY_ADDRESS, or one `ray start`
+began on this machine), else starts a local Ray that it stops on exit. Binds 127.0.0.1
+unless --host says otherwise. Ctrl-C (SIGINT) or SIGTERM stops it cleanly."""
+
+
+def _llm_options(f):
+    """The options that build an LLM, shared by serve and chat."""
+    for option in reversed([
+        click.option("--address", default=None,
+                     help="Ray cluster address (HOST:PORT, ray://…, auto); default: the "
+                          "running cluster, else a new local one."),
+        click.option("--worker", "workers", multiple=True, metavar="SPEC",
+                     help="A worker's budget, e.g. ram=1GiB,disk=8GiB (repeat per worker); "
+                          "default: every node's advertised budget."),
+        click.option("--dtype", type=click.Choice(list(DTYPES)), default="int8",
+                     show_default=True, help="Weights of the store."),
+        click.option("--cache-tokens", default=4096, show_default=True,
+                     type=click.IntRange(16, None),
+                     help="KV-cache tokens each stage keeps for all sequences together."),
+        click.option("--micro-batches", default=None, type=click.IntRange(1, None),
+                     help="Micro-batches in flight (default: one per stage)."),
+        click.option("--wire-dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+                     default="bf16", show_default=True,
+                     help="Activations between stages."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype):
+    from llm_shard.cluster.ray_glue import ClusterError
+    from llm_shard.coordinator.llm import LLM
+    from llm_shard.coordinator.planner import PlanError
+
+    try:
+        return LLM(model, workers=list(workers) or None, address=address, dtype=dtype,
+                   cache_tokens=cache_tokens, micro_batches=micro_batches,
+                   wire_dtype=wire_dtype)
+    except EXPECTED:
+        raise
+    except (PlanError, ClusterError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray; a local Ray this process started stops with it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@cli.command(help=SERVE_HELP)
+@click.argument("model")
+@_llm_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="LLM_SHARD_API_KEY", default=None,
+              help="Demand 'Authorization: Bearer KEY' (env LLM_SHARD_API_KEY); /health and "
+                   "the chat page stay open.")
+@click.option("--served-model-name", default=None,
+              help="The model's name in the API (default: MODEL as given).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype, host, port,
+          api_key, served_model_name, log_level) -> None:
+    from llm_shard.coordinator.server import create_app, run
+
+    llm = None
+    try:
+        llm = _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype)
+        click.echo(llm.describe_plan())
+        name = served_model_name or model
+        app = create_app(llm, model_name=name, api_key=api_key)
+        url = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
+        click.echo(f"serving {name} on {url} (chat page: {url}/, OpenAI API: {url}/v1)"
+                   + ("; API key required" if api_key else ""), err=True)
+        run(app, host=host, port=port, log_level=log_level)
+    finally:
+        if llm is not None:
+            llm.shutdown()
+        _stop_ray()
+        if llm is not None:
+            click.echo("stopped: workers shut down", err=True)
+
+
+CHAT_HELP = """Chat in the terminal with MODEL (loaded here, on Ray) or with the server at URL.
+
+Replies stream as they are generated; the conversation is kept and rendered with the
+model's chat template. Type /clear to forget the conversation, /quit (or Ctrl-D) to leave."""
+
+
+@cli.command(help=CHAT_HELP)
+@click.argument("target", metavar="MODEL|URL")
+@_llm_options
+@click.option("--api-key", envvar="LLM_SHARD_API_KEY", default=None,
+              help="For a URL that demands one (env LLM_SHARD_API_KEY).")
+@click.option("--system", default=None, help="A system message to start the conversation.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, None))
+@click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
+def chat(target, address, workers, dtype, cache_tokens, micro_batches, wire_dtype, api_key,
+         system, max_tokens, temperature, top_p) -> None:
+    sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+    if target.startswith(("http://", "https://")):
+        import httpx
+
+        from llm_shard.coordinator.client import Client, ClientError
+
+        with Client(target, api_key=api_key, retries=2) as client:
+            def reply(messages):
+                try:
+                    yield from client.chat_stream(messages, **sampling)
+                except (ClientError, httpx.TransportError) as e:
+                    click.echo(f"\nerror: {e}", err=True)
+
+            _chat_loop(reply, system)
+        return
+    llm = None
+    try:
+        llm = _open_llm(target, address, workers, dtype, cache_tokens, micro_batches,
+                        wire_dtype)
+        if llm.tokenizer is None:
+            raise click.ClickException(f"{llm.store.path} has no tokenizer to chat with")
+        _chat_loop(lambda messages: _local_reply(llm, messages, sampling), system)
+    finally:
+        if llm is not None:
+            llm.shutdown()
+        _stop_ray()
+
+
+def _local_reply(llm, messages, sampling):
+    """Stream one reply of an in-process LLM: on_text (the scheduler thread) feeds a queue."""
+    import queue
+
+    from llm_shard.cluster.types import SamplingParams
+
+    tok, pieces = llm.tokenizer, queue.Queue()
+    ids = tok.encode(tok.render_chat(messages, add_generation_prompt=True))
+    try:
+        future = llm.submit(ids, SamplingParams(**sampling), on_text=pieces.put)
+    except ValueError as e:  # the conversation no longer fits the context
+        click.echo(f"error: {e}; /clear starts afresh", err=True)
+        return
+    future.add_done_callback(lambda f: pieces.put(None))
+    try:
+        while (piece := pieces.get()) is not None:
+            yield piece
+        if not future.cancelled() and future.exception() is not None:
+            click.echo(f"\nerror: {future.exception()}", err=True)
+    finally:
+        if not future.done():
+            llm.cancel(future)
+
+
+def _chat_loop(reply, system: str | None) -> None:
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    click.echo("chat: /clear forgets the conversation, /quit leaves")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo()
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/clear":
+            messages = list(start)
+            click.echo("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        click.echo("bot> ", nl=False)
+        text = ""
+        try:
+            for piece in reply(messages):
+                text += piece
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            click.echo(" [stopped]", nl=False)
+        click.echo()
+        messages.append({"role": "assistant", "content": text})
+
+
+cli.add_command(node_resources)
 
 
 def main() -> None:

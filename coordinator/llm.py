@@ -14,8 +14,9 @@ import zmq
 
 from llm_shard.cluster import ray_glue
 from llm_shard.cluster.resources import budgets_from_ray_nodes
+from llm_shard.cluster.transfer import StoreServer
 from llm_shard.cluster.types import Capacity, Completion, Memory, Plan, SamplingParams
-from llm_shard.models.catalog import resolve
+from llm_shard.models.catalog import home, resolve
 from llm_shard.models.store import StoreError
 
 from .pipeline import Pipeline
@@ -102,6 +103,7 @@ class LLM:
                  hop_seconds: float = DEFAULT_HOP_SECONDS, step_timeout: float = 120.0,
                  host: str | None = None) -> None:
         self.pipeline = self.scheduler = None
+        self.store_server = None  # store transfer
         self.store = resolve(model, dtype=dtype)
         try:
             self.tokenizer = self.store.tokenizer()
@@ -116,11 +118,14 @@ class LLM:
         host = host or ray_glue.this_node().ip
         port = self._results.bind_to_random_port(f"tcp://{host}")
         try:
+            # store transfer: workers on nodes without this store fetch its files from here
+            self.store_server = StoreServer(self.store.path, host)
             self.pipeline = Pipeline(
                 self.store, caps, threads=_threads(caps, nodes), compute_dtype=compute_dtype,
                 wire_dtype=wire_dtype, objective=objective, cache_tokens=cache_tokens,
                 use_all_workers=use_all_workers, hop_seconds=hop_seconds,
-                result_address=f"tcp://{host}:{port}")
+                result_address=f"tcp://{host}:{port}",
+                store_source=self.store_server.source(home()))
             cfg = self.store.config
             self.scheduler = Scheduler(self.pipeline, self.tokenizer, self._results,
                                        micro_batches=micro_batches,
@@ -192,6 +197,21 @@ class LLM:
                              "capacity": w.capacity.to_spec()}
                             for w in self.pipeline.workers]}
 
+    def worker_stats(self, timeout: float = 5.0) -> dict[int, dict]:
+        """Each live worker's own figures (worker/actor.py `stats`): bytes per tier, swap
+        reads, RSS; a worker that does not answer within `timeout` is left out."""
+        import ray
+
+        live = [w for w in self.pipeline.workers if w.alive]
+        refs = {w.index: w.actor.stats.remote() for w in live}
+        out = {}
+        for index, ref in refs.items():
+            try:
+                out[index] = ray.get(ref, timeout=timeout)
+            except Exception:  # died or stalled: /health and recovery report it
+                continue
+        return out
+
     def shutdown(self) -> None:
         if self.scheduler is not None:
             self.scheduler.close()
@@ -199,6 +219,9 @@ class LLM:
         if self.pipeline is not None:
             self.pipeline.shutdown()
             self.pipeline = None
+        if self.store_server is not None:  # store transfer
+            self.store_server.close()
+            self.store_server = None
         if not self._results.closed:
             self._results.close(linger=0)
         self._ctx.term()

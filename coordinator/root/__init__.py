@@ -1,6 +1,6 @@
 """llm-shard: big language models split across a home lab of cheap machines.
 
-    from llm_shard import LLM, SamplingParams
+    from llm_shard import LLM, Client, SamplingParams
 
 Names are imported on first use, so `import llm_shard` stays light (no torch, no Ray).
 """
@@ -16,6 +16,12 @@ _EXPORTS = {
     "RequestError": "llm_shard.coordinator.scheduler",
     "SamplingParams": "llm_shard.cluster.types",
     "Completion": "llm_shard.cluster.types",
+    "Client": "llm_shard.coordinator.client",
+    "AsyncClient": "llm_shard.coordinator.client",
+    "wrap": "llm_shard.worker.wrap",
+    "BlockList": "llm_shard.worker.wrap",
+    "quantize": "llm_shard.worker.wrap",
+    "WrapError": "llm_shard.worker.wrap",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
