@@ -10,8 +10,8 @@ import importlib
 from .base import Arch
 
 _ARCH_MODULES = {"llama": "llama", "pangu-alpha": "pangu", "moss": "moss", "chatglm": "chatglm",
-                 "rwkv": "rwkv"}
-PLANNED = ("cpm2",)  # architectures of the seed not yet written
+                 "rwkv": "rwkv", "cpm2": "cpm2"}
+PLANNED: tuple[str, ...] = ()  # architectures of the seed not yet written
 
 
 class UnknownArch(ValueError):

@@ -167,7 +167,12 @@ class RWKVFile(TensorFiles):
 
 
 def _torch_file(path: Path) -> Source:
-    """A single torch file: ChatRWKV's RWKV-4 .pth, else a Megatron PanGu-α file."""
+    """A single torch file: ChatRWKV's RWKV-4 .pth, else a Megatron PanGu-α file; or
+    BMInf's CPM-2 checkpoint.pt, which is no torch file (models/cpm2_bminf.py)."""
+    from .cpm2_bminf import BMInfFile
+
+    if BMInfFile.recognise(path):
+        return BMInfFile(path)
     keys = _load_pickle_free(path)
     if isinstance(keys, dict) and "emb.weight" in keys and "blocks.0.ln0.weight" in keys:
         return RWKVFile(path)

@@ -235,11 +235,19 @@ KINDS = {c.kind: c for c in (SentencePieceTokenizer, PanGuTokenizer, BPETokenize
                              ChatGLMTokenizer)}
 
 
+# --- CPM-2 (models/cpm2_tokenizer.py, which imports this module: found lazily) -----------
+
+def _cpm2_tokenizer():
+    from .cpm2_tokenizer import CPM2Tokenizer
+
+    return CPM2Tokenizer
+
+
 def load_tokenizer(directory: Path, spec: dict) -> Tokenizer:
-    cls = KINDS.get(spec.get("kind"))
+    cls = _cpm2_tokenizer() if spec.get("kind") == "cpm2" else KINDS.get(spec.get("kind"))
     if cls is None:
         raise TokenizerError(f"unknown tokenizer kind {spec.get('kind')!r}; known: "
-                             f"{', '.join(KINDS)}")
+                             f"{', '.join([*KINDS, 'cpm2'])}")
     missing = [k for k in ("file", "bos_id", "eos_ids", "add_bos", "chat_template")
                if k not in spec]
     if missing:
@@ -402,6 +410,10 @@ def tokenizer_from_folder(folder: Path, arch: str) -> Tokenizer:
         looked = ("vocab.model",)
         if (folder / "vocab.model").is_file():
             return PanGuTokenizer.from_file(folder / "vocab.model")
+    elif arch_.name == "cpm2":
+        looked = ("vocab.txt",)
+        if (folder / "vocab.txt").is_file():
+            return _cpm2_tokenizer().from_file(folder / "vocab.txt")
     elif arch_.name == "chatglm":
         looked = ("ice_text.model",)
         if (folder / "ice_text.model").is_file():
