@@ -1,6 +1,7 @@
 """Every architecture through the real pipeline (Ray actors, ZeroMQ, fp32 on the wire):
 split over 3 workers gives the unsplit greedy tokens, and after a worker is killed
-mid-generation every sequence is replayed (K/V caches, GLM prefixes, RWKV states) and
+mid-generation every sequence is replayed (K/V caches, GLM prefixes, RWKV states,
+CPM-2's encoder output and cross-attention caches) and
 finishes with the same tokens. Tiny random configs: no tokenizer, token ids in and out."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 
 import pytest
 import test_chatglm
+import test_cpm2
 import test_moss
 import test_pangu
 import test_rwkv
@@ -40,6 +42,11 @@ def _moss(root):
     return convert(root / "hf", root / "store", arch="moss", dtype="fp32", progress=False)
 
 
+def _cpm2(root):
+    test_cpm2.save_untied(test_cpm2.hf_t5(), root / "hf")
+    return convert(root / "hf", root / "store", dtype="fp32", progress=False)
+
+
 def _glm_prompt(seed):
     g = test_chatglm
     return g.text_ids(5 + seed, seed) + [g.GMASK, g.SOP]
@@ -50,6 +57,8 @@ ARCHS = {
     "chatglm": (_chatglm, _glm_prompt),
     "rwkv": (_rwkv, lambda seed: test_rwkv.ids(4 + seed, seed)),
     "moss": (_moss, lambda seed: test_moss.ids(4 + seed, seed)),
+    # encoder input, then the decoder's start token: one stream of rows per sequence
+    "cpm2": (_cpm2, lambda seed: test_cpm2.ids(4 + seed, seed) + [test_cpm2.START]),
 }
 N_PROMPTS, MAX_TOKENS = 6, 24
 
