@@ -40,6 +40,9 @@ from typing import Any
 import msgpack
 import zmq
 
+from .links import Guard, LinkKeys
+from .links import client as curve_client
+
 __all__ = ["TRANSFER_VERSION", "CHUNK_BYTES", "WINDOW", "MANIFEST", "TransferError",
            "StoreSource", "StoreServer", "FetchStats", "fetch", "local_store_path",
            "log_to_stderr"]
@@ -111,6 +114,7 @@ class StoreSource:
     address: str
     home: str
     manifest_sha256: str
+    keys: LinkKeys | None = None  # the cluster's CURVE keys (cluster/links.py); None: plain
 
 
 # ---------------------------------------------------------------------- server
@@ -120,7 +124,8 @@ class StoreServer:
     `port`), from a daemon thread. `address` is what clients connect to. Close it (or use
     it as a context manager) to stop."""
 
-    def __init__(self, store_dir: str | Path, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(self, store_dir: str | Path, host: str = "127.0.0.1", port: int | None = None,
+                 keys: LinkKeys | None = None):
         self.root = Path(store_dir).resolve()
         mf = self.root / MANIFEST
         try:
@@ -140,6 +145,9 @@ class StoreServer:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self.keys = keys
+        self.guard = Guard(self._ctx, keys, "store server")
+        self.guard.server(self._sock)
         if port is None:
             port = self._sock.bind_to_random_port(f"tcp://{host}")
         else:
@@ -152,7 +160,7 @@ class StoreServer:
 
     def source(self, home: str | Path) -> StoreSource:
         """This server as workers get it; `home`: the store root of this node."""
-        return StoreSource(self.address, str(home), self.manifest_sha256)
+        return StoreSource(self.address, str(home), self.manifest_sha256, self.keys)
 
     def _serve(self) -> None:
         poller = zmq.Poller()
@@ -217,6 +225,7 @@ class StoreServer:
         self._stop.set()
         self._thread.join(timeout=5)
         self._sock.close(linger=0)
+        self.guard.close()
         self._ctx.term()
         for fd in self._fds.values():
             os.close(fd)
@@ -259,8 +268,8 @@ class _BadChecksum(Exception):
 class _Client:
     """One DEALER connection; `reset()` drops it (and every reply still in flight)."""
 
-    def __init__(self, address: str, timeout: float) -> None:
-        self.address, self.timeout = address, timeout
+    def __init__(self, address: str, timeout: float, keys: LinkKeys | None = None) -> None:
+        self.address, self.timeout, self.keys = address, timeout, keys
         self.ctx = zmq.Context()
         self.sock: zmq.Socket | None = None
         self.reset()
@@ -270,6 +279,7 @@ class _Client:
             self.sock.close(linger=0)
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        curve_client(self.sock, self.keys)
         self.sock.connect(self.address)
 
     def send(self, header: dict) -> None:
@@ -307,7 +317,8 @@ def _present(path: Path, entry: dict) -> bool:
 def fetch(store_dir: str | Path, server_address: str, files: list[str] | None = None, *,
           chunk_bytes: int = CHUNK_BYTES, window: int = WINDOW, timeout: float = TIMEOUT,
           attempts: int = ATTEMPTS, manifest_sha256: str | None = None,
-          progress: Callable[[str, int, int], None] | None = None) -> FetchStats:
+          progress: Callable[[str, int, int], None] | None = None,
+          keys: LinkKeys | None = None) -> FetchStats:
     """Make `store_dir` hold the server's manifest and the named `files` (None: all of
     them), fetching only those it lacks. Returns what was fetched.
 
@@ -324,7 +335,7 @@ def fetch(store_dir: str | Path, server_address: str, files: list[str] | None = 
     if manifest_sha256 is not None and _complete(dest, manifest_sha256, files):
         return stats
     t0 = time.perf_counter()
-    client = _Client(server_address, timeout)
+    client = _Client(server_address, timeout, keys)
     try:
         try:
             manifest_bytes = client.manifest()

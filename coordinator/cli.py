@@ -225,6 +225,16 @@ def bench_pipeline(args: tuple[str, ...]) -> None:
     pipeline_main(list(args))
 
 
+@bench.command("suite", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_suite(args: tuple[str, ...]) -> None:
+    """The whole suite (decode, versus transformers, load, split, throughput, swap) with
+    the machine's bandwidths: writes DIR/bench.json, bench.md and PNG plots (--help)."""
+    from llm_shard.benchmarks.suite import main as suite_main
+
+    suite_main(list(args))
+
+
 SERVE_HELP = """Plan, start workers, load MODEL and serve it over HTTP.
 
 With no --address, joins the running Ray cluster (RAY_ADDRESS, or one `ray start`
@@ -251,12 +261,16 @@ def _llm_options(f):
         click.option("--wire-dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
                      default="bf16", show_default=True,
                      help="Activations between stages."),
+        click.option("--no-encrypt", "no_encrypt", is_flag=True,
+                     help="Plain TCP between coordinator and workers instead of CURVE "
+                          "(encrypted, authenticated): only on a trusted single machine."),
     ]):
         f = option(f)
     return f
 
 
-def _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype):
+def _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype,
+              no_encrypt=False):
     from llm_shard.cluster.ray_glue import ClusterError
     from llm_shard.coordinator.llm import LLM
     from llm_shard.coordinator.planner import PlanError
@@ -264,7 +278,7 @@ def _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_
     try:
         return LLM(model, workers=list(workers) or None, address=address, dtype=dtype,
                    cache_tokens=cache_tokens, micro_batches=micro_batches,
-                   wire_dtype=wire_dtype)
+                   wire_dtype=wire_dtype, encrypt=not no_encrypt)
     except EXPECTED:
         raise
     except (PlanError, ClusterError, ValueError) as e:
@@ -291,13 +305,14 @@ def _stop_ray() -> None:
               help="The model's name in the API (default: MODEL as given).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype, host, port,
-          api_key, served_model_name, log_level) -> None:
+def serve(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype, no_encrypt,
+          host, port, api_key, served_model_name, log_level) -> None:
     from llm_shard.coordinator.server import create_app, run
 
     llm = None
     try:
-        llm = _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype)
+        llm = _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype,
+                        no_encrypt)
         click.echo(llm.describe_plan())
         name = served_model_name or model
         app = create_app(llm, model_name=name, api_key=api_key)
@@ -328,8 +343,8 @@ model's chat template. Type /clear to forget the conversation, /quit (or Ctrl-D)
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, None))
 @click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0))
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
-def chat(target, address, workers, dtype, cache_tokens, micro_batches, wire_dtype, api_key,
-         system, max_tokens, temperature, top_p) -> None:
+def chat(target, address, workers, dtype, cache_tokens, micro_batches, wire_dtype, no_encrypt,
+         api_key, system, max_tokens, temperature, top_p) -> None:
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
     if target.startswith(("http://", "https://")):
         import httpx
@@ -348,7 +363,7 @@ def chat(target, address, workers, dtype, cache_tokens, micro_batches, wire_dtyp
     llm = None
     try:
         llm = _open_llm(target, address, workers, dtype, cache_tokens, micro_batches,
-                        wire_dtype)
+                        wire_dtype, no_encrypt)
         if llm.tokenizer is None:
             raise click.ClickException(f"{llm.store.path} has no tokenizer to chat with")
         _chat_loop(lambda messages: _local_reply(llm, messages, sampling), system)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import zmq
 
 from llm_shard.cluster import ray_glue
+from llm_shard.cluster.links import Guard, LinkKeys
 from llm_shard.cluster.resources import budgets_from_ray_nodes
 from llm_shard.cluster.transfer import StoreServer
 from llm_shard.cluster.types import Capacity, Completion, Memory, Plan, SamplingParams
@@ -94,6 +95,8 @@ class LLM:
     compute in and send between them. `cache_tokens`: KV-cache tokens every stage keeps
     for all sequences together. `micro_batches`: groups in flight (default: one per
     stage). `use_all_workers`: give every worker a stage even where fewer would be faster.
+    `encrypt`: CURVE-encrypt and authenticate every ZeroMQ link with keys made here and
+    handed to the workers (cluster/links.py); False only on a trusted single machine.
     """
 
     def __init__(self, model: str, workers=None, *, address: str | None = None,
@@ -101,8 +104,8 @@ class LLM:
                  objective: str = "latency", cache_tokens: int = 4096,
                  micro_batches: int | None = None, use_all_workers: bool = False,
                  hop_seconds: float = DEFAULT_HOP_SECONDS, step_timeout: float = 120.0,
-                 host: str | None = None) -> None:
-        self.pipeline = self.scheduler = None
+                 host: str | None = None, encrypt: bool = True) -> None:
+        self.pipeline = self.scheduler = self._guard = None
         self.store_server = None  # store transfer
         self.store = resolve(model, dtype=dtype)
         try:
@@ -115,17 +118,21 @@ class LLM:
         self._ctx = zmq.Context()
         self._results = self._ctx.socket(zmq.PULL)
         self._results.setsockopt(zmq.LINGER, 0)
+        # CURVE on every ZeroMQ link, keys handed to the workers over Ray (cluster/links.py)
+        self.keys = LinkKeys.generate() if encrypt else None
+        self._guard = Guard(self._ctx, self.keys, "coordinator")
+        self._guard.server(self._results)
         host = host or ray_glue.this_node().ip
         port = self._results.bind_to_random_port(f"tcp://{host}")
         try:
             # store transfer: workers on nodes without this store fetch its files from here
-            self.store_server = StoreServer(self.store.path, host)
+            self.store_server = StoreServer(self.store.path, host, keys=self.keys)
             self.pipeline = Pipeline(
                 self.store, caps, threads=_threads(caps, nodes), compute_dtype=compute_dtype,
                 wire_dtype=wire_dtype, objective=objective, cache_tokens=cache_tokens,
                 use_all_workers=use_all_workers, hop_seconds=hop_seconds,
                 result_address=f"tcp://{host}:{port}",
-                store_source=self.store_server.source(home()))
+                store_source=self.store_server.source(home()), link_keys=self.keys)
             cfg = self.store.config
             self.scheduler = Scheduler(self.pipeline, self.tokenizer, self._results,
                                        micro_batches=micro_batches,
@@ -224,6 +231,8 @@ class LLM:
             self.store_server = None
         if not self._results.closed:
             self._results.close(linger=0)
+        if self._guard is not None:
+            self._guard.close()
         self._ctx.term()
 
     def __enter__(self) -> LLM:

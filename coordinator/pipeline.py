@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from llm_shard.cluster import ray_glue
+from llm_shard.cluster.links import LinkKeys
 from llm_shard.cluster.transfer import StoreSource
 from llm_shard.cluster.types import Capacity, Plan, Tier
 from llm_shard.models.store import Store
@@ -43,7 +44,8 @@ class Pipeline:
                  compute_dtype: str = "fp32", wire_dtype: str = "bf16",
                  objective: str = "latency", cache_tokens: int = 4096,
                  use_all_workers: bool = False, hop_seconds: float = DEFAULT_HOP_SECONDS,
-                 result_address: str, store_source: StoreSource | None = None) -> None:
+                 result_address: str, store_source: StoreSource | None = None,
+                 link_keys: LinkKeys | None = None) -> None:
         """`store_source`: where workers fetch the store files their node lacks (store
         transfer, cluster/transfer.py); None: every node has the store at store.path."""
         import ray
@@ -52,6 +54,7 @@ class Pipeline:
         self.objective, self.use_all_workers = objective, use_all_workers
         self.hop_seconds, self.cache_tokens = hop_seconds, cache_tokens
         self.result_address = result_address
+        self.keys = link_keys  # CURVE on every ZeroMQ link (cluster/links.py); None: plain
         # per block, float32 bytes (stage.block_cache_budget): K/V rows, or RWKV states
         self.cache_budget = block_cache_budget(store.config, cache_tokens)
         self.cost = ModelCost.from_manifest(store.manifest, cache_tokens,
@@ -60,7 +63,7 @@ class Pipeline:
         self.workers = [
             WorkerHandle(i, cap, node, ray_glue.start_actor(
                 Worker, node, str(store.path), threads=t, compute_dtype=compute_dtype,
-                wire_dtype=wire_dtype, store_source=store_source))
+                wire_dtype=wire_dtype, store_source=store_source, link_keys=link_keys))
             for i, (cap, node, t) in enumerate(zip(capacities, nodes, threads))]
         try:
             infos = ray.get([w.actor.info.remote() for w in self.workers], timeout=300)

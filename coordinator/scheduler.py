@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import zmq
 
-from llm_shard.cluster import wire
+from llm_shard.cluster import links, wire
 from llm_shard.cluster.types import Completion, SamplingParams
 from llm_shard.models.sampling import finish_reason, truncate_at_stop
 from llm_shard.models.tokenizer import StreamDecoder, Tokenizer
@@ -411,5 +411,6 @@ class Scheduler:
     def _connect(self, address: str) -> zmq.Socket:
         sock = self.results.context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        links.client(sock, self.pipeline.keys)
         sock.connect(address)
         return sock

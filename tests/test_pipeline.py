@@ -149,13 +149,14 @@ def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(ray_cluster
                                                                      reference):
     import ray
 
-    from llm_shard.cluster import wire
+    from llm_shard.cluster import links, wire
 
     with llm(store, 1) as model:
         worker = model.pipeline.workers[0]
         ctx = zmq.Context()
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 1000)
+        links.client(sock, model.keys)  # a peer holding the cluster's key, gone wrong
         sock.connect(worker.info["address"])
         sock.send_multipart([b"\x93not a header"])
         header = wire.encode("step", {"epoch": model.pipeline.epoch})[0]

@@ -20,7 +20,7 @@ import time
 import torch
 import zmq
 
-from llm_shard.cluster import transfer, wire
+from llm_shard.cluster import links, transfer, wire
 from llm_shard.cluster.types import Tier
 from llm_shard.models.base import Part
 from llm_shard.models.cache import Batch, Prefix, SequenceCache
@@ -60,7 +60,8 @@ class Worker:
 
     def __init__(self, store_path: str, *, threads: int, compute_dtype: str = "fp32",
                  wire_dtype: str = "bf16", host: str | None = None,
-                 store_source: transfer.StoreSource | None = None) -> None:
+                 store_source: transfer.StoreSource | None = None,
+                 link_keys: links.LinkKeys | None = None) -> None:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the budget says otherwise.
         torch.set_num_threads(int(threads))
         self.threads = int(threads)
@@ -86,6 +87,10 @@ class Worker:
             import ray
 
             host = ray.util.get_node_ip_address()
+        # CURVE (cluster/links.py): only holders of the cluster's key reach the loop
+        self.keys = link_keys
+        self.guard = links.Guard(self.ctx, link_keys, f"worker pid {os.getpid()}")
+        self.guard.server(self.pull)
         port = self.pull.bind_to_random_port(f"tcp://{host}")
         self._address = f"tcp://{host}:{port}"
         self.next: zmq.Socket | None = None
@@ -110,7 +115,7 @@ class Worker:
         if src is None:
             return
         stats = transfer.fetch(self.store_path, src.address, [p.file for p in parts],
-                               manifest_sha256=src.manifest_sha256)
+                               manifest_sha256=src.manifest_sha256, keys=src.keys)
         if stats.files:
             self.fetched.append(stats.to_dict())
 
@@ -198,6 +203,7 @@ class Worker:
             r = self.runner
             streamer = r.blocks.streamer if r else None
             return {"epoch": self.epoch, "steps": self.steps, "malformed": self.malformed,
+                    "refused_connections": self.guard.refused,
                     "last_error": self.last_error,
                     "sequences": sorted(r.sequences) if r else [],
                     "blocks": [r.start, r.end] if r else None,
@@ -221,12 +227,14 @@ class Worker:
             for sock in (self.next, self.report, self.pull):
                 if sock is not None:
                     sock.close(linger=0)
+        self.guard.close()
         self.ctx.term()
 
     # ------------------------------------------------------------------ transport
     def _push(self, address: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        links.client(sock, self.keys)
         sock.connect(address)
         return sock
 
