@@ -38,6 +38,7 @@ from llm_shard.cluster.types import Completion, SamplingParams
 from .scheduler import RequestError
 
 PAGE = Path(__file__).parent / "web" / "index.html"
+MAX_BODY_BYTES = 8 << 20  # a request body over this gets 413 before it is parsed
 DEFAULT_CHAT_MAX_TOKENS = 512  # chat requests that name no max_tokens (OpenAI: no limit)
 SEED_MAX_LENGTH = 2048  # the ChatGLM api.py default of max_length (prompt + reply tokens)
 
@@ -107,9 +108,11 @@ class SeedRequest(BaseModel):
 
 
 # ---------------------------------------------------------------------------- app
-def create_app(llm, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(llm, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `llm` (an `LLM`) under `model_name`."""
     app = FastAPI(title="llm-shard", version="0.1.0")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.llm = llm
     names = {model_name, Path(model_name).name, llm.store.path.name}
     registry, http_requests = _registry(llm)
@@ -319,6 +322,41 @@ class BackgroundServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets a 413 naming the limit, from
+    its Content-Length or, for a chunked body, once that many bytes have arrived."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        if length is not None:
+            return await self.app(scope, receive, send)
+        messages, size = [], 0  # chunked: buffer up to the limit, then replay
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = _error(413, f"the request body is over {self.max_bytes} bytes")
+        await response(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------- engine bridge

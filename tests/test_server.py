@@ -249,3 +249,21 @@ def test_a_client_that_disconnects_cancels_its_generation(server, recording, llm
     m = _wait_cancelled(recording, cancels + 1, llm)
     assert m["finished_total"].get("cancelled", 0) == before.get("cancelled", 0) + 1
     assert m["finished_total"].get("length", 0) == before.get("length", 0)
+
+
+def test_a_body_over_the_limit_gets_413(server):
+    from llm_shard.coordinator.server import MAX_BODY_BYTES
+
+    big = b'{"prompt": "' + b"a" * (MAX_BODY_BYTES + 10) + b'"}'
+    r = httpx.post(server.url + "/v1/completions", content=big, timeout=60,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "over" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b"a" * 65536
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=60,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert "Traceback" not in r.text
