@@ -229,7 +229,11 @@ def create_app(llm, model_name: str, api_key: str | None = None,
         if not req.messages:
             raise ApiError(400, "messages is empty: send at least one message", param="messages")
         messages = [{"role": m.role, "content": _content(m.content)} for m in req.messages]
-        ids = tokenizer().encode(tokenizer().render_chat(messages, add_generation_prompt=True))
+        try:  # an unknown role, a system message where the template allows none
+            text = tokenizer().render_chat(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        ids = tokenizer().encode(text)
         top = req.top_logprobs or 0
         sp = params(req, len(ids), req.max_completion_tokens or req.max_tokens,
                     logprobs=top if req.logprobs else None)
