@@ -38,8 +38,12 @@ demo: $(VENV)/.installed
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/llm-shard serve smollm2-135m \
 	  --worker ram=1GiB --worker ram=1GiB --host 127.0.0.1 --port 8000
 
+# bench: the whole suite into bench/ (bench.json, bench.md, PNGs); BENCH_ARGS=--quick for
+# a fast check of the harness.
 bench: $(VENV)/.installed
-	$(BIN)/llm-shard bench kernels
+	$(BIN)/pip install -q -e ".[bench]"
+	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(BIN)/llm-shard bench suite \
+	  --out bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

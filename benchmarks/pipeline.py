@@ -30,8 +30,9 @@ def _start_ray():
 
 
 def decode_rate(llm, tokens: int, runs: int = 3) -> float:
-    """Tokens per second of one sequence's decode: (time of 1 + tokens) - (time of 1),
-    so the prefill and the first token are left out. Median of `runs`."""
+    """Tokens per second of one sequence's decode: median time of 1 + tokens less median
+    time of 1, so the prefill and the first token are left out. Where noise leaves that
+    difference not positive (tiny counts), the whole run's rate: a lower bound."""
     from llm_shard import SamplingParams
 
     ids = llm.tokenizer.encode(PROMPT)
@@ -43,48 +44,97 @@ def decode_rate(llm, tokens: int, runs: int = 3) -> float:
         return time.perf_counter() - t0
 
     timed(4)  # warm up
-    return statistics.median(tokens / (timed(tokens + 1) - timed(1)) for _ in range(runs))
+    pairs = [(timed(tokens + 1), timed(1)) for _ in range(max(1, runs))]
+    long = statistics.median(p[0] for p in pairs)
+    diff = long - statistics.median(p[1] for p in pairs)
+    return tokens / diff if diff > 0 else (tokens + 1) / long
 
 
-def concurrent_rate(llm, tokens: int) -> float:
-    """Generated tokens per second of CONCURRENT sequences submitted together."""
+def concurrent_rate(llm, tokens: int, requests: int = CONCURRENT, vary: bool = False,
+                    runs: int = 1) -> float:
+    """Generated tokens per second of `requests` sequences submitted together (median of
+    `runs` after a warm-up). With `vary`, request i asks for between tokens/4 and tokens
+    new tokens, so sequences finish at different steps and continuous batching matters."""
     from llm_shard import SamplingParams
 
     ids = llm.tokenizer.encode(PROMPT)
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    if vary:
+        params = [SamplingParams(max_tokens=max(1, tokens * (1 + i % 4) // 4), temperature=0,
+                                 ignore_eos=True) for i in range(requests)]
+    else:
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     llm.generate(prompt_token_ids=[ids] * 2, params=SamplingParams(max_tokens=4))  # warm
-    t0 = time.perf_counter()
-    outs = llm.generate(prompt_token_ids=[ids] * CONCURRENT, params=params)
-    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompt_token_ids=[ids] * requests, params=params)
+        rates.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
-def run(model: str, tokens: int) -> dict:
-    from llm_shard import LLM
-
+def split(model: str, tokens: int, workers=(1, 2, 3), runs: int = 3) -> dict:
+    """Decode of one sequence over each count of local workers (every worker gets all the
+    machine's threads); ratio to unsplit and per-hop overhead."""
     _start_ray()
     cpus = os.cpu_count() or 1
-    out: dict = {"model": model, "cpus": cpus, "tokens": tokens}
+    out: dict = {}
     per_token = {}
-    for n in (1, 2, 3):
-        workers = [f"ram=2GiB,threads={cpus}"] * n
-        with LLM(model, workers=workers, use_all_workers=True) as llm:
-            rate = decode_rate(llm, tokens)
+    for n in workers:
+        specs = [f"ram=2GiB,threads={cpus}"] * n
+        with _llm(model, workers=specs, use_all_workers=True) as llm:
+            rate = decode_rate(llm, tokens, runs)
             per_token[n] = 1 / rate
             m = llm.metrics()
             out[f"decode_tok_s_{n}_workers"] = rate
             out[f"stage_ms_{n}_workers"] = [s * 1e3 for s in m["stage_seconds"]]
             out[f"step_ms_{n}_workers"] = m["step_seconds"] * 1e3
             out[f"plan_{n}_workers"] = [[s.start, s.end] for s in llm.plan.stages]
-    for n in (2, 3):
-        out[f"ratio_{n}_workers"] = out[f"decode_tok_s_{n}_workers"] / out["decode_tok_s_1_workers"]
-        out[f"hop_ms_{n}_workers"] = (per_token[n] - per_token[1]) * 1e3 / (n - 1)
-    half = max(1, cpus // 2)
-    for groups in (1, 2):
-        with LLM(model, workers=[f"ram=2GiB,threads={half}"] * 2, use_all_workers=True,
-                 micro_batches=groups) as llm:
-            out[f"concurrent_tok_s_{groups}_micro_batches"] = concurrent_rate(llm, tokens)
-    out["micro_batching_gain"] = (out["concurrent_tok_s_2_micro_batches"]
-                                  / out["concurrent_tok_s_1_micro_batches"])
+    if 1 in per_token:
+        for n in workers:
+            if n > 1:
+                out[f"ratio_{n}_workers"] = (out[f"decode_tok_s_{n}_workers"]
+                                             / out["decode_tok_s_1_workers"])
+                out[f"hop_ms_{n}_workers"] = (per_token[n] - per_token[1]) * 1e3 / (n - 1)
+    return out
+
+
+def throughput(model: str, tokens: int, requests: int = CONCURRENT, micro_batches=(1, 2),
+               runs: int = 1, vary: bool = False, objective: str = "latency",
+               stages: int = 2) -> dict:
+    """`requests` sequences at once over `stages` workers (each with an equal share of the
+    machine's threads, as separate machines would bring their own), for each count of
+    micro-batches in flight; the gain of the largest count over 1."""
+    _start_ray()
+    cpus = os.cpu_count() or 1
+    share = max(1, cpus // stages)
+    prompt = len(PROMPT) // 2  # more than its tokens
+    cache = max(4096, requests * (prompt + tokens + 8))
+    out: dict = {}
+    for groups in micro_batches:
+        with _llm(model, workers=[f"ram=2GiB,threads={share}"] * stages,
+                  use_all_workers=True, micro_batches=groups, objective=objective,
+                  cache_tokens=cache) as llm:
+            out[f"concurrent_tok_s_{groups}_micro_batches"] = concurrent_rate(
+                llm, tokens, requests, vary, runs)
+    if 1 in micro_batches and len(micro_batches) > 1:
+        out["micro_batching_gain"] = (
+            out[f"concurrent_tok_s_{max(micro_batches)}_micro_batches"]
+            / out["concurrent_tok_s_1_micro_batches"])
+    return out
+
+
+def _llm(*args, **kwargs):  # imported late: Ray and ZeroMQ only when run
+    from llm_shard import LLM
+
+    return LLM(*args, **kwargs)
+
+
+def run(model: str, tokens: int, runs: int = 3) -> dict:
+    _start_ray()
+    cpus = os.cpu_count() or 1
+    out: dict = {"model": model, "cpus": cpus, "tokens": tokens}
+    out.update(split(model, tokens, (1, 2, 3), runs))
+    out.update(throughput(model, tokens, CONCURRENT, (1, 2)))
     return out
 
 

@@ -46,38 +46,68 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
-@pytest.mark.slow
-def test_serve_answers_then_stops_cleanly_on_sigint(smollm2_stores, tmp_path):
-    store = smollm2_stores["int8"].path
-    port = _free_port()
-    # its own Ray: no RAY_ADDRESS, and a temp folder where no cluster address is recorded
-    # (the session's test cluster records its address under /tmp/ray)
-    ray_tmp = tempfile.mkdtemp(prefix="lsray", dir="/tmp")
+def _serve(store, port: int, ray_tmp: str, log) -> subprocess.Popen:
+    """`llm-shard serve` exactly as the README says, with a Ray of its own: no RAY_ADDRESS,
+    and a temp folder where no cluster address is recorded (the session's test cluster
+    records its address under /tmp/ray)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    log = (tmp_path / "serve.log").open("w")
     cmd = [LLM_SHARD, "serve", str(store), "--worker", "ram=1GiB", "--worker", "ram=1GiB",
            "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "serve did not become healthy in 300 s"
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+
+
+def _completes(url: str) -> None:
+    out = httpx.post(url + "/v1/completions", timeout=120,
+                     json={"prompt": "The capital of France is", "max_tokens": 4,
+                           "temperature": 0}).json()
+    assert out["choices"][0]["text"] and out["usage"]["completion_tokens"] >= 1
+
+
+def _leftovers(tree: list[psutil.Process], ray_tmp: str, wait: float) -> list[psutil.Process]:
+    """What is still running of `tree` or of the Ray under `ray_tmp`, after up to `wait` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = _alive(tree) + [p for p in psutil.process_iter() if _ours(p, ray_tmp)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def _kill_all(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.mark.slow
+def test_serve_answers_then_stops_cleanly_on_sigint(smollm2_stores, tmp_path):
+    port = _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="lsray", dir="/tmp")
+    log = (tmp_path / "serve.log").open("w")
+    proc = _serve(smollm2_stores["int8"].path, port, ray_tmp, log)
     url = f"http://127.0.0.1:{port}"
     tree: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "serve did not become healthy in 300 s"
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        out = httpx.post(url + "/v1/completions", timeout=120,
-                         json={"prompt": "The capital of France is", "max_tokens": 4,
-                               "temperature": 0}).json()
-        assert out["choices"][0]["text"] and out["usage"]["completion_tokens"] >= 1
+        _wait_healthy(proc, url, tmp_path / "serve.log")
+        _completes(url)
         chat = httpx.post(url + "/v1/chat/completions", timeout=120,
                           json={"messages": [{"role": "user", "content": "Hi"}],
                                 "max_tokens": 4}).json()
@@ -93,11 +123,7 @@ def test_serve_answers_then_stops_cleanly_on_sigint(smollm2_stores, tmp_path):
         text = (tmp_path / "serve.log").read_text()
         assert rc == 0, text[-3000:]
         assert "Traceback" not in text, text[-3000:]
-        deadline = time.monotonic() + 30
-        while (_alive(tree) or [p for p in psutil.process_iter() if _ours(p, ray_tmp)]) \
-                and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = _alive(tree) + [p for p in psutil.process_iter() if _ours(p, ray_tmp)]
+        left = _leftovers(tree, ray_tmp, 30)
         assert not left, [" ".join(p.cmdline())[:200] for p in left]
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
@@ -105,13 +131,55 @@ def test_serve_answers_then_stops_cleanly_on_sigint(smollm2_stores, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for p in _alive(tree) + [p for p in psutil.process_iter() if _ours(p, ray_tmp)]:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _kill_all(_leftovers(tree, ray_tmp, 0))
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_serve_killed_and_restarted_leaves_no_orphans_and_serves(smollm2_stores, tmp_path):
+    """The coordinator's own crash: `serve` SIGKILLed (no chance to clean up) takes its
+    Ray and workers with it; started again on the same port, it serves again."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    tmps = [tempfile.mkdtemp(prefix="lsray", dir="/tmp") for _ in range(2)]
+    logs = [(tmp_path / f"serve{k}.log").open("w") for k in range(2)]
+    procs: list[subprocess.Popen] = []
+    trees: list[list[psutil.Process]] = [[], []]
+    try:
+        procs.append(_serve(smollm2_stores["int8"].path, port, tmps[0], logs[0]))
+        _wait_healthy(procs[0], url, tmp_path / "serve0.log")
+        _completes(url)
+        trees[0] = psutil.Process(procs[0].pid).children(recursive=True)
+        procs[0].kill()  # SIGKILL of the coordinator alone, not its process group
+        procs[0].wait()
+        # Ray's raylet, GCS and every worker go with it; its DashboardAgent outlives it
+        # (known: reported, then killed below), which is no worker and holds no weights
+        left = [p for p in _leftovers(trees[0], tmps[0], 60) if "DashboardAgent" not in p.name()]
+        assert not left, [" ".join(p.cmdline())[:200] for p in left]
+        agent = _leftovers(trees[0], tmps[0], 0)
+        if agent:
+            print(f"\nleft after SIGKILL of serve: {[p.name() for p in agent]}")
+            _kill_all(agent)
+
+        procs.append(_serve(smollm2_stores["int8"].path, port, tmps[1], logs[1]))
+        _wait_healthy(procs[1], url, tmp_path / "serve1.log")
+        _completes(url)
+        trees[1] = psutil.Process(procs[1].pid).children(recursive=True)
+        procs[1].send_signal(signal.SIGINT)
+        assert procs[1].wait(timeout=120) == 0
+        left = _leftovers(trees[1], tmps[1], 30)
+        assert not left, [" ".join(p.cmdline())[:200] for p in left]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for tree, tmp in zip(trees, tmps):
+            _kill_all(_leftovers(tree, tmp, 0))
+            shutil.rmtree(tmp, ignore_errors=True)
+        for log in logs:
+            log.close()
 
 
 def test_serve_and_chat_have_help():

@@ -1,0 +1,156 @@
+"""The benchmark harness works: every suite with tiny counts on SmolLM2-135M (and a
+one-block random PanGu-α for decode and swap) writes bench.json with every field, bench.md
+and the plots. No timing is asserted: figures on a shared CI machine mean nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from llm_shard.benchmarks import suite
+
+MACHINE = {"memory_GBps", "memory_GBps_after", "disk_read_GBps", "disk_read_of", "page_cache",
+           "page_cache_dropped", "cpus", "threads", "torch", "python", "platform", "machine"}
+BATCH = {"prefill_tok_s", "decode_tok_s", "roofline_tok_s", "of_roofline"}
+VERSUS_ROW = {"engine", "dtype", "tok_s", "seconds", "step_weight_bytes", "of_roofline"}
+LOAD_ROW = {"engine", "source", "weight_file_bytes", "cold_start_s", "import_s", "load_s",
+            "first_token_s", "disk_bound_s", "of_disk_bound"}
+SPLIT_ROW = {"workers", "plan", "decode_tok_s", "of_unsplit", "hop_ms", "stage_ms", "step_ms",
+             "of_roofline"}
+THROUGHPUT = {"model", "requests", "workers", "max_tokens", "micro_batches_off_tok_s",
+              "micro_batches_on_tok_s", "micro_batching_gain", "suite_seconds"}
+SWAP = {"model", "store", "blocks", "block_bytes", "stage_ram_budget_bytes",
+        "model_over_budget", "cold_read_GBps", "prefetch_on", "prefetch_off",
+        "prefetch_speedup", "tokens", "threads", "runs", "suite_seconds"}
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def report(ray_cluster, smollm2_stores, tmp_path_factory):
+    """One quick run of every suite, written to a folder: (report dict, folder)."""
+    cfg = suite.quick_config()
+    cfg.warmup, cfg.tokens, cfg.prompt_tokens = 0, 2, 4
+    cfg.pangu_layers = cfg.swap_layers = 1
+    cfg.split_tokens = cfg.throughput_tokens = 2
+    cfg.requests = 8
+    cfg.bandwidth_bytes = 64 << 20
+    cfg.threads = 1  # on a shared CI machine, more threads than free cores crawl
+    out = tmp_path_factory.mktemp("bench")
+    r = suite.run(suite.SUITES, cfg, stores=smollm2_stores, pangu_dir=out / "pangu",
+                  log=lambda _: None)
+    names = suite.write(r, out)
+    print({k: round(v["suite_seconds"], 1) for k, v in r["suites"].items()})
+    return json.loads((out / "bench.json").read_text()), out, names
+
+
+def test_every_suite_runs_and_its_json_has_every_field(report):
+    r, out, names = report
+    assert set(r) >= {"version", "date", "quick", "config", "machine", "suites", "plots"}
+    assert set(r["machine"]) >= MACHINE
+    assert positive(r["machine"]["memory_GBps"]) and positive(r["machine"]["disk_read_GBps"])
+    s = r["suites"]
+    assert set(s) == set(suite.SUITES)
+
+    decode = s["decode"]
+    assert decode["batches"] == [1, 16] and len(decode["models"]) == 2
+    assert "SmolLM2" in decode["models"][0]["model"]
+    assert "PanGu" in decode["models"][1]["model"]
+    for m in decode["models"]:
+        assert positive(m["step_weight_bytes"]) and positive(m["roofline_tok_s_batch_1"])
+        for b in (1, 16):
+            assert set(m[f"batch_{b}"]) == BATCH
+            assert all(positive(v) for v in m[f"batch_{b}"].values())
+
+    versus = s["versus"]
+    engines = {(x["engine"], x["dtype"]) for x in versus["rows"]}
+    assert {("llm-shard", "fp32"), ("llm-shard", "bf16"), ("llm-shard", "int8")} <= engines
+    for row in versus["rows"]:
+        assert set(row) >= VERSUS_ROW and positive(row["tok_s"])
+    if suite.transformers_available():
+        assert {("transformers", "fp32"), ("transformers", "bf16")} <= engines
+        # the same weights and prompt, greedy: the same tokens in fp32
+        assert versus["fp32_same_tokens"] == f"{versus['new_tokens']}/{versus['new_tokens']}"
+        for row in versus["rows"]:
+            if row["engine"] == "llm-shard":
+                assert positive(row["vs_transformers_fp32"])
+                assert positive(row["vs_transformers_bf16"])
+    else:
+        assert "not installed" in versus["transformers"]
+
+    load = s["load"]
+    assert "posix_fadvise" in load["page_cache"]
+    sources = [x["source"] for x in load["rows"]]
+    assert sources[:2] == ["store int8", "store fp32"]
+    for row in load["rows"]:
+        assert set(row) >= LOAD_ROW and positive(row["cold_start_s"])
+    if suite.transformers_available():
+        assert [x["source"] for x in load["rows"][2:]] == [
+            "safetensors fp32", "GGUF Q4_1, dequantized to fp32"]
+        assert all(positive(x["vs_transformers"]) for x in load["rows"][:2])
+
+    split = s["split"]
+    assert [x["workers"] for x in split["rows"]] == [1, 2, 3]
+    for row in split["rows"]:
+        assert set(row) == SPLIT_ROW and positive(row["decode_tok_s"])
+        assert len(row["plan"]) == row["workers"]
+
+    assert set(s["throughput"]) == THROUGHPUT
+    assert positive(s["throughput"]["micro_batching_gain"])
+
+    assert set(s["swap"]) == SWAP
+    for k in ("prefetch_on", "prefetch_off"):
+        assert set(s["swap"][k]) == {"tok_s", "disk_GBps", "of_bandwidth"}
+
+    assert (out / "bench.md").is_file() and "bench.json" in names
+
+
+def test_markdown_has_a_table_per_suite(report):
+    r, out, _ = report
+    md = (out / "bench.md").read_text()
+    for title in ("Decode and prefill", "Versus transformers", "Cold start", "Split over",
+                  "Throughput", "Swap"):
+        assert f"### {title}" in md
+    assert "GB/s" in md and "| --- |" in md
+
+
+def test_plots_or_a_note_saying_how_to_get_them(report):
+    r, out, names = report
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert r["plots"] == suite.NO_PNG
+        assert suite.NO_PNG in (out / "bench.md").read_text()
+    else:
+        assert sorted(r["plots"]) == sorted(f"{n}.png" for n in suite.SUITES)
+        for name in r["plots"]:
+            assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_markdown_works_without_matplotlib(report, tmp_path, monkeypatch):
+    r, _, _ = report
+    import builtins
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    names = suite.write(dict(r), tmp_path)
+    assert names == ["bench.json", "bench.md"]
+    assert json.loads((tmp_path / "bench.json").read_text())["plots"] == suite.NO_PNG
+    assert suite.NO_PNG in (tmp_path / "bench.md").read_text()
+
+
+def test_unknown_suites_are_refused_by_name():
+    with pytest.raises(ValueError, match="nope"):
+        suite.run(["decode", "nope"])
+    with pytest.raises(SystemExit):
+        suite.main(["--suites", "decode,nope"])
