@@ -48,12 +48,18 @@ def _submit_all(model, tok):
 
 @pytest.mark.slow
 def test_random_kills_at_random_steps_cost_no_request(ray_cluster, smollm2_stores):
-    store = smollm2_stores["int8"]
+    # fp32 weights: a replayed sequence rebuilds its cache with a many-row prefill, and
+    # the int8 "auto" kernel runs those rows through fbgemm but single decode rows through
+    # int8pack, whose roundings differ: at a near-tie a replayed int8 sequence may take
+    # another greedy token (seen in CI). fp32 has one path whatever the row count.
+    store = smollm2_stores["fp32"]
     tok = store.tokenizer()
     seed = int(os.environ.get("FAULT_SEED", random.randrange(2**32)))
     rng = random.Random(seed)
     print(f"\nfault seed {seed} (FAULT_SEED={seed} replays it)")
-    with LLM(str(store.path), workers=["ram=160MiB"] * POOL, wire_dtype="fp32",
+    total = sum(f["bytes"] for f in store.manifest["files"])
+    ram = int(total / 2.4)  # two workers cannot hold the model, three can: 3 stages
+    with LLM(str(store.path), workers=[f"ram={ram}"] * POOL, wire_dtype="fp32",
              cache_tokens=512) as model:
         assert len(model.plan.stages) == 3
         undisturbed = [f.result(timeout=120).token_ids for f in _submit_all(model, tok)]

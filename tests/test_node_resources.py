@@ -203,36 +203,32 @@ def test_budgets_refuse_a_fractional_byte_count():
 
 
 @pytest.mark.timeout(180)
-def test_budgets_from_a_real_two_node_ray_cluster(monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+def test_budgets_from_a_real_two_node_ray_cluster(ray_cluster):
+    """Two nodes added to the session's Ray cluster advertise budgets as resources; they
+    come back exactly, and a task asking for a node's whole budget lands there."""
     import ray
-    from ray.cluster_utils import Cluster
 
     # Odd byte counts and > 2**32 values: they must come back exactly.
-    head_cap = Capacity(ram=3 * GiB + 1, disk=100 * GiB, gpu_mem=Memory(0))
-    node_cap = Capacity(ram=Memory(10**10), disk=GiB + 7, gpu_mem=5 * GiB)
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "resources": to_ray_resources(head_cap)})
+    caps = [Capacity(ram=3 * GiB + 1, disk=100 * GiB, gpu_mem=Memory(0)),
+            Capacity(ram=Memory(10**10), disk=GiB + 7, gpu_mem=5 * GiB)]
+    nodes = [ray_cluster.add_node(num_cpus=1, resources=to_ray_resources(c)) for c in caps]
     try:
-        node = cluster.add_node(num_cpus=1, resources=to_ray_resources(node_cap))
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
+        ray_cluster.wait_for_nodes()
         got = {node_id: (ip, cap) for node_id, ip, cap in budgets_from_ray_nodes(ray.nodes())}
-        head_id = cluster.head_node.node_id
-        assert set(got) == {head_id, node.node_id}
-        assert got[head_id][1] == Capacity(ram=head_cap.ram, disk=head_cap.disk, node=head_id)
-        assert got[node.node_id][1] == Capacity(ram=node_cap.ram, disk=node_cap.disk,
-                                                gpu_mem=node_cap.gpu_mem, node=node.node_id)
+        assert got[nodes[0].node_id][1] == Capacity(ram=caps[0].ram, disk=caps[0].disk,
+                                                    node=nodes[0].node_id)  # no GPU
+        assert got[nodes[1].node_id][1] == Capacity(ram=caps[1].ram, disk=caps[1].disk,
+                                                    gpu_mem=caps[1].gpu_mem,
+                                                    node=nodes[1].node_id)
 
         # A task asking for a node's whole budget, to the byte, lands on that node.
         @ray.remote(num_cpus=0)
         def where() -> str:
             return ray.get_runtime_context().get_node_id()
 
-        ask = where.options(resources={"llm_shard_ram": float(node_cap.ram),
-                                       "llm_shard_gpu_mem": float(node_cap.gpu_mem)})
-        assert ray.get(ask.remote(), timeout=60) == node.node_id
+        ask = where.options(resources={"llm_shard_ram": float(caps[1].ram),
+                                       "llm_shard_gpu_mem": float(caps[1].gpu_mem)})
+        assert ray.get(ask.remote(), timeout=60) == nodes[1].node_id
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        for node in nodes:
+            ray_cluster.remove_node(node)
