@@ -259,7 +259,8 @@ def create_app(llm, model_name: str, api_key: str | None = None,
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": req.prompt})
         ids = tokenizer().encode(tokenizer().render_chat(messages, add_generation_prompt=True))
-        max_length = req.max_length or min(SEED_MAX_LENGTH, _context(llm))
+        max_length = (req.max_length if req.max_length is not None
+                      else min(SEED_MAX_LENGTH, _context(llm)))  # 0 is no default
         if max_length <= len(ids):
             raise ApiError(400, f"max_length {max_length} leaves no room to answer: the "
                            f"prompt with its history is {len(ids)} tokens", param="max_length")

@@ -186,6 +186,7 @@ BAD = [
     ("/", {"history": []}, 400, "prompt"),
     ("/", {"prompt": "hi", "history": "none"}, 400, "history"),
     ("/", {"prompt": "hi", "max_length": 3}, 400, "max_length"),
+    ("/", {"prompt": "hi", "max_length": 0}, 400, "max_length"),  # not "the default"
 ]
 
 
