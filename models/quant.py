@@ -21,23 +21,34 @@ from the device's preference list (`PREFERENCE`), each kernel saying when it is 
   GEMM speed. See the comment above `_fbgemm_run`.
 - "int8pack" (CPU): `aten._weight_int8pack_mm`, weight-only int8 with bf16 activations.
   Only valid when in_features % 16 == 0: otherwise it returns wrong rows or crashes.
-- "auto" (CPU, the default): "fbgemm", except calls of at most AUTO_SMALL_ROWS rows on
-  layers of at most AUTO_SMALL_LAYER_BYTES go to "int8pack" (when valid for the layer),
-  whose fixed cost per call is lower.
+- "auto" (CPU, the default): per layer, "int8pack" on layers of at most
+  AUTO_SMALL_LAYER_BYTES (when valid for the layer), whose fixed cost per call is lower,
+  and "fbgemm" on larger ones. The choice is the layer's, never the call's: see below.
 - "dequant" (any device; the CUDA path): `F.linear(x, weight.to(x.dtype)) * scales`,
   weight-only, as gpt-fast's `WeightOnlyInt8Linear`. On CPU it is a slow last resort.
 
 Why, measured on 2 cores (benchmarks/kernels.py): at batch 1 on PanGu-2.6B and LLaMA-7B
 layers (6-45 MiB) fbgemm streams 20-24 GB/s of int8 weights (0.65-0.78 of the measured
 read bandwidth; ~4x fp32 F.linear in tokens/s) and int8pack 15-22; at batch 8 and 64
-fbgemm is ~2x int8pack. Under ~2 MiB (SmolLM2-135M's layers) fbgemm's ~70 us fixed cost
-per call dominates at 1-4 rows and int8pack is faster. On SmolLM2-135M
-(tests/test_quant.py) every kernel matches fp32 perplexity within 0.1% with top-1
-agreement 0.966-0.971: the loss is the per-channel weights', not the kernels'. fbgemm's
-plain dynamic W8A8 (one 7-bit level per token) is ~15% faster at batch 1 but loses
-(agreement 0.80, perplexity +16%), so it is not offered. When a preferred kernel is not
-valid for a layer, the layer falls back to the next valid one; each distinct fallback
+fbgemm is ~2x int8pack. Under ~2 MiB (SmolLM2-135M's layers) fbgemm's ~50 us fixed cost
+per call dominates decode (int8pack 16-37 us a call at 1 row, fbgemm 61-76 us), while
+from ~16 rows fbgemm is faster (prefill of 256 tokens: 1.6-1.9x).
+On SmolLM2-135M (tests/test_quant.py) every kernel matches fp32 perplexity within 0.1%
+with top-1 agreement 0.966-0.971: the loss is the per-channel weights', not the kernels'.
+fbgemm's plain dynamic W8A8 (one 7-bit level per token) is ~15% faster at batch 1 but
+loses (agreement 0.80, perplexity +16%), so it is not offered. When a preferred kernel is
+not valid for a layer, the layer falls back to the next valid one; each distinct fallback
 is logged once.
+
+Batch invariance. Every CPU kernel here gives a row the same bits whatever other rows
+share its call ("int8pack" and "fbgemm" by construction, pinned by
+tests/test_quant.py::test_a_row_gets_the_same_bits_in_any_batch): so a sequence decodes
+to the same tokens alone or in a batch of 16, prefilled or replayed token by token, which
+recovery (replaying a sequence's tokens into a new worker's cache) and seeded sampling
+rely on. That is why "auto" picks a kernel per layer and not per call: int8pack and
+fbgemm round activations differently (bf16 vs two 7-bit levels), and choosing by row
+count made a decode step (1 row) and a replay (many rows) differ at near-ties.
+"dequant" (F.linear) is not invariant: BLAS changes its summation order with the shape.
 
 Preparation (packing) happens in `prepare()`, which `prepare_int8` calls for a whole
 model after its weights are loaded; a forward on an unprepared layer prepares it
@@ -152,21 +163,17 @@ def _fbgemm_run(layer: Int8Linear, packed: object, x: torch.Tensor) -> torch.Ten
     # Few torch calls on purpose: at batch 1 each costs ~5 us next to a ~300 us GEMM.
     xf = x if x.dtype == torch.float32 else x.float()
     rows = xf.shape[0]
-    if rows == 1:  # decode: the call's one scale is this token's, no normalising pass
-        amax, v = None, xf
-        scale = max(float(xf.abs().max()), _MIN_ABSMAX) / ACT_LEVELS
-    else:  # rows scaled to [-1, 1], so that one scale serves every token
-        amax = xf.abs().amax(dim=1, keepdim=True).clamp_min_(_MIN_ABSMAX)  # (rows, 1)
-        v, scale = xf / amax, 1.0 / ACT_LEVELS
+    # Each row scaled to [-1, 1] by its absmax, so one grid serves every row and a row's
+    # bits do not depend on the others in the call (batch invariance, even at 1 row).
+    amax = xf.abs().amax(dim=1, keepdim=True).clamp_min_(_MIN_ABSMAX)  # (rows, 1)
+    v, scale = xf / amax, 1.0 / ACT_LEVELS
     # v's rounding residual on the grid, scaled up to the grid's range:
     # 2 ACT_LEVELS * (v - scale * round(v / scale)). (fake_quantize is 4x slower here.)
     lo = torch.mul(v, 1.0 / scale).round_()
     lo.mul_(-2 * ACT_LEVELS * scale).add_(v, alpha=2 * ACT_LEVELS)
     y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
         torch.cat([v, lo]), scale, ACT_ZERO, packed)  # (2 * rows, out)
-    y = y[:rows].add_(y[rows:], alpha=1.0 / (2 * ACT_LEVELS))
-    if amax is not None:
-        y.mul_(amax)
+    y = y[:rows].add_(y[rows:], alpha=1.0 / (2 * ACT_LEVELS)).mul_(amax)
     y = _add_bias(y, layer.bias)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -195,29 +202,25 @@ def _int8pack_run(layer: Int8Linear, scales: object, x: torch.Tensor) -> torch.T
     return _add_bias(y.to(x.dtype), layer.bias)
 
 
-# --- auto: fbgemm, but int8pack for small calls on small layers ----------------------
-# fbgemm's two-level activations cost ~70 us a call on top of the GEMM; int8pack has
-# little fixed cost but a slower GEMM. Measured crossover at 1-4 rows: 1-4 MiB of weights.
-AUTO_SMALL_ROWS = 4
+# --- auto: int8pack on small layers, fbgemm on the rest ------------------------------
+# fbgemm's two-level activations cost ~50 us a call on top of the GEMM; int8pack has
+# little fixed cost but a slower GEMM. Decode is what matters: under ~2 MiB of weights
+# int8pack is faster at 1-4 rows. Chosen once per layer (batch invariance, above).
 AUTO_SMALL_LAYER_BYTES = 2 << 20
 
 
 def _auto_pack(layer: Int8Linear) -> object:
-    small = None
     if layer.weight.numel() <= AUTO_SMALL_LAYER_BYTES:
         reason = _int8pack_invalid(layer)
         if reason is None:
-            small = _int8pack_pack(layer)
-        else:
-            _log_fallback("int8pack", "fbgemm", f"{reason}, for auto's small calls")
-    return _fbgemm_pack(layer), small
+            return _int8pack_run, _int8pack_pack(layer)
+        _log_fallback("int8pack", "fbgemm", f"{reason}, for auto's small layers")
+    return _fbgemm_run, _fbgemm_pack(layer)
 
 
 def _auto_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tensor:
-    packed, small = state
-    if small is not None and x.shape[0] <= AUTO_SMALL_ROWS:
-        return _int8pack_run(layer, small, x)
-    return _fbgemm_run(layer, packed, x)
+    run, packed = state
+    return run(layer, packed, x)
 
 
 # --- dequant: weight-only, any device ----------------------------------------------
