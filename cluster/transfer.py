@@ -17,8 +17,10 @@ A message is a ZeroMQ multipart message `[msgpack header, raw bytes]`, like wire
     reply    {"v": 1, "ok": true, "op": ..., "file": NAME, "offset": O}, DATA
              {"v": 1, "ok": false, "error": "why"}
 
-Pure transport: no torch, no Ray; a store is a folder with a `manifest.json` whose
-`files` list `{name, bytes, sha256}` (models/store.py writes it).
+Pure transport: no Ray, and no torch at import; a store is a folder with a
+`manifest.json` whose `files` list `{name, bytes, sha256}` (models/store.py writes it).
+Each file whose sha256 a fetch checked is recorded with models/store.py's
+`record_verified` (imported when a fetch first records), so loading it hashes it no more.
 """
 
 from __future__ import annotations
@@ -359,6 +361,7 @@ def fetch(store_dir: str | Path, server_address: str, files: list[str] | None = 
                     continue
                 _fetch_file(client, paths[n], entries[n], chunk_bytes, window, attempts,
                             progress, stats)
+                _verified(dest, {n: entries[n]["sha256"]})
                 stats.files.append(n)
     finally:
         client.close()
@@ -396,6 +399,13 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _verified(dest: Path, files: dict[str, str]) -> None:
+    """Record files {name: sha256} whose sha256 this module checked (models/store.py)."""
+    from ..models.store import record_verified
+
+    record_verified(dest, files)
+
+
 def _adopt(dest: Path, manifest_bytes: bytes, entries: dict[str, dict]) -> None:
     """Install the server's manifest in `dest`. Where the local one differs (or there is
     none), present files the two do not agree on are checked by sha256 first, and those
@@ -408,6 +418,7 @@ def _adopt(dest: Path, manifest_bytes: bytes, entries: dict[str, dict]) -> None:
         before = _entries(old, str(local_mf)) if old is not None else {}
     except TransferError:
         before = {}
+    checked = {}
     for name, entry in entries.items():
         try:
             path = _inside(dest, name)
@@ -418,6 +429,9 @@ def _adopt(dest: Path, manifest_bytes: bytes, entries: dict[str, dict]) -> None:
         if not _present(path, entry) or _sha256(path).hexdigest() != entry["sha256"]:
             log.warning("%s differs from the store's new manifest: deleting it", path)
             path.unlink()
+        else:
+            checked[name] = entry["sha256"]
+    _verified(dest, checked)
     tmp = local_mf.with_name(MANIFEST + ".partial")
     tmp.write_bytes(manifest_bytes)
     os.replace(tmp, local_mf)

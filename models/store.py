@@ -8,15 +8,26 @@
 
 int8 stores hold each Linear weight as `<name>.weight` (int8, out x in) plus
 `<name>.scales` (float32, per output channel). Loading memory-maps the files.
+
+Loading a part checks its file's size, and its sha256 against the manifest unless the
+sidecar STORE/.llm-shard-verified.json says that this very file (same device, inode,
+size, mtime and ctime: a copy or an edit changes them) already passed that check. Convert
+and cluster/transfer.py record the files they write and verify (`record_verified`), so
+only a store copied by other means, or a file changed since, is hashed, once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
+import logging
 import mmap
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +38,8 @@ from torch import nn
 from . import get_arch
 from .base import Arch, ArchConfig, Part, parts_of
 from .quant import prepare_int8, swap_int8
+
+log = logging.getLogger(__name__)
 
 FORMAT = "llm-shard-store"
 VERSION = 1
@@ -104,12 +117,130 @@ class StoreError(Exception):
     """A store that is missing, incomplete, corrupt or of another version."""
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, log_every: float | None = None) -> str:
+    """sha256 of a file, read in 4 MiB chunks; with `log_every` (seconds), a progress line
+    at info level that often."""
     h = hashlib.sha256()
+    total = os.path.getsize(path) if log_every else 0
+    done, last = 0, time.monotonic()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
+            if log_every:
+                done += len(chunk)
+                if time.monotonic() - last >= log_every:
+                    last = time.monotonic()
+                    log.info("%s: %.0f of %.0f MB verified", path, done / 1e6, total / 1e6)
     return h.hexdigest()
+
+
+# ------------------------------------------------------------ sha256 checks, recorded
+# Like git's index: a file whose stat identity matches the one recorded when it last
+# passed its sha256 check (or was written by convert, or fetched and checked by
+# cluster/transfer.py) is not hashed again. A copy (cp, rsync, scp, another disk) has
+# another inode and ctime, an edit another mtime and ctime, so either is hashed once.
+VERIFIED = ".llm-shard-verified.json"  # {"version", "files": {name: {sha256, stat}}}
+VERIFIED_LOCK = ".llm-shard-verified.lock"  # writers merge into VERIFIED under flock
+LOG_EVERY = 10.0  # seconds between progress lines of one file's check
+_seen: dict[tuple[int, ...], str] = {}  # stat identity -> sha256, checked in this process
+_seen_lock = threading.Lock()
+_warned: set[str] = set()  # store folders whose records cannot be written
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _records(root: Path) -> dict:
+    try:
+        data = json.loads((root / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) and data.get("version") == 1 else None
+    return files if isinstance(files, dict) else {}
+
+
+def _remember(identity: tuple[int, ...], sha256: str) -> None:
+    with _seen_lock:
+        _seen[identity] = sha256
+
+
+def _is_recorded(root: Path, name: str, sha256: str, st: os.stat_result) -> bool:
+    identity = _identity(st)
+    with _seen_lock:
+        if _seen.get(identity) == sha256:
+            return True
+    rec = _records(root).get(name)
+    if (isinstance(rec, dict) and rec.get("sha256") == sha256
+            and rec.get("stat") == list(identity)):
+        _remember(identity, sha256)
+        return True
+    return False
+
+
+def record_verified(root: str | Path, files: dict[str, str]) -> bool:
+    """Record that the files `{name: sha256}` of the store at `root` hold that sha256 as
+    they are now (the caller hashed them, or checked them against the manifest), so
+    loading them does not hash them again. Concurrent writers (workers loading parts of
+    one store) merge their records under a lock. Where the folder is not writable, warns
+    once that the checks will repeat on every load, and returns False."""
+    root, now = Path(root), {}
+    for name, sha256 in files.items():
+        with contextlib.suppress(OSError):  # a file that is gone has nothing to record
+            now[name] = (sha256, _identity((root / name).stat()))
+    return _record(root, now)
+
+
+def _record(root: Path, files: dict[str, tuple[str, tuple[int, ...]]]) -> bool:
+    """record_verified with the stat identities the files had when they were hashed."""
+    new = {}
+    for name, (sha256, identity) in files.items():
+        _remember(identity, sha256)
+        new[name] = {"sha256": sha256, "stat": list(identity)}
+    if not new:
+        return True
+    tmp = root / f"{VERIFIED}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(root / VERIFIED_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+            records = _records(root)
+            records.update(new)
+            tmp.write_text(json.dumps(
+                {"version": 1, "about": "sha256 checks llm-shard made of this store's files "
+                 "(deleting this file only makes the next load check them again)",
+                 "files": dict(sorted(records.items()))}, indent=1))
+            os.replace(tmp, root / VERIFIED)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        key = os.path.abspath(root)
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("cannot record sha256 checks in %s (%s): every process that "
+                        "loads its files checks them again", root, e.strerror or e)
+        return False
+    return True
+
+
+def check_file(root: Path, name: str, entry: dict, st: os.stat_result | None = None) -> None:
+    """Check the store file `name` against its manifest `entry` {name, bytes, sha256}:
+    hash it unless its record says it passed as it is, and record it when it passes.
+    StoreError naming the file if it fails."""
+    path = root / name
+    st = st or path.stat()
+    if _is_recorded(root, name, entry["sha256"], st):
+        return
+    log.info("verifying %d bytes of %s (sha256 against the store's manifest)",
+             st.st_size, path)
+    if sha256_file(path, log_every=LOG_EVERY) != entry["sha256"]:
+        raise StoreError(
+            f"{path} fails its sha256 check against {root / 'manifest.json'}: the file is "
+            "corrupt or was changed since the store was written. Convert the checkpoint "
+            "again (llm-shard convert SRC -o STORE --overwrite), or delete the file and "
+            "copy it again from an intact store (a worker that fetches its store from the "
+            "coordinator fetches a deleted file by itself)")
+    if _identity(path.stat()) == _identity(st):  # not changed while it was hashed
+        _record(root, {name: (entry["sha256"], _identity(st))})
 
 
 @dataclass
@@ -160,24 +291,35 @@ class Store:
     def part_bytes(self, part: Part) -> int:
         return self.file_entry(part.file)["bytes"]
 
-    def _checked(self, name: str) -> Path:
+    def _sized(self, name: str) -> tuple[dict, Path, os.stat_result]:
+        """The file's manifest entry, path and stat; StoreError if missing or mis-sized."""
         entry, path = self.file_entry(name), self.path / name
         if not path.is_file():
             raise StoreError(f"{path} is missing from the store")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise StoreError(f"{path} has {size} bytes, the manifest says {entry['bytes']}: "
-                             "the file is truncated or was changed")
+        st = path.stat()
+        if st.st_size != entry["bytes"]:
+            raise StoreError(f"{path} has {st.st_size} bytes, the manifest says "
+                             f"{entry['bytes']}: the file is truncated or was changed")
+        return entry, path, st
+
+    def _checked(self, name: str) -> Path:
+        """The path of a file to load: its size checked, and its sha256 unless recorded."""
+        entry, path, st = self._sized(name)
+        check_file(self.path, name, entry, st)
         return path
 
     def verify(self, names: list[str] | None = None) -> None:
-        """Check sha256 of the named files (default: all); raise naming the first bad one."""
+        """Check sha256 of the named files (default: all), whatever their records say;
+        raise naming the first bad one, record the good ones."""
         for entry in self.manifest["files"]:
             if names is not None and entry["name"] not in names:
                 continue
-            path = self._checked(entry["name"])
-            if sha256_file(path) != entry["sha256"]:
-                raise StoreError(f"{path} fails its sha256 check: the file is corrupt")
+            _, path, st = self._sized(entry["name"])
+            if sha256_file(path, LOG_EVERY) != entry["sha256"]:
+                raise StoreError(f"{path} fails its sha256 check: the file is corrupt or was "
+                                 "changed since the store was written")
+            if _identity(path.stat()) == _identity(st):
+                _record(self.path, {entry["name"]: (entry["sha256"], _identity(st))})
 
     def tensors(self, part: Part) -> dict[str, torch.Tensor]:
         """The part's tensors, memory-mapped (nothing is read until used)."""
@@ -248,6 +390,9 @@ class StoreWriter:
         written = {f["name"] for f in self.manifest["files"]}
         if expected != written:
             raise StoreError(f"store is incomplete, missing {sorted(expected - written)}")
+        # hashed as written: a fresh store loads without hashing (renaming the folder
+        # keeps its files' stat identity)
+        record_verified(self.path, {f["name"]: f["sha256"] for f in self.manifest["files"]})
         (self.path / "manifest.json").write_text(json.dumps(self.manifest, indent=1))
         if self.final.exists():
             import shutil

@@ -301,6 +301,7 @@ def test_a_node_with_an_empty_store_fetches_what_it_runs(ray_cluster, smollm2_st
 
     from llm_shard import LLM, SamplingParams
     from llm_shard.models.runner import LocalModel
+    from llm_shard.models.store import VERIFIED, VERIFIED_LOCK
 
     store = smollm2_stores["fp32"]
     prompts = ["The capital of France is", "def fibonacci(n):"]
@@ -337,6 +338,7 @@ def test_a_node_with_an_empty_store_fetches_what_it_runs(ray_cluster, smollm2_st
     fetched = [f for s in stats[1]["fetched"] for f in s["files"]]
     assert sorted(fetched) == sorted(want)
     on_disk = {str(p.relative_to(got)) for p in got.rglob("*") if p.is_file()}
-    assert on_disk - {".llm-shard-fetch.lock"} == want | {MANIFEST}
+    assert on_disk - {".llm-shard-fetch.lock", VERIFIED_LOCK} == want | {MANIFEST, VERIFIED}
+    assert sorted(json.loads((got / VERIFIED).read_text())["files"]) == sorted(want)
     for name in want:
         assert (got / name).read_bytes() == (store.path / name).read_bytes()
