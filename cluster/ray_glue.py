@@ -76,7 +76,7 @@ def find_node(name: str) -> Node:
 def start_actor(cls: type, node: Node, *args, **kwargs):
     """An actor of `cls` pinned to `node`. It takes no Ray CPU slot (the budget, not Ray's
     CPU count, says what it may use), answers control calls while its `watch` call waits,
-    and is not restarted by Ray: the coordinator re-plans instead."""
+    and is not restarted by Ray: the coordinator replaces it (coordinator/pipeline.py)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -264,13 +264,17 @@ def _llm_options(f):
         click.option("--no-encrypt", "no_encrypt", is_flag=True,
                      help="Plain TCP between coordinator and workers instead of CURVE "
                           "(encrypted, authenticated): only on a trusted single machine."),
+        click.option("--max-restarts", default=3, show_default=True,
+                     type=click.IntRange(-1, None),
+                     help="Times a lost worker is replaced (same node, same budget) within "
+                          "10 minutes; -1: no limit, 0: never (re-plan over the rest)."),
     ]):
         f = option(f)
     return f
 
 
 def _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype,
-              no_encrypt=False):
+              no_encrypt=False, max_restarts=3):
     from llm_shard.cluster.ray_glue import ClusterError
     from llm_shard.coordinator.llm import LLM
     from llm_shard.coordinator.planner import PlanError
@@ -278,7 +282,8 @@ def _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_
     try:
         return LLM(model, workers=list(workers) or None, address=address, dtype=dtype,
                    cache_tokens=cache_tokens, micro_batches=micro_batches,
-                   wire_dtype=wire_dtype, encrypt=not no_encrypt)
+                   wire_dtype=wire_dtype, encrypt=not no_encrypt,
+                   max_restarts=max_restarts)
     except EXPECTED:
         raise
     except (PlanError, ClusterError, ValueError) as e:
@@ -306,13 +311,13 @@ def _stop_ray() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype, no_encrypt,
-          host, port, api_key, served_model_name, log_level) -> None:
+          max_restarts, host, port, api_key, served_model_name, log_level) -> None:
     from llm_shard.coordinator.server import create_app, run
 
     llm = None
     try:
         llm = _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype,
-                        no_encrypt)
+                        no_encrypt, max_restarts)
         click.echo(llm.describe_plan())
         name = served_model_name or model
         app = create_app(llm, model_name=name, api_key=api_key)
@@ -344,7 +349,7 @@ model's chat template. Type /clear to forget the conversation, /quit (or Ctrl-D)
 @click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0))
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
 def chat(target, address, workers, dtype, cache_tokens, micro_batches, wire_dtype, no_encrypt,
-         api_key, system, max_tokens, temperature, top_p) -> None:
+         max_restarts, api_key, system, max_tokens, temperature, top_p) -> None:
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
     if target.startswith(("http://", "https://")):
         import httpx
@@ -363,7 +368,7 @@ def chat(target, address, workers, dtype, cache_tokens, micro_batches, wire_dtyp
     llm = None
     try:
         llm = _open_llm(target, address, workers, dtype, cache_tokens, micro_batches,
-                        wire_dtype, no_encrypt)
+                        wire_dtype, no_encrypt, max_restarts)
         if llm.tokenizer is None:
             raise click.ClickException(f"{llm.store.path} has no tokenizer to chat with")
         _chat_loop(lambda messages: _local_reply(llm, messages, sampling), system)

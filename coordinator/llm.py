@@ -97,6 +97,11 @@ class LLM:
     stage). `use_all_workers`: give every worker a stage even where fewer would be faster.
     `encrypt`: CURVE-encrypt and authenticate every ZeroMQ link with keys made here and
     handed to the workers (cluster/links.py); False only on a trusted single machine.
+    `max_restarts`: how many times a lost worker is replaced by a fresh one (same node,
+    same budget) within 10 minutes; -1 without limit, 0 never (the re-plan then runs over
+    the workers left). `step_timeout`: seconds a step may take before the workers are
+    probed; `control_timeout`: seconds a probed worker has to answer before it counts as
+    dead.
     """
 
     def __init__(self, model: str, workers=None, *, address: str | None = None,
@@ -104,7 +109,8 @@ class LLM:
                  objective: str = "latency", cache_tokens: int = 4096,
                  micro_batches: int | None = None, use_all_workers: bool = False,
                  hop_seconds: float = DEFAULT_HOP_SECONDS, step_timeout: float = 120.0,
-                 host: str | None = None, encrypt: bool = True) -> None:
+                 host: str | None = None, encrypt: bool = True, max_restarts: int = 3,
+                 control_timeout: float = 30.0) -> None:
         self.pipeline = self.scheduler = self._guard = None
         self.store_server = None  # store transfer
         self.store = resolve(model, dtype=dtype)
@@ -132,7 +138,8 @@ class LLM:
                 wire_dtype=wire_dtype, objective=objective, cache_tokens=cache_tokens,
                 use_all_workers=use_all_workers, hop_seconds=hop_seconds,
                 result_address=f"tcp://{host}:{port}",
-                store_source=self.store_server.source(home()), link_keys=self.keys)
+                store_source=self.store_server.source(home()), link_keys=self.keys,
+                max_restarts=max_restarts, control_timeout=control_timeout)
             cfg = self.store.config
             self.scheduler = Scheduler(self.pipeline, self.tokenizer, self._results,
                                        micro_batches=micro_batches,
@@ -199,7 +206,8 @@ class LLM:
 
     def stats(self) -> dict:
         return {"epoch": self.pipeline.epoch, "recoveries": self.scheduler.recoveries,
-                "workers": [{"index": w.index, "alive": w.alive, "pid": w.info.get("pid"),
+                "workers": [{"index": w.index, "alive": w.alive, "restarts": len(w.restarts),
+                             "pid": w.info.get("pid"),
                              "node_id": w.info.get("node_id"), "speed": w.speed,
                              "capacity": w.capacity.to_spec()}
                             for w in self.pipeline.workers]}

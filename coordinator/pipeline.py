@@ -1,5 +1,13 @@
 """The Ray side of the coordinator: worker actors, their calibration, the plan, and the
 re-plan after a failure. The scheduler (scheduler.py) owns the ZeroMQ side.
+
+After a failure a lost worker is replaced: a fresh actor with the same budget on the same
+node (when the node is still alive), at most `max_restarts` times per worker within
+RESTART_WINDOW seconds, so a worker that dies on every start cannot stall the pipeline
+forever. It keeps the lost one's index and measured speed (same node, same budget: no
+new calibration), and the re-plan runs over the survivors and the replacements. Ray's
+own actor restarts stay off (ray_glue.start_actor): a restarted actor would need a new
+address and a new epoch anyway, and `ray.kill` never restarts.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ log = logging.getLogger("llm_shard.coordinator")
 
 # A worker must answer a control call within this many seconds or be counted as dead.
 CONTROL_TIMEOUT = 30.0
+# A replacement worker must be up (process started, store opened) within this many seconds.
+START_TIMEOUT = 300.0
+RESTART_WINDOW = 600.0  # seconds over which `max_restarts` counts a worker's restarts
 
 
 @dataclass
@@ -33,8 +44,10 @@ class WorkerHandle:
     actor: object
     info: dict = field(default_factory=dict)
     speed: dict = field(default_factory=dict)  # tier -> bytes of weights/s, measured
+    threads: int = 1
     watch: object = None  # the ObjectRef of its `watch` call: fails when the actor dies
     alive: bool = True
+    restarts: list[float] = field(default_factory=list)  # monotonic time of each replacement
 
 
 class Pipeline:
@@ -45,11 +58,20 @@ class Pipeline:
                  objective: str = "latency", cache_tokens: int = 4096,
                  use_all_workers: bool = False, hop_seconds: float = DEFAULT_HOP_SECONDS,
                  result_address: str, store_source: StoreSource | None = None,
-                 link_keys: LinkKeys | None = None) -> None:
+                 link_keys: LinkKeys | None = None, max_restarts: int = 3,
+                 control_timeout: float = CONTROL_TIMEOUT) -> None:
         """`store_source`: where workers fetch the store files their node lacks (store
-        transfer, cluster/transfer.py); None: every node has the store at store.path."""
+        transfer, cluster/transfer.py); None: every node has the store at store.path.
+        `max_restarts`: replacements per worker within RESTART_WINDOW (-1: no limit, 0:
+        none, the re-plan runs over the survivors). `control_timeout`: seconds a worker
+        has to answer a probe before it counts as dead."""
         import ray
 
+        if max_restarts < -1:
+            raise ValueError(f"max_restarts must be -1 (no limit), 0 or more, got {max_restarts}")
+        if control_timeout <= 0:
+            raise ValueError(f"control_timeout must be > 0 seconds, got {control_timeout}")
+        self.max_restarts, self.control_timeout = max_restarts, control_timeout
         self.store = store
         self.objective, self.use_all_workers = objective, use_all_workers
         self.hop_seconds, self.cache_tokens = hop_seconds, cache_tokens
@@ -59,14 +81,15 @@ class Pipeline:
         self.cache_budget = block_cache_budget(store.config, cache_tokens)
         self.cost = ModelCost.from_manifest(store.manifest, cache_tokens,
                                             -(-self.cache_budget // max(1, cache_tokens)))
+        self._worker_kwargs = dict(compute_dtype=compute_dtype, wire_dtype=wire_dtype,
+                                   store_source=store_source, link_keys=link_keys)
         nodes = ray_glue.worker_nodes(capacities)
-        self.workers = [
-            WorkerHandle(i, cap, node, ray_glue.start_actor(
-                Worker, node, str(store.path), threads=t, compute_dtype=compute_dtype,
-                wire_dtype=wire_dtype, store_source=store_source, link_keys=link_keys))
-            for i, (cap, node, t) in enumerate(zip(capacities, nodes, threads))]
+        self.workers = [WorkerHandle(i, cap, node, None, threads=t)
+                        for i, (cap, node, t) in enumerate(zip(capacities, nodes, threads))]
         try:
-            infos = ray.get([w.actor.info.remote() for w in self.workers], timeout=300)
+            for w in self.workers:
+                self._start(w)
+            infos = ray.get([w.actor.info.remote() for w in self.workers], timeout=START_TIMEOUT)
             for w, info in zip(self.workers, infos):
                 w.info = info
                 w.watch = w.actor.watch.remote()
@@ -81,6 +104,10 @@ class Pipeline:
         except BaseException:
             self.shutdown()
             raise
+
+    def _start(self, w: WorkerHandle) -> None:
+        w.actor = ray_glue.start_actor(Worker, w.node, str(self.store.path), threads=w.threads,
+                                       **self._worker_kwargs)
 
     # ------------------------------------------------------------------ plan
     def alive(self) -> list[WorkerHandle]:
@@ -139,15 +166,15 @@ class Pipeline:
         bad = []
         for w in self.alive():
             try:
-                ray.get(w.actor.stats.remote(), timeout=CONTROL_TIMEOUT)
+                ray.get(w.actor.stats.remote(), timeout=self.control_timeout)
             except (ray.exceptions.RayError, TimeoutError) as e:
                 log.warning("worker %d does not answer: %s", w.index, e)
                 bad.append(w)
         return bad
 
     def replan(self, lost: list[WorkerHandle]) -> None:
-        """Re-plan over the workers left and configure them for a new epoch.
-        Raises PlanError when what is left cannot hold the model."""
+        """Replace the lost workers where allowed, re-plan over the workers alive and
+        configure them for a new epoch. Raises PlanError when they cannot hold the model."""
         import ray
 
         for w in lost:
@@ -158,12 +185,48 @@ class Pipeline:
                 pass
         t0 = time.perf_counter()
         self.epoch += 1
+        self._replace([w for w in lost if self._may_restart(w)])
         if not self.alive():
             raise PlanError("every worker has failed; nothing is left to run the model on")
         self.plan, self.report = self._plan()
         self.cache_capacity = self._configure()
         log.warning("re-planned over %d workers in %.1f s (epoch %d)", len(self.alive()),
                     time.perf_counter() - t0, self.epoch)
+
+    def _may_restart(self, w: WorkerHandle) -> bool:
+        recent = sum(time.monotonic() - t < RESTART_WINDOW for t in w.restarts)
+        if self.max_restarts != -1 and recent >= self.max_restarts:
+            log.warning("worker %d is not replaced: %d restarts in the last %.0f s "
+                        "(max_restarts=%d)", w.index, recent, RESTART_WINDOW,
+                        self.max_restarts)
+            return False
+        if w.node.node_id not in {n.node_id for n in ray_glue.nodes()}:
+            log.warning("worker %d is not replaced: its node %s has left the cluster",
+                        w.index, w.node.node_id[:12])
+            return False
+        return True
+
+    def _replace(self, lost: list[WorkerHandle]) -> None:
+        """A fresh actor for each of `lost`, on its node with its budget; those that are
+        not up within START_TIMEOUT stay dead."""
+        import ray
+
+        for w in lost:
+            w.restarts.append(time.monotonic())
+            self._start(w)
+        for w in lost:
+            try:
+                w.info = ray.get(w.actor.info.remote(), timeout=START_TIMEOUT)
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                log.error("replacement for worker %d did not start: %s", w.index, e)
+                try:
+                    ray.kill(w.actor)
+                except Exception:
+                    pass
+                continue
+            w.watch, w.alive = w.actor.watch.remote(), True
+            log.warning("worker %d replaced (pid %s, restart %d)", w.index, w.info["pid"],
+                        len(w.restarts))
 
     def shutdown(self) -> None:
         import ray

@@ -8,10 +8,18 @@ prompt as prefill rows beside the others' decode rows) and leaves when it finish
 its caches freed by the group's next message.
 
 Recovery: a worker's death (its Ray `watch` call fails) or a step that does not come
-back within `step_timeout` makes the pipeline re-plan over the workers left; every
-running sequence is then replayed (prompt + tokens so far as one prefill) and goes on.
-Sampling draws depend only on (seed, step), and every request gets a seed, so replayed
-output is the same as undisturbed output.
+back within `step_timeout` makes the pipeline replace the lost workers and re-plan;
+every running sequence is then replayed and goes on. A replay repeats the steps that
+built the sequence's caches, in their shapes: its prompt as one prefill, then each token
+generated so far as one decode row, the samples of those steps dropped (a step whose
+`steps` index is below the tokens already generated). The int8 kernels give a row the
+same bits whatever its company (models/quant.py, batch invariance), but attention and
+BLAS over 1 query row and over n rows do not sum in the same order, and bf16 rounding of
+activations can turn that 1e-7 into a different token at a near-tie: so a replay that
+prefilled prompt + generated in one step would not be exact, and this one is, at the
+cost of one pipeline step per token generated so far. Sampling draws depend only on
+(seed, step), and every request gets a seed, so replayed output is the same as
+undisturbed output.
 """
 
 from __future__ import annotations
@@ -59,13 +67,11 @@ class Sequence:
     text: str = ""
     sent_chars: int = 0  # text handed to on_text so far
     group: int | None = None
-    fresh: bool = True  # its next step is a prefill of prompt + generated (new or replayed)
+    fresh: bool = True  # its next step is a prefill of its prompt (new or replayed)
+    fed: int = 0  # tokens of `generated` whose K/V the caches hold (fed as decode rows)
+    sent_step: int = 0  # the `steps` index of its step in flight: < len(generated): replay
     reserved: int = 0  # cache bytes per block (stage.sequence_bytes)
     waited: bool = False  # it waited in the queue for cache room
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.generated
 
 
 @dataclass
@@ -217,14 +223,16 @@ class Scheduler:
             ids, lens, reset, params, steps = [], [], [], {}, []
             for i in g.seqs:
                 s = self.running[i]
-                rows = s.tokens if s.fresh else s.generated[-1:]
-                ids += rows
-                lens.append(len(rows))
-                steps.append(len(s.generated))
-                if s.fresh:
+                if s.fresh:  # the prompt (a replay feeds the generated tokens one by one)
+                    rows, s.fed, s.fresh = s.prompt, 0, False
                     reset.append(i)
                     params[str(i)] = s.params.to_dict()
-                    s.fresh = False
+                else:
+                    rows, s.fed = s.generated[s.fed:s.fed + 1], s.fed + 1
+                ids += rows
+                lens.append(len(rows))
+                s.sent_step = s.fed  # this step samples token number s.fed
+                steps.append(s.sent_step)
             fields = {"epoch": epoch, "mb": g.id, "seqs": list(g.seqs), "lens": lens,
                       "reset": reset, "params": params, "steps": steps, "free": g.free}
             wire.send(self.push, wire.encode(STEP, fields, {"tokens": torch.tensor(ids)}))
@@ -283,6 +291,12 @@ class Scheduler:
         for i, token, lp, top in zip(f["seqs"], f["sampled"], f["logprobs"], f["top"]):
             seq = self.running.get(i)
             if seq is None:
+                continue
+            if seq.sent_step < len(seq.generated):  # a replayed step: the token is known
+                if token != seq.generated[seq.sent_step]:
+                    log.warning("sequence %d: replayed step %d sampled %d, not %d as before "
+                                "the failure; keeping %d", i, seq.sent_step, token,
+                                seq.generated[seq.sent_step], seq.generated[seq.sent_step])
                 continue
             seq.generated.append(token)
             self.tokens_total += 1

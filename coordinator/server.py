@@ -520,6 +520,11 @@ def _registry(llm):
             yield done
             yield CounterMetricFamily("llm_shard_recoveries", "Re-plans after a worker loss",
                                       value=m["recoveries_total"])
+            restarts = CounterMetricFamily("llm_shard_worker_restarts", "Times the worker "
+                                           "was replaced after a loss", labels=["worker"])
+            for w in llm.stats()["workers"]:
+                restarts.add_metric([str(w["index"])], w["restarts"])
+            yield restarts
             yield GaugeMetricFamily("llm_shard_queue_waiting", "Requests waiting for cache",
                                     value=m["waiting"])
             yield GaugeMetricFamily("llm_shard_running", "Requests being generated",

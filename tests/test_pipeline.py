@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 import zmq
@@ -106,9 +107,12 @@ def _kill(model, worker, how):
         ray.kill(worker.actor)
 
 
-@pytest.mark.parametrize("how", ["pid", "ray.kill"])
-def test_a_killed_worker_costs_no_request(ray_cluster, store, reference, how):
-    with llm(store, 3) as model:
+@pytest.mark.parametrize("how,restarts", [("pid", 3), ("ray.kill", 3), ("pid", 0),
+                                          ("ray.kill", 0)])
+def test_a_killed_worker_costs_no_request(ray_cluster, store, reference, how, restarts):
+    """With restarts (the default) the lost worker is replaced on its node and the plan
+    keeps its 3 stages; with max_restarts=0 the re-plan runs over the 2 workers left."""
+    with llm(store, 3, max_restarts=restarts) as model:
         tok = store.tokenizer()
         started = threading.Event()
         futures = [model.submit(tok.encode(p), GREEDY,
@@ -116,13 +120,24 @@ def test_a_killed_worker_costs_no_request(ray_cluster, store, reference, how):
                    for i, p in enumerate(PROMPTS[:4])]
         assert started.wait(60)
         middle = model.pipeline.workers[model.plan.stages[1].worker]
+        old_pid = middle.info["pid"]
         _kill(model, middle, how)
         outs = [f.result(timeout=300) for f in futures]
         assert [o.token_ids for o in outs] == reference[:4]
         stats = model.stats()
         assert stats["recoveries"] >= 1 and stats["epoch"] >= 1
-        assert [w["alive"] for w in stats["workers"]].count(False) == 1
-        assert len(model.plan.stages) == 2
+        workers = stats["workers"]
+        if restarts:
+            assert [w["restarts"] for w in workers] == [int(w["index"] == middle.index)
+                                                        for w in workers]
+            assert all(w["alive"] for w in workers) and len(model.plan.stages) == 3
+            assert workers[middle.index]["pid"] != old_pid
+            assert not psutil.pid_exists(old_pid) or \
+                psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+        else:
+            assert [w["alive"] for w in workers].count(False) == 1
+            assert [w["restarts"] for w in workers] == [0, 0, 0]
+            assert len(model.plan.stages) == 2
         # and it keeps serving
         assert model.generate(PROMPTS[:1], GREEDY)[0].token_ids == reference[0]
 
@@ -130,7 +145,7 @@ def test_a_killed_worker_costs_no_request(ray_cluster, store, reference, how):
 def test_no_plan_left_fails_requests_clearly(ray_cluster, store):
     total = sum(f["bytes"] for f in store.manifest["files"])
     ram = f"ram={int(total * 0.75)}"
-    with llm(store, 2, workers=[ram, ram], cache_tokens=1024) as model:
+    with llm(store, 2, workers=[ram, ram], cache_tokens=1024, max_restarts=0) as model:
         assert len(model.plan.stages) == 2
         tok = store.tokenizer()
         started = threading.Event()

@@ -138,7 +138,8 @@ def test_models_health_metrics(server):
     text = httpx.get(server.url + "/metrics").text
     for name in ("llm_shard_requests_total", "llm_shard_generated_tokens_total",
                  "llm_shard_queue_waiting", "llm_shard_stage_seconds{stage=\"1\"}",
-                 "llm_shard_http_requests_total"):
+                 "llm_shard_http_requests_total", "llm_shard_recoveries_total",
+                 "llm_shard_worker_restarts_total{worker=\"0\"} 0.0"):
         assert name in text
     assert "<html" in httpx.get(server.url + "/").text.lower()
 
