@@ -31,8 +31,11 @@ log = logging.getLogger("llm_shard.coordinator")
 
 # A worker must answer a control call within this many seconds or be counted as dead.
 CONTROL_TIMEOUT = 30.0
-# A replacement worker must be up (process started, store opened) within this many seconds.
+# A worker must be up (process started, store manifest opened or fetched) within this many
+# seconds; a replacement, on a node that already ran one, within REPLACE_TIMEOUT (~3 s here;
+# a node that died unnoticed fails it as soon as Ray marks the node dead).
 START_TIMEOUT = 300.0
+REPLACE_TIMEOUT = 60.0
 RESTART_WINDOW = 600.0  # seconds over which `max_restarts` counts a worker's restarts
 
 
@@ -208,7 +211,7 @@ class Pipeline:
 
     def _replace(self, lost: list[WorkerHandle]) -> None:
         """A fresh actor for each of `lost`, on its node with its budget; those that are
-        not up within START_TIMEOUT stay dead."""
+        not up within REPLACE_TIMEOUT stay dead."""
         import ray
 
         for w in lost:
@@ -216,7 +219,7 @@ class Pipeline:
             self._start(w)
         for w in lost:
             try:
-                w.info = ray.get(w.actor.info.remote(), timeout=START_TIMEOUT)
+                w.info = ray.get(w.actor.info.remote(), timeout=REPLACE_TIMEOUT)
             except (ray.exceptions.RayError, TimeoutError) as e:
                 log.error("replacement for worker %d did not start: %s", w.index, e)
                 try:

@@ -107,18 +107,24 @@ def _kill(model, worker, how):
         ray.kill(worker.actor)
 
 
+def _submit_and_start(model, store):
+    """The first four prompts submitted; returns their futures once text is coming."""
+    tok = store.tokenizer()
+    started = threading.Event()
+    futures = [model.submit(tok.encode(p), GREEDY,
+                            (lambda piece: started.set()) if i == 0 else None)
+               for i, p in enumerate(PROMPTS[:4])]
+    assert started.wait(60)
+    return futures
+
+
 @pytest.mark.parametrize("how,restarts", [("pid", 3), ("ray.kill", 3), ("pid", 0),
                                           ("ray.kill", 0)])
 def test_a_killed_worker_costs_no_request(ray_cluster, store, reference, how, restarts):
     """With restarts (the default) the lost worker is replaced on its node and the plan
     keeps its 3 stages; with max_restarts=0 the re-plan runs over the 2 workers left."""
     with llm(store, 3, max_restarts=restarts) as model:
-        tok = store.tokenizer()
-        started = threading.Event()
-        futures = [model.submit(tok.encode(p), GREEDY,
-                                (lambda piece: started.set()) if i == 0 else None)
-                   for i, p in enumerate(PROMPTS[:4])]
-        assert started.wait(60)
+        futures = _submit_and_start(model, store)
         middle = model.pipeline.workers[model.plan.stages[1].worker]
         old_pid = middle.info["pid"]
         _kill(model, middle, how)
@@ -140,6 +146,31 @@ def test_a_killed_worker_costs_no_request(ray_cluster, store, reference, how, re
             assert len(model.plan.stages) == 2
         # and it keeps serving
         assert model.generate(PROMPTS[:1], GREEDY)[0].token_ids == reference[0]
+
+
+@pytest.mark.timeout(300)
+def test_a_removed_node_costs_no_request(ray_cluster, store, reference):
+    """The node of a stage leaves the cluster mid-generation: its worker cannot be replaced
+    there, so the re-plan runs over the worker left, and every request completes."""
+    node = ray_cluster.add_node(num_cpus=1)
+    try:
+        ray_cluster.wait_for_nodes()
+        with llm(store, 2, workers=["ram=1GiB", f"ram=1GiB,node={node.node_id}"]) as model:
+            assert len(model.plan.stages) == 2
+            assert model.stats()["workers"][1]["node_id"] == node.node_id
+            futures = _submit_and_start(model, store)
+            ray_cluster.remove_node(node)
+            node = None
+            outs = [f.result(timeout=240) for f in futures]
+            assert [o.token_ids for o in outs] == reference[:4]
+            workers = model.stats()["workers"]
+            assert [w["alive"] for w in workers] == [True, False]
+            assert [w["restarts"] for w in workers] == [0, 0]  # its node is gone
+            assert [s.worker for s in model.plan.stages] == [0]
+            assert model.generate(PROMPTS[:1], GREEDY)[0].token_ids == reference[0]
+    finally:
+        if node is not None:
+            ray_cluster.remove_node(node)
 
 
 def test_no_plan_left_fails_requests_clearly(ray_cluster, store):
