@@ -118,8 +118,7 @@ def _submit_and_start(model, store):
     return futures
 
 
-@pytest.mark.parametrize("how,restarts", [("pid", 3), ("ray.kill", 3), ("pid", 0),
-                                          ("ray.kill", 0)])
+@pytest.mark.parametrize("how,restarts", [("pid", 3), ("ray.kill", 0)])
 def test_a_killed_worker_costs_no_request(ray_cluster, store, reference, how, restarts):
     """With restarts (the default) the lost worker is replaced on its node and the plan
     keeps its 3 stages; with max_restarts=0 the re-plan runs over the 2 workers left."""

@@ -359,9 +359,11 @@ def test_smollm2_int8_quality(smollm2_hf, kernel):
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
     "per-output-channel int8 weights flip ~3% of top-1 tokens on SmolLM2-135M whatever the "
-    "kernel (0.966-0.971 on eval_text.txt, where 8% of positions have an fp32 top-2 logit "
-    "margin < 0.1); bf16 weights reach 0.997, group-32 int8 0.986. The 99% bar needs "
-    "finer scales or calibrated rounding."))
+    "kernel (0.964-0.971 on eval_text.txt's 728 tokens, where 6 positions have an fp32 "
+    "top-2 margin < 0.01). Measured: bf16 weights 0.997 but bf16 weights+activations 0.981; "
+    "random noise of 1/4 of an int8 step passes 0.99 for 2 seeds of 3. GPTQ, AWQ, group-32, "
+    "1-4% bf16 outlier columns reach 0.978-0.986; only rotation + GPTQ + a second int8 "
+    "matrix for 20% of rows (+20% bytes, fbgemm) passed, on two texts."))
 def test_smollm2_int8_meets_project_agreement_bar(smollm2_hf):
     agreement, _, _ = int8_vs_fp32(smollm2_hf, None)
     assert agreement >= PROJECT_AGREEMENT_BAR

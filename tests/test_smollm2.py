@@ -39,9 +39,11 @@ def teacher_forced(store, ids):
 
 def test_int8_quality_bar(smollm2_stores):
     """Perplexity within 1% of fp32 on >= 500 tokens, and top-1 agreement held at its
-    measured level (0.970: int8 blocks, the tied head kept float; 0.952 with an int8
-    head). The project's 99% agreement bar is not met yet: test_quant.py carries it as a
-    strict xfail."""
+    measured level: 0.964 with the default kernel, which on SmolLM2's small layers is
+    int8pack (bf16 activations) for every call, prefill included, as decode always was
+    (batch invariance, models/quant.py); fbgemm (~14-bit activations) gives 0.970, and
+    an int8 head instead of the float tied one 0.952. The project's 99% agreement bar is
+    not met yet: test_quant.py carries it as a strict xfail."""
     tok = smollm2_stores["fp32"].tokenizer()
     ids = tok.encode((DATA / "eval_text.txt").read_text())
     assert len(ids) >= 500
@@ -51,7 +53,7 @@ def test_int8_quality_bar(smollm2_stores):
     ratio = ppl_int8 / ppl_fp32
     print(f"\nint8 vs fp32 on {len(ids)} tokens: top-1 agreement {agreement:.4f}, "
           f"perplexity {ppl_int8:.3f} vs {ppl_fp32:.3f} (ratio {ratio:.4f})")
-    assert agreement >= 0.965
+    assert agreement >= 0.96
     assert abs(ratio - 1) <= 0.01
 
 
