@@ -37,6 +37,7 @@ CONTROL_TIMEOUT = 30.0
 START_TIMEOUT = 300.0
 REPLACE_TIMEOUT = 60.0
 RESTART_WINDOW = 600.0  # seconds over which `max_restarts` counts a worker's restarts
+REPLAN_ATTEMPTS = 5  # re-plans in a row when workers die while being configured
 
 
 @dataclass
@@ -177,24 +178,39 @@ class Pipeline:
 
     def replan(self, lost: list[WorkerHandle]) -> None:
         """Replace the lost workers where allowed, re-plan over the workers alive and
-        configure them for a new epoch. Raises PlanError when they cannot hold the model."""
+        configure them for a new epoch. A worker that dies while being configured (say,
+        killed for memory while loading the blocks it was given) is lost in turn, and
+        the re-plan starts again, at most REPLAN_ATTEMPTS times. Raises PlanError when the
+        workers left cannot hold the model."""
         import ray
 
-        for w in lost:
-            w.alive = False
-            try:
-                ray.kill(w.actor)
-            except Exception:  # already gone
-                pass
         t0 = time.perf_counter()
-        self.epoch += 1
-        self._replace([w for w in lost if self._may_restart(w)])
-        if not self.alive():
-            raise PlanError("every worker has failed; nothing is left to run the model on")
-        self.plan, self.report = self._plan()
-        self.cache_capacity = self._configure()
-        log.warning("re-planned over %d workers in %.1f s (epoch %d)", len(self.alive()),
-                    time.perf_counter() - t0, self.epoch)
+        for _ in range(REPLAN_ATTEMPTS):
+            for w in lost:
+                w.alive = False
+                try:
+                    ray.kill(w.actor)
+                except Exception:  # already gone
+                    pass
+            self.epoch += 1
+            self._replace([w for w in lost if self._may_restart(w)])
+            if not self.alive():
+                raise PlanError("every worker has failed; nothing is left to run the model on")
+            self.plan, self.report = self._plan()
+            try:
+                self.cache_capacity = self._configure()
+            except ray.exceptions.RayActorError as e:
+                lost = self.probe()
+                if not lost:
+                    raise
+                log.warning("worker(s) %s died while being configured (%s); re-planning "
+                            "again", [w.index for w in lost], type(e).__name__)
+                continue
+            log.warning("re-planned over %d workers in %.1f s (epoch %d)", len(self.alive()),
+                        time.perf_counter() - t0, self.epoch)
+            return
+        raise PlanError(f"workers kept dying while being configured ({REPLAN_ATTEMPTS} "
+                        "re-plans in a row)")
 
     def _may_restart(self, w: WorkerHandle) -> bool:
         recent = sum(time.monotonic() - t < RESTART_WINDOW for t in w.restarts)

@@ -147,6 +147,29 @@ def test_a_killed_worker_costs_no_request(ray_cluster, store, reference, how, re
         assert model.generate(PROMPTS[:1], GREEDY)[0].token_ids == reference[0]
 
 
+def test_a_worker_that_dies_during_the_re_plan_is_replaced_too(ray_cluster, store,
+                                                                reference):
+    """Kill one stage, then another while the first one's replacement starts (~3 s):
+    the second death surfaces only when the re-plan configures it, and must lead to
+    another re-plan, not to failed requests."""
+    with llm(store, 3) as model:
+        futures = _submit_and_start(model, store)
+        first, second = (model.pipeline.workers[s.worker] for s in model.plan.stages[:2])
+        _kill(model, first, "pid")
+        deadline = time.monotonic() + 60
+        while model.stats()["recoveries"] == 0:  # the scheduler is now replacing `first`
+            assert time.monotonic() < deadline, "the first kill was never noticed"
+            time.sleep(0.01)
+        _kill(model, second, "pid")
+        outs = [f.result(timeout=300) for f in futures]
+        assert [o.token_ids for o in outs] == reference[:4]
+        workers = model.stats()["workers"]
+        assert all(w["alive"] for w in workers) and len(model.plan.stages) == 3
+        assert sorted(w["restarts"] for w in workers) == [0, 1, 1]
+        assert workers[first.index]["restarts"] == workers[second.index]["restarts"] == 1
+        assert model.generate(PROMPTS[:1], GREEDY)[0].token_ids == reference[0]
+
+
 @pytest.mark.timeout(300)
 def test_a_removed_node_costs_no_request(ray_cluster, store, reference):
     """The node of a stage leaves the cluster mid-generation: its worker cannot be replaced
