@@ -136,6 +136,8 @@ class Batch:
     positions: torch.Tensor
     caches: list[SequenceCache]
     prefixes: list[Prefix | None] | None = None
+    # values derived from the batch alone, shared by its layers (rotary tables)
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.seq_lens) != len(self.caches):

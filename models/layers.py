@@ -75,7 +75,9 @@ class Rotary:
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (rows, heads, dim); cos/sin (rows, dim)."""
-        cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+        # tables live where the batch's positions do (CPU); a GPU-tier block gets copies
+        cos = cos[:, None, :].to(x.device, x.dtype)
+        sin = sin[:, None, :].to(x.device, x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
@@ -85,14 +87,26 @@ class Rotary:
         """GPT-J/CodeGen rotation of adjacent pairs (2i, 2i+1) by angle i, with the cos/sin of
         `cos_sin` (rows, dim): x (rows, heads, dim)."""
         half = x.shape[-1] // 2
-        cos = cos[:, None, :half].repeat_interleave(2, -1).to(x.dtype)
-        sin = sin[:, None, :half].repeat_interleave(2, -1).to(x.dtype)
+        cos = cos[:, None, :half].repeat_interleave(2, -1).to(x.device, x.dtype)
+        sin = sin[:, None, :half].repeat_interleave(2, -1).to(x.device, x.dtype)
         rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
         return x * cos + rotated * sin
 
 
 def rope_rows(rope: Rotary, batch: Batch):
-    """cos/sin for every row of a batch; dynamic scaling uses each sequence's length."""
+    """cos/sin for every row of a batch; dynamic scaling uses each sequence's length.
+
+    Computed once per batch and rotary setting, not once per layer (`batch.memo`).
+    """
+    key = ("rope", rope.dim, rope.base, rope.kind, rope.factor, rope.max_positions,
+           rope.table_dtype)
+    found = batch.memo.get(key)
+    if found is None:
+        found = batch.memo[key] = _rope_rows(rope, batch)
+    return found
+
+
+def _rope_rows(rope: Rotary, batch: Batch):
     if rope.kind != "dynamic":
         return rope.cos_sin(batch.positions)
     parts, row = [], 0
@@ -119,6 +133,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: B
             continue
         keys, values = cache.layer(layer).update_and_fetch(
             k[row: row + n].transpose(0, 1), v[row: row + n].transpose(0, 1))
+        if n == 1:  # a decode step: no mask, and no copy of the cache per GQA group
+            out[row] = _one_query(q[row], keys, values, scale)
+            row += 1
+            continue
         total = keys.shape[1]
         mask = None
         if n > 1:  # row i sees every cached token and new tokens up to itself
@@ -132,6 +150,20 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: B
         out[row: row + n] = o.transpose(0, 1)
         row += n
     return out
+
+
+def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
+    """Attention of one row q (heads, d) against keys/values (kv_heads, total, d).
+
+    SDPA's CPU path for one row repeats every cached key and value once per query head of
+    its group (enable_gqa), ~110 us a layer on SmolLM2; here each kv head's group of query
+    heads is one (groups, d) x (d, total) product. Softmax runs in float32.
+    """
+    kv_heads, _, d = keys.shape
+    qg = q.view(kv_heads, -1, d) * (default_scale(d) if scale is None else scale)
+    probs = torch.softmax(torch.bmm(qg, keys.transpose(1, 2)), -1, dtype=torch.float32)
+    return torch.bmm(probs.to(values.dtype), values).view(q.shape)
 
 
 class SwiGLU(nn.Module):

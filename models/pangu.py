@@ -102,7 +102,7 @@ class QueryBlock(Block):
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         h = self.ln_f(x)
-        h = h + self.attn(self.wqe(batch.positions), self.ln_1(h), batch)
+        h = h + self.attn(self.wqe(batch.positions.to(h.device)), self.ln_1(h), batch)
         return h + self.mlp(self.ln_2(h))
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from . import get_arch
 from .base import Arch, ArchConfig, Part, parts_of
-from .quant import prepare_int8, swap_int8
+from .quant import prepare_int8, screen_head, swap_int8
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,7 @@ class Store:
         if int8:
             with torch.device("meta"):  # empty Int8Linears: the state dict fills them
                 swap_int8(module, lambda name, _m: name in int8)
+        mapped = {v.data_ptr() for v in state.values()}
         state = {k: (v if v.dtype == torch.int8 or k.endswith(".scales") else v.to(dtype))
                  for k, v in state.items()}
         module.load_state_dict(state, strict=True, assign=True)
@@ -345,6 +346,11 @@ class Store:
             for name, kernel in kernels.items():
                 if kernel in PACKED_KERNELS:  # the packed copy replaced the mapped bytes
                     release_mapped(module.get_submodule(name).weight)
+        if part.kind == "head" and self.manifest["dtype"] == "int8":
+            # a float head (tied to the embedding) is read through an int8 screen; of a
+            # mapped weight, only the rows recomputed exactly are read from then on
+            screen_head(module, lambda lin: release_mapped
+                        if lin.weight.data_ptr() in mapped else None)
         return module.eval().requires_grad_(False)
 
     def tokenizer(self):

@@ -19,6 +19,8 @@ from llm_shard.models import quant
 from llm_shard.models.quant import (
     KERNELS,
     Int8Linear,
+    ScreenedLinear,
+    fbgemm_error_bound,
     int8_state_dict,
     prepare_int8,
     quantize,
@@ -99,6 +101,58 @@ def test_a_row_gets_the_same_bits_in_any_batch(kernel):
             rows = torch.cat([m(x[i:i + 1]) for i in range(9)])
             chunks = torch.cat([m(x[:2]), m(x[2:7]), m(x[7:])])
         assert torch.equal(rows, batch) and torch.equal(chunks, batch), (kernel, lin)
+
+
+def near_tie_head(vocab: int = 4000, dim: int = 256, bias: bool = False) -> nn.Linear:
+    """An LM-head-like Linear whose odd rows are their even neighbours plus 0.1% noise:
+    their logits nearly tie, so an int8 head alone often picks the wrong one."""
+    torch.manual_seed(11)
+    lin = nn.Linear(dim, vocab, bias=bias)
+    with torch.no_grad():
+        w = torch.randn(vocab, dim) * torch.rand(vocab, 1)
+        w[1::2] = w[::2] * (1 + 1e-3 * torch.randn(vocab // 2, dim))
+        lin.weight.copy_(w)
+    return lin
+
+
+def head_inputs(rows: int, dim: int = 256) -> torch.Tensor:
+    torch.manual_seed(12)
+    x = torch.randn(rows, dim) * torch.logspace(-1, 1, rows)[:, None]
+    x[::3, 5] = 40.0  # an outlier channel, as final hidden states have
+    return x
+
+
+@pytest.mark.skipif("fbgemm" not in cpu_kernels(), reason="needs torch's fbgemm engine")
+@pytest.mark.parametrize("bias", [False, True])
+def test_screened_head_argmax_is_the_float_heads(bias):
+    lin = near_tie_head(bias=bias)
+    head = ScreenedLinear(lin)
+    x = head_inputs(64)
+    with torch.no_grad():
+        ref = lin(x)
+        got = head(x)
+        screen = quant._fbgemm_matmul(head._screen[0], x) + (lin.bias if bias else 0)
+        rows = torch.cat([head(x[i:i + 1]) for i in range(len(x))])
+    # the int8 values are within the bound everywhere, and alone they miss near-ties
+    assert ((ref - screen).abs() <= fbgemm_error_bound(x, head._screen[1])).all()
+    assert (screen.argmax(-1) != ref.argmax(-1)).sum() >= 3
+    # screened: the float argmax in every row, its logit exact, the rest within the bound
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    top = ref.argmax(-1, keepdim=True)
+    torch.testing.assert_close(got.gather(1, top), ref.gather(1, top), rtol=1e-5, atol=1e-5)
+    assert ((got - ref).abs() <= fbgemm_error_bound(x, head._screen[1]) + 1e-4).all()
+    assert torch.equal(rows, got)  # batch invariant: a row's logits alone or in company
+
+
+@pytest.mark.skipif("fbgemm" not in cpu_kernels(), reason="needs torch's fbgemm engine")
+def test_screened_head_rows_with_too_many_candidates_are_all_float():
+    lin = near_tie_head()
+    x = head_inputs(4)
+    with torch.no_grad():
+        got = ScreenedLinear(lin, max_exact=1)(x)
+        torch.testing.assert_close(got, lin(x), rtol=1e-5, atol=1e-3)  # BLAS order
+        copied = copy.deepcopy(ScreenedLinear(lin))  # re-packs after a copy
+        assert torch.equal(copied(x).argmax(-1), lin(x).argmax(-1))
 
 
 def test_dequant_one_row_at_a_time_matches_the_batch():
