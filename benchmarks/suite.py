@@ -120,11 +120,18 @@ def machine(cfg: Config, store) -> dict:
 # --------------------------------------------------------------------- decode / prefill
 def step_bytes(stage) -> int:
     """Bytes of weights one decode step reads: every block and the head (the embedding
-    reads one row per token). Tied tensors count once."""
+    reads one row per token). Tied tensors count once; a screened head counts its int8
+    copy and scales (its float rows recomputed per step are a few KB)."""
+    from llm_shard.models.quant import ScreenedLinear
+
     seen, total = set(), 0
     for module in [*stage.blocks.values(), stage.head]:
         if module is None:
             continue
+        for sub in module.modules():
+            if isinstance(sub, ScreenedLinear):
+                seen.add((sub.weight.untyped_storage().data_ptr(), sub.weight.storage_offset()))
+                total += sub.out_features * (sub.in_features + 4)
         for t in [*module.parameters(), *module.buffers()]:
             key = (t.untyped_storage().data_ptr(), t.storage_offset())
             if key not in seen:
