@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections import deque
@@ -312,6 +313,23 @@ class _Client:
         self.ctx.term()
 
 
+def _check_room(dest: Path, missing: list[dict], paths: dict[str, Path]) -> None:
+    """Refuses, before writing, a fetch that the disk holding `dest` has no room for
+    (partial files already there count as fetched), instead of failing half-way."""
+    need = 0
+    for entry in missing:
+        partial = paths[entry["name"]].with_name(paths[entry["name"]].name + ".partial")
+        have = partial.stat().st_size if partial.is_file() else 0
+        need += max(0, entry["bytes"] - have)
+    free = shutil.disk_usage(dest).free
+    if need > free:
+        raise TransferError(
+            f"not enough disk for the store's files at {dest}: {len(missing)} files need "
+            f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free ({(need - free) / 2**20:.1f} "
+            "MiB missing); free space there, or give this node a store folder on a larger "
+            "disk (LLM_SHARD_HOME)")
+
+
 def _present(path: Path, entry: dict) -> bool:
     return path.is_file() and path.stat().st_size == entry["bytes"]
 
@@ -356,6 +374,8 @@ def fetch(store_dir: str | Path, server_address: str, files: list[str] | None = 
         dest.mkdir(parents=True, exist_ok=True)
         with _locked(dest / _LOCK):
             _adopt(dest, manifest_bytes, entries)
+            _check_room(dest, [entries[n] for n in names if not _present(paths[n], entries[n])],
+                        paths)
             for n in names:
                 if _present(paths[n], entries[n]):
                     continue

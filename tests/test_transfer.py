@@ -80,6 +80,29 @@ def test_fetch_takes_exactly_the_files_asked_for(store, tmp_path):
         assert (dest / name).read_bytes() == content
 
 
+def test_a_fetch_the_disk_has_no_room_for_is_refused_before_writing(store, tmp_path,
+                                                                    monkeypatch):
+    """The free space is checked first: a full disk is a clear error naming the bytes
+    missing, not an ENOSPC half-way through a block. (The free figure is patched: no test
+    fills a real disk.)"""
+    from llm_shard.cluster import transfer
+
+    src, _ = store
+    dest = tmp_path / "node" / "model"
+    real = shutil.disk_usage
+    need = SIZES["embed.safetensors"] + SIZES["blocks/000.safetensors"]
+    monkeypatch.setattr(transfer.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=need - 1))
+    with StoreServer(src) as server:
+        with pytest.raises(TransferError, match=r"not enough disk .* 2 files need 1\.2 MiB"):
+            fetch(dest, server.address, ["embed.safetensors", "blocks/000.safetensors"])
+        assert not list(dest.rglob("*.safetensors*"))  # nothing written
+        monkeypatch.setattr(transfer.shutil, "disk_usage",
+                            lambda p: real(p)._replace(free=need))
+        assert len(fetch(dest, server.address,
+                         ["embed.safetensors", "blocks/000.safetensors"]).files) == 2
+
+
 def test_an_interrupted_transfer_resumes_from_its_partial_file(store, tmp_path, caplog):
     """The server goes away halfway through a file; the fetch gives up (keeping the
     .partial); a fetch from a new server continues where it stopped."""
