@@ -38,12 +38,15 @@ demo: $(VENV)/.installed
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/llm-shard serve smollm2-135m \
 	  --worker ram=1GiB --worker ram=1GiB --host 127.0.0.1 --port 8000
 
-# bench: the whole suite into bench/ (bench.json, bench.md, PNGs); BENCH_ARGS=--quick for
-# a fast check of the harness.
+# bench: the whole suite into benchmarks/results/ (bench.json, bench.md, PNGs) and its
+# tables into README.md. A quick check of the harness that leaves the committed figures
+# alone: make bench BENCH_ARGS=--quick BENCH_OUT=bench BENCH_README=
+BENCH_OUT ?= benchmarks/results
+BENCH_README ?= README.md
 bench: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[bench]"
 	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(BIN)/llm-shard bench suite \
-	  --out bench $(BENCH_ARGS)
+	  --out $(BENCH_OUT) $(if $(BENCH_README),--readme $(BENCH_README)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

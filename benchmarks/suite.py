@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -712,6 +713,22 @@ def write(r: dict, out: Path) -> list[str]:
     return ["bench.json", "bench.md", *pngs]
 
 
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def embed(readme: Path, md: str, out: Path) -> None:
+    """Puts `md` (bench.md of the folder `out`) between README's bench markers, its plot
+    links made relative to the README."""
+    text = readme.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{readme} needs one {BEGIN} line and, after it, one {END} line: "
+                         "the suite's tables go between them")
+    rel = os.path.relpath(out.resolve(), readme.resolve().parent)
+    md = re.sub(r"\]\(([\w.-]+\.png)\)", lambda m: f"]({rel}/{m.group(1)})", md)
+    head, rest = text.split(BEGIN)
+    readme.write_text(f"{head}{BEGIN}\n{md.strip()}\n{END}{rest.split(END, 1)[1]}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="llm-shard bench suite", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -726,6 +743,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of the in-process suites and the load processes "
                          "(default: torch's; the split and throughput workers use the CPUs)")
+    ap.add_argument("--readme", type=Path, default=None,
+                    help=f"also put the tables into this file, between {BEGIN} and {END}")
     a = ap.parse_args(argv)
     cfg = quick_config() if a.quick else Config()
     cfg.threads = a.threads
@@ -739,6 +758,9 @@ def main(argv: list[str] | None = None) -> dict:
     names = write(r, a.out)
     print(markdown(r))
     print(f"\nwrote {', '.join(str(a.out / n) for n in names)}")
+    if a.readme is not None:
+        embed(a.readme, (a.out / "bench.md").read_text(), a.out)
+        print(f"updated {a.readme}")
     if r["plots"] == NO_PNG:
         print(NO_PNG)
     return r

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -154,3 +155,22 @@ def test_unknown_suites_are_refused_by_name():
         suite.run(["decode", "nope"])
     with pytest.raises(SystemExit):
         suite.main(["--suites", "decode,nope"])
+
+
+def test_the_tables_go_into_the_readme_between_its_markers(report, tmp_path):
+    _, out, _ = report
+    readme = tmp_path / "docs" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(f"# x\nbefore\n{suite.BEGIN}\nold figures\n{suite.END}\nafter\n")
+    md = (out / "bench.md").read_text()
+    suite.embed(readme, md, out)
+    text = readme.read_text()
+    assert "old figures" not in text and text.startswith("# x\nbefore\n")
+    assert text.endswith(f"{suite.END}\nafter\n") and "### Decode and prefill" in text
+    for link in re.findall(r"\]\(([^)]+\.png)\)", text):  # plots resolve from the README
+        assert (readme.parent / link).resolve().is_file(), link
+    suite.embed(readme, md, out)  # again: replaced, not appended
+    assert readme.read_text() == text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="bench:begin"):
+        suite.embed(readme, md, out)
