@@ -7,12 +7,38 @@ builds and loads only the parts of its range.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+
+class _NoInit(torch.overrides.TorchFunctionMode):
+    """Leaves meta tensors' in-place random initialisation out: on the meta device it
+    computes nothing, yet the first `normal_` there (nn.Embedding's init) imports
+    torch._dynamo, 1.1 s of every process's start-up here."""
+
+    SKIP = frozenset((torch.Tensor.normal_, torch.Tensor.uniform_, torch.nn.init.normal_,
+                      torch.nn.init.trunc_normal_, torch.Tensor.zero_, torch.Tensor.fill_))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIP:
+            t = args[0] if args else kwargs.get("tensor")
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Modules built inside have parameters on the meta device (no memory, no init): for
+    filling from a state dict with assign=True."""
+    with _NoInit(), torch.device("meta"):
+        yield
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Arch, ArchConfig, Part
+from .base import Arch, ArchConfig, Part, on_meta
 from .cache import Batch, SequenceCache
 from .quant import QMAX, quantize_weight
 
@@ -192,7 +192,7 @@ class Calibrator:
         Returns the state dict to store: int8 `.weight` and float32 `.scales` for those
         keys, the other tensors unchanged.
         """
-        with torch.device("meta"):
+        with on_meta():
             module = self.arch.build(self.cfg, part)
         module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True,
                                assign=True)

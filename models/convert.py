@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import get_arch
-from .base import Arch, ArchConfig, Part, Rule, parts_of
+from .base import Arch, ArchConfig, Part, Rule, on_meta, parts_of
 from .calibrate import Calibrator, calibration_ids
 from .quant import quantize_weight
 from .sources import Source, open_source
@@ -38,7 +38,7 @@ def part_rules(layout: dict, part: Part) -> dict[str, Rule]:
 
 def _expected_shapes(arch: Arch, cfg: ArchConfig, part: Part) -> tuple[dict, set[str]]:
     """Parameter shapes of the part, and the names of its Linear weights (int8 candidates)."""
-    with torch.device("meta"):
+    with on_meta():
         module = arch.build(cfg, part)
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     linears = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, nn.Linear)}

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import get_arch
-from .base import Arch, ArchConfig, Part, parts_of
+from .base import Arch, ArchConfig, Part, on_meta, parts_of
 from .quant import prepare_int8, screen_head, swap_int8
 
 log = logging.getLogger(__name__)
@@ -329,16 +329,17 @@ class Store:
              device: str | torch.device = "cpu") -> nn.Module:
         """Build one part and fill it from its file: int8 Linears stay int8."""
         arch, cfg = self.arch, self.config
-        with torch.device("meta"):
+        with on_meta():
             module = arch.build(cfg, part)
         state = self.tensors(part)
         int8 = {k[: -len(".scales")] for k in state if k.endswith(".scales")}
         if int8:
-            with torch.device("meta"):  # empty Int8Linears: the state dict fills them
+            with on_meta():  # empty Int8Linears: the state dict fills them
                 swap_int8(module, lambda name, _m: name in int8)
-        mapped = {v.data_ptr() for v in state.values()}
+        raw = state  # kept to the end: no new tensor can take a mapped tensor's address
+        mapped = {v.data_ptr() for v in raw.values()}
         state = {k: (v if v.dtype == torch.int8 or k.endswith(".scales") else v.to(dtype))
-                 for k, v in state.items()}
+                 for k, v in raw.items()}
         module.load_state_dict(state, strict=True, assign=True)
         module.to(device)
         if int8:
@@ -351,6 +352,7 @@ class Store:
             # mapped weight, only the rows recomputed exactly are read from then on
             screen_head(module, lambda lin: release_mapped
                         if lin.weight.data_ptr() in mapped else None)
+        del raw
         return module.eval().requires_grad_(False)
 
     def tokenizer(self):

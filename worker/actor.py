@@ -29,7 +29,7 @@ import zmq
 
 from llm_shard.cluster import links, transfer, wire
 from llm_shard.cluster.types import Tier
-from llm_shard.models.base import Part
+from llm_shard.models.base import Part, on_meta
 from llm_shard.models.cache import Batch, Prefix, SequenceCache
 from llm_shard.models.catalog import home
 from llm_shard.models.store import Store
@@ -113,7 +113,7 @@ class Worker:
         self._wake_r, self._wake_w = os.pipe()  # a byte here wakes the loop for a job
         self.loop = threading.Thread(target=self._loop, name="stage-loop", daemon=True)
         self.loop.start()
-        with torch.device("meta"):  # import and initialise the model code: no weights
+        with on_meta():  # import and initialise the model code: no weights
             self.store.arch.build(self.store.config, Part("embed"))
         self.baseline_rss = rss_bytes()  # Python, torch, Ray, ZeroMQ, model code: no weights
 

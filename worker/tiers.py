@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from llm_shard.cluster.types import Tier
-from llm_shard.models.base import Part
+from llm_shard.models.base import Part, on_meta
 from llm_shard.models.quant import prepare_int8, swap_int8
 from llm_shard.models.store import PAD, SAFETENSORS_DTYPES, Store
 
@@ -101,12 +101,12 @@ class Streamer:
     @classmethod
     def from_store(cls, store: Store, blocks: list[int], dtype: torch.dtype) -> Streamer:
         def skeleton(i: int) -> nn.Module:
-            with torch.device("meta"):
+            with on_meta():
                 module = store.arch.build(store.config, Part("block", i))
             names = store.tensors(Part("block", i)).keys()
             int8 = {k[: -len(".scales")] for k in names if k.endswith(".scales")}
             if int8:
-                with torch.device("meta"):  # filled by assignment on every pass
+                with on_meta():  # filled by assignment on every pass
                     swap_int8(module, lambda name, _m: name in int8, kernel=STREAM_KERNEL)
             return module
 
