@@ -313,14 +313,20 @@ class _Client:
         self.ctx.term()
 
 
-def _check_room(dest: Path, missing: list[dict], paths: dict[str, Path]) -> None:
+def _partial(path: Path) -> Path:
+    """Where a file is written until its whole sha256 checks out."""
+    return path.with_name(path.name + ".partial")
+
+
+def _check_room(dest: Path, missing: list[str], entries: dict[str, dict],
+                paths: dict[str, Path]) -> None:
     """Refuses, before writing, a fetch that the disk holding `dest` has no room for
     (partial files already there count as fetched), instead of failing half-way."""
     need = 0
-    for entry in missing:
-        partial = paths[entry["name"]].with_name(paths[entry["name"]].name + ".partial")
+    for n in missing:
+        partial = _partial(paths[n])
         have = partial.stat().st_size if partial.is_file() else 0
-        need += max(0, entry["bytes"] - have)
+        need += max(0, entries[n]["bytes"] - have)
     free = shutil.disk_usage(dest).free
     if need > free:
         raise TransferError(
@@ -374,11 +380,9 @@ def fetch(store_dir: str | Path, server_address: str, files: list[str] | None = 
         dest.mkdir(parents=True, exist_ok=True)
         with _locked(dest / _LOCK):
             _adopt(dest, manifest_bytes, entries)
-            _check_room(dest, [entries[n] for n in names if not _present(paths[n], entries[n])],
-                        paths)
-            for n in names:
-                if _present(paths[n], entries[n]):
-                    continue
+            missing = [n for n in names if not _present(paths[n], entries[n])]
+            _check_room(dest, missing, entries, paths)
+            for n in missing:
                 _fetch_file(client, paths[n], entries[n], chunk_bytes, window, attempts,
                             progress, stats)
                 _verified(dest, {n: entries[n]["sha256"]})
@@ -460,7 +464,7 @@ def _adopt(dest: Path, manifest_bytes: bytes, entries: dict[str, dict]) -> None:
 def _fetch_file(client: _Client, path: Path, entry: dict, chunk_bytes: int, window: int,
                 attempts: int, progress, stats: FetchStats) -> None:
     """Fetch one file into path (resuming path.partial), counting bytes in stats."""
-    partial = path.with_name(path.name + ".partial")
+    partial = _partial(path)
     partial.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, attempts + 1):
         try:

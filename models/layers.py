@@ -138,11 +138,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: B
             row += 1
             continue
         total = keys.shape[1]
-        mask = None
-        if n > 1:  # row i sees every cached token and new tokens up to itself
-            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
-            if prefix_lens is not None and prefix_lens[i]:
-                mask[:, : prefix_lens[i]] = True
+        # row i sees every cached token and new tokens up to itself
+        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+        if prefix_lens is not None and prefix_lens[i]:
+            mask[:, : prefix_lens[i]] = True
         # (heads, n, d) against (kv_heads, total, d)
         o = F.scaled_dot_product_attention(
             q[row: row + n].transpose(0, 1), keys, values, attn_mask=mask, scale=scale,

@@ -268,6 +268,8 @@ class Worker:
         future: Future = Future()
         self._jobs.put((future, fn, args))
         os.write(self._wake_w, b"x")
+        if self.stopping.is_set():  # the loop may have drained its jobs before this one
+            self._run_jobs()  # fails it (and any other left) rather than wait forever
         return future.result()
 
     def _run_jobs(self) -> None:
@@ -285,7 +287,6 @@ class Worker:
                 future.set_exception(e)
 
     def _loop(self) -> None:
-        torch.set_num_threads(self.threads)
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
