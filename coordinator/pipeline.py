@@ -25,7 +25,15 @@ from llm_shard.models.store import Store
 from llm_shard.worker.actor import Worker
 from llm_shard.worker.stage import block_cache_budget
 
-from .planner import DEFAULT_HOP_SECONDS, ModelCost, PlanError, PlanReport, WorkerSpec, plan
+from .planner import (
+    DEFAULT_HOP_SECONDS,
+    ModelCost,
+    PlanError,
+    PlanReport,
+    WorkerSpec,
+    plan,
+    streams_to_gpu,
+)
 
 log = logging.getLogger("llm_shard.coordinator")
 
@@ -52,6 +60,11 @@ class WorkerHandle:
     watch: object = None  # the ObjectRef of its `watch` call: fails when the actor dies
     alive: bool = True
     restarts: list[float] = field(default_factory=list)  # monotonic time of each replacement
+
+    @property
+    def spec(self) -> WorkerSpec:
+        """What the planner knows of this worker: its budget and measured speeds."""
+        return WorkerSpec(self.capacity, {Tier(t): v for t, v in self.speed.items()})
 
 
 class Pipeline:
@@ -99,7 +112,8 @@ class Pipeline:
                 w.watch = w.actor.watch.remote()
             # one at a time: workers sharing a machine would slow each other's measurement
             for w in self.workers:
-                w.speed = ray.get(w.actor.calibrate.remote(), timeout=300)
+                w.speed = ray.get(w.actor.calibrate.remote(
+                    stream=int(w.capacity.gpu_mem) > 0), timeout=300)
                 log.info("worker %d (%s, pid %s): GB/s of weights %s", w.index, w.capacity,
                          w.info["pid"], {t: round(v / 1e9, 2) for t, v in w.speed.items()})
             self.epoch = 0
@@ -119,8 +133,7 @@ class Pipeline:
 
     def _plan(self) -> tuple[Plan, PlanReport]:
         alive = self.alive()
-        specs = [WorkerSpec(w.capacity, {Tier(t): v for t, v in w.speed.items()})
-                 for w in alive]
+        specs = [w.spec for w in alive]
         p, report = plan(self.cost, specs, objective=self.objective,
                          hop_seconds=self.hop_seconds, use_all_workers=self.use_all_workers)
         # the planner numbers the workers it was given; map back to ours (and the
@@ -139,10 +152,11 @@ class Pipeline:
             w = self.workers[s.worker]
             nxt = (self.workers[stages[k + 1].worker].info["address"] if k + 1 < len(stages)
                    else self.result_address)
+            gpu = streams_to_gpu(w.spec)  # every block on its GPU
             calls.append(w.actor.configure.remote(
                 self.epoch, s.start, s.end, tiers=[t.value for t in s.tiers],
-                cache_budget=self.cache_budget,
-                next_address=nxt, result_address=self.result_address))
+                cache_budget=self.cache_budget, next_address=nxt,
+                result_address=self.result_address, stream_to="cuda" if gpu else None))
         used = {s.worker for s in stages}
         idle = [w.actor.configure.remote(self.epoch) for w in self.alive() if w.index not in used]
         got = ray.get(calls + idle, timeout=600)

@@ -6,10 +6,17 @@ and the workers' budgets and measured speeds (`WorkerSpec`) to a `Plan` plus the
 
 - Memory fills in the order embedding (stage 0), blocks s..e-1, head (last stage): a GPU
   prefix while GPU memory lasts, then RAM as far as it goes, the remaining blocks on DISK
-  (never the embedding or head). A tier with no measured speed holds no blocks.
+  (never the embedding or head). A tier with no measured speed holds no blocks; a RAM or
+  disk block's speed on a GPU worker is its streaming speed.
 - A block's KV cache (cache_bytes_per_token x cache_tokens) sits where the block
-  computes: GPU memory for a GPU block, RAM otherwise. Disk blocks stream through a RAM
-  staging buffer of DISK_STAGING_SLOTS x the largest disk block.
+  computes. Disk blocks stream through a RAM staging buffer of DISK_STAGING_SLOTS x the
+  largest disk block.
+- A worker with a GPU (a measured GPU speed and a GPU budget, `streams_to_gpu`) computes
+  every block there: RAM and disk blocks stream to the GPU through STREAM_SLOTS device
+  buffers the size of the largest block of the range, and every block's KV cache is in
+  GPU memory. The GPU-resident prefix is what is left after the caches (and, when not
+  every block fits, the stream buffers). Any other worker computes on the CPU, with its
+  caches in RAM.
 - Stage seconds = sum of block_bytes / speed[tier], plus head_bytes / speed of the
   head's tier; the embedding is a gather and costs nothing.
 - "latency": minimise the sum of stage seconds + hop_seconds per hop (one sequence's
@@ -33,11 +40,13 @@ from typing import NamedTuple
 
 from llm_shard.cluster.types import Capacity, Memory, Plan, StageAssignment, Tier
 
-__all__ = ["DEFAULT_HOP_SECONDS", "DISK_STAGING_SLOTS", "ModelCost", "PlanError", "PlanReport",
-           "StageReport", "WorkerSpec", "format_plan", "plan"]
+__all__ = ["DEFAULT_HOP_SECONDS", "DISK_STAGING_SLOTS", "STREAM_SLOTS", "ModelCost", "PlanError",
+           "PlanReport", "StageReport", "WorkerSpec", "format_plan", "plan", "streams_to_gpu"]
 
 # A disk-tier worker keeps two blocks in RAM: the one computing and the one prefetching.
 DISK_STAGING_SLOTS = 2
+# A GPU worker keeps two streamed blocks on the GPU: the one computing and the one copying.
+STREAM_SLOTS = 2
 # Per-hop cost of handing activations to the next stage (ZeroMQ on a LAN), latency objective.
 DEFAULT_HOP_SECONDS = 0.5e-3
 # Relative tolerance when comparing float costs, so that ties go to the secondary key.
@@ -127,9 +136,15 @@ class WorkerSpec:
         object.__setattr__(self, "speed", speed)
 
 
+def streams_to_gpu(w: WorkerSpec) -> bool:
+    """Whether `w` computes every block on its GPU, streaming the RAM and disk ones there."""
+    return Tier.GPU in w.speed and int(w.capacity.gpu_mem) > 0
+
+
 @dataclass(frozen=True)
 class StageReport:
-    """One stage's estimate: blocks and bytes per tier (`resident`: embed, head, KV cache)."""
+    """One stage's estimate: blocks and bytes per tier (`resident`: embed, head, KV cache;
+    `buffers`: disk staging in RAM; `stream_buffers`: a GPU worker's stream slots)."""
 
     worker: int
     start: int
@@ -139,10 +154,12 @@ class StageReport:
     resident: dict[Tier, Memory]
     buffers: Memory  # disk staging, in RAM
     seconds: float
+    stream_buffers: Memory = Memory(0)  # blocks streamed to a GPU, in GPU memory
 
     def used(self, tier: Tier) -> Memory:
-        """All bytes this stage keeps in `tier`: weights, residents and (RAM) buffers."""
-        return self.weights[tier] + self.resident[tier] + (self.buffers if tier is Tier.RAM else 0)
+        """All bytes this stage keeps in `tier`: weights, residents and buffers."""
+        extra = {Tier.RAM: self.buffers, Tier.GPU: self.stream_buffers}.get(tier, 0)
+        return self.weights[tier] + self.resident[tier] + extra
 
 
 def _rate(seconds: float) -> float:
@@ -180,43 +197,53 @@ class _Model(NamedTuple):
     cost: ModelCost
     weights: list[int]  # prefix sums: blocks [s, e) weigh weights[e] - weights[s]
     cache: list[int]  # prefix sums of reserved KV-cache bytes
-    footprint: list[int]  # prefix sums of weights + cache: what a GPU block takes there
 
 
 def _model(cost: ModelCost) -> _Model:
     cache = [cost.cache_bytes(b) for b in range(cost.n_blocks)]
     return _Model(cost, list(accumulate(cost.block_bytes, initial=0)),
-                  list(accumulate(cache, initial=0)),
-                  list(accumulate(map(sum, zip(cost.block_bytes, cache)), initial=0)))
+                  list(accumulate(cache, initial=0)))
 
 
 def _stages_from(m: _Model, w: WorkerSpec, s: int):
-    """Yield (end, seconds, gpu_end, ram_end, gpu_resident, ram_resident, buffers) for `w`
-    hosting blocks [s, end), end = s+1, s+2, ... for as long as the range fits.
+    """Yield (end, seconds, gpu_end, ram_end, gpu_resident, ram_resident, buffers,
+    stream_buffers) for `w` hosting blocks [s, end), end = s+1, s+2, ... while it fits.
 
     Blocks [s, gpu_end) sit on GPU, [gpu_end, ram_end) in RAM, [ram_end, end) on DISK.
-    A longer range only appends to the fill, so once a range misfits every longer one
-    does, and the RAM/DISK boundary only moves down: O(1) amortised per range.
+    A longer range only adds to what each tier holds, so once a range misfits every longer
+    one does, and the RAM/DISK boundary only moves down: O(1) amortised per range (plus a
+    bisection of the GPU prefix on a GPU worker).
     """
-    cost, P, C, F = m.cost, m.weights, m.cache, m.footprint
+    cost, P, C = m.cost, m.weights, m.cache
     n, blocks, slots = cost.n_blocks, cost.block_bytes, DISK_STAGING_SLOTS
     speed, disk = w.speed, int(w.capacity.disk)
     i_gpu, i_ram, i_disk = (1 / speed[t] if t in speed else 0.0 for t in Tier)  # s/byte
     i_head_ram = 1 / speed.get(Tier.RAM, min(speed.values(), default=1.0))
-    ram_ok, disk_ok = Tier.RAM in speed, Tier.DISK in speed
+    ram_ok, disk_ok, stream = Tier.RAM in speed, Tier.DISK in speed, streams_to_gpu(w)
     gpu = int(w.capacity.gpu_mem) if Tier.GPU in speed else 0
     embed = cost.embed_bytes if s == 0 else 0
     embed_gpu = embed if embed <= gpu else 0
     gpu, ram = gpu - embed_gpu, int(w.capacity.ram) - (embed - embed_gpu)
-    g_max = bisect_right(F, F[s] + gpu, s, n + 1) - 1 if Tier.GPU in speed else s
     r, biggest = s, 0  # RAM/DISK boundary; largest disk block (sizes the staging buffer)
+    largest = streamed = 0  # largest block of the range (sizes the stream slots)
     head = head_gpu = 0
     for e in range(s + 1, n + 1):
-        g = e if e < g_max else g_max
-        if e == n:
-            head = cost.head_bytes
-            head_gpu = head if g == e and head <= gpu - (F[e] - F[s]) else 0
-        room = ram - (head - head_gpu) - (C[e] - C[g])  # for RAM weights + staging buffer
+        head = cost.head_bytes if e == n else 0
+        if stream:  # every cache on the GPU; the resident prefix gets what is left
+            largest = max(largest, blocks[e - 1])
+            room_gpu = gpu - (C[e] - C[s])
+            if P[e] - P[s] <= room_gpu:
+                g, streamed = e, 0
+            else:
+                streamed = STREAM_SLOTS * largest
+                if room_gpu < streamed:
+                    return
+                g = bisect_right(P, P[s] + room_gpu - streamed, s, e) - 1
+            head_gpu = head if g == e and head <= room_gpu - (P[e] - P[s]) else 0
+            cache_gpu, cache_ram = C[e] - C[s], 0
+        else:  # no GPU budget: everything computes on the CPU
+            g, head_gpu, cache_gpu, cache_ram = s, 0, 0, C[e] - C[s]
+        room = ram - (head - head_gpu) - cache_ram  # for RAM weights + staging buffer
         if r == e - 1:  # nothing on disk yet: the new block may go to RAM (or GPU) too
             r, biggest = e, 0
         elif blocks[e - 1] > biggest:
@@ -230,8 +257,8 @@ def _stages_from(m: _Model, w: WorkerSpec, s: int):
             return
         seconds = ((P[g] - P[s] + head_gpu) * i_gpu + (P[r] - P[g]) * i_ram
                    + (P[e] - P[r]) * i_disk + (head - head_gpu) * i_head_ram)
-        yield (e, seconds, g, r, embed_gpu + head_gpu + C[g] - C[s],
-               embed - embed_gpu + head - head_gpu + C[e] - C[g], slots * biggest)
+        yield (e, seconds, g, r, embed_gpu + head_gpu + cache_gpu,
+               embed - embed_gpu + head - head_gpu + cache_ram, slots * biggest, streamed)
 
 
 def _wins(x0: float, x1: float, lo: float, hi: float, c1: float) -> bool:
@@ -288,7 +315,7 @@ def plan(model: ModelCost, workers: Sequence[WorkerSpec], *, objective: str = "l
     for w in range(nw):
         if s == n or (e := end[w][s]) is None:
             continue
-        _, seconds, g, r, gpu_res, ram_res, buffers = next(
+        _, seconds, g, r, gpu_res, ram_res, buffers, streamed = next(
             p for p in _stages_from(m, workers[w], s) if p[0] == e)
         bounds = {Tier.GPU: (s, g), Tier.RAM: (g, r), Tier.DISK: (r, e)}
         stages.append(StageAssignment(w, s, e, sum(((t,) * (b - a) for t, (a, b)
@@ -297,7 +324,7 @@ def plan(model: ModelCost, workers: Sequence[WorkerSpec], *, objective: str = "l
             w, s, e, {t: b - a for t, (a, b) in bounds.items()},
             {t: Memory(P[b] - P[a]) for t, (a, b) in bounds.items()},
             {Tier.GPU: Memory(gpu_res), Tier.RAM: Memory(ram_res), Tier.DISK: Memory(0)},
-            Memory(buffers), seconds))
+            Memory(buffers), seconds, Memory(streamed)))
         s = e
     return Plan(tuple(stages), n), PlanReport(objective, hop_seconds, tuple(reports))
 
@@ -306,16 +333,20 @@ def _one_block_short(m: _Model, w: WorkerSpec) -> tuple[int, int, int]:
     """(bytes short, block, cache + buffers) for the block `w` comes closest to hosting alone."""
     speed, options = w.speed, []
     gpu, ram, disk = int(w.capacity.gpu_mem), int(w.capacity.ram), int(w.capacity.disk)
+    stream = streams_to_gpu(w)
     for b, size in enumerate(m.cost.block_bytes):
         cache = m.cost.cache_bytes(b)
+        # a GPU worker keeps every cache and the stream slots on its GPU
+        on_gpu = max(0, cache + STREAM_SLOTS * size - gpu) if stream else 0
+        cache_ram, extra = (0, STREAM_SLOTS * size) if stream else (cache, 0)
         if Tier.GPU in speed:
             options.append((max(0, size + cache - gpu), b, cache))
         if Tier.RAM in speed:
-            options.append((max(0, size + cache - ram), b, cache))
+            options.append((max(0, size + cache_ram - ram) + on_gpu, b, cache + extra))
         if Tier.DISK in speed:
             buffers = DISK_STAGING_SLOTS * size
-            options.append((max(0, size - disk) + max(0, buffers + cache - ram),
-                            b, cache + buffers))
+            options.append((max(0, size - disk) + max(0, buffers + cache_ram - ram) + on_gpu,
+                            b, cache + buffers + extra))
     return min(options, default=(m.weights[-1], 0, 0))
 
 
@@ -337,10 +368,17 @@ def _infeasible(m: _Model, workers: Sequence[WorkerSpec]) -> PlanError:
                f"{reach} of {n}" if reach < n else "not with a stage on every worker")
         parts = [f"{what}: the workers offer {Memory(offer)} for the {Memory(need)} of "
                  f"weights, embedding, head and KV cache, but {why}"]
+    slots = STREAM_SLOTS * max(cost.block_bytes)
+    stream_need = slots + min(map(cost.cache_bytes, range(n)))  # to stream any one block
     for i, w in enumerate(workers):
         if not w.speed:
             parts.append(f"worker {i} has no measured speed for any tier")
             continue
+        if streams_to_gpu(w) and stream_need > int(w.capacity.gpu_mem):
+            parts.append(f"worker {i} computes on its GPU, whose {w.capacity.gpu_mem} cannot "
+                         f"hold the {Memory(slots)} of buffers that stream blocks to it, "
+                         f"plus their KV caches: give it more GPU memory or gpu=0 (compute on "
+                         f"the CPU)")
         short, b, extra = _one_block_short(m, w)
         if short:
             parts.append(f"worker {i} ({w.capacity}) cannot hold even block {b} "

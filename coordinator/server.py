@@ -543,13 +543,17 @@ def _registry(llm):
 
     def worker_families():
         """Per worker: bytes of its blocks in each tier, disk-tier bytes read (rate() gives
-        swap reads per second) and the seconds they took, resident memory."""
+        swap reads per second) and the seconds they took, bytes streamed to its GPU,
+        resident memory."""
         tiers = GaugeMetricFamily("llm_shard_worker_block_bytes", "Bytes of the worker's "
                                   "blocks in each memory tier", labels=["worker", "tier"])
         read = CounterMetricFamily("llm_shard_swap_read_bytes", "Bytes of disk-tier blocks "
                                    "read (streamed)", labels=["worker"])
         read_s = CounterMetricFamily("llm_shard_swap_read_seconds", "Seconds spent reading "
                                      "disk-tier blocks", labels=["worker"])
+        copied = CounterMetricFamily("llm_shard_gpu_stream_bytes", "Bytes of RAM- and "
+                                     "disk-tier blocks copied to a GPU worker's GPU",
+                                     labels=["worker"])
         rss = GaugeMetricFamily("llm_shard_worker_rss_bytes", "Resident memory of the worker "
                                 "process", labels=["worker"])
         for index, st in sorted(llm.worker_stats().items()):
@@ -558,8 +562,9 @@ def _registry(llm):
                 tiers.add_metric([w, tier], n)
             read.add_metric([w], st["swap_bytes_read"])
             read_s.add_metric([w], st["swap_read_seconds"])
+            copied.add_metric([w], st["gpu_stream_bytes"])
             rss.add_metric([w], st["rss"])
-        yield from (tiers, read, read_s, rss)
+        yield from (tiers, read, read_s, copied, rss)
 
     registry = CollectorRegistry()
     registry.register(SchedulerCollector())

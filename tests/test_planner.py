@@ -12,11 +12,13 @@ from llm_shard.cluster.types import Capacity, GiB, MiB, Tier
 from llm_shard.coordinator import planner
 from llm_shard.coordinator.planner import (
     DISK_STAGING_SLOTS,
+    STREAM_SLOTS,
     ModelCost,
     PlanError,
     WorkerSpec,
     format_plan,
     plan,
+    streams_to_gpu,
 )
 
 GPU, RAM, DISK = Tier.GPU, Tier.RAM, Tier.DISK
@@ -93,17 +95,31 @@ def test_ram_limited_worker_streams_the_rest_from_disk():
     assert p.stages[0].tiers == (RAM,) * 10 and report.stages[0].buffers == 0
 
 
-def test_gpu_budget_takes_the_first_blocks_and_their_cache():
+def test_a_gpu_worker_keeps_every_cache_and_two_stream_slots_on_its_gpu():
     model = ModelCost((100 * MiB,) * 6, cache_bytes_per_token=1024, cache_tokens=1024)
     speed = {GPU: 500e9, RAM: 20e9, DISK: 1.5e9}
-    p, report = plan(model, [worker("gpu=256MiB,ram=304MiB,disk=1GiB", speed)])
-    # 2 blocks + their 1 MiB caches on GPU; RAM: 1 block, 4 caches, 2-block staging buffer
-    assert p.stages[0].tiers == (GPU, GPU, RAM, DISK, DISK, DISK)
+    p, report = plan(model, [worker("gpu=512MiB,ram=304MiB,disk=1GiB", speed)])
+    # GPU: 6 caches of 1 MiB, 2 stream slots of 100 MiB, then 3 resident blocks
+    assert p.stages[0].tiers == (GPU, GPU, GPU, RAM, RAM, RAM)
     stage = report.stages[0]
-    assert stage.resident[GPU] == 2 * MiB and stage.resident[RAM] == 4 * MiB
-    assert stage.used(GPU) == 202 * MiB and stage.used(RAM) == 304 * MiB
-    assert stage.seconds == pytest.approx(200 * MiB / 500e9 + 100 * MiB / 20e9
-                                          + 300 * MiB / 1.5e9)
+    assert stage.resident[GPU] == 6 * MiB and stage.resident[RAM] == 0
+    assert stage.stream_buffers == 200 * MiB and stage.buffers == 0
+    assert stage.used(GPU) == 506 * MiB and stage.used(RAM) == 300 * MiB
+    assert stage.seconds == pytest.approx(300 * MiB / 500e9 + 300 * MiB / 20e9)
+    # all of it fits: no stream slots
+    p, report = plan(model, [worker("gpu=606MiB,ram=0", speed)])
+    assert p.stages[0].tiers == (GPU,) * 6 and report.stages[0].stream_buffers == 0
+    # no room for resident blocks: RAM holds 1 block and the 2-block disk staging buffer
+    p, report = plan(model, [worker("gpu=256MiB,ram=304MiB,disk=1GiB", speed)])
+    assert p.stages[0].tiers == (RAM,) + (DISK,) * 5
+    assert report.stages[0].used(GPU) == 206 * MiB and report.stages[0].used(RAM) == 300 * MiB
+    # too little GPU memory for the caches and stream slots: refused, with the shortfall
+    with pytest.raises(PlanError, match=r"worker 0 computes on its GPU, whose 150.00 MiB cannot "
+                       r"hold the 200.00 MiB of buffers that stream blocks to it"):
+        plan(model, [worker("gpu=150MiB,ram=1GiB,disk=1GiB", speed)])
+    # without a GPU budget the same worker computes on the CPU, caches in RAM
+    p, report = plan(model, [worker("gpu=0,ram=1GiB", speed)])
+    assert set(p.stages[0].tiers) == {RAM} and report.stages[0].resident[RAM] == 6 * MiB
     # a worker without a GPU speed ignores its GPU budget
     p, _ = plan(model, [worker("gpu=8GiB,ram=1GiB")])
     assert set(p.stages[0].tiers) == {RAM}
@@ -205,7 +221,11 @@ def check_budgets(model: ModelCost, workers, p, report) -> None:
                     + model.embed_bytes * (stage.start == 0) + model.head_bytes * (stage.end == n))
         assert rep.weights == weights and rep.buffers == buffers
         assert rep.resident[GPU] + rep.resident[RAM] == resident and rep.resident[DISK] == 0
-        assert weights[GPU] + rep.resident[GPU] <= cap.gpu_mem
+        streamed = [model.block_bytes[b] for b in stage.blocks if stage.tier_of(b) is not GPU]
+        slots = STREAM_SLOTS * max(model.block_bytes[stage.start:stage.end])
+        assert rep.stream_buffers == (slots if streams_to_gpu(workers[stage.worker]) and streamed
+                                      else 0)
+        assert weights[GPU] + rep.resident[GPU] + rep.stream_buffers <= cap.gpu_mem
         assert weights[RAM] + rep.resident[RAM] + buffers <= cap.ram
         assert weights[DISK] <= cap.disk
 
@@ -228,15 +248,24 @@ def reference_stage(model: ModelCost, w: WorkerSpec, s: int, e: int) -> float | 
     """The module docstring's rules, by exhaustive scan: seconds, or None if it can't fit."""
     blocks, speed, n = model.block_bytes, w.speed, model.n_blocks
     cache = [model.cache_bytes(b) for b in range(n)]
-    gpu, ram = (w.capacity.gpu_mem if GPU in speed else 0), int(w.capacity.ram)
+    gpu, ram = (int(w.capacity.gpu_mem) if GPU in speed else 0), int(w.capacity.ram)
     embed = model.embed_bytes * (s == 0)
     gpu, ram = (gpu - embed, ram) if embed <= gpu else (gpu, ram - embed)
-    g = s
-    while GPU in speed and g < e and sum(blocks[s:g + 1]) + sum(cache[s:g + 1]) <= gpu:
-        g += 1
     head = model.head_bytes * (e == n)
-    head_gpu = g == e and head <= gpu - sum(blocks[s:e]) - sum(cache[s:e])
-    ram -= (0 if head_gpu else head) + sum(cache[g:e])
+    g, head_gpu = s, False
+    if streams_to_gpu(w):  # every cache on the GPU, then stream slots if not all fit
+        room = gpu - sum(cache[s:e])
+        if sum(blocks[s:e]) <= room:
+            g, head_gpu = e, head <= room - sum(blocks[s:e])
+        else:
+            room -= STREAM_SLOTS * max(blocks[s:e])
+            if room < 0:
+                return None
+            while sum(blocks[s:g + 1]) <= room:
+                g += 1
+    else:
+        ram -= sum(cache[s:e])
+    ram -= 0 if head_gpu else head
     for r in range(e, g - 1, -1):  # the largest RAM part that fits wins
         disk = blocks[r:e]
         if (r > g and RAM not in speed) or (disk and DISK not in speed):
@@ -284,7 +313,7 @@ def brute_force(model: ModelCost, workers, objective: str, hop: float) -> float:
 
 def test_dp_is_optimal_against_brute_force():
     rng, compared = random.Random(99), 0
-    for _ in range(400):
+    for _ in range(500):
         model, workers = random_case(rng, rng.randint(1, 8), rng.randint(1, 3), 10 * MiB)
         objective, hop = rng.choice(["latency", "throughput"]), rng.choice([0.0, 1e-3, 0.05])
         expected = brute_force(model, workers, objective, hop)

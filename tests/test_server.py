@@ -139,7 +139,11 @@ def test_models_health_metrics(server):
     for name in ("llm_shard_requests_total", "llm_shard_generated_tokens_total",
                  "llm_shard_queue_waiting", "llm_shard_stage_seconds{stage=\"1\"}",
                  "llm_shard_http_requests_total", "llm_shard_recoveries_total",
-                 "llm_shard_worker_restarts_total{worker=\"0\"} 0.0"):
+                 "llm_shard_worker_restarts_total{worker=\"0\"} 0.0",
+                 "llm_shard_worker_block_bytes{tier=\"ram\",worker=\"0\"}",
+                 "llm_shard_swap_read_bytes_total{worker=\"0\"}",
+                 "llm_shard_gpu_stream_bytes_total{worker=\"0\"} 0.0",
+                 "llm_shard_worker_rss_bytes{worker=\"0\"}"):
         assert name in text
     assert "<html" in httpx.get(server.url + "/").text.lower()
 

@@ -35,7 +35,7 @@ from llm_shard.models.catalog import home
 from llm_shard.models.store import Store
 
 from .stage import FREE, STEP, StageError, StageRunner
-from .tiers import read_into
+from .tiers import Streamer, read_file
 
 log = logging.getLogger("llm_shard.worker")
 
@@ -142,28 +142,38 @@ class Worker:
                 "baseline_rss": self.baseline_rss,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
-    def calibrate(self, repeats: int = 5) -> dict[str, float]:
+    def calibrate(self, repeats: int = 5, stream: bool = False) -> dict[str, float]:
         """Bytes of weights per second, per tier this worker can use: "ram" from one real
         block of the model run one token at a time (what decoding does); "disk" no faster
         than a cold read of that block's file (prefetch overlaps reading and computing);
-        "gpu" the same block on the GPU, where there is one."""
+        "gpu" the same block on the GPU, where there is one. With `stream` (a GPU budget:
+        the planner's streams_to_gpu) on a GPU, "ram" is that block streamed from pinned
+        RAM to the GPU and run there, as such a worker runs its RAM and disk blocks."""
         part = Part("block", 0)
         self._fetch([part])  # store transfer
-        return self._on_loop(self._calibrate, part, repeats)
+        return self._on_loop(self._calibrate, part, repeats, stream)
 
-    def _calibrate(self, part: Part, repeats: int) -> dict[str, float]:
+    def _calibrate(self, part: Part, repeats: int, stream: bool) -> dict[str, float]:
         size = self.store.part_bytes(part)
         speeds = {"ram": size / self._time_block(self.store.load(part, self.dtype), repeats)}
+        if torch.cuda.is_available():
+            block = self.store.load(part, self.dtype, "cuda")
+            speeds["gpu"] = size / self._time_block(block, repeats, "cuda")
+            if stream:
+                streamer = Streamer.from_store(self.store, [part.index], self.dtype,
+                                               held=[part.index], device="cuda")
+                try:
+                    speeds["ram"] = size / self._time_block(
+                        lambda x, batch: streamer.run(part.index, x, batch), repeats, "cuda")
+                finally:
+                    streamer.close()
         path = self.store._checked(part.file)
         with open(path, "rb", buffering=0) as f:  # drop it from the page cache: a cold read
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         buf = torch.empty(os.path.getsize(path), dtype=torch.uint8)
         t0 = time.perf_counter()
-        read_into(path, buf)
+        read_file(path, buf)
         speeds["disk"] = min(speeds["ram"], size / max(time.perf_counter() - t0, 1e-9))
-        if torch.cuda.is_available():
-            block = self.store.load(part, self.dtype, "cuda")
-            speeds["gpu"] = size / self._time_block(block, repeats, "cuda")
         return speeds
 
     def _time_block(self, block, repeats: int, device: str = "cpu") -> float:
@@ -185,18 +195,20 @@ class Worker:
 
     def configure(self, epoch: int, start: int | None = None, end: int | None = None, *,
                   tiers: list[str] | None = None, cache_budget: int = 0,
-                  next_address: str | None = None, result_address: str | None = None) -> dict:
+                  next_address: str | None = None, result_address: str | None = None,
+                  stream_to: str | None = None) -> dict:
         """Host blocks [start, end) (None: none) in `tiers` for `epoch`, sending on to
-        next_address. Every cache is dropped: after a re-plan the coordinator replays its
-        sequences."""
+        next_address; with `stream_to` (a device), every block computes there, RAM and disk
+        blocks streamed. Every cache is dropped: after a re-plan the coordinator replays
+        its sequences."""
         if start is not None:  # store transfer: fetch missing files first, outside the lock
             self._fetch_stage(start, end)
         return self._on_loop(self._configure, epoch, start, end, tiers, cache_budget,
-                             next_address, result_address)
+                             next_address, result_address, stream_to)
 
     def _configure(self, epoch: int, start: int | None, end: int | None,
                    tiers: list[str] | None, cache_budget: int, next_address: str | None,
-                   result_address: str | None) -> dict:
+                   result_address: str | None, stream_to: str | None) -> dict:
         with self.lock:
             self.epoch = epoch
             if self.runner is not None:
@@ -211,7 +223,8 @@ class Worker:
                 return {"cache_budget": 0}
             self.runner = StageRunner(self.store, start, end, cache_budget=cache_budget,
                                       dtype=self.dtype, wire_dtype=self.wire_dtype,
-                                      tiers=[Tier(t) for t in tiers] if tiers else None)
+                                      tiers=[Tier(t) for t in tiers] if tiers else None,
+                                      stream_to=stream_to)
             self.next = self._push(next_address)
             self.report = self._push(result_address)
             return {"cache_budget": self.runner.cache_budget, "rss": rss_bytes()}
@@ -229,6 +242,8 @@ class Worker:
                     "staging_bytes": streamer.staging_bytes if streamer else 0,
                     "swap_bytes_read": streamer.bytes_read if streamer else 0,
                     "swap_read_seconds": streamer.read_seconds if streamer else 0.0,
+                    "gpu_stream_bytes": (streamer.bytes_copied
+                                         if streamer and streamer.cuda else 0),
                     "rss": rss_bytes(), "peak_rss": peak_rss_bytes(),
                     "store_path": self.store_path, "fetched": self.fetched}  # store transfer
 

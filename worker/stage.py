@@ -74,12 +74,14 @@ class StageRunner:
     def __init__(self, store: Store, start: int, end: int, *, cache_budget: int,
                  dtype: torch.dtype = torch.float32,
                  wire_dtype: torch.dtype = wire.DEFAULT_ACTIVATION_DTYPE,
-                 device: str | torch.device = "cpu", tiers: list[Tier] | None = None) -> None:
-        """`tiers`: each block's tier (None: all in RAM), see worker/tiers.py."""
+                 device: str | torch.device = "cpu", tiers: list[Tier] | None = None,
+                 stream_to: str | torch.device | None = None) -> None:
+        """`tiers`: each block's tier (None: all in RAM); `stream_to`: the device every
+        block computes on, RAM and disk blocks streamed there (see worker/tiers.py)."""
         self.model = StageModel(store, start, end, dtype=dtype, device=device,
                                 load_blocks=False)
         self.blocks = TieredBlocks(store, start, end, tiers or [Tier.RAM] * (end - start),
-                                   dtype=dtype)
+                                   dtype=dtype, stream_to=stream_to)
         self.start, self.end = start, end
         self.first, self.last = self.model.has_embed, self.model.has_head
         self.dtype, self.wire_dtype, self.device = dtype, wire_dtype, torch.device(device)

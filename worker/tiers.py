@@ -5,14 +5,21 @@ the largest of them, take turns: while one block computes from one buffer, a bac
 thread reads the next disk block into the other (`readinto`, no mmap), then tells the
 kernel to drop those file pages from its cache (POSIX_FADV_DONTNEED). A block's module is
 built once on the meta device; each use assigns it tensors that are views into its
-buffer, so streaming allocates nothing. int8 layers of a streamed block run a kernel that
-reads the stored int8 weights as they are (int8pack, else dequant): fbgemm would copy them
-into a packed form on every pass.
+buffer, so streaming allocates nothing. int8 layers of a block streamed on the CPU run a
+kernel that reads the stored int8 weights as they are (int8pack, else dequant): fbgemm
+would copy them into a packed form on every pass.
 
-RAM-tier blocks are loaded once (memory-mapped, then kernel-packed; Store.load releases
-the mapped int8 bytes that a packed copy replaced, so a block costs its bytes once).
-GPU-tier blocks are copied to the device once; activations move between devices at tier
-boundaries.
+On a CPU worker, RAM-tier blocks are loaded once (memory-mapped, then kernel-packed;
+Store.load releases the mapped int8 bytes that a packed copy replaced, so a block costs
+its bytes once) and compute there.
+
+On a GPU worker (`stream_to`, see coordinator/planner.py `streams_to_gpu`) every block
+computes on the GPU. GPU-tier blocks are copied there once. A RAM-tier block keeps its
+file's bytes in pinned RAM; those bytes, or a disk block's from its (pinned) staging
+buffer, are copied into one of two device slots on a copy stream, the next block's copy
+running while the current one computes; CUDA events keep a slot from being overwritten
+before the block that used it is done, and a staging buffer from being refilled before its
+copy is done. The KV caches are on the GPU too (they live where their block computes).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,9 +45,12 @@ log = logging.getLogger("llm_shard.worker")
 
 STREAM_KERNEL = "int8pack"  # falls back to "dequant" where int8pack cannot run a layer
 
+# (name, dtype, shape, start, end) of each tensor in a safetensors file's bytes
+Layout = list[tuple[str, torch.dtype, list[int], int, int]]
 
-def read_into(path: os.PathLike, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Read a safetensors file into `buf` (uint8) and return its tensors as views of it."""
+
+def read_file(path: os.PathLike, buf: torch.Tensor) -> int:
+    """Read a file into `buf` (uint8), then drop its pages from the page cache; its size."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         if size > buf.numel():
@@ -54,52 +64,104 @@ def read_into(path: os.PathLike, buf: torch.Tensor) -> dict[str, torch.Tensor]:
             done += n
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    hlen = int.from_bytes(bytes(view[:8]), "little")
-    header = json.loads(bytes(view[8:8 + hlen]))
-    base, out = 8 + hlen, {}
-    for name, d in header.items():
-        if name == "__metadata__" or name.startswith(PAD):
-            continue
-        start, end = d["data_offsets"]
-        raw = buf[base + start: base + end]
-        dtype = SAFETENSORS_DTYPES[d["dtype"]]
-        try:
-            t = raw.view(dtype)
-        except RuntimeError:  # an offset not aligned to the element size: copy this one
-            t = raw.clone().view(dtype)  # (stores written before save_aligned)
-        out[name] = t.reshape(d["shape"])
+    return size
+
+
+def layout(buf: torch.Tensor) -> Layout:
+    """Where each tensor of the safetensors bytes in `buf` (uint8, on the CPU) lies."""
+    hlen = int.from_bytes(buf[:8].numpy().tobytes(), "little")
+    header = json.loads(buf[8:8 + hlen].numpy().tobytes())
+    base = 8 + hlen
+    return [(name, SAFETENSORS_DTYPES[d["dtype"]], d["shape"],
+             base + d["data_offsets"][0], base + d["data_offsets"][1])
+            for name, d in header.items() if name != "__metadata__" and not name.startswith(PAD)]
+
+
+def views(buf: torch.Tensor, where: Layout) -> dict[str, torch.Tensor]:
+    """The tensors of `where` as views of `buf` (any device); normal tensors even under
+    inference mode, so that their version counters work (worker/wrap.py checks them)."""
+    out = {}
+    with torch.inference_mode(False):
+        for name, dtype, shape, start, end in where:
+            raw = buf[start:end]
+            try:
+                t = raw.view(dtype)
+            except RuntimeError:  # an offset not aligned to the element size: copy this one
+                t = raw.clone().view(dtype)  # (stores written before save_aligned)
+            out[name] = t.reshape(shape)
     return out
 
 
+def read_into(path: os.PathLike, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Read a safetensors file into `buf` (uint8) and return its tensors as views of it."""
+    read_file(path, buf)
+    return views(buf, layout(buf))
+
+
 class Streamer:
-    """Disk-tier blocks: meta skeletons, two staging buffers, one prefetch thread.
+    """Blocks brought, one at a time, to where they compute: meta skeletons, two host
+    staging buffers for disk blocks (one prefetch thread), and with `device` two device
+    slots that every block passes through.
 
     `paths` maps each streamed block's global index to its safetensors file (written by
     `save_aligned`); `skeleton(i)` builds block i with its file's tensors on the meta
     device (int8 Linears already swapped in). `dtype` converts floating tensors other
-    than int8 scales on every load (None: as stored). `from_store` builds one for a store.
+    than int8 scales on every load (None: as stored). `held` blocks are read once into
+    RAM of their own (a GPU worker's RAM tier); the others are read from disk on every
+    pass. Without `device`, a block computes from its host buffer (on the CPU); with it,
+    each pass copies the block's bytes into a device slot (pinned and asynchronous on
+    CUDA) and the block computes there. `from_store` builds one for a store.
     """
 
     def __init__(self, paths: dict[int, os.PathLike], skeleton: Callable[[int], nn.Module],
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, *, held: Iterable[int] = (),
+                 device: str | torch.device | None = None) -> None:
         if not paths:
             raise ValueError("a Streamer needs at least one block")
         self.paths = {i: Path(p) for i, p in sorted(paths.items())}
         self.blocks, self.dtype = list(self.paths), dtype
-        size = max(os.path.getsize(p) for p in self.paths.values())
-        self.buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
+        self.held = set(held)
+        if not self.held <= set(self.blocks):
+            raise ValueError(f"held blocks {sorted(self.held - set(self.blocks))} have no file")
+        self.disk = [i for i in self.blocks if i not in self.held]
+        self.device = None if device is None else torch.device(device)
+        self.cuda = self.device is not None and self.device.type == "cuda"
+        sizes = {i: os.path.getsize(p) for i, p in self.paths.items()}
+
+        def host(n: int) -> torch.Tensor:  # pinned for a CUDA device: asynchronous copies
+            return torch.empty(n, dtype=torch.uint8, pin_memory=self.cuda)
+
+        self.buffers = [host(max(sizes[i] for i in self.disk)) for _ in range(2)] \
+            if self.disk else []
+        self.bytes_read = 0
+        self.read_seconds = 0.0
+        self.wait_seconds = 0.0
+        self.bytes_copied = 0  # into device slots
+        self.lock = threading.Lock()
+        self.held_buffers = {}
+        for i in sorted(self.held):
+            self.held_buffers[i] = host(sizes[i])
+            read_file(self.paths[i], self.held_buffers[i])
+        self.layouts = {i: layout(b) for i, b in self.held_buffers.items()}
+        self.slots = ([torch.empty(max(sizes.values()), dtype=torch.uint8, device=self.device)
+                       for _ in range(2)] if self.device is not None else [])
+        self.slot = 1  # the device slot in use; the next copy goes to the other
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.slot_free: list = [None, None]  # CUDA events: compute done with each slot
+        self.buffer_free: list = [None, None]  # CUDA events: copy out of each buffer done
         self.skeletons = {i: skeleton(i).eval().requires_grad_(False) for i in self.blocks}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self.pending: tuple[int, int, Future] | None = None  # (block, buffer, read)
         self.current = 1  # the buffer in use; the next read goes to the other
         self.prefetch_enabled = True
-        self.bytes_read = 0
-        self.read_seconds = 0.0
-        self.wait_seconds = 0.0
-        self.lock = threading.Lock()
 
     @classmethod
-    def from_store(cls, store: Store, blocks: list[int], dtype: torch.dtype) -> Streamer:
+    def from_store(cls, store: Store, blocks: list[int], dtype: torch.dtype, *,
+                   held: Iterable[int] = (),
+                   device: str | torch.device | None = None) -> Streamer:
+        # a CPU pass reads the stored int8 as it is; elsewhere the device's own kernel
+        on_cpu = device is None or torch.device(device).type == "cpu"
+
         def skeleton(i: int) -> nn.Module:
             with on_meta():
                 module = store.arch.build(store.config, Part("block", i))
@@ -107,44 +169,65 @@ class Streamer:
             int8 = {k[: -len(".scales")] for k in names if k.endswith(".scales")}
             if int8:
                 with on_meta():  # filled by assignment on every pass
-                    swap_int8(module, lambda name, _m: name in int8, kernel=STREAM_KERNEL)
+                    swap_int8(module, lambda name, _m: name in int8,
+                              kernel=STREAM_KERNEL if on_cpu else None)
             return module
 
-        return cls({i: store._checked(Part("block", i).file) for i in blocks}, skeleton, dtype)
+        return cls({i: store._checked(Part("block", i).file) for i in blocks}, skeleton, dtype,
+                   held=held, device=device)
 
     @property
     def staging_bytes(self) -> int:
+        """The host staging buffers of disk blocks (device slots not included)."""
         return sum(b.numel() for b in self.buffers)
 
-    def _read(self, i: int, slot: int) -> dict[str, torch.Tensor]:
+    def _read(self, i: int, slot: int) -> Layout:
+        done = self.buffer_free[slot]
+        if done is not None:  # the copy out of this buffer must land before it is refilled
+            done.synchronize()
         t0 = time.perf_counter()
-        state = read_into(self.paths[i], self.buffers[slot])
+        size = read_file(self.paths[i], self.buffers[slot])
+        where = layout(self.buffers[slot])
         with self.lock:
             self.read_seconds += time.perf_counter() - t0
-            self.bytes_read += os.path.getsize(self.paths[i])
-        return state
+            self.bytes_read += size
+        return where
 
-    def prefetch(self, i: int) -> None:
-        """Start reading block i into the buffer not in use (if nothing is pending)."""
-        if not self.prefetch_enabled or self.pending is not None:
+    def prefetch(self, i: int | None) -> None:
+        """Start reading disk block i into the buffer not in use (if nothing is pending)."""
+        if i is None or i in self.held or not self.prefetch_enabled or self.pending is not None:
             return
         slot = 1 - self.current
         self.pending = (i, slot, self.pool.submit(self._read, i, slot))
 
-    def get(self, i: int) -> nn.Module:
-        """Block i, filled from its buffer (waiting for its read, or reading it now)."""
-        t0 = time.perf_counter()
+    def _host(self, i: int) -> tuple[torch.Tensor, Layout, int | None]:
+        """Block i's bytes in RAM, where its tensors lie, and its staging buffer (if any)."""
+        if i in self.held:
+            return self.held_buffers[i], self.layouts[i], None
         if self.pending is not None and self.pending[0] == i:
             _, slot, future = self.pending
-            state = future.result()
+            where = future.result()
         else:
             if self.pending is not None:  # a read of another block: let it land first
                 self.pending[2].result()
             slot = 1 - self.current
-            state = self._read(i, slot)
+            where = self._read(i, slot)
         self.pending = None
         self.current = slot
+        return self.buffers[slot], where, slot
+
+    def get(self, i: int) -> nn.Module:
+        """Block i, filled from its buffer or device slot (waiting for its read, or reading
+        it now). With a device, call `release()` once the block's forward is queued."""
+        t0 = time.perf_counter()
+        buf, where, staging = self._host(i)
+        if self.device is not None:
+            self.slot = 1 - self.slot
+            size = max((end for *_, end in where), default=0)
+            buf = self._copy(buf, size, staging)
+            self.bytes_copied += size
         self.wait_seconds += time.perf_counter() - t0
+        state = views(buf, where)
         if self.dtype is not None:
             state = {k: v.to(self.dtype) if v.is_floating_point() and not k.endswith(".scales")
                      else v for k, v in state.items()}
@@ -153,9 +236,41 @@ class Streamer:
         prepare_int8(module)
         return module
 
-    def next_after(self, i: int) -> int:
-        k = self.blocks.index(i)
-        return self.blocks[(k + 1) % len(self.blocks)]
+    def _copy(self, host: torch.Tensor, size: int, staging: int | None) -> torch.Tensor:
+        """Copy host[:size] into the current device slot; the compute stream waits for it."""
+        slot = self.slots[self.slot]
+        if not self.cuda:
+            slot[:size].copy_(host[:size])
+            return slot
+        free = self.slot_free[self.slot]
+        if free is not None:  # the block that last used this slot is done with it
+            self.copy_stream.wait_event(free)
+        with torch.cuda.stream(self.copy_stream):
+            slot[:size].copy_(host[:size], non_blocking=True)
+            copied = self.copy_stream.record_event()
+        torch.cuda.current_stream(self.device).wait_event(copied)
+        if staging is not None:
+            self.buffer_free[staging] = copied
+        return slot
+
+    def run(self, i: int, x: torch.Tensor, batch) -> torch.Tensor:
+        """Block i's forward: fetched, the next disk block's read started, slot released."""
+        block = self.get(i)
+        self.prefetch(self.next_after(i))
+        x = block(x, batch)
+        self.release()
+        return x
+
+    def release(self) -> None:
+        """After the forward of the block `get` last returned is queued: its slot may be
+        refilled once that forward is done."""
+        if self.cuda:
+            self.slot_free[self.slot] = torch.cuda.current_stream(self.device).record_event()
+
+    def next_after(self, i: int) -> int | None:
+        """The disk block to prefetch once block i is under way (None: no disk blocks)."""
+        later = [b for b in self.disk if b > i]
+        return later[0] if later else (self.disk[0] if self.disk else None)
 
     def close(self) -> None:
         if self.pending is not None:
@@ -164,26 +279,37 @@ class Streamer:
 
 
 class TieredBlocks:
-    """Blocks [start, end) by tier; `run(x, batch)` runs them in order."""
+    """Blocks [start, end) by tier; `run(x, batch)` runs them in order.
+
+    `stream_to`: the device every block computes on, a GPU worker's (None: GPU-tier
+    blocks on `gpu`, the others on the CPU). Its RAM and disk blocks stream there.
+    """
 
     def __init__(self, store: Store, start: int, end: int, tiers: list[Tier], *,
-                 dtype: torch.dtype = torch.float32, gpu: str | torch.device = "cuda") -> None:
+                 dtype: torch.dtype = torch.float32, gpu: str | torch.device = "cuda",
+                 stream_to: str | torch.device | None = None) -> None:
         if len(tiers) != end - start:
             raise ValueError(f"{len(tiers)} tiers for blocks [{start}, {end})")
         self.tiers = {start + k: Tier(t) for k, t in enumerate(tiers)}
-        self.gpu = torch.device(gpu) if Tier.GPU in self.tiers.values() else None
+        self.stream_to = None if stream_to is None else torch.device(stream_to)
+        self.gpu = self.stream_to or (torch.device(gpu) if Tier.GPU in self.tiers.values()
+                                      else None)
+        streamed = [i for i, t in self.tiers.items()
+                    if t is Tier.DISK or (t is Tier.RAM and self.stream_to is not None)]
         self.resident: dict[int, nn.Module] = {}
         for i, tier in self.tiers.items():
-            if tier is Tier.DISK:
-                continue
-            device = self.gpu if tier is Tier.GPU else "cpu"
-            self.resident[i] = store.load(Part("block", i), dtype, device)
-        disk = [i for i, t in self.tiers.items() if t is Tier.DISK]
-        self.streamer = Streamer.from_store(store, disk, dtype) if disk else None
+            if i not in streamed:
+                device = self.gpu if tier is Tier.GPU else "cpu"
+                self.resident[i] = store.load(Part("block", i), dtype, device)
+        held = [i for i in streamed if self.tiers[i] is Tier.RAM]
+        self.streamer = (Streamer.from_store(store, streamed, dtype, held=held,
+                                             device=self.stream_to) if streamed else None)
         if self.streamer is not None:
-            self.streamer.prefetch(disk[0])
+            self.streamer.prefetch(self.streamer.next_after(-1))
 
     def device_of(self, i: int) -> torch.device:
+        if self.stream_to is not None:
+            return self.stream_to
         return self.gpu if self.tiers[i] is Tier.GPU else torch.device("cpu")
 
     def run(self, x: torch.Tensor, batch) -> torch.Tensor:
@@ -191,12 +317,8 @@ class TieredBlocks:
             device = self.device_of(i)
             if x.device != device:
                 x = x.to(device)
-            if self.tiers[i] is Tier.DISK:
-                block = self.streamer.get(i)
-                self.streamer.prefetch(self.streamer.next_after(i))
-            else:
-                block = self.resident[i]
-            x = block(x, batch)
+            block = self.resident.get(i)
+            x = block(x, batch) if block is not None else self.streamer.run(i, x, batch)
         return x.to("cpu")  # embedding and head stay in RAM
 
     def bytes_by_tier(self, store: Store) -> dict[str, int]:
