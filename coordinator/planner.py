@@ -4,10 +4,10 @@ A pure function (no Ray, torch or I/O) from a model's per-part byte costs (`Mode
 and the workers' budgets and measured speeds (`WorkerSpec`) to a `Plan` plus the
 `PlanReport` of estimates behind it. The cost model, for a worker hosting blocks [s, e):
 
-- Memory fills in the order embedding (stage 0), blocks s..e-1, head (last stage): a GPU
-  prefix while GPU memory lasts, then RAM as far as it goes, the remaining blocks on DISK
-  (never the embedding or head). A tier with no measured speed holds no blocks; a RAM or
-  disk block's speed on a GPU worker is its streaming speed.
+- The embedding (stage 0) and head (last stage) are in RAM, where the worker computes
+  them. Blocks s..e-1 fill a GPU prefix while GPU memory lasts, then RAM as far as it
+  goes, the remaining blocks on DISK. A tier with no measured speed holds no blocks; a
+  RAM or disk block's speed on a GPU worker is its streaming speed.
 - A block's KV cache (cache_bytes_per_token x cache_tokens) sits where the block
   computes. Disk blocks stream through a RAM staging buffer of DISK_STAGING_SLOTS x the
   largest disk block.
@@ -17,8 +17,8 @@ and the workers' budgets and measured speeds (`WorkerSpec`) to a `Plan` plus the
   GPU memory. The GPU-resident prefix is what is left after the caches (and, when not
   every block fits, the stream buffers). Any other worker computes on the CPU, with its
   caches in RAM.
-- Stage seconds = sum of block_bytes / speed[tier], plus head_bytes / speed of the
-  head's tier; the embedding is a gather and costs nothing.
+- Stage seconds = sum of block_bytes / speed[tier], plus head_bytes / the RAM speed;
+  the embedding is a gather and costs nothing.
 - "latency": minimise the sum of stage seconds + hop_seconds per hop (one sequence's
   seconds per token); "throughput": minimise the slowest stage, ties broken by latency.
 
@@ -222,11 +222,9 @@ def _stages_from(m: _Model, w: WorkerSpec, s: int):
     ram_ok, disk_ok, stream = Tier.RAM in speed, Tier.DISK in speed, streams_to_gpu(w)
     gpu = int(w.capacity.gpu_mem) if Tier.GPU in speed else 0
     embed = cost.embed_bytes if s == 0 else 0
-    embed_gpu = embed if embed <= gpu else 0
-    gpu, ram = gpu - embed_gpu, int(w.capacity.ram) - (embed - embed_gpu)
+    ram = int(w.capacity.ram) - embed
     r, biggest = s, 0  # RAM/DISK boundary; largest disk block (sizes the staging buffer)
     largest = streamed = 0  # largest block of the range (sizes the stream slots)
-    head = head_gpu = 0
     for e in range(s + 1, n + 1):
         head = cost.head_bytes if e == n else 0
         if stream:  # every cache on the GPU; the resident prefix gets what is left
@@ -239,11 +237,10 @@ def _stages_from(m: _Model, w: WorkerSpec, s: int):
                 if room_gpu < streamed:
                     return
                 g = bisect_right(P, P[s] + room_gpu - streamed, s, e) - 1
-            head_gpu = head if g == e and head <= room_gpu - (P[e] - P[s]) else 0
             cache_gpu, cache_ram = C[e] - C[s], 0
         else:  # no GPU budget: everything computes on the CPU
-            g, head_gpu, cache_gpu, cache_ram = s, 0, 0, C[e] - C[s]
-        room = ram - (head - head_gpu) - cache_ram  # for RAM weights + staging buffer
+            g, cache_gpu, cache_ram = s, 0, C[e] - C[s]
+        room = ram - head - cache_ram  # for RAM weights + staging buffer
         if r == e - 1:  # nothing on disk yet: the new block may go to RAM (or GPU) too
             r, biggest = e, 0
         elif blocks[e - 1] > biggest:
@@ -255,10 +252,9 @@ def _stages_from(m: _Model, w: WorkerSpec, s: int):
             biggest = max(biggest, blocks[r])
         if P[e] - P[r] > disk:
             return
-        seconds = ((P[g] - P[s] + head_gpu) * i_gpu + (P[r] - P[g]) * i_ram
-                   + (P[e] - P[r]) * i_disk + (head - head_gpu) * i_head_ram)
-        yield (e, seconds, g, r, embed_gpu + head_gpu + cache_gpu,
-               embed - embed_gpu + head - head_gpu + cache_ram, slots * biggest, streamed)
+        seconds = ((P[g] - P[s]) * i_gpu + (P[r] - P[g]) * i_ram + (P[e] - P[r]) * i_disk
+                   + head * i_head_ram)
+        yield (e, seconds, g, r, cache_gpu, embed + head + cache_ram, slots * biggest, streamed)
 
 
 def _wins(x0: float, x1: float, lo: float, hi: float, c1: float) -> bool:

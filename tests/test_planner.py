@@ -221,6 +221,8 @@ def check_budgets(model: ModelCost, workers, p, report) -> None:
                     + model.embed_bytes * (stage.start == 0) + model.head_bytes * (stage.end == n))
         assert rep.weights == weights and rep.buffers == buffers
         assert rep.resident[GPU] + rep.resident[RAM] == resident and rep.resident[DISK] == 0
+        caches = sum(model.cache_bytes(b) for b in stage.blocks)  # where the blocks compute
+        assert rep.resident[GPU] == (caches if streams_to_gpu(workers[stage.worker]) else 0)
         streamed = [model.block_bytes[b] for b in stage.blocks if stage.tier_of(b) is not GPU]
         slots = STREAM_SLOTS * max(model.block_bytes[stage.start:stage.end])
         assert rep.stream_buffers == (slots if streams_to_gpu(workers[stage.worker]) and streamed
@@ -248,15 +250,14 @@ def reference_stage(model: ModelCost, w: WorkerSpec, s: int, e: int) -> float | 
     """The module docstring's rules, by exhaustive scan: seconds, or None if it can't fit."""
     blocks, speed, n = model.block_bytes, w.speed, model.n_blocks
     cache = [model.cache_bytes(b) for b in range(n)]
-    gpu, ram = (int(w.capacity.gpu_mem) if GPU in speed else 0), int(w.capacity.ram)
-    embed = model.embed_bytes * (s == 0)
-    gpu, ram = (gpu - embed, ram) if embed <= gpu else (gpu, ram - embed)
+    gpu = int(w.capacity.gpu_mem) if GPU in speed else 0
     head = model.head_bytes * (e == n)
-    g, head_gpu = s, False
+    ram = int(w.capacity.ram) - model.embed_bytes * (s == 0) - head  # both always in RAM
+    g = s
     if streams_to_gpu(w):  # every cache on the GPU, then stream slots if not all fit
         room = gpu - sum(cache[s:e])
         if sum(blocks[s:e]) <= room:
-            g, head_gpu = e, head <= room - sum(blocks[s:e])
+            g = e
         else:
             room -= STREAM_SLOTS * max(blocks[s:e])
             if room < 0:
@@ -265,7 +266,6 @@ def reference_stage(model: ModelCost, w: WorkerSpec, s: int, e: int) -> float | 
                 g += 1
     else:
         ram -= sum(cache[s:e])
-    ram -= 0 if head_gpu else head
     for r in range(e, g - 1, -1):  # the largest RAM part that fits wins
         disk = blocks[r:e]
         if (r > g and RAM not in speed) or (disk and DISK not in speed):
@@ -274,8 +274,7 @@ def reference_stage(model: ModelCost, w: WorkerSpec, s: int, e: int) -> float | 
                 and sum(disk) <= w.capacity.disk):
             t = sum(blocks[s:g]) / speed.get(GPU, 1) + sum(blocks[g:r]) / speed.get(RAM, 1)
             t += sum(disk) / speed.get(DISK, 1)
-            head_speed = speed[GPU] if head_gpu else speed.get(RAM, min(speed.values()))
-            return t + head / head_speed
+            return t + head / speed.get(RAM, min(speed.values()))
     return None
 
 
