@@ -31,7 +31,7 @@ from llm_shard.models.quant import Int8Linear, quantize_weight
 
 # (model, layer, in_features, out_features)
 SHAPES: tuple[tuple[str, str, int, int], ...] = (
-    ("smollm2-135m", "attn", 576, 576),  # small layers: where "auto" picks int8pack
+    ("smollm2-135m", "attn", 576, 576),  # small layers: where "auto" picks w8a16
     ("smollm2-135m", "mlp-up", 576, 1536),
     ("pangu-2.6b", "qkv", 2560, 7680),
     ("pangu-2.6b", "attn", 2560, 2560),
@@ -44,7 +44,7 @@ SHAPES: tuple[tuple[str, str, int, int], ...] = (
 QUICK_SHAPES = (("quick", "tiny", 512, 1024), ("quick", "odd-k", 520, 256))
 BATCHES = (1, 8, 64)
 QUICK_BATCHES = (1, 8)
-KERNELS = ("fp32", "bf16", "auto", "fbgemm", "int8pack", "dequant", "fbgemm-w8a8")
+KERNELS = ("fp32", "bf16", "auto", "fbgemm", "w8a16", "int8pack", "dequant", "fbgemm-w8a8")
 POOL_BYTES = 128 << 20  # weights cycled per kernel: 4x a 32 MiB L3
 QUICK_POOL_BYTES = 4 << 20
 BANDWIDTH_BYTES = 512 << 20

@@ -19,11 +19,14 @@ from the device's preference list (`PREFERENCE`), each kernel saying when it is 
   per-channel weight. Activations go in as two 7-bit levels per token (the value on a
   per-token grid, then its rounding residual), ~14 bits: weight-only accuracy at int8
   GEMM speed. See the comment above `_fbgemm_run`.
+- "w8a16" (CPU with AVX2 or AVX512-VNNI and a C compiler): our kernel (models/w8a16.py),
+  compiled for the machine on first use. Activations rounded to int16 per row, products
+  summed exactly in integers; it reads the stored int8 weight as it is (no packing).
 - "int8pack" (CPU): `aten._weight_int8pack_mm`, weight-only int8 with bf16 activations.
   Only valid when in_features % 16 == 0: otherwise it returns wrong rows or crashes.
-- "auto" (CPU, the default): per layer, "int8pack" on layers of at most
-  AUTO_SMALL_LAYER_BYTES (when valid for the layer), whose fixed cost per call is lower,
-  and "fbgemm" on larger ones. The choice is the layer's, never the call's: see below.
+- "auto" (CPU, the default): per layer, "w8a16" (else "int8pack") on layers of at most
+  AUTO_SMALL_LAYER_BYTES, whose fixed cost per call is lower, and "fbgemm" on larger
+  ones. The choice is the layer's, never the call's: see below.
 - "dequant" (any device; the CUDA path): `F.linear(x, weight.to(x.dtype)) * scales`,
   weight-only, as gpt-fast's `WeightOnlyInt8Linear`. On CPU it is a slow last resort.
 
@@ -31,8 +34,10 @@ Why, measured on 2 cores (benchmarks/kernels.py): at batch 1 on PanGu-2.6B and L
 layers (6-45 MiB) fbgemm streams 20-24 GB/s of int8 weights (0.65-0.78 of the measured
 read bandwidth; ~4x fp32 F.linear in tokens/s) and int8pack 15-22; at batch 8 and 64
 fbgemm is ~2x int8pack. Under ~2 MiB (SmolLM2-135M's layers) fbgemm's ~50 us fixed cost
-per call dominates decode (int8pack 16-37 us a call at 1 row, fbgemm 61-76 us), while
-from ~16 rows fbgemm is faster (prefill of 256 tokens: 1.6-1.9x).
+per call dominates decode (int8pack 16-37 us a call at 1 row, fbgemm 61-76 us); w8a16
+runs SmolLM2's 210 layers at ~21 GB/s against int8pack's ~10 (compute-bound here: 5.9
+GB/s on one core), and level with it from 4 rows up; from ~16 rows
+fbgemm is faster (prefill of 256 tokens: 1.6-1.9x).
 On SmolLM2-135M (tests/test_quant.py) every kernel matches fp32 perplexity within 0.1%
 with top-1 agreement 0.966-0.971: the loss is the per-channel weights', not the kernels'.
 fbgemm's plain dynamic W8A8 (one 7-bit level per token) is ~15% faster at batch 1 but
@@ -41,7 +46,7 @@ not valid for a layer, the layer falls back to the next valid one; each distinct
 is logged once.
 
 Batch invariance. Every CPU kernel here gives a row the same bits whatever other rows
-share its call ("int8pack" and "fbgemm" by construction, pinned by
+share its call ("int8pack", "w8a16" and "fbgemm" by construction, pinned by
 tests/test_quant.py::test_a_row_gets_the_same_bits_in_any_batch): so a sequence decodes
 to the same tokens alone or in a batch of 16, prefilled or replayed token by token, which
 recovery (replaying a sequence's tokens into a new worker's cache) and seeded sampling
@@ -70,13 +75,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import w8a16
+
 log = logging.getLogger(__name__)
 
 QMAX = 127  # symmetric int8: [-127, 127], -128 unused
 
 # Kernel names tried in order, per device type; a device type not listed uses "*".
 PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("auto", "fbgemm", "int8pack", "dequant"),
+    "cpu": ("auto", "fbgemm", "w8a16", "int8pack", "dequant"),
     "*": ("dequant",),
 }
 
@@ -224,15 +231,38 @@ def _int8pack_run(layer: Int8Linear, scales: object, x: torch.Tensor) -> torch.T
     return _add_bias(y.to(x.dtype), layer.bias)
 
 
-# --- auto: int8pack on small layers, fbgemm on the rest ------------------------------
-# fbgemm's two-level activations cost ~50 us a call on top of the GEMM; int8pack has
-# little fixed cost but a slower GEMM. Decode is what matters: under ~2 MiB of weights
-# int8pack is faster at 1-4 rows. Chosen once per layer (batch invariance, above).
+# --- w8a16: int8 weights, int16 activations (models/w8a16.py) -----------------------
+
+def _w8a16_invalid(layer: Int8Linear) -> str | None:
+    if layer.weight.device.type != "cpu":
+        return f"it runs on CPU only, weights are on {layer.weight.device}"
+    if not layer.weight.is_contiguous():
+        return "its int8 weights are not contiguous"
+    return w8a16.problem()
+
+
+def _w8a16_pack(layer: Int8Linear) -> object:
+    return layer.scales.contiguous()
+
+
+def _w8a16_run(layer: Int8Linear, scales: object, x: torch.Tensor) -> torch.Tensor:
+    y = _add_bias(w8a16.linear(layer.weight, scales, x), layer.bias)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+# --- auto: w8a16 (else int8pack) on small layers, fbgemm on the rest ---------------
+# fbgemm's two-level activations cost ~50 us a call on top of the GEMM; w8a16 and int8pack
+# have little fixed cost. Decode is what matters: under ~2 MiB of weights w8a16 is
+# fastest at 1-4 rows. Chosen once per layer (batch invariance, above).
 AUTO_SMALL_LAYER_BYTES = 2 << 20
 
 
 def _auto_pack(layer: Int8Linear) -> object:
     if layer.weight.numel() <= AUTO_SMALL_LAYER_BYTES:
+        reason = _w8a16_invalid(layer)
+        if reason is None:
+            return _w8a16_run, _w8a16_pack(layer)
+        _log_fallback("w8a16", "int8pack", f"{reason}, for auto's small layers")
         reason = _int8pack_invalid(layer)
         if reason is None:
             return _int8pack_run, _int8pack_pack(layer)
@@ -257,6 +287,7 @@ KERNELS: dict[str, Kernel] = {
         Kernel("auto", _fbgemm_invalid, _auto_pack, _auto_run),
         Kernel("fbgemm", _fbgemm_invalid, _fbgemm_pack, _fbgemm_run),
         Kernel("int8pack", _int8pack_invalid, _int8pack_pack, _int8pack_run),
+        Kernel("w8a16", _w8a16_invalid, _w8a16_pack, _w8a16_run),
         Kernel("dequant", lambda layer: None, lambda layer: None, _dequant_run),
     )
 }

@@ -6,8 +6,8 @@ thread reads the next disk block into the other (`readinto`, no mmap), then tell
 kernel to drop those file pages from its cache (POSIX_FADV_DONTNEED). A block's module is
 built once on the meta device; each use assigns it tensors that are views into its
 buffer, so streaming allocates nothing. int8 layers of a block streamed on the CPU run a
-kernel that reads the stored int8 weights as they are (int8pack, else dequant): fbgemm
-would copy them into a packed form on every pass.
+kernel that reads the stored int8 weights as they are (w8a16): fbgemm would copy them into
+a packed form on every pass.
 
 On a CPU worker, RAM-tier blocks are loaded once (memory-mapped, then kernel-packed;
 Store.load releases the mapped int8 bytes that a packed copy replaced, so a block costs
@@ -43,7 +43,7 @@ from llm_shard.models.store import PAD, SAFETENSORS_DTYPES, Store
 
 log = logging.getLogger("llm_shard.worker")
 
-STREAM_KERNEL = "int8pack"  # falls back to "dequant" where int8pack cannot run a layer
+STREAM_KERNEL = "w8a16"  # reads the int8 weights as they are; else the next valid kernel
 
 # (name, dtype, shape, start, end) of each tensor in a safetensors file's bytes
 Layout = list[tuple[str, torch.dtype, list[int], int, int]]
