@@ -108,6 +108,26 @@ def rope_rows(rope: Rotary, batch: Batch):
     return found
 
 
+def rope_tables(rope: Rotary, batch: Batch, like: torch.Tensor):
+    """(cos, signed sin), each (rows, 1, dim) on `like`'s device and dtype, for
+    `rotate(x, cos, sin)`; once per batch, rotary setting, device and dtype."""
+    key = ("rope3", rope.dim, rope.base, rope.kind, rope.factor, rope.max_positions,
+           rope.table_dtype, like.device, like.dtype)
+    found = batch.memo.get(key)
+    if found is None:
+        cos, sin = rope_rows(rope, batch)
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), -1)  # rotate_half's sign, once
+        found = batch.memo[key] = (cos[:, None, :].to(like.device, like.dtype),
+                                   sin[:, None, :].to(like.device, like.dtype))
+    return found
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`Rotary.apply` with the tables of `rope_tables`: the same bits, four ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
 def _rope_rows(rope: Rotary, batch: Batch):
     if rope.kind != "dynamic":
         return rope.cos_sin(batch.positions)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .base import Arch, ArchConfig, Rule
 from .cache import Batch
-from .layers import RMSNorm, Rotary, SwiGLU, cached_attention, rope_rows
+from .layers import RMSNorm, Rotary, SwiGLU, cached_attention, rope_tables, rotate
 
 
 @dataclass
@@ -90,8 +90,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(rows, self.heads, self.head_dim)
         k = self.k_proj(x).view(rows, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(rows, self.kv_heads, self.head_dim)
-        cos, sin = rope_rows(self.rope, batch)
-        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+        cos, sin = rope_tables(self.rope, batch, q)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         o = cached_attention(q, k, v, batch, self.layer)
         return self.o_proj(o.reshape(rows, -1))
 
