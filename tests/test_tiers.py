@@ -72,6 +72,20 @@ def test_streamed_blocks_give_the_resident_tokens_in_process(store, reference):
         runner.close()
 
 
+def test_streamed_blocks_read_their_int8_as_stored(store, monkeypatch):
+    """Streamed blocks take a kernel that needs no packing: w8a16, else int8pack (never
+    auto, whose fbgemm layers would pack again on every pass)."""
+    from llm_shard.models.quant import Int8Linear
+    from llm_shard.worker import tiers
+
+    for problem, expect in ((None, "w8a16"), ("no compiler (test)", "int8pack")):
+        monkeypatch.setattr(tiers.w8a16, "problem", lambda p=problem: p)
+        streamer = tiers.Streamer.from_store(store, [0], torch.float32)
+        linears = [m for m in streamer.skeletons[0].modules() if isinstance(m, Int8Linear)]
+        assert linears and {m.preferred_kernel for m in linears} == {expect}
+        streamer.close()
+
+
 @pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                           reason="needs a CUDA GPU"))])

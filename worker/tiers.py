@@ -37,13 +37,20 @@ import torch
 from torch import nn
 
 from llm_shard.cluster.types import Tier
+from llm_shard.models import w8a16
 from llm_shard.models.base import Part, on_meta
 from llm_shard.models.quant import prepare_int8, swap_int8
 from llm_shard.models.store import PAD, SAFETENSORS_DTYPES, Store
 
 log = logging.getLogger("llm_shard.worker")
 
-STREAM_KERNEL = "w8a16"  # reads the int8 weights as they are; else the next valid kernel
+
+def stream_kernel() -> str:
+    """The int8 kernel of blocks streamed on the CPU: one that reads the stored int8 weights
+    as they are (w8a16; int8pack where w8a16 cannot run). Not "auto": its fbgemm layers
+    would pack their weights again on every pass."""
+    return "w8a16" if w8a16.problem() is None else "int8pack"
+
 
 # (name, dtype, shape, start, end) of each tensor in a safetensors file's bytes
 Layout = list[tuple[str, torch.dtype, list[int], int, int]]
@@ -170,7 +177,7 @@ class Streamer:
             if int8:
                 with on_meta():  # filled by assignment on every pass
                     swap_int8(module, lambda name, _m: name in int8,
-                              kernel=STREAM_KERNEL if on_cpu else None)
+                              kernel=stream_kernel() if on_cpu else None)
             return module
 
         return cls({i: store._checked(Part("block", i).file) for i in blocks}, skeleton, dtype,

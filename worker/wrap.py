@@ -54,7 +54,7 @@ from llm_shard.models.quant import Int8Linear, Predicate
 from llm_shard.models.quant import quantize as _quantize_all
 from llm_shard.models.store import ALIGN, release_mapped, save_aligned
 
-from .tiers import STREAM_KERNEL, Streamer
+from .tiers import Streamer, stream_kernel
 
 log = logging.getLogger("llm_shard.worker")
 
@@ -479,7 +479,7 @@ class BlockList(nn.ModuleList):
                 save_aligned({k: v.to("cpu") for k, v in block.state_dict().items()}, paths[i])
                 for m in block.modules():
                     if isinstance(m, Int8Linear) and m.preferred_kernel is None:
-                        m.preferred_kernel = STREAM_KERNEL  # reads the staged int8 as it is
+                        m.preferred_kernel = stream_kernel()  # reads the staged int8
                 rt.slots[i] = _Slot(block)
                 rt.slots[i].empty()
             else:
