@@ -74,7 +74,7 @@ def build_store(path: Path, preset: str, layers: int | None, progress: bool = Tr
 
 def cold_read_bandwidth(store, runs: int = 3) -> float:
     """Bytes/s reading the block files cold into one staging buffer (median of runs)."""
-    from llm_shard.worker.tiers import read_into
+    from llm_shard.worker.tiers import read_file
 
     paths = [store.path / Part("block", i).file for i in range(store.n_blocks)]
     buf = torch.empty(max(p.stat().st_size for p in paths), dtype=torch.uint8)
@@ -85,8 +85,7 @@ def cold_read_bandwidth(store, runs: int = 3) -> float:
         t0 = time.perf_counter()
         n = 0
         for p in paths:
-            read_into(p, buf)
-            n += p.stat().st_size
+            n += read_file(p, buf)
         rates.append(n / (time.perf_counter() - t0))
     return statistics.median(rates)
 

@@ -188,9 +188,10 @@ VARIANTS = {0: "plain C", 1: "AVX2", 2: "AVX512-VNNI"}
 
 def cache_dir() -> Path:
     env = os.environ.get("LLM_SHARD_KERNEL_CACHE")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or
-                                      Path.home() / ".cache") / "llm-shard" / "kernels"
-    return base
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llm-shard" / "kernels"
 
 
 def _cpu_flags() -> str:

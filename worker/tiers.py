@@ -99,12 +99,6 @@ def views(buf: torch.Tensor, where: Layout) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_into(path: os.PathLike, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Read a safetensors file into `buf` (uint8) and return its tensors as views of it."""
-    read_file(path, buf)
-    return views(buf, layout(buf))
-
-
 class Streamer:
     """Blocks brought, one at a time, to where they compute: meta skeletons, two host
     staging buffers for disk blocks (one prefetch thread), and with `device` two device
@@ -149,7 +143,7 @@ class Streamer:
         for i in sorted(self.held):
             self.held_buffers[i] = host(sizes[i])
             read_file(self.paths[i], self.held_buffers[i])
-        self.layouts = {i: layout(b) for i, b in self.held_buffers.items()}
+        self.layouts = {i: layout(b) for i, b in self.held_buffers.items()}  # disk: on read
         self.slots = ([torch.empty(max(sizes.values()), dtype=torch.uint8, device=self.device)
                        for _ in range(2)] if self.device is not None else [])
         self.slot = 1  # the device slot in use; the next copy goes to the other
@@ -194,7 +188,9 @@ class Streamer:
             done.synchronize()
         t0 = time.perf_counter()
         size = read_file(self.paths[i], self.buffers[slot])
-        where = layout(self.buffers[slot])
+        where = self.layouts.get(i)
+        if where is None:  # a block's header is parsed on its first read only
+            where = self.layouts[i] = layout(self.buffers[slot])
         with self.lock:
             self.read_seconds += time.perf_counter() - t0
             self.bytes_read += size
