@@ -44,7 +44,10 @@ SHAPES: tuple[tuple[str, str, int, int], ...] = (
 QUICK_SHAPES = (("quick", "tiny", 512, 1024), ("quick", "odd-k", 520, 256))
 BATCHES = (1, 8, 64)
 QUICK_BATCHES = (1, 8)
-KERNELS = ("fp32", "bf16", "auto", "fbgemm", "w8a16", "int8pack", "dequant", "fbgemm-w8a8")
+# "blocks": w8a16 on a GGUF's Q4_1-like blocks kept as they are (float16 scale and min
+# per 32 inputs: 1/8 more bytes than int8 alone)
+KERNELS = ("fp32", "bf16", "auto", "fbgemm", "w8a16", "blocks", "int8pack", "dequant",
+           "fbgemm-w8a8")
 POOL_BYTES = 128 << 20  # weights cycled per kernel: 4x a 32 MiB L3
 QUICK_POOL_BYTES = 4 << 20
 BANDWIDTH_BYTES = 512 << 20
@@ -78,9 +81,22 @@ def _pool(kernel: str, w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
     """Copies of one layer as callables x -> y for `kernel`, the weight bytes of one copy,
     and the kernel actually running (an int8 kernel may fall back for this shape)."""
     out_f, in_f = w.shape
-    nbytes = {"fp32": 4 * w.numel(), "bf16": 2 * w.numel()}.get(
+    nbytes = {"fp32": 4 * w.numel(), "bf16": 2 * w.numel(),
+              "blocks": q.numel() + 4 * (q.numel() // 32)}.get(
         kernel, q.numel() + 4 * scales.numel())
     copies = range(max(1, math.ceil(pool_bytes / nbytes)))
+    if kernel == "blocks":
+        if in_f % 32:
+            return [], nbytes, "n/a (in % 32)"
+        mods = []
+        for _ in copies:
+            m = Int8Linear(in_f, out_f, bias=False, kernel="w8a16", group=32, mins=True)
+            m.weight.copy_(q)
+            m.scales.copy_((scales[:, None] / 8).expand(out_f, in_f // 32))
+            m.mins.fill_(-0.01)
+            m.prepare()
+            mods.append(m)
+        return mods, nbytes, "blocks" if mods[0].kernel == "w8a16" else mods[0].kernel
     if kernel in ("fp32", "bf16"):
         dtype = torch.float32 if kernel == "fp32" else torch.bfloat16
         ws = [w.to(dtype, copy=True) for _ in copies]

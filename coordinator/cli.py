@@ -45,9 +45,11 @@ def cli(debug: bool) -> None:
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="int8", show_default=True)
 @click.option("-o", "--out", "out", required=True, help="Store folder to create.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at OUT.")
-@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default=None,
-              help="int8 rounding: nearest (default), or gptq calibrated on built-in text "
-                   "(slower; needs the source's tokenizer).")
+@click.option("--rounding", type=click.Choice(["gguf", "nearest", "gptq"]), default=None,
+              help="int8: gguf keeps a GGUF's own int8/4/5-bit blocks exactly (the default "
+                   "for GGUF files); nearest (the default for others) or gptq (calibrated "
+                   "on built-in text, slower; needs the source's tokenizer) round each "
+                   "weight per output channel.")
 def convert(src: str, arch: str | None, dtype: str, out: str, overwrite: bool,
             rounding: str | None) -> None:
     """Convert a checkpoint (HF folder, Meta folder, Megatron file, GGUF) into a store."""

@@ -19,7 +19,7 @@ from . import get_arch
 from .base import Arch, ArchConfig, Part, Rule, on_meta, parts_of
 from .calibrate import Calibrator, calibration_ids
 from .quant import quantize_weight
-from .sources import Source, open_source
+from .sources import Blocks, Source, open_source
 from .store import DTYPES, Store, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,22 @@ def int8_keys(layout: dict, part: Part, linears: set[str]) -> set[str]:
 
 
 def encode_part(source: Source, arch: Arch, cfg: ArchConfig, layout: dict, part: Part,
-                dtype: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+                dtype: str, kept: dict[str, int] | None = None
+                ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The part's tensors in `dtype` (int8 stores: float32, not yet rounded), and for
-    int8 the keys of the Linear weights to round to int8."""
+    int8 the keys of the Linear weights to round to int8. With `kept` (a count per source
+    format), int8 Linear weights that the source holds in exact int8 blocks are kept as
+    they are (weight, scales, mins; counted there) instead."""
     shapes, linears = _expected_shapes(arch, cfg, part)
+    int8 = int8_keys(layout, part, linears) if dtype == "int8" else set()
     out = {}
     for key, rule in part_rules(layout, part).items():
+        blocks = source.blocks(rule.source) if kept is not None and key in int8 else None
+        if blocks is not None:
+            out.update(_kept_blocks(source, key, rule, blocks, shapes[key]))
+            kept[blocks.kind] = kept.get(blocks.kind, 0) + 1
+            int8.discard(key)
+            continue
         t = source.get(rule.source).float()
         if rule.transform is not None:
             t = rule.transform(t)
@@ -106,7 +116,24 @@ def encode_part(source: Source, arch: Arch, cfg: ArchConfig, layout: dict, part:
             raise ConvertError(f"key {rule.source!r} in {source.where(rule.source)} has shape "
                                f"{list(t.shape)} after conversion, expected {list(shapes[key])}")
         out[key] = t.to(DTYPES[dtype])
-    return out, (int8_keys(layout, part, linears) if dtype == "int8" else set())
+    return out, int8
+
+
+def _kept_blocks(source: Source, key: str, rule: Rule, blocks: Blocks,
+                 shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """A weight's int8 blocks under the store's names (quant.py: mins transposed)."""
+    parts = {"weight": blocks.q, "scales": blocks.scales, "mins": blocks.mins}
+    if rule.transform is not None:  # row permutations (GGUF's Q/K): every part alike
+        parts = {k: None if v is None else rule.transform(v) for k, v in parts.items()}
+    if tuple(parts["weight"].shape) != shape:
+        raise ConvertError(f"key {rule.source!r} in {source.where(rule.source)} has shape "
+                           f"{list(parts['weight'].shape)} after conversion, expected "
+                           f"{list(shape)}")
+    prefix = key[: -len("weight")]
+    out = {key: parts["weight"].contiguous(), prefix + "scales": parts["scales"].contiguous()}
+    if parts["mins"] is not None:
+        out[prefix + "mins"] = parts["mins"].t().contiguous()
+    return out
 
 
 def round_nearest(tensors: dict[str, torch.Tensor], int8: set[str]) -> dict[str, torch.Tensor]:
@@ -116,14 +143,21 @@ def round_nearest(tensors: dict[str, torch.Tensor], int8: set[str]) -> dict[str,
     return out
 
 
-ROUNDINGS = ("gptq", "nearest")
+ROUNDINGS = ("gguf", "gptq", "nearest")
 
 
 def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: str = "int8",
             progress: bool = True, rounding: str | None = None) -> Store:
-    """SRC -> a store at OUT. int8 `rounding`: "nearest" (the default) or "gptq"
-    (calibrated on the built-in text; needs the source's tokenizer). The manifest records
-    which was used.
+    """SRC -> a store at OUT. int8 `rounding`: "gguf" (the default for GGUF files),
+    "nearest" (the default for the others) or "gptq" (calibrated on the built-in text;
+    needs the source's tokenizer). The manifest records which was used.
+
+    "gguf" keeps a GGUF's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 weights exactly as the file holds them,
+    in int8 blocks of 32 with float16 scales (and mins): the store computes what the file
+    says (SmolLM2's Q4_1: top-1 agreement with its float weights 1.000, against 0.968 for
+    the same weights rounded again per output channel). Weights in other GGUF types are
+    rounded to nearest per output channel; "nearest" and "gptq" round every weight so,
+    from its float values, which fbgemm can run at larger batches.
 
     Nearest is the default because GPTQ buys little here: on SmolLM2-135M (float tied
     head) top-1 agreement with fp32 goes 0.970 -> 0.975 while perplexity moves 1.0008 ->
@@ -136,6 +170,9 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
     if rounding is not None and dtype != "int8":
         raise ConvertError(f"rounding={rounding!r} applies to int8 stores only, not {dtype}")
     source = open_source(src)
+    if rounding == "gguf" and source.layout != "gguf":
+        raise ConvertError(f"int8 rounding 'gguf' keeps a GGUF file's blocks, and {src} is "
+                           f"in {source.layout!r} layout: choose 'nearest' or 'gptq'")
     arch_name = arch or source.arch
     if arch_name is None:
         raise ConvertError(f"{src} does not say its architecture: pass --arch")
@@ -154,17 +191,18 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
         if rounding == "gptq" and tokenizer is None:
             raise ConvertError(f"int8 rounding 'gptq' calibrates on text, and {src} has no "
                                "tokenizer: add one, or choose rounding 'nearest'")
-        rounding = rounding or "nearest"
+        rounding = rounding or ("gguf" if source.layout == "gguf" else "nearest")
         if rounding == "gptq":
             calibrator = Calibrator(a, cfg, calibration_ids(tokenizer))
     writer = StoreWriter(Path(out), a, cfg, dtype,
                          {"path": str(Path(src).resolve()), "layout": source.layout})
     int8_record: dict[str, list[str]] = {}
+    kept: dict[str, int] | None = {} if rounding == "gguf" else None
     parts = parts_of(cfg.n_blocks)
     how = f"{dtype}, {rounding} rounding" if dtype == "int8" else dtype
     for part in tqdm(parts, desc=f"convert {Path(src).name} -> {how}", unit="part",
                      disable=not progress):
-        tensors, int8 = encode_part(source, a, cfg, layout, part, dtype)
+        tensors, int8 = encode_part(source, a, cfg, layout, part, dtype, kept)
         if calibrator is not None:
             tensors = calibrator.quantize_part(part, tensors, int8)
         elif int8:
@@ -172,8 +210,16 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
         writer.write(part, tensors)
         if dtype == "int8":
             kind = "blocks" if part.kind == "block" else part.kind
-            int8_record.setdefault(kind, sorted(k[: -len(".weight")] for k in int8))
+            int8_record.setdefault(kind, sorted(k[: -len(".scales")] for k in tensors
+                                                if k.endswith(".scales")))
     if dtype == "int8":
+        if kept:
+            writer.manifest["quantization"].update({
+                "method": "int8 blocks of 32 as in the GGUF; other Linears "
+                          "int8-symmetric-per-output-channel",
+                "scales": "<name>.scales float16 [out, in/32] (blocks) or float32 [out]",
+                "mins": "<name>.mins float16 [in/32, out] (Q4_1/Q5_1 blocks)",
+                "kept": kept})
         writer.manifest["quantization"].update({
             "rounding": rounding,
             "calibration": ({"text": "built-in (models/calibrate.py), English and Chinese",

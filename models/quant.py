@@ -12,6 +12,14 @@ State dict of an `Int8Linear` named `<name>`: `<name>.weight` int8 (out, in), `<
 float32 (out,), and `<name>.bias` float32 (out,) only when the Linear had a bias;
 w ~= weight * scales[:, None].
 
+Blocks (`group=32`): a GGUF's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 weights kept exactly as the file has
+them, one float16 scale (and for Q4_1/Q5_1 one float16 min) per 32 inputs of a row:
+`<name>.scales` float16 (out, in / 32) and `<name>.mins` float16 (in / 32, out), stored
+transposed as the kernel reads them; w[o, i] = weight[o, i] * scales[o, i // 32]
++ mins[i // 32, o]. Only "w8a16" (else "dequant") runs them: fbgemm and int8pack take
+per-channel scales. Why: SmolLM2's GGUF is Q4_1, and rounding its weights again to
+per-channel int8 flips ~3% of top-1 tokens; kept as they are, none (tests/test_quant.py).
+
 Kernels. A forward runs through a kernel from `KERNELS`, chosen per layer by `prepare()`
 from the device's preference list (`PREFERENCE`), each kernel saying when it is valid:
 
@@ -80,6 +88,7 @@ from . import w8a16
 log = logging.getLogger(__name__)
 
 QMAX = 127  # symmetric int8: [-127, 127], -128 unused
+GROUPS = (0, w8a16.BLOCK)  # inputs per scale: 0 = one scale per output row
 
 # Kernel names tried in order, per device type; a device type not listed uses "*".
 PREFERENCE: dict[str, tuple[str, ...]] = {
@@ -138,7 +147,16 @@ ACT_ZERO = 64
 _MIN_ABSMAX = 1e-30  # a zero row stays finite: 1 / (1e-30 / ACT_LEVELS) fits in float32
 
 
+def _per_channel_only(layer: Int8Linear) -> str | None:
+    if layer.group:
+        return (f"its scales are per block of {layer.group} inputs, and it takes one scale "
+                "per output row")
+    return None
+
+
 def _fbgemm_invalid(layer: Int8Linear) -> str | None:
+    if layer.group:
+        return _per_channel_only(layer)
     if layer.weight.device.type != "cpu":
         return f"it runs on CPU only, weights are on {layer.weight.device}"
     engine = torch.backends.quantized.engine
@@ -210,6 +228,8 @@ def fbgemm_error_bound(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 # --- int8pack: weight-only, bf16 activations -------------------------------------
 
 def _int8pack_invalid(layer: Int8Linear) -> str | None:
+    if layer.group:
+        return _per_channel_only(layer)
     if layer.weight.device.type != "cpu":
         return f"it runs on CPU only here, weights are on {layer.weight.device}"
     if layer.in_features % 16:
@@ -242,11 +262,15 @@ def _w8a16_invalid(layer: Int8Linear) -> str | None:
 
 
 def _w8a16_pack(layer: Int8Linear) -> object:
-    return layer.scales.contiguous()
+    mins = None if layer.mins is None else layer.mins.contiguous()
+    return layer.scales.contiguous(), mins
 
 
-def _w8a16_run(layer: Int8Linear, scales: object, x: torch.Tensor) -> torch.Tensor:
-    y = _add_bias(w8a16.linear(layer.weight, scales, x), layer.bias)
+def _w8a16_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tensor:
+    scales, mins = state
+    y = (w8a16.blocks(layer.weight, scales, mins, x) if layer.group
+         else w8a16.linear(layer.weight, scales, x))
+    y = _add_bias(y, layer.bias)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -257,7 +281,17 @@ def _w8a16_run(layer: Int8Linear, scales: object, x: torch.Tensor) -> torch.Tens
 AUTO_SMALL_LAYER_BYTES = 2 << 20
 
 
+def _auto_invalid(layer: Int8Linear) -> str | None:
+    return None if layer.group else _fbgemm_invalid(layer)  # blocks: w8a16, else dequant
+
+
 def _auto_pack(layer: Int8Linear) -> object:
+    if layer.group:
+        reason = _w8a16_invalid(layer)
+        if reason is None:
+            return _w8a16_run, _w8a16_pack(layer)
+        _log_fallback("w8a16", "dequant", f"{reason}, for auto's layers in blocks")
+        return _dequant_run, None
     if layer.weight.numel() <= AUTO_SMALL_LAYER_BYTES:
         reason = _w8a16_invalid(layer)
         if reason is None:
@@ -278,13 +312,15 @@ def _auto_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tensor
 # --- dequant: weight-only, any device ----------------------------------------------
 
 def _dequant_run(layer: Int8Linear, _: object, x: torch.Tensor) -> torch.Tensor:
+    if layer.group:
+        return _add_bias(F.linear(x, layer.dequantized(x.dtype)), layer.bias)
     y = F.linear(x, layer.weight.to(x.dtype)) * layer.scales.to(x.dtype)
     return _add_bias(y, layer.bias)
 
 
 KERNELS: dict[str, Kernel] = {
     k.name: k for k in (
-        Kernel("auto", _fbgemm_invalid, _auto_pack, _auto_run),
+        Kernel("auto", _auto_invalid, _auto_pack, _auto_run),
         Kernel("fbgemm", _fbgemm_invalid, _fbgemm_pack, _fbgemm_run),
         Kernel("int8pack", _int8pack_invalid, _int8pack_pack, _int8pack_run),
         Kernel("w8a16", _w8a16_invalid, _w8a16_pack, _w8a16_run),
@@ -319,22 +355,33 @@ def choose_kernel(layer: Int8Linear, preferred: str | None = None) -> Kernel:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (weight * scales[:, None]).T + bias, with int8 weight and per-row scales.
+    """y = x @ (weight * scales[:, None]).T + bias, with int8 weight and per-row scales;
+    or with `group` (32) inputs per scale, blocks as the module docstring says (`mins`:
+    with a float16 min per block).
 
     `kernel` names the preferred kernel (None: the device's preference list).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device: torch.device | str | None = None, kernel: str | None = None) -> None:
+                 device: torch.device | str | None = None, kernel: str | None = None,
+                 group: int = 0, mins: bool = False) -> None:
         super().__init__()
         if kernel is not None and kernel not in KERNELS:
             raise ValueError(f"unknown int8 kernel {kernel!r}; known: {sorted(KERNELS)}")
+        if group not in GROUPS or (group and in_features % group):
+            raise ValueError(f"group={group} with in_features={in_features}: the group must be "
+                             f"one of {GROUPS} and divide in_features")
+        if mins and not group:
+            raise ValueError("mins come with blocks: give group as well")
         self.in_features, self.out_features = in_features, out_features
+        self.group = group
         self.preferred_kernel = kernel
         self.register_buffer(
             "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer(
-            "scales", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("scales", torch.ones(
+            *self._shapes()["scales"], dtype=self._dtypes()["scales"], device=device))
+        self.register_buffer("mins", torch.zeros(*self._shapes()["mins"], dtype=torch.float16,
+                                                 device=device) if mins else None)
         self.register_buffer(
             "bias", torch.zeros(out_features, dtype=torch.float32, device=device)
             if bias else None)
@@ -370,12 +417,30 @@ class Int8Linear(nn.Module):
                 self._plan = (chosen, chosen.pack(self))
         return chosen.name
 
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        out_f, in_f, g = self.out_features, self.in_features, self.group
+        return {"weight": (out_f, in_f), "scales": (out_f, in_f // g) if g else (out_f,),
+                "mins": (in_f // g, out_f) if g else (), "bias": (out_f,)}
+
+    def _dtypes(self) -> dict[str, torch.dtype]:
+        return {"weight": torch.int8, "scales": torch.float16 if self.group else torch.float32,
+                "mins": torch.float16, "bias": torch.float32}
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight (out, in) these int8 values stand for."""
+        if not self.group:
+            return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+        out_f, nb = self.out_features, self.in_features // self.group
+        w = self.weight.view(out_f, nb, self.group).to(dtype) * self.scales.to(dtype)[..., None]
+        if self.mins is not None:
+            w += self.mins.t().to(dtype)[..., None]
+        return w.view(out_f, self.in_features)
+
     def _check_buffers(self) -> None:
         """A state dict loaded with assign=True may bring other dtypes or shapes."""
-        out_f, in_f = self.out_features, self.in_features
-        expect = {"weight": (torch.int8, (out_f, in_f)), "scales": (torch.float32, (out_f,)),
-                  "bias": (torch.float32, (out_f,))}
-        for name, (dtype, shape) in expect.items():
+        shapes, dtypes = self._shapes(), self._dtypes()
+        for name in ("weight", "scales", "mins", "bias"):
+            dtype, shape = dtypes[name], shapes[name]
             t = getattr(self, name)
             if t is not None and (t.dtype != dtype or tuple(t.shape) != shape):
                 raise ValueError(f"Int8Linear.{name} must be {dtype} {shape}, "
@@ -396,26 +461,34 @@ class Int8Linear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._plan = None
         super()._load_from_state_dict(*args, **kwargs)
-        self._float32_scales_and_bias()  # load_state_dict(assign=True) may bring others
+        self._keep_dtypes()  # load_state_dict(assign=True) may bring others
 
     def _apply(self, fn, recurse: bool = True):
         self._plan = None
+        before = {n: self._buffers[n] for n in ("scales", "mins", "bias")
+                  if self._buffers[n] is not None}
         super()._apply(fn, recurse)
-        self._float32_scales_and_bias()  # module.to(torch.bfloat16) must not change them
+        for name, old in before.items():  # module.to(torch.bfloat16) must not round them:
+            new = self._buffers[name]     # a cast takes the new device only
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
         return self
 
-    def _float32_scales_and_bias(self) -> None:
-        for name in ("scales", "bias"):
+    def _keep_dtypes(self) -> None:
+        dtypes = self._dtypes()
+        for name in ("scales", "mins", "bias"):
             buf = self._buffers[name]
-            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
-                self._buffers[name] = buf.float()
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtypes[name]:
+                self._buffers[name] = buf.to(dtypes[name])
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_plan": None}
 
     def extra_repr(self) -> str:
+        blocks = (f", group={self.group}, mins={self.mins is not None}" if self.group else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, kernel={self.kernel or self.preferred_kernel}")
+                f"bias={self.bias is not None}{blocks}, "
+                f"kernel={self.kernel or self.preferred_kernel}")
 
 
 class ScreenedLinear(nn.Module):
@@ -516,27 +589,27 @@ def screen_head(module: nn.Module,
         return []
     return [name for name, _ in _swapped(
         module, lambda name, lin: lin.weight.device.type == "cpu",
-        lambda lin: ScreenedLinear(lin, release=release and release(lin)))]
+        lambda name, lin: ScreenedLinear(lin, release=release and release(lin)))]
 
 
 Predicate = Callable[[str, nn.Module], bool]
 
 
 def _swapped(module: nn.Module, predicate: Predicate | None,
-             make: Callable[[nn.Linear], nn.Module]) -> list[tuple[str, nn.Module]]:
+             make: Callable[[str, nn.Linear], nn.Module]) -> list[tuple[str, nn.Module]]:
     chosen = [(name, mod) for name, mod in module.named_modules()
               if isinstance(mod, nn.Linear) and (predicate is None or predicate(name, mod))]
     out = []
     for name, linear in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name)
-        setattr(parent, attr, made := make(linear))
+        setattr(parent, attr, made := make(name, linear))
         out.append((name, made))
     return out
 
 
 def _swap(module: nn.Module, predicate: Predicate | None,
-          make: Callable[[nn.Linear], Int8Linear]) -> nn.Module:
+          make: Callable[[str, nn.Linear], Int8Linear]) -> nn.Module:
     _swapped(module, predicate, make)
     return module
 
@@ -547,21 +620,47 @@ def quantize(module: nn.Module, predicate: Predicate | None = None,
     by an Int8Linear quantized from its weights; returns `module`."""
     if isinstance(module, nn.Linear):
         raise TypeError("quantize() swaps children in place; use Int8Linear.from_linear")
-    return _swap(module, predicate, lambda lin: Int8Linear.from_linear(lin, kernel=kernel))
+    return _swap(module, predicate,
+                 lambda name, lin: Int8Linear.from_linear(lin, kernel=kernel))
+
+
+def int8_formats(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, bool]]:
+    """{layer name: (group, has mins)} of the Int8Linears whose tensors `state` holds."""
+    out = {}
+    for key, scales in state.items():
+        if key.endswith(".scales"):
+            name = key[: -len(".scales")]
+            group = state[f"{name}.weight"].shape[1] // scales.shape[1] if scales.dim() == 2 else 0
+            out[name] = (group, f"{name}.mins" in state)
+    return out
+
+
+def keeps_dtype(key: str, t: torch.Tensor) -> bool:
+    """Whether a stored tensor keeps its dtype whatever the compute dtype: int8 weights and
+    their scales and mins."""
+    return t.dtype == torch.int8 or key.endswith((".scales", ".mins"))
 
 
 def swap_int8(module: nn.Module, predicate: Predicate | None = None,
-              kernel: str | None = None) -> nn.Module:
+              kernel: str | None = None,
+              formats: dict[str, tuple[int, bool]] | None = None) -> nn.Module:
     """Like quantize(), but the Int8Linears are empty (zero weights) and the Linears' own
     weights are never read, so they may be uninitialized or on the meta device: for
-    loading an int8 state dict next. Returns `module`."""
+    loading an int8 state dict next. `formats` ({name: (group, mins)}, as `int8_formats`
+    reads them from a state dict) gives layers in blocks; without a predicate, exactly its
+    layers are swapped. Returns `module`."""
     if isinstance(module, nn.Linear):
         raise TypeError("swap_int8() swaps children in place; build an Int8Linear instead")
+    formats = formats or {}
+    if predicate is None and formats:
+        def predicate(name, _m):
+            return name in formats
 
-    def make(lin: nn.Linear) -> Int8Linear:
+    def make(name: str, lin: nn.Linear) -> Int8Linear:
         device = None if lin.weight.device.type == "meta" else lin.weight.device
+        group, mins = formats.get(name, (0, False))
         return Int8Linear(lin.in_features, lin.out_features, lin.bias is not None,
-                          device=device, kernel=kernel)
+                          device=device, kernel=kernel, group=group, mins=mins)
 
     return _swap(module, predicate, make)
 
@@ -574,7 +673,7 @@ def prepare_int8(module: nn.Module, kernel: str | None = None) -> dict[str, str]
 
 
 def int8_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of every Int8Linear in `module`: `<name>.weight` (int8), `<name>.scales`
-    (float32) and `<name>.bias` (float32) where the layer has one."""
+    """The tensors of every Int8Linear in `module`: `<name>.weight` (int8), `<name>.scales`,
+    `<name>.mins` (blocks with mins) and `<name>.bias` (float32) where the layer has one."""
     return {k: v for name, mod in module.named_modules() if isinstance(mod, Int8Linear)
             for k, v in mod.state_dict(prefix=f"{name}." if name else "").items()}

@@ -8,15 +8,30 @@ Nothing here unpickles arbitrary objects: .bin/.pth files load with weights_only
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 
 class SourceError(Exception):
     """A checkpoint source that cannot be read; the message says what to do."""
+
+
+@dataclass
+class Blocks:
+    """A 2-D weight w (out, in) held as int8 in blocks of 32 inputs:
+    w[o, i] = q[o, i] * scales[o, i // 32] + mins[o, i // 32] (mins: None when zero)."""
+
+    q: torch.Tensor  # int8 (out, in)
+    scales: torch.Tensor  # float16 (out, in / 32)
+    mins: torch.Tensor | None  # float16 (out, in / 32)
+    kind: str  # the source's name for the format, e.g. "Q4_1"
 
 
 class Source:
@@ -39,6 +54,11 @@ class Source:
 
     def config(self, arch: str) -> dict:
         raise NotImplementedError
+
+    def blocks(self, key: str) -> Blocks | None:
+        """The tensor as int8 blocks exactly as the source stores it, or None when it is not
+        stored so (only GGUF files are)."""
+        return None
 
     def tokenizer(self, arch: str):
         """The source's tokenizer, or None when it carries none."""
@@ -211,6 +231,39 @@ class GGUFFile(Source):
         t = self._by_name[key]
         arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         return torch.from_numpy(arr.reshape(self.shape(key)).copy())
+
+    # GGML block types that int8 holds exactly: bytes of the scale, and of the min (0: none)
+    # at the start of each 32-weight block; the rest is the quants, which `dequantize`
+    # unpacks (q = (w - min) / scale, an integer of at most 8 bits, checked below).
+    EXACT_TYPES = {"Q8_0": 0, "Q4_0": 0, "Q5_0": 0, "Q4_1": 2, "Q5_1": 2}
+
+    def blocks(self, key: str) -> Blocks | None:
+        import gguf
+        from gguf.quants import dequantize
+
+        t = self._by_name[key]
+        kind = t.tensor_type.name
+        if kind not in self.EXACT_TYPES or len(t.shape) != 2:
+            return None
+        size, nbytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        out, inp = self.shape(key)
+        raw = np.asarray(t.data).reshape(out * inp // size, nbytes)
+        scales = np.ascontiguousarray(raw[:, :2]).view(np.float16).reshape(out, inp // size)
+        has_min = self.EXACT_TYPES[kind]
+        mins = (np.ascontiguousarray(raw[:, 2:4]).view(np.float16).reshape(out, inp // size)
+                if has_min else None)
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(out, -1, size)
+        d = scales.astype(np.float32)[..., None]
+        m = 0 if mins is None else mins.astype(np.float32)[..., None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(d != 0, np.rint((w - m) / d), 0)
+        if (np.abs(q) > 127).any() or not np.array_equal(d * q.astype(np.float32) + m, w):
+            log.warning("%s (%s) in %s does not read back exactly as int8 blocks: it is "
+                        "rounded per output channel instead", key, kind, self.path.name)
+            return None
+        return Blocks(torch.from_numpy(q.astype(np.int8).reshape(out, inp)),
+                      torch.from_numpy(scales.copy()),
+                      None if mins is None else torch.from_numpy(mins.copy()), kind)
 
     def config(self, arch: str) -> dict:
         from .llama import config_from_gguf

@@ -37,7 +37,7 @@ from torch import nn
 
 from . import get_arch
 from .base import Arch, ArchConfig, Part, on_meta, parts_of
-from .quant import prepare_int8, screen_head, swap_int8
+from .quant import int8_formats, keeps_dtype, prepare_int8, screen_head, swap_int8
 
 log = logging.getLogger(__name__)
 
@@ -332,14 +332,13 @@ class Store:
         with on_meta():
             module = arch.build(cfg, part)
         state = self.tensors(part)
-        int8 = {k[: -len(".scales")] for k in state if k.endswith(".scales")}
+        int8 = int8_formats(state)
         if int8:
             with on_meta():  # empty Int8Linears: the state dict fills them
-                swap_int8(module, lambda name, _m: name in int8)
+                swap_int8(module, formats=int8)
         raw = state  # kept to the end: no new tensor can take a mapped tensor's address
         mapped = {v.data_ptr() for v in raw.values()}
-        state = {k: (v if v.dtype == torch.int8 or k.endswith(".scales") else v.to(dtype))
-                 for k, v in raw.items()}
+        state = {k: (v if keeps_dtype(k, v) else v.to(dtype)) for k, v in raw.items()}
         module.load_state_dict(state, strict=True, assign=True)
         module.to(device)
         if int8:

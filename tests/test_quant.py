@@ -348,6 +348,90 @@ def test_wrong_buffer_dtype_is_an_error():
         m.prepare()
 
 
+# --- blocks of 32: a GGUF's own blocks, kept exactly ---------------------------------
+
+def block_layer(in_f: int = 256, out_f: int = 96, mins: bool = True, bias: bool = True,
+                kernel: str | None = None) -> Int8Linear:
+    """Q4_1-like (4-bit levels, a scale and a min per 32 inputs) or Q8_0-like blocks."""
+    g = torch.Generator().manual_seed(9)
+    m = Int8Linear(in_f, out_f, bias=bias, kernel=kernel, group=32, mins=mins)
+    lo, hi = (0, 16) if mins else (-127, 128)
+    with torch.no_grad():
+        m.weight.copy_(torch.randint(lo, hi, (out_f, in_f), generator=g, dtype=torch.int8))
+        m.scales.copy_((torch.rand(out_f, in_f // 32, generator=g) / 50).half())
+        if mins:
+            m.mins.copy_((-torch.rand(in_f // 32, out_f, generator=g) / 10).half())
+        if bias:
+            m.bias.copy_(torch.randn(out_f, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("mins", [False, True])
+def test_blocks_match_their_float_weight_on_w8a16_and_dequant(mins):
+    m = block_layer(mins=mins)
+    assert m.scales.shape == (96, 8) and m.scales.dtype == torch.float16
+    x = torch.randn(5, 256) * 3
+    ref = F.linear(x.double(), m.dequantized(torch.float64), m.bias.double())
+    for kernel, rtol in (("w8a16", 2e-4), ("dequant", 1e-5)):
+        if kernel not in cpu_kernels():
+            continue
+        assert m.prepare(kernel) == kernel
+        with torch.no_grad():
+            assert rel_err(m(x), ref) <= rtol, kernel
+
+
+def test_blocks_refuse_per_channel_kernels_and_fall_back(caplog, monkeypatch):
+    m = block_layer()
+    for kernel in ("fbgemm", "int8pack"):
+        assert KERNELS[kernel].why_invalid(m) == (
+            "its scales are per block of 32 inputs, and it takes one scale per output row")
+    with caplog.at_level(logging.WARNING, logger="llm_shard.models.quant"):
+        assert m.prepare("int8pack") == "auto"  # auto runs blocks on w8a16, else dequant
+    assert "per block of 32" in caplog.text
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        want = m(x)
+        monkeypatch.setattr(quant, "_w8a16_invalid", lambda layer: "no C compiler (test)")
+        with caplog.at_level(logging.WARNING, logger="llm_shard.models.quant"):
+            assert m.prepare("auto") == "auto"
+            assert m._plan[1][0] is quant._dequant_run
+        assert "no C compiler (test), for auto's layers in blocks; using 'dequant'" in caplog.text
+        assert rel_err(m(x), want) <= 2e-4
+
+
+def test_blocks_state_dict_round_trip_and_dtypes():
+    src = block_layer(in_f=64, out_f=24)
+    state = src.state_dict()
+    assert state["mins"].shape == (2, 24) and state["scales"].dtype == torch.float16
+    formats = quant.int8_formats({f"lin.{k}": v for k, v in state.items()})
+    assert formats == {"lin": (32, True)}
+    with torch.device("meta"):
+        holder = nn.Sequential()
+        holder.add_module("lin", nn.Linear(64, 24))
+    swap_int8(holder, formats=formats)
+    holder.load_state_dict({f"lin.{k}": v for k, v in state.items()}, strict=True, assign=True)
+    holder.to(torch.bfloat16)  # int8, its float16 scales and mins stay as they are
+    assert holder.lin.scales.dtype == torch.float16 and holder.lin.mins.dtype == torch.float16
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(holder.lin(x), src(x))
+    with pytest.raises(ValueError, match="group=32 with in_features=100"):
+        Int8Linear(100, 8, group=32)
+    with pytest.raises(ValueError, match="mins come with blocks"):
+        Int8Linear(64, 8, mins=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_path_with_blocks():
+    m = block_layer().cuda()
+    x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = m(x)
+        ref = F.linear(x.double(), m.dequantized(torch.float64), m.bias.double())
+    assert m.kernel == "dequant" and y.dtype == torch.bfloat16 and y.device.type == "cuda"
+    assert rel_err(y, ref) <= 1e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_path():
     torch.manual_seed(6)
@@ -364,9 +448,12 @@ def test_cuda_path():
 
 # --- SmolLM2-135M: int8 swap vs transformers fp32 ------------------------------------
 
+# Per-output-channel int8 rounded again from SmolLM2's (Q4_1) float weights flips ~3% of
+# top-1 tokens whatever the kernel: 6 of eval_text.txt's 728 positions have an fp32 top-2
+# margin < 0.01 (bf16 weights: 0.997; bf16 weights and activations: 0.981). The project's
+# 99% bar is met by keeping the GGUF's blocks instead (tests/test_smollm2.py).
 AGREEMENT_FLOOR = 0.95  # measured 0.966-0.971 for every kernel on eval_text.txt
 FLIP_MARGIN = 0.5  # logits; measured <= 0.22
-PROJECT_AGREEMENT_BAR = 0.99
 
 
 @pytest.fixture(scope="module")
@@ -414,18 +501,6 @@ def test_smollm2_int8_quality(smollm2_hf, kernel):
     assert agreement >= AGREEMENT_FLOOR
     assert flip_margin <= FLIP_MARGIN  # int8 only flips near-ties, never a clear choice
 
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "per-output-channel int8 weights flip ~3% of top-1 tokens on SmolLM2-135M whatever the "
-    "kernel (0.964-0.971 on eval_text.txt's 728 tokens, where 6 positions have an fp32 "
-    "top-2 margin < 0.01). Measured: bf16 weights 0.997 but bf16 weights+activations 0.981; "
-    "random noise of 1/4 of an int8 step passes 0.99 for 2 seeds of 3. GPTQ, AWQ, group-32, "
-    "1-4% bf16 outlier columns reach 0.978-0.986; only rotation + GPTQ + a second int8 "
-    "matrix for 20% of rows (+20% bytes, fbgemm) passed, on two texts."))
-def test_smollm2_int8_meets_project_agreement_bar(smollm2_hf):
-    agreement, _, _ = int8_vs_fp32(smollm2_hf, None)
-    assert agreement >= PROJECT_AGREEMENT_BAR
 
 
 # --- the kernels benchmark ---------------------------------------------------------------

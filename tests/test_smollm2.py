@@ -38,13 +38,11 @@ def teacher_forced(store, ids):
 
 
 def test_int8_quality_bar(smollm2_stores):
-    """Perplexity within 1% of fp32 on >= 500 tokens, and top-1 agreement held at its
-    measured level: 0.964 with the default kernel, which on SmolLM2's small layers is
-    int8pack (bf16 activations) for every call, prefill included, as decode always was
-    (batch invariance, models/quant.py); fbgemm (~14-bit activations) gives 0.970, and
-    a plain int8 head instead of the float tied one 0.952 (the screened head,
-    models/quant.py ScreenedLinear, keeps the float head's top logits). The project's 99%
-    agreement bar is not met yet: test_quant.py carries it as a strict xfail."""
+    """The project's bar: greedy top-1 agreement with fp32 >= 99% over >= 500 tokens of a
+    fixed text, perplexity within 1%. The GGUF is Q4_1, and the default int8 store keeps
+    its blocks exactly (rounding "gguf", models/convert.py): measured 1.000 and 1.0003 (the
+    rest is w8a16's int16 activations). Rounded again per output channel (`--rounding
+    nearest`) the same weights give 0.970: test_gptq_rounding_converts_and_keeps_the_bar."""
     tok = smollm2_stores["fp32"].tokenizer()
     ids = tok.encode((DATA / "eval_text.txt").read_text())
     assert len(ids) >= 500
@@ -54,21 +52,40 @@ def test_int8_quality_bar(smollm2_stores):
     ratio = ppl_int8 / ppl_fp32
     print(f"\nint8 vs fp32 on {len(ids)} tokens: top-1 agreement {agreement:.4f}, "
           f"perplexity {ppl_int8:.3f} vs {ppl_fp32:.3f} (ratio {ratio:.4f})")
-    assert agreement >= 0.96
+    assert agreement >= 0.99
     assert abs(ratio - 1) <= 0.01
+
+
+def test_int8_store_keeps_the_gguf_blocks_exactly(smollm2_stores):
+    """Every int8 weight stands for exactly the float weight the fp32 store holds, Q/K row
+    permutation included, and runs on w8a16 where it can."""
+    from llm_shard.models import w8a16
+
+    fp32 = smollm2_stores["fp32"].load(Part("block", 7))
+    int8 = smollm2_stores["int8"].load(Part("block", 7))
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                 "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        layer = int8.get_submodule(name)
+        assert layer.group == 32 and layer.mins is not None, name
+        assert torch.equal(layer.dequantized(), fp32.get_submodule(name).weight), name
+        if w8a16.problem() is None:
+            assert layer._plan[1][0].__name__ == "_w8a16_run", name
 
 
 def test_int8_store_is_int8_and_smaller(smollm2_stores):
     fp32, int8 = smollm2_stores["fp32"], smollm2_stores["int8"]
     block = int8.tensors(Part("block", 0))
     assert block["self_attn.q_proj.weight"].dtype == torch.int8
-    assert block["self_attn.q_proj.scales"].shape == (576,)
+    assert block["self_attn.q_proj.scales"].shape == (576, 18)  # a float16 scale per 32
+    assert block["self_attn.q_proj.mins"].shape == (18, 576)  # and a min (Q4_1)
+    assert block["self_attn.q_proj.mins"].dtype == torch.float16
     assert block["input_layernorm.weight"].dtype == torch.float32
     # blocks shrink ~4x; embedding and the tied head stay float32 in both
     size = {k: sum(f["bytes"] for f in s.manifest["files"] if f["name"].startswith("blocks/"))
             for k, s in smollm2_stores.items()}
     assert size["int8"] < 0.3 * size["fp32"]
-    assert int8.manifest["quantization"]["method"] == "int8-symmetric-per-output-channel"
+    q = int8.manifest["quantization"]
+    assert q["rounding"] == "gguf" and q["kept"] == {"Q4_1": 210}
     assert fp32.manifest["quantization"] is None
 
 
@@ -109,7 +126,7 @@ def test_plan_command(smollm2_stores):
 
     store = str(smollm2_stores["int8"].path)
     res = CliRunner().invoke(cli, ["plan", store, "--worker", "ram=300MiB",
-                                   "--worker", "ram=120MiB,disk=1GiB", "--cache-tokens", "2048"])
+                                   "--worker", "ram=125MiB,disk=1GiB", "--cache-tokens", "2048"])
     assert res.exit_code == 0, res.output
     rows = [line.split() for line in res.output.splitlines() if line.strip()[:1].isdigit()]
     assert [r[:3] for r in rows] == [["0", "0", "[0,"], ["1", "1", rows[1][2]]]
@@ -119,20 +136,24 @@ def test_plan_command(smollm2_stores):
 
 
 def test_gptq_rounding_converts_and_keeps_the_bar(smollm2_path, smollm2_stores, tmp_path):
-    """`convert --rounding gptq`: calibrated int8, recorded in the manifest, at least as
-    close to fp32 as round-to-nearest in top-1 (0.975 vs 0.970 measured)."""
+    """`convert --rounding gptq` and `--rounding nearest`: per-output-channel int8 rounded
+    again from the float weights, recorded in the manifest; GPTQ at least as close to fp32
+    as round-to-nearest in top-1 (0.975 vs 0.970 measured), both within 1% perplexity."""
     from llm_shard.models.convert import convert
 
     gptq = convert(smollm2_path, tmp_path / "gptq", dtype="int8", rounding="gptq",
                    progress=False)
+    near = convert(smollm2_path, tmp_path / "near", dtype="int8", rounding="nearest",
+                   progress=False)
     q = gptq.manifest["quantization"]
     assert q["rounding"] == "gptq" and q["calibration"]["tokens"] > 500
-    assert smollm2_stores["int8"].manifest["quantization"]["rounding"] == "nearest"
+    assert near.manifest["quantization"]["method"] == "int8-symmetric-per-output-channel"
+    assert near.tensors(Part("block", 0))["self_attn.q_proj.scales"].shape == (576,)
     tok = gptq.tokenizer()
     ids = tok.encode((DATA / "eval_text.txt").read_text())
     top_fp32, ppl_fp32 = teacher_forced(smollm2_stores["fp32"], ids)
     top_gptq, ppl_gptq = teacher_forced(gptq, ids)
-    top_near, _ = teacher_forced(smollm2_stores["int8"], ids)
+    top_near, _ = teacher_forced(near, ids)
     agree_gptq = float((top_fp32 == top_gptq).float().mean())
     agree_near = float((top_fp32 == top_near).float().mean())
     print(f"\ntop-1 agreement: gptq {agree_gptq:.4f}, nearest {agree_near:.4f}; "

@@ -1,5 +1,6 @@
-"""The w8a16 CPU kernel (models/w8a16.py): exact to its int16 activation rounding, the same
-bits in every batch, thread count and instruction-set variant, built once and cached."""
+"""The w8a16 CPU kernel (models/w8a16.py), per-channel scales and blocks of 32: exact to its
+int16 activation rounding, the same bits in every batch, thread count and instruction-set
+variant, built once and cached."""
 
 from __future__ import annotations
 
@@ -25,40 +26,83 @@ def case(out: int, inp: int, rows: int, seed: int = 0):
     return w, s, x
 
 
-@pytest.mark.parametrize("out,inp", SHAPES)
-def test_exact_but_for_the_int16_rounding_of_activations(out, inp):
-    w, s, x = case(out, inp, 5)
-    y = w8a16.linear(w, s, x).double()
-    ref = (x.double() @ w.double().T) * s.double()
+# Blocks of 32: one block, odd output counts (the min terms' tails), 33 blocks (the
+# lanes' odd set), LLaMA-7B's down_proj width; with and without mins.
+BLOCK_SHAPES = [(33, 32), (96, 256), (45, 1056), (64, 11008)]
+
+
+def block_case(out: int, inp: int, rows: int, mins: bool, seed: int = 0):
+    """(weight, scales, mins transposed, x, the float weight they stand for)."""
+    g = torch.Generator().manual_seed(seed)
+    nb = inp // 32
+    if mins:  # Q4_1-like: 4-bit levels, a scale and a min per block
+        w = torch.randint(0, 16, (out, inp), dtype=torch.int8, generator=g)
+        m = (-torch.rand(out, nb, generator=g) / 10).half()
+    else:  # Q8_0-like
+        w = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g)
+        m = None
+    d = (torch.rand(out, nb, generator=g) / 100).half()
+    x = torch.randn(rows, inp, generator=g) * torch.logspace(-2, 2, rows)[:, None]
+    x[:, 3] *= 40
+    full = w.double().view(out, nb, 32) * d.double()[..., None]
+    if m is not None:
+        full += m.double()[..., None]
+    return w, d, None if m is None else m.t().contiguous(), x, full.view(out, inp)
+
+
+def matmuls(kind: str, out: int, inp: int, rows: int, seed: int = 0):
+    """(the kernel as a function of (x, lib), x, the float weight)."""
+    if kind == "channel":
+        w, s, x = case(out, inp, rows, seed)
+        full = w.double() * s.double()[:, None]
+        return (lambda x, lib=None: w8a16.linear(w, s, x, lib=lib)), x, full
+    w, d, mt, x, full = block_case(out, inp, rows, kind == "blocks+mins", seed)
+    return (lambda x, lib=None: w8a16.blocks(w, d, mt, x, lib=lib)), x, full
+
+
+CASES = ([("channel", *shape) for shape in SHAPES]
+         + [(kind, *shape) for kind in ("blocks", "blocks+mins") for shape in BLOCK_SHAPES])
+
+
+@pytest.mark.parametrize("kind,out,inp", CASES)
+def test_exact_but_for_the_int16_rounding_of_activations(kind, out, inp):
+    f, x, full = matmuls(kind, out, inp, 5)
+    y = f(x).double()
+    ref = x.double() @ full.T
     # each activation is off by at most half a step of absmax / 32767; float32 sums on top
     step = x.abs().amax(1, keepdim=True).double() / 32767
-    bound = (w.double().abs().sum(1) * s.double())[None, :] * step / 2
-    slack = 1e-6 * (x.double().abs() @ w.double().abs().T) * s.double()
+    bound = full.abs().sum(1)[None, :] * step / 2
+    slack = 1e-6 * (x.double().abs() @ full.abs().T)
     assert ((y - ref).abs() <= bound + slack).all()
 
 
-@pytest.mark.parametrize("out,inp", SHAPES)
-def test_a_row_gets_the_same_bits_in_any_batch_thread_count_and_variant(out, inp):
-    w, s, x = case(out, inp, 9, seed=1)
-    want = w8a16.linear(w, s, x)
+@pytest.mark.parametrize("kind,out,inp", CASES)
+def test_a_row_gets_the_same_bits_in_any_batch_thread_count_and_variant(kind, out, inp):
+    f, x, _ = matmuls(kind, out, inp, 9, seed=1)
+    want = f(x)
     variants = {w8a16.load("native").w8a16_variant(): want}
     for march in ("haswell", "x86-64"):  # the AVX2 and plain C paths, on this CPU
         lib = w8a16.load(march)
-        variants[lib.w8a16_variant()] = w8a16.linear(w, s, x, lib=lib)
+        variants[lib.w8a16_variant()] = f(x, lib=lib)
     assert set(variants) == {0, 1, 2} or set(variants) == {0, 1}
     for got in variants.values():
         assert torch.equal(got, want)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one_thread = w8a16.linear(w, s, x)
+        one_thread = f(x)
     finally:
         torch.set_num_threads(threads)
-    rows = torch.cat([w8a16.linear(w, s, x[i:i + 1]) for i in range(9)])
-    chunks = torch.cat([w8a16.linear(w, s, x[:2]), w8a16.linear(w, s, x[2:7]),
-                        w8a16.linear(w, s, x[7:])])
+    rows = torch.cat([f(x[i:i + 1]) for i in range(9)])
+    chunks = torch.cat([f(x[:2]), f(x[2:7]), f(x[7:])])
     assert torch.equal(one_thread, want) and torch.equal(rows, want)
     assert torch.equal(chunks, want)
+
+
+def test_blocks_need_whole_blocks():
+    w, d, _, x, _ = block_case(8, 64, 1, mins=False)
+    with pytest.raises(ValueError, match="in_features=48 is not a multiple of 32"):
+        w8a16.blocks(w[:, :48].contiguous(), d, None, x[:, :48])
 
 
 def test_zero_rows_and_zero_activations():

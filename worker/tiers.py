@@ -39,7 +39,7 @@ from torch import nn
 from llm_shard.cluster.types import Tier
 from llm_shard.models import w8a16
 from llm_shard.models.base import Part, on_meta
-from llm_shard.models.quant import prepare_int8, swap_int8
+from llm_shard.models.quant import int8_formats, keeps_dtype, prepare_int8, swap_int8
 from llm_shard.models.store import PAD, SAFETENSORS_DTYPES, Store
 
 log = logging.getLogger("llm_shard.worker")
@@ -166,11 +166,10 @@ class Streamer:
         def skeleton(i: int) -> nn.Module:
             with on_meta():
                 module = store.arch.build(store.config, Part("block", i))
-            names = store.tensors(Part("block", i)).keys()
-            int8 = {k[: -len(".scales")] for k in names if k.endswith(".scales")}
+            int8 = int8_formats(store.tensors(Part("block", i)))
             if int8:
                 with on_meta():  # filled by assignment on every pass
-                    swap_int8(module, lambda name, _m: name in int8,
+                    swap_int8(module, formats=int8,
                               kernel=stream_kernel() if on_cpu else None)
             return module
 
@@ -232,7 +231,7 @@ class Streamer:
         self.wait_seconds += time.perf_counter() - t0
         state = views(buf, where)
         if self.dtype is not None:
-            state = {k: v.to(self.dtype) if v.is_floating_point() and not k.endswith(".scales")
+            state = {k: v.to(self.dtype) if v.is_floating_point() and not keeps_dtype(k, v)
                      else v for k, v in state.items()}
         module = self.skeletons[i]
         module.load_state_dict(state, strict=True, assign=True)
