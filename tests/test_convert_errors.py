@@ -74,6 +74,14 @@ def test_cli_errors_are_one_line(hf_folder, tmp_path):
     assert code == 2 and "config.json is unreadable" in out and len(out.strip().splitlines()) == 1
 
 
+def test_gguf_rounding_of_a_float_checkpoint_is_refused(hf_folder, tmp_path):
+    code, out = run_cli("convert", str(hf_folder), "--rounding", "gguf", "-o",
+                        str(tmp_path / "s"))
+    assert code == 2 and len(out.strip().splitlines()) == 1
+    assert "int8 rounding 'gguf' keeps a GGUF file's blocks" in out
+    assert "choose 'nearest' or 'gptq'" in out and not (tmp_path / "s.partial").exists()
+
+
 def test_cli_convert_and_refuse_overwrite(hf_folder, tmp_path):
     out_dir = str(tmp_path / "s")
     code, out = run_cli("convert", str(hf_folder), "--dtype", "int8", "-o", out_dir)
