@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ class WorkerHandle:
     info: dict = field(default_factory=dict)
     speed: dict = field(default_factory=dict)  # tier -> bytes of weights/s, measured
     threads: int = 1
+    cpu_offset: int | None = None  # the first of its machine's CPUs it binds (None: unbound)
     watch: object = None  # the ObjectRef of its `watch` call: fails when the actor dies
     alive: bool = True
     restarts: list[float] = field(default_factory=list)  # monotonic time of each replacement
@@ -65,6 +67,21 @@ class WorkerHandle:
     def spec(self) -> WorkerSpec:
         """What the planner knows of this worker: its budget and measured speeds."""
         return WorkerSpec(self.capacity, {Tier(t): v for t, v in self.speed.items()})
+
+
+def cpu_offsets(nodes: list[ray_glue.Node], threads: list[int]) -> list[int | None]:
+    """Where each worker's CPUs start among its machine's: the workers of one machine (one
+    IP: Ray nodes on one machine share its CPUs) take consecutive CPUs, wrapping around
+    where they ask for more than it has (each worker binds its threads to its CPUs,
+    worker/actor.py). All None (threads left unbound) with LLM_SHARD_PIN_THREADS=0."""
+    if os.environ.get("LLM_SHARD_PIN_THREADS", "1") == "0":
+        return [None] * len(nodes)
+    used: dict[str, int] = {}
+    out: list[int | None] = []
+    for node, t in zip(nodes, threads):
+        out.append(used.get(node.ip, 0))
+        used[node.ip] = out[-1] + t
+    return out
 
 
 class Pipeline:
@@ -101,8 +118,10 @@ class Pipeline:
         self._worker_kwargs = dict(compute_dtype=compute_dtype, wire_dtype=wire_dtype,
                                    store_source=store_source, link_keys=link_keys)
         nodes = ray_glue.worker_nodes(capacities)
-        self.workers = [WorkerHandle(i, cap, node, None, threads=t)
-                        for i, (cap, node, t) in enumerate(zip(capacities, nodes, threads))]
+        offsets = cpu_offsets(nodes, threads)
+        self.workers = [WorkerHandle(i, cap, node, None, threads=t, cpu_offset=o)
+                        for i, (cap, node, t, o) in enumerate(zip(capacities, nodes, threads,
+                                                                  offsets))]
         try:
             for w in self.workers:
                 self._start(w)
@@ -125,7 +144,7 @@ class Pipeline:
 
     def _start(self, w: WorkerHandle) -> None:
         w.actor = ray_glue.start_actor(Worker, w.node, str(self.store.path), threads=w.threads,
-                                       **self._worker_kwargs)
+                                       cpu_offset=w.cpu_offset, **self._worker_kwargs)
 
     # ------------------------------------------------------------------ plan
     def alive(self) -> list[WorkerHandle]:

@@ -47,12 +47,37 @@ def llm(store, n, **kw):
                use_all_workers=True, cache_tokens=kw.pop("cache_tokens", 2048), **kw)
 
 
+def assert_threads_bound(model):
+    """Workers on this machine take consecutive CPUs of the ones this process may use
+    (wrapping around), and each binds its compute thread and its OpenMP helpers there."""
+    allowed = sorted(os.sched_getaffinity(0))
+    offset = 0
+    for w in model.pipeline.workers:
+        cpus = [allowed[(offset + i) % len(allowed)] for i in range(w.threads)]
+        assert w.info["cpus"] == cpus, (w.index, w.info)
+        offset += w.threads
+        bound = [os.sched_getaffinity(t.id) for t in psutil.Process(w.info["pid"]).threads()]
+        assert {c for b in bound if len(b) == 1 for c in b} == set(cpus), (w.index, bound)
+
+
+def test_cpu_offsets_are_per_machine_and_can_be_turned_off(monkeypatch):
+    from llm_shard.cluster.ray_glue import Node
+    from llm_shard.coordinator.pipeline import cpu_offsets
+
+    a1, a2, b = (Node(f"n{i}", ip, 2, 1 << 30, {}) for i, ip in
+                 enumerate(["10.0.0.1", "10.0.0.1", "10.0.0.2"]))
+    assert cpu_offsets([a1, b, a2, a1], [2, 4, 1, 2]) == [0, 0, 2, 3]
+    monkeypatch.setenv("LLM_SHARD_PIN_THREADS", "0")
+    assert cpu_offsets([a1, b], [2, 4]) == [None, None]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_split_gives_the_unsplit_tokens_and_logits(ray_cluster, store, reference, n):
     with llm(store, n) as model:
         assert len(model.plan.stages) == n
         outs = model.generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=0,
                                                           logprobs=5))
+        assert_threads_bound(model)
     assert [o.token_ids for o in outs] == reference[:2]
     tok = store.tokenizer()
     for o, prompt in zip(outs, PROMPTS):
