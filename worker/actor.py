@@ -10,10 +10,9 @@ All of a worker's torch compute runs on that one loop thread, control calls' too
 (`_on_loop`): libgomp gives each thread that starts parallel work its own pool of
 threads, and once two pools exist on a 2-core node it stops spinning between parallel
 regions; decode of SmolLM2 then took 38 ms a token instead of 19 (measured here).
-That team is bound to CPUs (`cpu_offset`, `_pin_threads`): the workers of one machine
-take turns, and an unbound team woken after its idle gap could share one CPU for
-milliseconds (SmolLM2 over 3 local workers: 0.70-0.75x unsplit decode unbound, 0.88x
-bound, and unsplit itself 49 -> 61 tokens/s).
+That team is bound to CPUs (`cpu_offset`): thread i to the worker's CPU i, and the loop
+thread with ZeroMQ's I/O thread to its first. The workers of one machine take turns, and
+an unbound team woken after its idle gap could share one CPU for milliseconds.
 
 Ray starts it as `ray.remote(Worker)` so the dashboard and `ray list actors` say Worker.
 """
@@ -78,7 +77,9 @@ class Worker:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the budget says otherwise.
         torch.set_num_threads(int(threads))
         self.threads = int(threads)
-        self.cpu_offset = cpu_offset  # where this worker's CPUs start among its machine's
+        self.cpus = self._cpus(cpu_offset)
+        if self.cpus:  # what this thread starts next (ZeroMQ's I/O thread, the loop) is
+            os.sched_setaffinity(0, self.cpus[:1])  # bound to the loop's CPU
         # -- store transfer (cluster/transfer.py) ------------------------------------
         # With `store_source` (the coordinator's StoreServer), a node whose store root
         # ($LLM_SHARD_HOME) differs from the coordinator's keeps its own copy there; a
@@ -120,7 +121,8 @@ class Worker:
         self._wake_r, self._wake_w = os.pipe()  # a byte here wakes the loop for a job
         self.loop = threading.Thread(target=self._loop, name="stage-loop", daemon=True)
         self.loop.start()
-        self.cpus = self._on_loop(self._pin_threads)
+        if self.cpus:
+            self._on_loop(w8a16.pin_threads, self.cpus)
         with on_meta():  # import and initialise the model code: no weights
             self.store.arch.build(self.store.config, Part("embed"))
         self.baseline_rss = rss_bytes()  # Python, torch, Ray, ZeroMQ, model code: no weights
@@ -142,23 +144,22 @@ class Worker:
                     + [Part("head")] * (end == n))
     # -- end store transfer ----------------------------------------------------------
 
-    def _pin_threads(self) -> list[int] | None:
-        """Bind the loop thread's team to `threads` CPUs from `cpu_offset` on, among the
-        CPUs this process may use (wrapping around); the CPUs, or None when not bound."""
-        if self.cpu_offset is None:
+    def _cpus(self, offset: int | None) -> list[int] | None:
+        """The CPUs this worker binds its threads to: `threads` of those this process may
+        use, from `offset` on (wrapping around); None to leave them unbound."""
+        if offset is None:
             return None
         allowed = sorted(os.sched_getaffinity(0))
         if self.threads > len(allowed):
             log.warning("threads not bound to CPUs: %d threads on %d CPUs", self.threads,
                         len(allowed))
             return None
-        cpus = [allowed[(self.cpu_offset + i) % len(allowed)] for i in range(self.threads)]
         try:
-            w8a16.pin_threads(cpus)
+            w8a16.load()  # binding runs in the kernel's library
         except (RuntimeError, OSError) as e:
             log.warning("threads not bound to CPUs: %s", e)
             return None
-        return cpus
+        return [allowed[(offset + i) % len(allowed)] for i in range(self.threads)]
 
     # ------------------------------------------------------------------ control
     def info(self) -> dict:
