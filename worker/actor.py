@@ -77,6 +77,7 @@ class Worker:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the budget says otherwise.
         torch.set_num_threads(int(threads))
         self.threads = int(threads)
+        allowed = os.sched_getaffinity(0)
         self.cpus = self._cpus(cpu_offset)
         if self.cpus:  # what this thread starts next (ZeroMQ's I/O thread, the loop) is
             os.sched_setaffinity(0, self.cpus[:1])  # bound to the loop's CPU
@@ -122,7 +123,13 @@ class Worker:
         self.loop = threading.Thread(target=self._loop, name="stage-loop", daemon=True)
         self.loop.start()
         if self.cpus:
-            self._on_loop(w8a16.pin_threads, self.cpus)
+            try:
+                self._on_loop(w8a16.pin_threads, self.cpus)
+            except OSError as e:  # run unbound rather than not at all
+                log.warning("threads not bound to CPUs: %s", e)
+                self._on_loop(os.sched_setaffinity, 0, allowed)
+                os.sched_setaffinity(0, allowed)
+                self.cpus = None
         with on_meta():  # import and initialise the model code: no weights
             self.store.arch.build(self.store.config, Part("embed"))
         self.baseline_rss = rss_bytes()  # Python, torch, Ray, ZeroMQ, model code: no weights
