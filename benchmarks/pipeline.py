@@ -12,6 +12,7 @@ the 2 workers half, as two machines would each bring their own cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -29,25 +30,49 @@ def _start_ray():
         ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count())
 
 
-def decode_rate(llm, tokens: int, runs: int = 3) -> float:
-    """Tokens per second of one sequence's decode: median time of 1 + tokens less median
-    time of 1, so the prefill and the first token are left out. Where noise leaves that
-    difference not positive (tiny counts), the whole run's rate: a lower bound."""
+def decode_rates(llms: dict, tokens: int, runs: int = 3) -> dict:
+    """Tokens per second of one sequence's decode on each LLM of `llms`: median time of
+    1 + tokens less median time of 1, so the prefill and the first token are left out.
+    The LLMs take turns run by run, so that a drift of the machine's speed hits each alike.
+    Where noise leaves that difference not positive (tiny counts), the whole run's rate:
+    a lower bound."""
     from llm_shard import SamplingParams
 
-    ids = llm.tokenizer.encode(PROMPT)
-
-    def timed(n: int) -> float:
+    def timed(llm, n: int) -> float:
         t0 = time.perf_counter()
-        llm.generate(prompt_token_ids=[ids],
+        llm.generate(prompt_token_ids=[_prompt_ids(llm)],
                      params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
         return time.perf_counter() - t0
 
-    timed(4)  # warm up
-    pairs = [(timed(tokens + 1), timed(1)) for _ in range(max(1, runs))]
-    long = statistics.median(p[0] for p in pairs)
-    diff = long - statistics.median(p[1] for p in pairs)
-    return tokens / diff if diff > 0 else (tokens + 1) / long
+    for llm in llms.values():
+        timed(llm, 4)  # warm up
+    pairs: dict = {k: [] for k in llms}
+    for _ in range(max(1, runs)):
+        for k, llm in llms.items():
+            pairs[k].append((timed(llm, tokens + 1), timed(llm, 1)))
+    rates = {}
+    for k, p in pairs.items():
+        long = statistics.median(x[0] for x in p)
+        diff = long - statistics.median(x[1] for x in p)
+        rates[k] = tokens / diff if diff > 0 else (tokens + 1) / long
+    return rates
+
+
+def decode_metrics(llm, tokens: int) -> dict:
+    """The scheduler's metrics after a run of `tokens` decode steps, so that its moving
+    averages of step times are decode's (weight 0.8**31 left on the prefill after 32)."""
+    from llm_shard import SamplingParams
+
+    llm.generate(prompt_token_ids=[_prompt_ids(llm)],
+                 params=SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+    return llm.metrics()
+
+
+def _prompt_ids(llm) -> list[int]:
+    """PROMPT's tokens; a store without a tokenizer (random weights) gets 16 fixed ids."""
+    if llm.tokenizer is None:
+        return list(range(100, 116))
+    return llm.tokenizer.encode(PROMPT)
 
 
 def concurrent_rate(llm, tokens: int, requests: int = CONCURRENT, vary: bool = False,
@@ -57,7 +82,7 @@ def concurrent_rate(llm, tokens: int, requests: int = CONCURRENT, vary: bool = F
     new tokens, so sequences finish at different steps and continuous batching matters."""
     from llm_shard import SamplingParams
 
-    ids = llm.tokenizer.encode(PROMPT)
+    ids = _prompt_ids(llm)
     if vary:
         params = [SamplingParams(max_tokens=max(1, tokens * (1 + i % 4) // 4), temperature=0,
                                  ignore_eos=True) for i in range(requests)]
@@ -74,21 +99,29 @@ def concurrent_rate(llm, tokens: int, requests: int = CONCURRENT, vary: bool = F
 
 def split(model: str, tokens: int, workers=(1, 2, 3), runs: int = 3) -> dict:
     """Decode of one sequence over each count of local workers (every worker gets all the
-    machine's threads); ratio to unsplit and per-hop overhead."""
+    machine's threads, and RAM for the whole model); ratio to unsplit and per-hop
+    overhead. Where a step's time goes, from the scheduler's moving averages of the last
+    steps: per stage its compute (`stage_ms`) and how long the worker held the step
+    (`busy_ms`: compute, decoding, caches, sampling), and the wire's share of the round
+    trip (`wire_ms`, all hops together)."""
     _start_ray()
     cpus = os.cpu_count() or 1
+    ram = _store_bytes(model) + (1 << 30)
     out: dict = {}
-    per_token = {}
-    for n in workers:
-        specs = [f"ram=2GiB,threads={cpus}"] * n
-        with _llm(model, workers=specs, use_all_workers=True) as llm:
-            rate = decode_rate(llm, tokens, runs)
-            per_token[n] = 1 / rate
-            m = llm.metrics()
-            out[f"decode_tok_s_{n}_workers"] = rate
+    with contextlib.ExitStack() as stack:  # every count's LLM up at once: interleaved runs
+        llms = {n: stack.enter_context(_llm(model, workers=[f"ram={ram},threads={cpus}"] * n,
+                                            use_all_workers=True, cache_tokens=1024))
+                for n in workers}  # cache_tokens: room for one sequence, on any model
+        rates = decode_rates(llms, tokens, runs)
+        for n, llm in llms.items():
+            m = decode_metrics(llm, tokens)
+            out[f"decode_tok_s_{n}_workers"] = rates[n]
             out[f"stage_ms_{n}_workers"] = [s * 1e3 for s in m["stage_seconds"]]
+            out[f"busy_ms_{n}_workers"] = [s * 1e3 for s in m["busy_seconds"]]
+            out[f"wire_ms_{n}_workers"] = m["wire_seconds"] * 1e3
             out[f"step_ms_{n}_workers"] = m["step_seconds"] * 1e3
             out[f"plan_{n}_workers"] = [[s.start, s.end] for s in llm.plan.stages]
+    per_token = {n: 1 / rates[n] for n in workers}
     if 1 in per_token:
         for n in workers:
             if n > 1:
@@ -123,6 +156,13 @@ def throughput(model: str, tokens: int, requests: int = CONCURRENT, micro_batche
     return out
 
 
+def _store_bytes(model: str) -> int:
+    """Bytes of a store's weight files."""
+    from llm_shard.models.catalog import resolve
+
+    return sum(f["bytes"] for f in resolve(model).manifest["files"])
+
+
 def _llm(*args, **kwargs):  # imported late: Ray and ZeroMQ only when run
     from llm_shard import LLM
 
@@ -146,7 +186,9 @@ def report(r: dict) -> str:
         lines.append(f"  decode, {n} worker(s) {r[f'plan_{n}_workers']}: "
                      f"{r[f'decode_tok_s_{n}_workers']:.1f} tok/s{extra}")
         stages = ", ".join(f"{ms:.1f}" for ms in r[f"stage_ms_{n}_workers"])
-        lines.append(f"    stage compute ms [{stages}], micro-batch round trip "
+        busy = ", ".join(f"{ms:.1f}" for ms in r[f"busy_ms_{n}_workers"])
+        lines.append(f"    stage compute ms [{stages}], held ms [{busy}], wire "
+                     f"{r[f'wire_ms_{n}_workers']:.2f} ms, round trip "
                      f"{r[f'step_ms_{n}_workers']:.1f} ms")
     lines.append(f"  {CONCURRENT} concurrent sequences over 2 stages: "
                  f"{r['concurrent_tok_s_1_micro_batches']:.1f} tok/s with 1 micro-batch, "

@@ -70,8 +70,8 @@ class Config:
 
 def quick_config() -> Config:
     """Tiny counts: checks that the harness works; its figures mean little."""
-    return Config(runs=1, warmup=1, tokens=4, prompt_tokens=8, pangu_layers=2, load_runs=1,
-                  split_tokens=4, requests=16, throughput_tokens=4, swap_layers=2,
+    return Config(runs=1, warmup=1, tokens=4, prompt_tokens=8, pangu_layers=3, load_runs=1,
+                  split_tokens=4, requests=16, throughput_tokens=4, swap_layers=3,
                   swap_tokens=2, swap_runs=1, bandwidth_bytes=128 << 20, quick=True)
 
 
@@ -190,13 +190,16 @@ def pangu_store(cfg: Config, folder: Path | None):
     return build_store(folder, "2.6b", layers, progress=not cfg.quick)
 
 
+def _pangu_label(cfg: Config, store) -> str:
+    return "random PanGu-α-2.6B int8" + ("" if cfg.pangu_layers is None
+                                         else f" ({store.n_blocks} blocks)")
+
+
 def suite_decode(ctx: dict) -> dict:
     cfg, bw = ctx["cfg"], ctx["machine"]["memory_GBps"]
     models = [decode_model("SmolLM2-135M int8", ctx["stores"]["int8"], cfg, bw)]
     pangu = pangu_store(cfg, ctx.get("pangu_dir"))
-    label = "random PanGu-α-2.6B int8" + ("" if cfg.pangu_layers is None
-                                          else f" ({pangu.n_blocks} blocks)")
-    models.append(decode_model(label, pangu, cfg, bw))
+    models.append(decode_model(_pangu_label(cfg, pangu), pangu, cfg, bw))
     return {"tokens": cfg.tokens, "prompt_tokens": cfg.prompt_tokens,
             "batches": list(cfg.batches), "models": models}
 
@@ -436,22 +439,32 @@ def suite_load(ctx: dict) -> dict:
 
 # --------------------------------------------------------------------- split, throughput
 def suite_split(ctx: dict) -> dict:
+    """Decode of one sequence over 1, 2 and 3 local workers, on SmolLM2 (a 15 ms step,
+    where a hop's fixed cost shows most) and on the random PanGu-α (a model of the size the
+    product is for)."""
     from llm_shard.benchmarks.pipeline import split
+    from llm_shard.models.runner import StageModel
 
     cfg, bw = ctx["cfg"], ctx["machine"]["memory_GBps"]
-    store = ctx["stores"]["int8"]
-    r = split(str(store.path), cfg.split_tokens, cfg.split_workers, max(1, cfg.runs))
-    roof = bw * 1e9 / ctx["step_bytes_int8"]
-    rows = []
-    for n in cfg.split_workers:
-        rate = r[f"decode_tok_s_{n}_workers"]
-        rows.append({"workers": n, "plan": r[f"plan_{n}_workers"], "decode_tok_s": rate,
-                     "of_unsplit": r.get(f"ratio_{n}_workers", 1.0),
-                     "hop_ms": r.get(f"hop_ms_{n}_workers", 0.0),
-                     "stage_ms": r[f"stage_ms_{n}_workers"], "step_ms": r[f"step_ms_{n}_workers"],
-                     "of_roofline": rate / roof})
-    return {"model": "SmolLM2-135M int8", "tokens": cfg.split_tokens, "roofline_tok_s": roof,
-            "rows": rows}
+    pangu = pangu_store(cfg, ctx.get("pangu_dir"))
+    models = []
+    for label, store, nbytes in (
+            ("SmolLM2-135M int8", ctx["stores"]["int8"], ctx["step_bytes_int8"]),
+            (_pangu_label(cfg, pangu), pangu, step_bytes(StageModel(pangu, 0, pangu.n_blocks)))):
+        r = split(str(store.path), cfg.split_tokens, cfg.split_workers, max(1, cfg.runs))
+        roof = bw * 1e9 / nbytes
+        rows = []
+        for n in cfg.split_workers:
+            rate = r[f"decode_tok_s_{n}_workers"]
+            rows.append({"workers": n, "plan": r[f"plan_{n}_workers"], "decode_tok_s": rate,
+                         "of_unsplit": r.get(f"ratio_{n}_workers", 1.0),
+                         "hop_ms": r.get(f"hop_ms_{n}_workers", 0.0),
+                         "stage_ms": r[f"stage_ms_{n}_workers"],
+                         "busy_ms": r[f"busy_ms_{n}_workers"],
+                         "wire_ms": r[f"wire_ms_{n}_workers"],
+                         "step_ms": r[f"step_ms_{n}_workers"], "of_roofline": rate / roof})
+        models.append({"model": label, "roofline_tok_s": roof, "rows": rows})
+    return {"tokens": cfg.split_tokens, "models": models}
 
 
 def suite_throughput(ctx: dict) -> dict:
@@ -606,12 +619,21 @@ def markdown(r: dict) -> str:
                          for x in ld["rows"]])
     if "split" in s:
         sp = s["split"]
-        lines += ["### Split over local workers (SmolLM2-135M int8, one sequence)", "",
-                  f"{sp['tokens']} new tokens; roofline {sp['roofline_tok_s']:.0f} tok/s.", ""]
-        lines += _table(["workers", "blocks", "decode tok/s", "of unsplit", "ms per hop",
-                         "of roofline"],
-                        [[x["workers"], x["plan"], x["decode_tok_s"], f"{x['of_unsplit']:.0%}",
-                          x["hop_ms"], f"{x['of_roofline']:.0%}"] for x in sp["rows"]])
+        lines += ["### Split over local workers (one sequence)", "",
+                  f"{sp['tokens']} new tokens. Every worker gets all the CPUs, so this "
+                  "measures the hops alone. Per stage, *compute* is the model's time, and "
+                  "*held* is from receiving a step to sending it on. *wire* is the rest of "
+                  "the round trip, all hops together. Both are averaged over the last "
+                  "steps.", ""]
+        for model in sp["models"]:
+            lines += [f"{model['model']}: roofline {model['roofline_tok_s']:.0f} tok/s.", ""]
+            lines += _table(["workers", "blocks", "decode tok/s", "of unsplit", "ms per hop",
+                             "compute ms", "held ms", "wire ms", "of roofline"],
+                            [[x["workers"], x["plan"], x["decode_tok_s"],
+                              f"{x['of_unsplit']:.0%}", x["hop_ms"],
+                              " + ".join(f"{v:.2f}" for v in x["stage_ms"]),
+                              " + ".join(f"{v:.2f}" for v in x["busy_ms"]), x["wire_ms"],
+                              f"{x['of_roofline']:.0%}"] for x in model["rows"]])
     if "throughput" in s:
         t = s["throughput"]
         lines += ["### Throughput (continuous batching, 2 workers)", "",
@@ -681,9 +703,10 @@ def plots(r: dict, out: Path) -> list[str]:
              {"cold start": [x["cold_start_s"] for x in ld],
               "disk bound": [x["disk_bound_s"] for x in ld]}, "seconds")
     if "split" in s:
-        sp = s["split"]["rows"]
-        bars("split", "decode over local workers", [f"{x['workers']} worker(s)" for x in sp],
-             {"tok/s": [x["decode_tok_s"] for x in sp]}, "tok/s")
+        sp = s["split"]["models"]
+        bars("split", "decode over local workers, of unsplit",
+             [f"{x['workers']} worker(s)" for x in sp[0]["rows"]],
+             {m["model"]: [x["of_unsplit"] for x in m["rows"]] for m in sp}, "of unsplit")
     if "throughput" in s:
         t = s["throughput"]
         bars("throughput", f"{t['requests']} requests, continuous batching",
@@ -735,7 +758,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--suites", default=",".join(SUITES),
                     help=f"comma-separated, of {','.join(SUITES)} (default: all)")
     ap.add_argument("--quick", action="store_true",
-                    help="tiny counts and 2-block random PanGu: checks the harness works")
+                    help="tiny counts and 3-block random PanGu: checks the harness works")
     ap.add_argument("--out", type=Path, default=Path("bench"), help="output folder")
     ap.add_argument("--runs", type=int, default=None, help="timed runs per figure")
     ap.add_argument("--pangu-dir", type=Path, default=None,

@@ -85,6 +85,20 @@ class Group:
     free: list[int] = field(default_factory=list)  # to free with the next message
 
 
+_EMA = 0.2  # weight of the newest step in the moving averages of step times
+
+
+def _average(old: float, new: float) -> float:
+    return new if old == 0.0 else old + _EMA * (new - old)  # 0.0: no step yet
+
+
+def _averages(old: list[float], new_ms: list[float] | None) -> list[float]:
+    """Per-stage moving averages (seconds) updated with a step's milliseconds; restarted
+    when the number of stages changes (a re-plan)."""
+    new = [m / 1e3 for m in new_ms or ()]
+    return new if len(old) != len(new) else [_average(o, n) for o, n in zip(old, new)]
+
+
 class Scheduler:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer | None, results: zmq.Socket, *,
                  micro_batches: int | None = None, max_len: int | None,
@@ -101,8 +115,16 @@ class Scheduler:
         self.failed: str | None = None  # set when no plan fits: every request fails
         self.tokens_total = 0
         self.finished_total: dict[str, int] = {}
-        self.stage_seconds: list[float] = []  # per stage: compute seconds of a step (EMA)
-        self.step_seconds = 0.0  # a micro-batch's round trip through every stage (EMA)
+        # Moving averages of a step's time: its round trip through every stage; per stage,
+        # its compute, and how long the worker held it (compute, decoding, cache
+        # bookkeeping, sampling); the rest of the round trip is the wire's: every hop's
+        # ZeroMQ and network time, the coordinator's receive and, with several micro-batches
+        # in flight, the time a step queues for a stage busy with another. Each worker times
+        # itself, so machines' clocks need not agree.
+        self.step_seconds = 0.0
+        self.stage_seconds: list[float] = []
+        self.busy_seconds: list[float] = []
+        self.wire_seconds = 0.0
         self.recoveries = 0
         self.cache_waits = 0  # sequences that waited for cache room
         self.stopping = threading.Event()
@@ -141,7 +163,8 @@ class Scheduler:
                 "finished_total": dict(self.finished_total), "waiting": len(self.waiting),
                 "running": len(self.running), "recoveries_total": self.recoveries,
                 "cache_waits_total": self.cache_waits,
-                "stage_seconds": list(self.stage_seconds), "step_seconds": self.step_seconds}
+                "step_seconds": self.step_seconds, "stage_seconds": list(self.stage_seconds),
+                "busy_seconds": list(self.busy_seconds), "wire_seconds": self.wire_seconds}
 
     def close(self) -> None:
         self.stopping.set()
@@ -273,13 +296,13 @@ class Scheduler:
             self._apply(g, msg.fields)
 
     def _apply(self, g: Group, f: dict) -> None:
-        ema = 0.2
-        self.step_seconds += ema * (time.monotonic() - g.sent_at - self.step_seconds)
-        ms = f.get("stage_ms") or []
-        if len(self.stage_seconds) != len(ms):
-            self.stage_seconds = [m / 1e3 for m in ms]
-        else:
-            self.stage_seconds = [s + ema * (m / 1e3 - s) for s, m in zip(self.stage_seconds, ms)]
+        step = time.monotonic() - g.sent_at
+        self.step_seconds = _average(self.step_seconds, step)
+        self.stage_seconds = _averages(self.stage_seconds, f.get("stage_ms"))
+        busy = f.get("busy_ms") or []
+        self.busy_seconds = _averages(self.busy_seconds, busy)
+        if len(busy) == len(self.pipeline.plan.stages):
+            self.wire_seconds = _average(self.wire_seconds, max(0.0, step - sum(busy) / 1e3))
         for key, why in (f.get("rejected") or {}).items():
             seq = self.running.pop(int(key), None)
             if seq is None:

@@ -534,9 +534,19 @@ def _registry(llm):
             for i, s in enumerate(m["stage_seconds"]):
                 stage.add_metric([str(i)], s)
             yield stage
+            busy = GaugeMetricFamily("llm_shard_stage_busy_seconds", "Seconds a stage "
+                                     "holds a step, receipt to send: compute, decoding, "
+                                     "caches, sampling (moving average)", labels=["stage"])
+            for i, s in enumerate(m["busy_seconds"]):
+                busy.add_metric([str(i)], s)
+            yield busy
             yield GaugeMetricFamily("llm_shard_step_seconds", "A micro-batch's round trip "
                                     "through every stage (moving average)",
                                     value=m["step_seconds"])
+            yield GaugeMetricFamily("llm_shard_wire_seconds", "A step's round trip less the "
+                                    "time stages held it: every hop's transport, and queueing "
+                                    "behind other micro-batches (moving average)",
+                                    value=m["wire_seconds"])
             yield CounterMetricFamily("llm_shard_cache_waits", "Requests that waited in the "
                                       "queue for cache room", value=m["cache_waits_total"])
             yield from worker_families()

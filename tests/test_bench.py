@@ -1,6 +1,7 @@
 """The benchmark harness works: every suite with tiny counts on SmolLM2-135M (and a
-one-block random PanGu-α for decode and swap) writes bench.json with every field, bench.md
-and the plots. No timing is asserted: figures on a shared CI machine mean nothing."""
+three-block random PanGu-α for decode, split and swap) writes bench.json with every
+field, bench.md and the plots. No timing is asserted: figures on a shared CI machine mean
+nothing."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ BATCH = {"prefill_tok_s", "decode_tok_s", "roofline_tok_s", "of_roofline"}
 VERSUS_ROW = {"engine", "dtype", "tok_s", "seconds", "step_weight_bytes", "of_roofline"}
 LOAD_ROW = {"engine", "source", "weight_file_bytes", "cold_start_s", "import_s", "load_s",
             "first_token_s", "disk_bound_s", "of_disk_bound"}
-SPLIT_ROW = {"workers", "plan", "decode_tok_s", "of_unsplit", "hop_ms", "stage_ms", "step_ms",
+SPLIT_ROW = {"workers", "plan", "decode_tok_s", "of_unsplit", "hop_ms", "stage_ms", "busy_ms",
+             "wire_ms", "step_ms",
              "of_roofline"}
 THROUGHPUT = {"model", "requests", "workers", "max_tokens", "micro_batches_off_tok_s",
               "micro_batches_on_tok_s", "micro_batching_gain", "suite_seconds"}
@@ -36,7 +38,7 @@ def report(ray_cluster, smollm2_stores, tmp_path_factory):
     """One quick run of every suite, written to a folder: (report dict, folder)."""
     cfg = suite.quick_config()
     cfg.warmup, cfg.tokens, cfg.prompt_tokens = 0, 2, 4
-    cfg.pangu_layers = cfg.swap_layers = 1
+    cfg.pangu_layers = cfg.swap_layers = 3  # a block for each of 3 workers to split
     cfg.split_tokens = cfg.throughput_tokens = 2
     cfg.requests = 8
     cfg.bandwidth_bytes = 64 << 20
@@ -94,11 +96,14 @@ def test_every_suite_runs_and_its_json_has_every_field(report):
             "safetensors fp32", "GGUF Q4_1, dequantized to fp32"]
         assert all(positive(x["vs_transformers"]) for x in load["rows"][:2])
 
-    split = s["split"]
-    assert [x["workers"] for x in split["rows"]] == [1, 2, 3]
-    for row in split["rows"]:
-        assert set(row) == SPLIT_ROW and positive(row["decode_tok_s"])
-        assert len(row["plan"]) == row["workers"]
+    split = s["split"]["models"]
+    assert ["SmolLM2" in split[0]["model"], "PanGu" in split[1]["model"]] == [True, True]
+    for model in split:
+        assert [x["workers"] for x in model["rows"]] == [1, 2, 3]
+        for row in model["rows"]:
+            assert set(row) == SPLIT_ROW and positive(row["decode_tok_s"])
+            assert len(row["plan"]) == len(row["stage_ms"]) == len(row["busy_ms"]) == row["workers"]
+            assert positive(row["wire_ms"]) and positive(row["step_ms"])
 
     assert set(s["throughput"]) == THROUGHPUT
     assert positive(s["throughput"]["micro_batching_gain"])

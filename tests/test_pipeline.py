@@ -71,6 +71,15 @@ def test_cpu_offsets_are_per_machine_and_can_be_turned_off(monkeypatch):
     assert cpu_offsets([a1, b], [2, 4]) == [None, None]
 
 
+def assert_step_times_add_up(m: dict, n: int):
+    """Per stage, the worker held each step at least as long as it computed; the round
+    trip is the stages' hold times plus the wire's share."""
+    assert len(m["stage_seconds"]) == len(m["busy_seconds"]) == n, m
+    assert all(0 < c <= b for c, b in zip(m["stage_seconds"], m["busy_seconds"])), m
+    assert m["wire_seconds"] > 0, m
+    assert m["step_seconds"] == pytest.approx(sum(m["busy_seconds"]) + m["wire_seconds"]), m
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_split_gives_the_unsplit_tokens_and_logits(ray_cluster, store, reference, n):
     with llm(store, n) as model:
@@ -78,6 +87,7 @@ def test_split_gives_the_unsplit_tokens_and_logits(ray_cluster, store, reference
         outs = model.generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=0,
                                                           logprobs=5))
         assert_threads_bound(model)
+        assert_step_times_add_up(model.metrics(), n)
     assert [o.token_ids for o in outs] == reference[:2]
     tok = store.tokenizer()
     for o, prompt in zip(outs, PROMPTS):

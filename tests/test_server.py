@@ -138,6 +138,7 @@ def test_models_health_metrics(server):
     text = httpx.get(server.url + "/metrics").text
     for name in ("llm_shard_requests_total", "llm_shard_generated_tokens_total",
                  "llm_shard_queue_waiting", "llm_shard_stage_seconds{stage=\"1\"}",
+                 "llm_shard_stage_busy_seconds{stage=\"1\"}", "llm_shard_wire_seconds",
                  "llm_shard_http_requests_total", "llm_shard_recoveries_total",
                  "llm_shard_worker_restarts_total{worker=\"0\"} 0.0",
                  "llm_shard_worker_block_bytes{tier=\"ram\",worker=\"0\"}",

@@ -357,6 +357,7 @@ class Worker:
                 if self.pull not in events:
                     continue
                 frames = self.pull.recv_multipart(copy=False)
+                received = time.perf_counter()
             except zmq.ZMQError:
                 if self.stopping.is_set():
                     return
@@ -367,14 +368,17 @@ class Worker:
                 self._malformed(f"malformed message: {e}")
                 continue
             with self.lock:
-                self._handle(msg)
+                self._handle(msg, received)
 
     def _malformed(self, why: str) -> None:
         self.malformed += 1
         self.last_error = why
         log.error("worker at %s dropped a %s", self._address, why)
 
-    def _handle(self, msg: wire.Message) -> None:
+    def _handle(self, msg: wire.Message, received: float) -> None:
+        """Run a step (or free caches) and send it on; the step's fields gain `busy_ms`,
+        how long this worker held it, from receiving it to sending it on: with the
+        round trip, the coordinator tells the wire's share (Scheduler.wire_seconds)."""
         if msg.fields.get("epoch") != self.epoch or self.runner is None:
             return  # sent before a re-plan: its sequences are being replayed
         if msg.kind == FREE:
@@ -396,6 +400,7 @@ class Worker:
             self._error(msg, e)
             return
         self.steps += 1
+        fields["busy_ms"] = [*fields.get("busy_ms", ()), (time.perf_counter() - received) * 1e3]
         wire.send(self.next, wire.encode(kind, fields, tensors))
 
     def _error(self, msg: wire.Message, e: Exception) -> None:
