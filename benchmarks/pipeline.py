@@ -36,20 +36,19 @@ def decode_rates(llms: dict, tokens: int, runs: int = 3) -> dict:
     The LLMs take turns run by run, so that a drift of the machine's speed hits each alike.
     Where noise leaves that difference not positive (tiny counts), the whole run's rate:
     a lower bound."""
-    from llm_shard import SamplingParams
+    ids = {k: _prompt_ids(llm) for k, llm in llms.items()}  # tokenized outside the timing
 
-    def timed(llm, n: int) -> float:
+    def timed(k, n: int) -> float:
         t0 = time.perf_counter()
-        llm.generate(prompt_token_ids=[_prompt_ids(llm)],
-                     params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        _greedy(llms[k], ids[k], n)
         return time.perf_counter() - t0
 
-    for llm in llms.values():
-        timed(llm, 4)  # warm up
+    for k in llms:
+        timed(k, 4)  # warm up
     pairs: dict = {k: [] for k in llms}
     for _ in range(max(1, runs)):
-        for k, llm in llms.items():
-            pairs[k].append((timed(llm, tokens + 1), timed(llm, 1)))
+        for k in llms:
+            pairs[k].append((timed(k, tokens + 1), timed(k, 1)))
     rates = {}
     for k, p in pairs.items():
         long = statistics.median(x[0] for x in p)
@@ -61,11 +60,16 @@ def decode_rates(llms: dict, tokens: int, runs: int = 3) -> dict:
 def decode_metrics(llm, tokens: int) -> dict:
     """The scheduler's metrics after a run of `tokens` decode steps, so that its moving
     averages of step times are decode's (weight 0.8**31 left on the prefill after 32)."""
+    _greedy(llm, _prompt_ids(llm), tokens)
+    return llm.metrics()
+
+
+def _greedy(llm, ids: list[int], n: int) -> None:
+    """One sequence, exactly `n` greedy tokens."""
     from llm_shard import SamplingParams
 
-    llm.generate(prompt_token_ids=[_prompt_ids(llm)],
-                 params=SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
-    return llm.metrics()
+    llm.generate(prompt_token_ids=[ids],
+                 params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
 
 def _prompt_ids(llm) -> list[int]:
