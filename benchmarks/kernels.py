@@ -58,19 +58,27 @@ MIN_ROUNDS = 3
 
 
 def memory_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 9) -> float:
-    """Read bandwidth in GB/s: median fp32 sum over a buffer far larger than the caches.
+    """Read bandwidth in GB/s: median fp32 sum over a buffer far larger than the caches."""
+    return Reader(nbytes).gbps(repeats)
 
-    The buffer is written first: first touch of fresh memory is several times slower.
-    """
-    x = torch.ones(nbytes // 4)
-    for _ in range(2):
-        x.sum()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times) / 1e9
+
+class Reader:
+    """A buffer far larger than the caches, written first (first touch of fresh memory is
+    several times slower), to read the memory bandwidth of a moment again and again."""
+
+    def __init__(self, nbytes: int = BANDWIDTH_BYTES) -> None:
+        self.buf = torch.ones(nbytes // 4)
+        for _ in range(2):
+            self.buf.sum()
+
+    def gbps(self, repeats: int = 3) -> float:
+        """GB/s of the median of `repeats` fp32 sums over the buffer."""
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            self.buf.sum()
+            times.append(time.perf_counter() - t)
+        return self.buf.numel() * 4 / statistics.median(times) / 1e9
 
 
 Call = Callable[[torch.Tensor], torch.Tensor]
@@ -167,8 +175,8 @@ def _run(repeats: int, quick: bool) -> dict:
     bandwidth_start = memory_bandwidth(bw_bytes)
     # The same read, timed in turns with the kernels: each ratio is against the bandwidth
     # of its own moment (other work on the machine comes and goes).
-    buf = torch.ones(bw_bytes // 4)
-    read = [lambda x: buf.sum()]
+    reader = Reader(bw_bytes)
+    read = [lambda x: reader.buf.sum()]
     rows, chosen = [], {}
     with torch.inference_mode():
         for model, layer, in_f, out_f in shapes:

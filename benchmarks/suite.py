@@ -43,6 +43,7 @@ SUITES = ("decode", "versus", "load", "split", "throughput", "swap")
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 NO_PNG = "no PNG: pip install llm-shard[bench]"
 NO_TRANSFORMERS = "transformers is not installed (pip install llm-shard[test]): no peer figures"
+READ_BETWEEN_STEPS_BYTES = 128 << 20  # the bandwidth read between decode steps: 4x a 32 MiB L3
 CACHE_DROP = ("each weight file's page cache dropped with posix_fadvise(POSIX_FADV_DONTNEED) "
               "before every run (no root needed; Python and library files stay cached)")
 
@@ -141,8 +142,11 @@ def step_bytes(stage) -> int:
     return total
 
 
-def _decode_run(stage, vocab: int, batch: int, prompt: int, tokens: int) -> tuple[float, float]:
-    """Seconds of the prefill of `batch` random prompts and of `tokens` greedy steps."""
+def _decode_run(stage, vocab: int, batch: int, prompt: int, tokens: int,
+                reader=None) -> tuple[float, float, float | None]:
+    """Seconds of the prefill of `batch` random prompts and of `tokens` greedy steps; with
+    `reader` (kernels.Reader), the memory bandwidth read after every step, each read timed
+    apart from the steps: GB/s over the run (else None)."""
     from llm_shard.models.cache import Batch, SequenceCache
 
     g = torch.Generator().manual_seed(batch)
@@ -150,33 +154,48 @@ def _decode_run(stage, vocab: int, batch: int, prompt: int, tokens: int) -> tupl
     ids = torch.randint(vocab, (batch * prompt,), generator=g)
     t0 = time.perf_counter()
     nxt = stage(ids, Batch.of([prompt] * batch, caches)).argmax(-1)
-    t1 = time.perf_counter()
+    prefill, decode, reads = time.perf_counter() - t0, 0.0, []
     for _ in range(tokens):
+        t = time.perf_counter()
         nxt = stage(nxt, Batch.of([1] * batch, caches)).argmax(-1)
-    return t1 - t0, time.perf_counter() - t1
+        decode += time.perf_counter() - t
+        if reader is not None:
+            reads.append(reader.gbps(1))
+    return prefill, decode, statistics.harmonic_mean(reads) if reads else None
 
 
 def decode_model(name: str, store, cfg: Config, bandwidth: float) -> dict:
+    """Prefill and decode rates at each batch size, and their share of the bandwidth
+    roofline. The bandwidth is read between the decode steps of every timed run (a sum
+    over a buffer 4x the last-level cache), so each run is against the bandwidth of its
+    own moments: the machine's drifts with other work on the host (27-45 GB/s from one
+    second to the next here). `bandwidth` (the run's start) gives `roofline_tok_s_batch_1`."""
+    from llm_shard.benchmarks.kernels import Reader
     from llm_shard.models.runner import StageModel
 
     stage = StageModel(store, 0, store.n_blocks)
     nbytes = step_bytes(stage)
     vocab = store.config.vocab_size
+    reader = Reader(min(cfg.bandwidth_bytes, READ_BETWEEN_STEPS_BYTES))
     out: dict = {"model": name, "store": str(store.path), "dtype": store.manifest["dtype"],
                  "step_weight_bytes": nbytes,
                  "roofline_tok_s_batch_1": bandwidth * 1e9 / nbytes}
     for b in cfg.batches:
         for _ in range(cfg.warmup):
             _decode_run(stage, vocab, b, cfg.prompt_tokens, cfg.tokens)
-        timings = [_decode_run(stage, vocab, b, cfg.prompt_tokens, cfg.tokens)
-                   for _ in range(max(1, cfg.runs))]
-        pre = statistics.median(t[0] for t in timings)
-        dec = statistics.median(t[1] for t in timings)
-        rate = b * cfg.tokens / dec
-        roof = b * bandwidth * 1e9 / nbytes  # the step reads the weights once for b tokens
+        runs = [_decode_run(stage, vocab, b, cfg.prompt_tokens, cfg.tokens, reader)
+                for _ in range(max(1, cfg.runs))]  # (prefill s, decode s, GB/s)
+        pre = statistics.median(r[0] for r in runs)
+        dec = statistics.median(r[1] for r in runs)
+        gbps = statistics.median(r[2] for r in runs)
+        # the step reads the weights once for b tokens: roofline b * bandwidth / bytes
         out[f"batch_{b}"] = {"prefill_tok_s": b * cfg.prompt_tokens / pre,
-                             "decode_tok_s": rate, "roofline_tok_s": roof,
-                             "of_roofline": rate / roof}
+                             "decode_tok_s": b * cfg.tokens / dec,
+                             "bandwidth_GBps": gbps,
+                             "roofline_tok_s": b * gbps * 1e9 / nbytes,
+                             "of_roofline": statistics.median(
+                                 (b * cfg.tokens / r[1]) / (b * r[2] * 1e9 / nbytes)
+                                 for r in runs)}
     return out
 
 
@@ -586,11 +605,15 @@ def markdown(r: dict) -> str:
         d = s["decode"]
         lines += ["### Decode and prefill", "",
                   f"{d['prompt_tokens']} prompt tokens, {d['tokens']} new tokens per sequence. "
-                  "Roofline: batch × memory bandwidth / weight bytes read per step.", ""]
-        lines += _table(["model", "batch", "prefill tok/s", "decode tok/s", "roofline tok/s",
-                         "of roofline"],
+                  "Roofline: batch × memory bandwidth / weight bytes read per step. The "
+                  "bandwidth is read between the decode steps of every timed run, and each "
+                  "run's share of the roofline is against the bandwidth of its own moments "
+                  "(medians shown).", ""]
+        lines += _table(["model", "batch", "prefill tok/s", "decode tok/s", "memory GB/s",
+                         "roofline tok/s", "of roofline"],
                         [[x["model"], b, x[f"batch_{b}"]["prefill_tok_s"],
-                          x[f"batch_{b}"]["decode_tok_s"], x[f"batch_{b}"]["roofline_tok_s"],
+                          x[f"batch_{b}"]["decode_tok_s"], x[f"batch_{b}"]["bandwidth_GBps"],
+                          x[f"batch_{b}"]["roofline_tok_s"],
                           f"{x[f'batch_{b}']['of_roofline']:.0%}"]
                          for x in d["models"] for b in d["batches"]])
     if "versus" in s:

@@ -15,7 +15,7 @@ from llm_shard.benchmarks import suite
 
 MACHINE = {"memory_GBps", "memory_GBps_after", "disk_read_GBps", "disk_read_of", "page_cache",
            "page_cache_dropped", "cpus", "threads", "torch", "python", "platform", "machine"}
-BATCH = {"prefill_tok_s", "decode_tok_s", "roofline_tok_s", "of_roofline"}
+BATCH = {"prefill_tok_s", "decode_tok_s", "bandwidth_GBps", "roofline_tok_s", "of_roofline"}
 VERSUS_ROW = {"engine", "dtype", "tok_s", "seconds", "step_weight_bytes", "of_roofline"}
 LOAD_ROW = {"engine", "source", "weight_file_bytes", "cold_start_s", "import_s", "load_s",
             "first_token_s", "disk_bound_s", "of_disk_bound"}
@@ -66,8 +66,10 @@ def test_every_suite_runs_and_its_json_has_every_field(report):
     for m in decode["models"]:
         assert positive(m["step_weight_bytes"]) and positive(m["roofline_tok_s_batch_1"])
         for b in (1, 16):
-            assert set(m[f"batch_{b}"]) == BATCH
-            assert all(positive(v) for v in m[f"batch_{b}"].values())
+            row = m[f"batch_{b}"]
+            assert set(row) == BATCH and all(positive(v) for v in row.values())
+            assert row["roofline_tok_s"] == pytest.approx(
+                b * row["bandwidth_GBps"] * 1e9 / m["step_weight_bytes"])
 
     versus = s["versus"]
     engines = {(x["engine"], x["dtype"]) for x in versus["rows"]}

@@ -135,6 +135,11 @@ def test_models_health_metrics(server):
     assert [m["id"] for m in models["data"]] == [MODEL]
     health = httpx.get(server.url + "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    # a step first: the per-stage gauges exist once a step has been timed (so that this
+    # test does not depend on the module's earlier tests having generated)
+    done = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                      timeout=120)
+    assert done.status_code == 200
     text = httpx.get(server.url + "/metrics").text
     for name in ("llm_shard_requests_total", "llm_shard_generated_tokens_total",
                  "llm_shard_queue_waiting", "llm_shard_stage_seconds{stage=\"1\"}",
