@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import Batch
+from .quant import fused_of
 
 
 class RMSNorm(nn.Module):
@@ -187,8 +188,19 @@ def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return torch.bmm(probs.to(values.dtype), values).view(q.shape)
 
 
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to x, which they all read: one int8 kernel call where
+    Store.load fused them (`shared_input`, models/quant.py fuse_int8), else one each."""
+    fused = fused_of(linears)
+    if fused is None:
+        return tuple(m(x) for m in linears)
+    return tuple(t.contiguous() for t in fused(x).split([m.out_features for m in linears], -1))
+
+
 class SwiGLU(nn.Module):
     """LLaMA's MLP: down(silu(gate(x)) * up(x)); names follow Hugging Face."""
+
+    shared_input = (("gate_proj", "up_proj"),)  # one int8 call (quant.fuse_int8)
 
     def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
         super().__init__()
@@ -197,7 +209,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class GeluMLP(nn.Module):

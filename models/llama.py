@@ -13,7 +13,7 @@ from torch import nn
 
 from .base import Arch, ArchConfig, Rule
 from .cache import Batch
-from .layers import RMSNorm, Rotary, SwiGLU, cached_attention, rope_tables, rotate
+from .layers import RMSNorm, Rotary, SwiGLU, cached_attention, project, rope_tables, rotate
 
 
 @dataclass
@@ -73,6 +73,8 @@ class Embedding(nn.Module):
 
 
 class Attention(nn.Module):
+    shared_input = (("q_proj", "k_proj", "v_proj"),)  # one int8 call (quant.fuse_int8)
+
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.head_dim = (
@@ -87,9 +89,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         rows = x.shape[0]
-        q = self.q_proj(x).view(rows, self.heads, self.head_dim)
-        k = self.k_proj(x).view(rows, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(rows, self.kv_heads, self.head_dim)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(rows, self.heads, self.head_dim)
+        kv = (rows, self.kv_heads, self.head_dim)
+        k, v = k.view(kv), v.view(kv)
         cos, sin = rope_tables(self.rope, batch, q)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         o = cached_attention(q, k, v, batch, self.layer)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .base import Arch, ArchConfig, Rule
 from .cache import Batch
-from .layers import GeluMLP, cached_attention
+from .layers import GeluMLP, cached_attention, project
 
 
 @dataclass
@@ -71,11 +71,17 @@ class Attention(nn.Module):
         self.layer, self.heads, self.head_dim = layer, cfg.num_heads, cfg.head_dim
         self.q_proj, self.k_proj = nn.Linear(h, h), nn.Linear(h, h)
         self.v_proj, self.c_proj = nn.Linear(h, h), nn.Linear(h, h)
+        # one int8 call (quant.fuse_int8); the last block's queries read another input
+        self.shared_input = ((("k_proj", "v_proj"),) if layer == cfg.num_layers - 1
+                             else (("q_proj", "k_proj", "v_proj"),))
 
     def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor, batch: Batch) -> torch.Tensor:
         rows, shape = q_in.shape[0], (q_in.shape[0], self.heads, self.head_dim)
-        q = self.q_proj(q_in).view(shape)
-        k, v = self.k_proj(kv_in).view(shape), self.v_proj(kv_in).view(shape)
+        if q_in is kv_in:
+            q, k, v = project(q_in, self.q_proj, self.k_proj, self.v_proj)
+        else:
+            q, (k, v) = self.q_proj(q_in), project(kv_in, self.k_proj, self.v_proj)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
         return self.c_proj(cached_attention(q, k, v, batch, self.layer).reshape(rows, -1))
 
 

@@ -68,6 +68,11 @@ model after its weights are loaded; a forward on an unprepared layer prepares it
 lazily under a lock. Loading a state dict or moving the module drops the prepared
 state, so packed weights never go stale; after changing buffers in place any other
 way, call `prepare()` again.
+
+Fusion. `prepare_int8(module, fuse=True)` (what Store.load does) runs each group of
+layers that a module declares as reading one input (`shared_input`: LLaMA's q/k/v and
+gate/up, PanGu-α's q/k/v) as one layer of their concatenated rows, with the same kernel
+and the same bits per output: fewer calls per block (see `fuse_int8`).
 """
 
 from __future__ import annotations
@@ -285,23 +290,29 @@ def _auto_invalid(layer: Int8Linear) -> str | None:
     return None if layer.group else _fbgemm_invalid(layer)  # blocks: w8a16, else dequant
 
 
-def _auto_pack(layer: Int8Linear) -> object:
+def _auto_choice(layer: Int8Linear) -> Kernel:
+    """The kernel "auto" runs this layer with (each fallback logged once)."""
     if layer.group:
         reason = _w8a16_invalid(layer)
         if reason is None:
-            return _w8a16_run, _w8a16_pack(layer)
+            return KERNELS["w8a16"]
         _log_fallback("w8a16", "dequant", f"{reason}, for auto's layers in blocks")
-        return _dequant_run, None
+        return KERNELS["dequant"]
     if layer.weight.numel() <= AUTO_SMALL_LAYER_BYTES:
         reason = _w8a16_invalid(layer)
         if reason is None:
-            return _w8a16_run, _w8a16_pack(layer)
+            return KERNELS["w8a16"]
         _log_fallback("w8a16", "int8pack", f"{reason}, for auto's small layers")
         reason = _int8pack_invalid(layer)
         if reason is None:
-            return _int8pack_run, _int8pack_pack(layer)
+            return KERNELS["int8pack"]
         _log_fallback("int8pack", "fbgemm", f"{reason}, for auto's small layers")
-    return _fbgemm_run, _fbgemm_pack(layer)
+    return KERNELS["fbgemm"]
+
+
+def _auto_pack(layer: Int8Linear) -> object:
+    kernel = _auto_choice(layer)
+    return kernel.run, kernel.pack(layer)
 
 
 def _auto_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tensor:
@@ -402,6 +413,19 @@ class Int8Linear(nn.Module):
     def kernel(self) -> str | None:
         """The kernel the layer runs with, or None before it is prepared."""
         return None if self._plan is None else self._plan[0].name
+
+    @property
+    def running(self) -> str | None:
+        """The kernel that computes this layer, "auto" and "fused" resolved (None before
+        it is prepared)."""
+        if self._plan is None:
+            return None
+        kernel, state = self._plan
+        if kernel is _MEMBER:
+            return state.fused.running
+        if kernel.name == "auto":
+            return next(k.name for k in KERNELS.values() if k.run is state[0])
+        return kernel.name
 
     def prepare(self, kernel: str | None = None) -> str:
         """Chooses this layer's kernel and packs weights for it; returns the kernel's name.
@@ -665,11 +689,118 @@ def swap_int8(module: nn.Module, predicate: Predicate | None = None,
     return _swap(module, predicate, make)
 
 
-def prepare_int8(module: nn.Module, kernel: str | None = None) -> dict[str, str]:
+def prepare_int8(module: nn.Module, kernel: str | None = None,
+                 fuse: bool = False) -> dict[str, str]:
     """Prepares every Int8Linear in `module` (call after load_state_dict); returns
-    {layer name: kernel name}."""
-    return {name: mod.prepare(kernel) for name, mod in module.named_modules()
-            if isinstance(mod, Int8Linear)}
+    {layer name: kernel name}. With `fuse`, the groups of layers that read one input are
+    first fused (`fuse_int8`); their members report "fused"."""
+    members = fuse_int8(module, kernel) if fuse else set()
+    return {name: mod.kernel if mod in members else mod.prepare(kernel)
+            for name, mod in module.named_modules() if isinstance(mod, Int8Linear)}
+
+
+# --- fusion: Int8Linears that read one input, run as one -----------------------------
+# A module lists, in `shared_input`, groups of its Linears that read the same input
+# (LLaMA's q/k/v and gate/up). `fuse_int8` concatenates each group's int8 rows into one
+# layer, prepared for the kernel each member would have run, and `layers.project(x, *ls)`
+# then makes one kernel call for the group instead of one per member: at one row a call
+# has a fixed cost (w8a16 ~15 us, fbgemm ~50 us) that SmolLM2's 210 small layers pay
+# 210 times a token. Every CPU kernel here computes each output feature from its own
+# weight row and the input alone, so a fused layer gives each member's outputs the same
+# bits (tests/test_quant.py).
+# Members keep their buffers (the checkpoint is unchanged) and run, when called alone,
+# their slice of the fused layer; reloading or moving a member makes it a layer of its
+# own again, and `project` then calls each member.
+FUSED_KERNELS = ("fbgemm", "w8a16", "int8pack")  # those that give each row its own bits
+
+
+@dataclass(frozen=True)
+class _Slice:
+    fused: Int8Linear
+    start: int
+    end: int
+
+
+def _slice_run(layer: Int8Linear, part: _Slice, x: torch.Tensor) -> torch.Tensor:
+    return part.fused(x)[:, part.start:part.end].contiguous()
+
+
+_MEMBER = Kernel("fused", lambda layer: "fuse_int8 sets it", lambda layer: None, _slice_run)
+
+
+def _fusable(layers: list) -> str | None:
+    """Why these layers cannot be fused (None: they can)."""
+    if len(layers) < 2 or not all(isinstance(m, Int8Linear) for m in layers):
+        return "not two or more Int8Linears"
+    first = layers[0]
+    for m in layers:
+        if (m.in_features, m.group, m.mins is None, m.bias is None, m.weight.device) != (
+                first.in_features, first.group, first.mins is None, first.bias is None,
+                first.weight.device):
+            return "their inputs, blocks, biases or devices differ"
+    return None
+
+
+def resolve_kernel(layer: Int8Linear, preferred: str | None = None) -> Kernel:
+    """The kernel this layer would run with: "auto" resolved to its choice."""
+    kernel = choose_kernel(layer, preferred or layer.preferred_kernel)
+    return _auto_choice(layer) if kernel.name == "auto" else kernel
+
+
+def fuse_int8(module: nn.Module, kernel: str | None = None) -> set[Int8Linear]:
+    """Fuses each `shared_input` group of `module`'s modules whose members would run one
+    kernel of FUSED_KERNELS; returns the members, prepared as slices of their fused layer
+    (their own int8 bytes are no longer read: a caller may release them)."""
+    members: set[Int8Linear] = set()
+    for parent in module.modules():
+        for names in getattr(parent, "shared_input", ()):
+            layers = [getattr(parent, n, None) for n in names]
+            if _fusable(layers) is not None:
+                continue
+            with torch.no_grad():
+                kernels = {resolve_kernel(m, kernel).name for m in layers}
+                if len(kernels) != 1 or next(iter(kernels)) not in FUSED_KERNELS:
+                    continue
+                fused = _fused_layer(layers, next(iter(kernels)))
+            if fused is None:
+                continue
+            start = 0
+            for m in layers:
+                m.preferred_kernel = kernel or m.preferred_kernel
+                m._plan = (_MEMBER, _Slice(fused, start, start + m.out_features))
+                start += m.out_features
+            members.update(layers)
+    return members
+
+
+def _fused_layer(layers: list[Int8Linear], kernel: str) -> Int8Linear | None:
+    """One layer of the members' rows, prepared for `kernel` (None if it would not run it)."""
+    first = layers[0]
+    with torch.device("meta"):  # no memory: the buffers are set below
+        fused = Int8Linear(first.in_features, sum(m.out_features for m in layers),
+                           bias=first.bias is not None, kernel=kernel, group=first.group,
+                           mins=first.mins is not None)
+    for name, dim in (("weight", 0), ("scales", 0), ("mins", 1), ("bias", 0)):
+        if getattr(first, name) is not None:
+            fused._buffers[name] = torch.cat([getattr(m, name) for m in layers], dim)
+    if fused.prepare() != kernel:  # a fallback would change the members' bits
+        return None
+    if kernel == "fbgemm":  # it reads its packed copy only
+        fused._buffers["weight"] = torch.empty_like(fused.weight, device="meta")
+    return fused
+
+
+def fused_of(layers) -> Int8Linear | None:
+    """The layer `fuse_int8` made of exactly these layers, in this order, if it did."""
+    plans = [getattr(m, "_plan", None) for m in layers]
+    if not plans or not all(p is not None and p[0] is _MEMBER for p in plans):
+        return None
+    parts = [p[1] for p in plans]
+    fused = parts[0].fused
+    whole = (all(p.fused is fused for p in parts) and parts[0].start == 0
+             and parts[-1].end == fused.out_features
+             and all(a.end == b.start for a, b in zip(parts, parts[1:])))
+    return fused if whole else None
 
 
 def int8_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

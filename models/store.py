@@ -47,8 +47,9 @@ DTYPES = {"int8": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
           "fp16": torch.float16}
 
 
-# int8 kernels that copy the weights into their own packed form when prepared.
-PACKED_KERNELS = ("fbgemm", "auto")
+# int8 kernels that copy the weights into their own packed form when prepared; "fused":
+# the member of a fused group (quant.fuse_int8), whose fused layer holds a copy of its rows.
+PACKED_KERNELS = ("fbgemm", "auto", "fused")
 _MADV_DONTNEED = 4
 _libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 
@@ -342,7 +343,7 @@ class Store:
         module.load_state_dict(state, strict=True, assign=True)
         module.to(device)
         if int8:
-            kernels = prepare_int8(module)
+            kernels = prepare_int8(module, fuse=True)
             for name, kernel in kernels.items():
                 if kernel in PACKED_KERNELS:  # the packed copy replaced the mapped bytes
                     release_mapped(module.get_submodule(name).weight)

@@ -394,7 +394,7 @@ def test_blocks_refuse_per_channel_kernels_and_fall_back(caplog, monkeypatch):
         monkeypatch.setattr(quant, "_w8a16_invalid", lambda layer: "no C compiler (test)")
         with caplog.at_level(logging.WARNING, logger="llm_shard.models.quant"):
             assert m.prepare("auto") == "auto"
-            assert m._plan[1][0] is quant._dequant_run
+            assert m.running == "dequant"
         assert "no C compiler (test), for auto's layers in blocks; using 'dequant'" in caplog.text
         assert rel_err(m(x), want) <= 2e-4
 
@@ -569,3 +569,112 @@ def test_int8pack_refuses_misaligned_weights():
     if layer.weight.data_ptr() % 16 == 0:
         pytest.skip("the allocator placed the slice aligned")
     assert "aligned" in KERNELS["int8pack"].why_invalid(layer)
+
+
+class Shared(nn.Module):
+    """Three Int8Linears that read one input, declared as a fusable group."""
+
+    shared_input = (("a", "b", "c"),)
+
+    def __init__(self, layers: list[Int8Linear]) -> None:
+        super().__init__()
+        self.a, self.b, self.c = layers
+
+
+def shared_layers(kernel: str, blocks: bool = False) -> Shared:
+    g = torch.Generator().manual_seed(3)
+    if blocks:  # Q4_1-like rows of 3 sizes (SmolLM2's q, k, v are 576, 192, 192)
+        return Shared([block_layer(256, n, kernel=kernel) for n in (96, 32, 40)])
+    layers = []
+    for n in (96, 32, 40):
+        lin = nn.Linear(256, n)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, 256, generator=g) / 16)
+        layers.append(Int8Linear.from_linear(lin, kernel=kernel))
+    return Shared(layers)
+
+
+@pytest.mark.parametrize("kernel,blocks", [
+    *((k, False) for k in ("fbgemm", "w8a16", "int8pack", "auto") if k in cpu_kernels()),
+    *((k, True) for k in ("w8a16", "auto") if k in cpu_kernels())])  # blocks: w8a16 only
+def test_fused_layers_give_each_member_the_same_bits(kernel, blocks):
+    """q/k/v (gate/up) run as one layer give each output the bits the three calls give, at
+    1 row (decode) and 7 (prefill); a member alone runs its slice; reloading a member
+    makes it a layer of its own again, still exact."""
+    from llm_shard.models.layers import project
+
+    module = shared_layers(kernel, blocks)
+    xs = [torch.randn(1, 256), torch.randn(7, 256)]
+    prepare_int8(module)
+    apart = [[m(x) for m in (module.a, module.b, module.c)] for x in xs]
+    assert quant.fused_of([module.a, module.b, module.c]) is None
+
+    running = {m.running for m in (module.a, module.b, module.c)}
+    kernels = prepare_int8(module, fuse=True)
+    assert kernels == {"a": "fused", "b": "fused", "c": "fused"}
+    assert {m.running for m in (module.a, module.b, module.c)} == running  # the same kernel
+    fused = quant.fused_of([module.a, module.b, module.c])
+    assert fused is not None and fused.out_features == 96 + 32 + 40
+    assert quant.fused_of([module.b, module.a, module.c]) is None  # order matters
+    assert quant.fused_of([module.a, module.b]) is None  # so does the whole group
+    calls = []
+    fused.register_forward_hook(lambda *a: calls.append(1))
+    for x, want in zip(xs, apart):
+        got = project(x, module.a, module.b, module.c)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        assert all(g.is_contiguous() for g in got)
+        assert torch.equal(module.b(x), want[1])  # alone: its slice
+    assert len(calls) == 2 + 2  # one per project, one per lone member
+    if fused.kernel == "fbgemm":  # it reads its packed copy only
+        assert fused.weight.device.type == "meta"
+
+    module.b.load_state_dict(module.b.state_dict())  # b is a layer of its own again
+    assert module.b.kernel is None and quant.fused_of([module.a, module.b, module.c]) is None
+    for x, want in zip(xs, apart):
+        got = project(x, module.a, module.b, module.c)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_layers_that_differ_are_not_fused():
+    """Members must share the input width, blocks, bias and kernel: else each runs alone."""
+    module = shared_layers("w8a16")
+    module.c = Int8Linear(256, 40, bias=False, kernel="w8a16")  # no bias: not fusable
+    assert "fused" not in prepare_int8(module, fuse=True).values()
+    module = shared_layers("w8a16")
+    module.c.preferred_kernel = "dequant"  # another kernel: not fused
+    assert "fused" not in prepare_int8(module, fuse=True).values()
+    assert prepare_int8(Shared([block_layer(256, 32), block_layer(256, 32, mins=False),
+                                block_layer(256, 32)]), fuse=True) == {
+        "a": "auto", "b": "auto", "c": "auto"}  # mins on two of three
+
+
+def test_store_load_fuses_llama_and_pangu_blocks_to_the_same_outputs(tmp_path):
+    """A stored block's q/k/v and gate/up (LLaMA), q/k/v (PanGu; k/v in its query block)
+    run fused after Store.load, with the unfused block's exact outputs."""
+    import test_llama
+    import test_pangu
+
+    from llm_shard.models.base import Part
+    from llm_shard.models.cache import Batch, SequenceCache
+    from llm_shard.models.convert import convert
+
+    test_llama.hf_llama().save_pretrained(tmp_path / "llama" / "hf")
+    (tmp_path / "pangu").mkdir()
+    test_pangu.write_hf_port(tmp_path / "pangu" / "hf", test_pangu.random_hf_state())
+    for arch, names in (("llama", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                   "mlp.gate_proj", "mlp.up_proj"}),
+                        ("pangu", {"attn.q_proj", "attn.k_proj", "attn.v_proj"})):
+        store = convert(tmp_path / arch / "hf", tmp_path / arch / "store", dtype="int8",
+                        progress=False)
+        last = store.n_blocks - 1
+        for i in (0, last):
+            block = store.load(Part("block", i))
+            fused = {n for n, m in block.named_modules() if getattr(m, "kernel", "") == "fused"}
+            want = names - ({"attn.q_proj"} if arch == "pangu" and i == last else set())
+            assert fused == want, (arch, i)
+            plain = store.load(Part("block", i))
+            prepare_int8(plain)  # each layer alone again
+            x = torch.randn(5, store.config.hidden_size)
+            caches = [SequenceCache(), SequenceCache()]
+            got = block(x, Batch.of([5], caches[:1]))
+            assert torch.equal(got, plain(x, Batch.of([5], caches[1:])))

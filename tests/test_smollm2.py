@@ -69,7 +69,7 @@ def test_int8_store_keeps_the_gguf_blocks_exactly(smollm2_stores):
         assert layer.group == 32 and layer.mins is not None, name
         assert torch.equal(layer.dequantized(), fp32.get_submodule(name).weight), name
         if w8a16.problem() is None:
-            assert layer._plan[1][0].__name__ == "_w8a16_run", name
+            assert layer.running == "w8a16", name
 
 
 def test_int8_store_is_int8_and_smaller(smollm2_stores):
