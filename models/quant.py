@@ -711,7 +711,7 @@ def prepare_int8(module: nn.Module, kernel: str | None = None,
 # Members keep their buffers (the checkpoint is unchanged) and run, when called alone,
 # their slice of the fused layer; reloading or moving a member makes it a layer of its
 # own again, and `project` then calls each member.
-FUSED_KERNELS = ("fbgemm", "w8a16", "int8pack")  # those that give each row its own bits
+FUSED_KERNELS = ("fbgemm", "w8a16", "int8pack")  # each output feature on its own: exact
 
 
 @dataclass(frozen=True)
