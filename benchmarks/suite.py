@@ -168,8 +168,8 @@ def decode_model(name: str, store, cfg: Config, bandwidth: float) -> dict:
     """Prefill and decode rates at each batch size, and their share of the bandwidth
     roofline. The bandwidth is read between the decode steps of every timed run (a sum
     over a buffer 4x the last-level cache), so each run is against the bandwidth of its
-    own moments: the machine's drifts with other work on the host (27-45 GB/s from one
-    second to the next here). `bandwidth` (the run's start) gives `roofline_tok_s_batch_1`."""
+    own moments: the machine's drifts with other work on the host (20 to 52 GB/s within
+    one make bench here). `bandwidth` (the run's start) gives `roofline_tok_s_batch_1`."""
     from llm_shard.benchmarks.kernels import Reader
     from llm_shard.models.runner import StageModel
 
@@ -425,7 +425,6 @@ def _bytes(path: Path) -> int:
 
 
 def suite_load(ctx: dict) -> dict:
-
     cfg, disk = ctx["cfg"], ctx["machine"]["disk_read_GBps"]
     stores = ctx["stores"]
     ids = stores["int8"].tokenizer().encode(PROMPT)
