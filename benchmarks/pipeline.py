@@ -164,7 +164,7 @@ def _store_bytes(model: str) -> int:
     """Bytes of a store's weight files."""
     from llm_shard.models.catalog import resolve
 
-    return sum(f["bytes"] for f in resolve(model).manifest["files"])
+    return resolve(model).nbytes
 
 
 def _llm(*args, **kwargs):  # imported late: Ray and ZeroMQ only when run

@@ -60,9 +60,8 @@ def convert(src: str, arch: str | None, dtype: str, out: str, overwrite: bool,
     if (Path(out) / "manifest.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a store; pass --overwrite to replace it")
     store = run(src, out, arch=arch, dtype=dtype, rounding=rounding)
-    size = sum(f["bytes"] for f in store.manifest["files"])
     click.echo(f"wrote {store.path}: {store.manifest['arch']}, {store.n_blocks} blocks, "
-               f"{dtype}, {size / 2**20:.1f} MiB")
+               f"{dtype}, {store.nbytes / 2**20:.1f} MiB")
 
 
 @cli.command()

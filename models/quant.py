@@ -312,12 +312,12 @@ def _auto_choice(layer: Int8Linear) -> Kernel:
 
 def _auto_pack(layer: Int8Linear) -> object:
     kernel = _auto_choice(layer)
-    return kernel.run, kernel.pack(layer)
+    return kernel, kernel.pack(layer)
 
 
 def _auto_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tensor:
-    run, packed = state
-    return run(layer, packed, x)
+    kernel, packed = state
+    return kernel.run(layer, packed, x)
 
 
 # --- dequant: weight-only, any device ----------------------------------------------
@@ -423,9 +423,7 @@ class Int8Linear(nn.Module):
         kernel, state = self._plan
         if kernel is _MEMBER:
             return state.fused.running
-        if kernel.name == "auto":
-            return next(k.name for k in KERNELS.values() if k.run is state[0])
-        return kernel.name
+        return state[0].name if kernel.name == "auto" else kernel.name
 
     def prepare(self, kernel: str | None = None) -> str:
         """Chooses this layer's kernel and packs weights for it; returns the kernel's name.
@@ -728,17 +726,12 @@ def _slice_run(layer: Int8Linear, part: _Slice, x: torch.Tensor) -> torch.Tensor
 _MEMBER = Kernel("fused", lambda layer: "fuse_int8 sets it", lambda layer: None, _slice_run)
 
 
-def _fusable(layers: list) -> str | None:
-    """Why these layers cannot be fused (None: they can)."""
+def _fusable(layers: list) -> bool:
+    """Two or more Int8Linears alike in inputs, blocks, mins, bias and device."""
     if len(layers) < 2 or not all(isinstance(m, Int8Linear) for m in layers):
-        return "not two or more Int8Linears"
-    first = layers[0]
-    for m in layers:
-        if (m.in_features, m.group, m.mins is None, m.bias is None, m.weight.device) != (
-                first.in_features, first.group, first.mins is None, first.bias is None,
-                first.weight.device):
-            return "their inputs, blocks, biases or devices differ"
-    return None
+        return False
+    return len({(m.in_features, m.group, m.mins is None, m.bias is None, m.weight.device)
+                for m in layers}) == 1
 
 
 def resolve_kernel(layer: Int8Linear, preferred: str | None = None) -> Kernel:
@@ -755,7 +748,7 @@ def fuse_int8(module: nn.Module, kernel: str | None = None) -> set[Int8Linear]:
     for parent in module.modules():
         for names in getattr(parent, "shared_input", ()):
             layers = [getattr(parent, n, None) for n in names]
-            if _fusable(layers) is not None:
+            if not _fusable(layers):
                 continue
             with torch.no_grad():
                 kernels = {resolve_kernel(m, kernel).name for m in layers}

@@ -289,6 +289,11 @@ class Store:
                 return entry
         raise StoreError(f"{self.path}: manifest lists no file {name}")
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all the store's weight files, as its manifest lists them."""
+        return sum(f["bytes"] for f in self.manifest["files"])
+
     def part_bytes(self, part: Part) -> int:
         return self.file_entry(part.file)["bytes"]
 
