@@ -33,19 +33,20 @@ from the device's preference list (`PREFERENCE`), each kernel saying when it is 
 - "int8pack" (CPU): `aten._weight_int8pack_mm`, weight-only int8 with bf16 activations.
   Only valid when in_features % 16 == 0: otherwise it returns wrong rows or crashes.
 - "auto" (CPU, the default): per layer, "w8a16" (else "int8pack") on layers of at most
-  AUTO_SMALL_LAYER_BYTES, whose fixed cost per call is lower, and "fbgemm" on larger
-  ones. The choice is the layer's, never the call's: see below.
+  AUTO_SMALL_LAYER_BYTES, whose fixed cost per call is lower; on larger ones "w8a16"
+  where it keeps up with fbgemm at every row count (`w8a16.keeps_up()`: AVX512-VNNI),
+  else "fbgemm". The choice is the layer's, never the call's: see below.
 - "dequant" (any device; the CUDA path): `F.linear(x, weight.to(x.dtype)) * scales`,
   weight-only, as gpt-fast's `WeightOnlyInt8Linear`. On CPU it is a slow last resort.
 
-Why, measured on 2 cores (benchmarks/kernels.py): at batch 1 on PanGu-2.6B and LLaMA-7B
-layers (6-45 MiB) fbgemm streams 20-24 GB/s of int8 weights (0.65-0.78 of the measured
-read bandwidth; ~4x fp32 F.linear in tokens/s) and int8pack 15-22; at batch 8 and 64
-fbgemm is ~2x int8pack. Under ~2 MiB (SmolLM2-135M's layers) fbgemm's ~50 us fixed cost
-per call dominates decode (int8pack 16-37 us a call at 1 row, fbgemm 61-76 us); w8a16
-runs SmolLM2's 210 layers at ~21 GB/s against int8pack's ~10 (compute-bound here: 5.9
-GB/s on one core), and level with it from 4 rows up; from ~16 rows
-fbgemm is faster (prefill of 256 tokens: 1.6-1.9x).
+Why, measured on 2 cores of an AVX512-VNNI EPYC (benchmarks/kernels.py): at batch 1 on
+PanGu-2.6B and LLaMA-7B layers (6-45 MiB) fbgemm streams 20-24 GB/s of int8 weights
+(0.65-0.78 of the measured read bandwidth; ~4x fp32 F.linear in tokens/s) and int8pack
+15-22; at batch 8 and 64 fbgemm is ~2x int8pack. w8a16 streams them at the speed of a
+plain read of the same bytes (1.0-1.4x fbgemm), is level with fbgemm at 4-16 rows
+(0.8-1.1x) and slightly ahead at 64 (1.05-1.14x). Under ~2 MiB (SmolLM2-135M's layers)
+fbgemm's ~50 us fixed cost per call dominates decode (int8pack 16-37 us a call at 1 row,
+fbgemm 61-76 us); w8a16 is 1.8-3.8x fbgemm there at 1 row, and 1.0-1.2x at 256.
 On SmolLM2-135M (tests/test_quant.py) every kernel matches fp32 perplexity within 0.1%
 with top-1 agreement 0.966-0.971: the loss is the per-channel weights', not the kernels'.
 fbgemm's plain dynamic W8A8 (one 7-bit level per token) is ~15% faster at batch 1 but
@@ -279,10 +280,12 @@ def _w8a16_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tenso
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-# --- auto: w8a16 (else int8pack) on small layers, fbgemm on the rest ---------------
+# --- auto: w8a16 where it keeps up, else by layer size -------------------------------
 # fbgemm's two-level activations cost ~50 us a call on top of the GEMM; w8a16 and int8pack
-# have little fixed cost. Decode is what matters: under ~2 MiB of weights w8a16 is
-# fastest at 1-4 rows. Chosen once per layer (batch invariance, above).
+# have little fixed cost. Under ~2 MiB of weights w8a16 (else int8pack) is fastest at
+# 1-4 rows; on larger layers w8a16 runs where it keeps up with fbgemm at every row count
+# (`w8a16.keeps_up()`: AVX512-VNNI), fbgemm elsewhere. Chosen once per layer (batch
+# invariance, above).
 AUTO_SMALL_LAYER_BYTES = 2 << 20
 
 
@@ -298,10 +301,14 @@ def _auto_choice(layer: Int8Linear) -> Kernel:
             return KERNELS["w8a16"]
         _log_fallback("w8a16", "dequant", f"{reason}, for auto's layers in blocks")
         return KERNELS["dequant"]
-    if layer.weight.numel() <= AUTO_SMALL_LAYER_BYTES:
+    small = layer.weight.numel() <= AUTO_SMALL_LAYER_BYTES
+    if small or w8a16.keeps_up():
         reason = _w8a16_invalid(layer)
         if reason is None:
             return KERNELS["w8a16"]
+        if not small:
+            _log_fallback("w8a16", "fbgemm", f"{reason}, for auto's large layers")
+            return KERNELS["fbgemm"]
         _log_fallback("w8a16", "int8pack", f"{reason}, for auto's small layers")
         reason = _int8pack_invalid(layer)
         if reason is None:

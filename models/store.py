@@ -47,9 +47,11 @@ DTYPES = {"int8": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
           "fp16": torch.float16}
 
 
-# int8 kernels that copy the weights into their own packed form when prepared; "fused":
-# the member of a fused group (quant.fuse_int8), whose fused layer holds a copy of its rows.
-PACKED_KERNELS = ("fbgemm", "auto", "fused")
+# Kernels that run a layer from a copy of its weights (fbgemm's packed form; "auto"
+# resolved, see Int8Linear.running), so that its mapped pages can go; so can those of a
+# "fused" group's members, whose fused layer holds a copy of their rows. w8a16 reads the
+# mapped weights as they are.
+PACKED_KERNELS = ("fbgemm",)
 _MADV_DONTNEED = 4
 _libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 
@@ -350,8 +352,9 @@ class Store:
         if int8:
             kernels = prepare_int8(module, fuse=True)
             for name, kernel in kernels.items():
-                if kernel in PACKED_KERNELS:  # the packed copy replaced the mapped bytes
-                    release_mapped(module.get_submodule(name).weight)
+                layer = module.get_submodule(name)
+                if kernel == "fused" or layer.running in PACKED_KERNELS:
+                    release_mapped(layer.weight)  # a copy replaced the mapped bytes
         if part.kind == "head" and self.manifest["dtype"] == "int8":
             # a float head (tied to the embedding) is read through an int8 screen; of a
             # mapped weight, only the rows recomputed exactly are read from then on

@@ -173,24 +173,31 @@ def outputs(lin: nn.Linear, kernel: str, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.skipif("auto" not in cpu_kernels(), reason="needs torch's fbgemm engine")
-def test_auto_picks_w8a16_for_small_layers_and_fbgemm_for_large(caplog):
+def test_auto_picks_w8a16_for_small_layers_and_for_large_ones_where_it_keeps_up(caplog):
     torch.manual_seed(8)
     small, big = nn.Linear(576, 1536), nn.Linear(2048, 1040)  # 0.84 and 2.03 MiB of int8
     assert big.weight.numel() > quant.AUTO_SMALL_LAYER_BYTES >= small.weight.numel()
-    for lin, expect in [(small, "w8a16"), (big, "fbgemm")]:
-        for rows in (1, 4, 5, 64):  # the layer's kernel, whatever the call's size
-            x = torch.randn(rows, lin.in_features)
-            assert torch.equal(outputs(lin, "auto", x), outputs(lin, expect, x)), (lin, rows)
+    for keeps_up, big_kernel in ((True, "w8a16"), (False, "fbgemm")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(quant.w8a16, "keeps_up", lambda k=keeps_up: k)
+            for lin, expect in [(small, "w8a16"), (big, big_kernel)]:
+                for rows in (1, 4, 5, 64):  # the layer's kernel, whatever the call's size
+                    x = torch.randn(rows, lin.in_features)
+                    assert torch.equal(outputs(lin, "auto", x), outputs(lin, expect, x)), (
+                        keeps_up, lin, rows)
 
     quant._log_fallback.cache_clear()
     odd = nn.Linear(520, 64)  # without w8a16, int8pack is wrong here: auto stays on fbgemm
-    x = torch.randn(1, 520)
+    x, x_big = torch.randn(1, 520), torch.randn(1, 2048)
     with caplog.at_level(logging.WARNING, logger=quant.__name__):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(quant.w8a16, "problem", lambda: "no compiler (test)")
+            mp.setattr(quant.w8a16, "keeps_up", lambda: True)
             assert torch.equal(outputs(odd, "auto", x), outputs(odd, "fbgemm", x))
+            assert torch.equal(outputs(big, "auto", x_big), outputs(big, "fbgemm", x_big))
     messages = [r.getMessage() for r in caplog.records]
-    assert any("'w8a16'" in m and "no compiler (test)" in m for m in messages)
+    assert any("'w8a16'" in m and "no compiler (test)" in m and "small" in m for m in messages)
+    assert any("'w8a16'" in m and "no compiler (test)" in m and "large" in m for m in messages)
     assert any("multiple of 16" in m for m in messages)
 
 

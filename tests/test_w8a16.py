@@ -76,14 +76,35 @@ def test_exact_but_for_the_int16_rounding_of_activations(kind, out, inp):
     assert ((y - ref).abs() <= bound + slack).all()
 
 
+def variant_libs():
+    """The kernel built for this CPU, for AVX2 and for plain C (all run here)."""
+    return [w8a16.load(march) for march in ("native", "haswell", "x86-64")]
+
+
+@pytest.mark.parametrize("out,inp,extreme", [*((o, i, False) for o, i in SHAPES),
+                                             (77, 20000, False), (9, 20000, True)])
+def test_per_channel_outputs_are_the_exact_integer_sums_rounded_once(out, inp, extreme):
+    """y = float(sum_i w[o, i] q[m, i]) * step[m] * s[o], q the activations rounded to
+    int16: the integer sum exact past int32 (20000 inputs; all weights -128 against
+    full-scale activations, each lane at its bound), in every variant."""
+    if extreme:
+        w = torch.full((out, inp), -128, dtype=torch.int8)
+        s, x = torch.rand(out) / 100, -torch.ones(3, inp)
+    else:
+        w, s, x = case(out, inp, 7)
+    step = x.abs().amax(1, keepdim=True) / 32767
+    q = torch.round(x * (1 / step)).clamp(-32767, 32767).long()
+    want = (q @ w.long().T).float() * step * s
+    for lib in variant_libs():
+        assert torch.equal(w8a16.linear(w, s, x, lib=lib), want), lib.w8a16_variant()
+        assert torch.equal(w8a16.linear(w, s, x[1:2], lib=lib), want[1:2])
+
+
 @pytest.mark.parametrize("kind,out,inp", CASES)
 def test_a_row_gets_the_same_bits_in_any_batch_thread_count_and_variant(kind, out, inp):
     f, x, _ = matmuls(kind, out, inp, 9, seed=1)
     want = f(x)
-    variants = {w8a16.load("native").w8a16_variant(): want}
-    for march in ("haswell", "x86-64"):  # the AVX2 and plain C paths, on this CPU
-        lib = w8a16.load(march)
-        variants[lib.w8a16_variant()] = f(x, lib=lib)
+    variants = {lib.w8a16_variant(): f(x, lib=lib) for lib in variant_libs()}
     assert set(variants) == {0, 1, 2} or set(variants) == {0, 1}
     for got in variants.values():
         assert torch.equal(got, want)
