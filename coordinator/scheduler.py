@@ -262,8 +262,10 @@ class Scheduler:
                 steps.append(s.sent_step)
             fields = {"epoch": epoch, "mb": g.id, "seqs": list(g.seqs), "lens": lens,
                       "reset": reset, "params": params, "steps": steps, "free": g.free}
-            wire.send(self.push, wire.encode(STEP, fields, {"tokens": torch.tensor(ids)}))
-            g.in_flight, g.sent_at, g.free = list(g.seqs), time.monotonic(), []
+            frames = wire.encode(STEP, fields, {"tokens": torch.tensor(ids)})
+            sent_at = time.monotonic()  # before the send: a stage may hold it at once
+            wire.send(self.push, frames)
+            g.in_flight, g.sent_at, g.free = list(g.seqs), sent_at, []
 
     def _receive(self) -> None:
         while True:
