@@ -655,6 +655,34 @@ def test_layers_that_differ_are_not_fused():
         "a": "auto", "b": "auto", "c": "auto"}  # mins on two of three
 
 
+@pytest.mark.skipif(not {"fbgemm", "w8a16"} <= set(cpu_kernels()),
+                    reason="needs torch's fbgemm engine and the w8a16 kernel")
+def test_store_load_releases_mapped_weights_only_where_a_copy_runs(tmp_path, monkeypatch):
+    """fbgemm runs from its packed copy and a fused layer holds its members' rows: their
+    mapped pages go; w8a16 reads the mapping, which stays."""
+    import test_pangu
+
+    from llm_shard.models import store as store_mod
+    from llm_shard.models.base import Part
+    from llm_shard.models.convert import convert
+
+    test_pangu.write_hf_port(tmp_path / "hf", test_pangu.random_hf_state())
+    store = convert(tmp_path / "hf", tmp_path / "store", dtype="int8", progress=False)
+    released = []
+    monkeypatch.setattr(store_mod, "release_mapped", lambda t: released.append(t.data_ptr()))
+    monkeypatch.setattr(quant, "AUTO_SMALL_LAYER_BYTES", 0)  # every layer counts as large
+    fused = {"attn.q_proj", "attn.k_proj", "attn.v_proj"}
+    for keeps_up, running, copied in (
+            (True, "w8a16", fused),
+            (False, "fbgemm", fused | {"attn.c_proj", "mlp.c_fc", "mlp.c_proj"})):
+        monkeypatch.setattr(quant.w8a16, "keeps_up", lambda k=keeps_up: k)
+        released.clear()
+        block = store.load(Part("block", 0))
+        layers = {n: m for n, m in block.named_modules() if isinstance(m, Int8Linear)}
+        assert {m.running for m in layers.values()} == {running}
+        assert {n for n, m in layers.items() if m.weight.data_ptr() in released} == copied
+
+
 def test_store_load_fuses_llama_and_pangu_blocks_to_the_same_outputs(tmp_path):
     """A stored block's q/k/v and gate/up (LLaMA), q/k/v (PanGu; k/v in its query block)
     run fused after Store.load, with the unfused block's exact outputs."""
