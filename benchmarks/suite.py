@@ -59,6 +59,10 @@ class Config:
     load_runs: int = 3
     split_workers: tuple[int, ...] = (1, 2, 3)
     split_tokens: int = 32
+    # interleaved runs of each worker count: a hop costs a few % of a step, less than the
+    # run-to-run noise of a shared host (SmolLM2 over 3 workers, 5 runs: 0.79x and 1.07x of
+    # unsplit, one commit, one hour apart)
+    split_runs: int = 15
     requests: int = 64
     throughput_tokens: int = 32
     swap_layers: int | None = None
@@ -72,7 +76,7 @@ class Config:
 def quick_config() -> Config:
     """Tiny counts: checks that the harness works; its figures mean little."""
     return Config(runs=1, warmup=1, tokens=4, prompt_tokens=8, pangu_layers=3, load_runs=1,
-                  split_tokens=4, requests=16, throughput_tokens=4, swap_layers=3,
+                  split_tokens=4, split_runs=1, requests=16, throughput_tokens=4, swap_layers=3,
                   swap_tokens=2, swap_runs=1, bandwidth_bytes=128 << 20, quick=True)
 
 
@@ -473,7 +477,7 @@ def suite_split(ctx: dict) -> dict:
     for label, store, nbytes in (
             ("SmolLM2-135M int8", ctx["stores"]["int8"], ctx["step_bytes_int8"]),
             (_pangu_label(cfg, pangu), pangu, step_bytes(StageModel(pangu, 0, pangu.n_blocks)))):
-        r = split(str(store.path), cfg.split_tokens, cfg.split_workers, max(1, cfg.runs))
+        r = split(str(store.path), cfg.split_tokens, cfg.split_workers, max(1, cfg.split_runs))
         roof = bw * 1e9 / nbytes
         rows = []
         for n in cfg.split_workers:
@@ -486,7 +490,7 @@ def suite_split(ctx: dict) -> dict:
                          "wire_ms": r[f"wire_ms_{n}_workers"],
                          "step_ms": r[f"step_ms_{n}_workers"], "of_roofline": rate / roof})
         models.append({"model": label, "roofline_tok_s": roof, "rows": rows})
-    return {"tokens": cfg.split_tokens, "models": models}
+    return {"tokens": cfg.split_tokens, "runs": cfg.split_runs, "models": models}
 
 
 def suite_throughput(ctx: dict) -> dict:
@@ -646,7 +650,8 @@ def markdown(r: dict) -> str:
     if "split" in s:
         sp = s["split"]
         lines += ["### Split over local workers (one sequence)", "",
-                  f"{sp['tokens']} new tokens. Every worker gets all the CPUs, so this "
+                  f"{sp['tokens']} new tokens; medians of {sp['runs']} runs, the worker "
+                  "counts taking turns. Every worker gets all the CPUs, so this "
                   "measures the hops alone. Per stage, *compute* is the model's time, and "
                   "*held* is from receiving a step to sending it on. *wire* is the rest of "
                   "the round trip, all hops together. Both are averaged over the last "
