@@ -280,17 +280,11 @@ int w8a16_linear(const int8_t* w, const float* s, const float* x, float* y,
   float* xs = (float*)malloc((size_t)M * sizeof(float));
   if (!q || !xs) { free(q); free(xs); return -1; }
   round_rows(x, M, I, q, xs);
-  if (M == 1) {  /* decode: each weight row read once, front to back */
-    if (I <= WIDE) {
-      #pragma omp parallel for schedule(static) num_threads(threads)
-      for (int o = 0; o < O; o++) y[o] = (float)row_dot(w + (size_t)o * I, q, I) * xs[0] * s[o];
-      free(q); free(xs);
-      return 0;
-    }
-    int groups = (O + R - 1) / R;
+  if (M == 1) {  /* decode: each weight row read once, front to back; wide rows in R's */
+    int r = I > WIDE ? R : 1, groups = (O + r - 1) / r;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int g = 0; g < groups; g++) {
-      int o = g * R, nw = O - o < R ? O - o : R;
+      int o = g * r, nw = O - o < r ? O - o : r;
       int64_t dots[R];
       rows_dot(w + (size_t)o * I, q, I, nw, dots);
       for (int j = 0; j < nw; j++) y[o + j] = (float)dots[j] * xs[0] * s[o + j];
