@@ -187,11 +187,22 @@ static int64_t row_dot(const int8_t* row, const int16_t* q, int I) {
 
 /* out[j] = the exact sum over I inputs of w[j, i] * q[i] for nw <= R weight rows (stride
    I), one activation row: for rows over WIDE inputs, whose int16 activations outgrow half
-   of L1, each activation vector loaded serves R rows. Measured here (one row, memory-
-   bound): 2560 inputs, row_dot 22-29 GB/s against 15-18 in pairs; 20480 inputs, 24 in
-   pairs against 18. */
+   of L1, each activation vector loaded serves R rows, and R rows stream at once. Measured
+   here (one row, memory-bound, GB/s of weights, interleaved runs on 2 cores; the plain
+   read of memory gave 28-38 GB/s in those minutes):
+   - 10240 inputs (PanGu-2.6B's fc2): R = 16 32-33, 8 32-40, 32 24, 2 21-27, row_dot 27-28;
+   - 20480 inputs: R = 16 31, 8 34-44, 2 25-28, row_dot 21;
+   - 2560 inputs: row_dot beats R = 8 or 16 on every row (~0.85x of it): WIDE stays.
+   R = 16 and 8 are level alone; over the whole of PanGu-2.6B at batch 1, R = 16 took 72
+   and 82 ms a token, R = 8 78 and 88, R = 2 86 and 93. R = 16 keeps 16 accumulators and
+   two operands in the 32 zmm registers; AVX2's 16 ymm registers take R = 8 (an AVX2 build
+   here, 11008 and 10240 inputs: R = 8 32-35, 16 30, 4 28-30, 2 23-25). */
 #define WIDE 8192
-#define R 2
+#if VARIANT == 2
+#define R 16
+#else
+#define R 8
+#endif
 static void rows_dot(const int8_t* w, const int16_t* q, int I, int nw, int64_t out[R]) {
   if (nw < R || VARIANT == 0) {
     for (int j = 0; j < nw; j++) out[j] = row_dot(w + (size_t)j * I, q, I);

@@ -82,11 +82,13 @@ def variant_libs():
 
 
 @pytest.mark.parametrize("out,inp,extreme", [*((o, i, False) for o, i in SHAPES),
-                                             (77, 20000, False), (9, 20000, True)])
+                                             (77, 20000, False), (9, 20000, True),
+                                             (35, 20000, True)])
 def test_per_channel_outputs_are_the_exact_integer_sums_rounded_once(out, inp, extreme):
     """y = float(sum_i w[o, i] q[m, i]) * step[m] * s[o], q the activations rounded to
     int16: the integer sum exact past int32 (20000 inputs; all weights -128 against
-    full-scale activations, each lane at its bound), in every variant."""
+    full-scale activations, each lane at its bound), in every variant; 35 rows take the
+    wide rows' groups of R (16, or 8 on AVX2) and an edge of single rows."""
     if extreme:
         w = torch.full((out, inp), -128, dtype=torch.int8)
         s, x = torch.rand(out) / 100, -torch.ones(3, inp)
