@@ -231,6 +231,23 @@ def fbgemm_error_bound(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return per_row * scales[None, :]
 
 
+def w8a16_error_bound(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """A bound on |x @ W.T - w8a16(x)| for each (row, output), where W is the float weight
+    the int8 weight and `scales` were rounded from (round to nearest): (rows, out).
+
+    With w = s q + d, |d| <= s / 2, and x = step r + e, r the int16 activations (step =
+    absmax / 32767; x / step is rounded to float32 before the integer, so |e| <= 0.506
+    step), and the integer sum exact, the error is at most s (|x|_1 / 2 + 127 * 0.506 n
+    step). Added: float32 rounding of that sum and its two products (1e-4 s 127 |x|_1, as
+    fbgemm's, and 0.52 for 0.506).
+    """
+    xf = x.float()
+    l1 = xf.abs().sum(-1, keepdim=True)
+    amax = xf.abs().amax(-1, keepdim=True)
+    per_row = (0.5 + 1e-4 * QMAX) * l1 + QMAX * 0.52 * xf.shape[-1] * amax / w8a16.LEVELS
+    return per_row * scales[None, :]
+
+
 # --- int8pack: weight-only, bf16 activations -------------------------------------
 
 def _int8pack_invalid(layer: Int8Linear) -> str | None:
@@ -293,6 +310,11 @@ def _auto_invalid(layer: Int8Linear) -> str | None:
     return None if layer.group else _fbgemm_invalid(layer)  # blocks: w8a16, else dequant
 
 
+def _w8a16_first(layer: Int8Linear) -> bool:
+    """Whether "auto" tries w8a16 first for a per-channel layer of this size."""
+    return layer.weight.numel() <= AUTO_SMALL_LAYER_BYTES or w8a16.keeps_up()
+
+
 def _auto_choice(layer: Int8Linear) -> Kernel:
     """The kernel "auto" runs this layer with (each fallback logged once)."""
     if layer.group:
@@ -302,7 +324,7 @@ def _auto_choice(layer: Int8Linear) -> Kernel:
         _log_fallback("w8a16", "dequant", f"{reason}, for auto's layers in blocks")
         return KERNELS["dequant"]
     small = layer.weight.numel() <= AUTO_SMALL_LAYER_BYTES
-    if small or w8a16.keeps_up():
+    if _w8a16_first(layer):
         reason = _w8a16_invalid(layer)
         if reason is None:
             return KERNELS["w8a16"]
@@ -524,43 +546,57 @@ class ScreenedLinear(nn.Module):
     """An LM head that reads int8 weights per step and still returns the float logits
     wherever a token could be the largest.
 
-    Each step computes every logit with an int8 copy of the weight (fbgemm, a quarter of
-    the bytes of float32) and a per-logit bound on that copy's error
-    (`fbgemm_error_bound`). Every token whose upper bound reaches the largest lower bound
-    could be the float argmax: its logit is recomputed from its float weight row. So the
-    argmax (greedy decoding) is the float head's, and every logit near the top is exact;
-    the others are the int8 values, off by at most their bound. A row with more than
-    `max_exact` such tokens gets all its logits in float.
+    Each step computes every logit with an int8 copy of the weight (a quarter of the bytes
+    of float32; w8a16 where "auto" would run it on a layer of this size, else fbgemm) and a
+    per-logit bound on that copy's error (`w8a16_error_bound`, `fbgemm_error_bound`).
+    Every token whose upper bound reaches the largest lower bound could be the float
+    argmax: its logit is recomputed from its float weight row. So the argmax (greedy
+    decoding) is the float head's, and every logit near the top is exact; the others are
+    the int8 values, off by at most their bound. A row with more than `max_exact` such
+    tokens gets all its logits in float.
 
     On SmolLM2-135M (tied head, 49152 x 576) the float32 head read 113 MB and took ~10 ms
     per token, the screened one ~1 ms, with a median of 12 tokens recomputed per row
-    (max 352). An int8 head alone changes 2.4% of greedy tokens.
+    (max 352). An int8 head alone changes 2.4% of greedy tokens. w8a16 reads the int8 copy
+    as it is; fbgemm packs it first (0.19 s of SmolLM2's load here).
     """
 
     ROUND_ROWS = 4096  # rows rounded at a time: float temporaries stay ~10 MB
+    BOUNDS = {"w8a16": w8a16_error_bound, "fbgemm": fbgemm_error_bound}
 
     def __init__(self, linear: nn.Linear, max_exact: int | None = None,
-                 release: Callable[[torch.Tensor], None] | None = None) -> None:
+                 release: Callable[[torch.Tensor], None] | None = None,
+                 kernel: str | None = None) -> None:
         """`release(rows)`, if given, is called on each slice of the float weight once
         it is rounded: a memory-mapped weight's pages can leave the resident set, since
-        only the recomputed rows are read afterwards."""
+        only the recomputed rows are read afterwards. `kernel` ("w8a16" or "fbgemm")
+        overrides the screen's kernel."""
         super().__init__()
+        if kernel is not None and kernel not in self.BOUNDS:
+            raise ValueError(f"a screened head runs w8a16 or fbgemm, not {kernel!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.max_exact = max_exact or max(64, self.out_features // 16)
-        self._screen: tuple[object, torch.Tensor] | None = None
+        self.preferred_kernel = kernel
+        self._screen: tuple[str, object, torch.Tensor] | None = None
         self._release = release
         self.prepare()
 
+    @property
+    def kernel(self) -> str | None:
+        """The screen's kernel, or None before it is prepared."""
+        return None if self._screen is None else self._screen[0]
+
     def prepare(self) -> None:
-        """Rounds the float weight to int8 and packs it for fbgemm (the int8 copy lives
-        only packed). Runs again after the module is moved or copied."""
-        screen = Int8Linear(self.in_features, self.out_features, bias=False, kernel="fbgemm")
-        reason = _fbgemm_invalid(screen) or (
-            None if self.weight.device.type == "cpu"
-            else f"its weight is on {self.weight.device}")
+        """Rounds the float weight to int8 for the screen's kernel (fbgemm keeps it only
+        packed). Runs again after the module is moved or copied."""
+        if self.weight.device.type != "cpu":
+            raise RuntimeError(f"a screened head runs on CPU only: its weight is on "
+                               f"{self.weight.device}")
+        screen = Int8Linear(self.in_features, self.out_features, bias=False)
+        kernel, reason = screen_kernel(screen, self.preferred_kernel)
         if reason is not None:
-            raise RuntimeError(f"a screened head runs on CPU with fbgemm only: {reason}")
+            raise RuntimeError(f"a screened head cannot run {kernel} here: {reason}")
         with _PREPARE_LOCK, torch.no_grad():
             for a in range(0, self.out_features, self.ROUND_ROWS):
                 rows = self.weight[a: a + self.ROUND_ROWS]
@@ -568,18 +604,25 @@ class ScreenedLinear(nn.Module):
                     quantize_weight(rows))
                 if self._release is not None:
                     self._release(rows)
-            self._screen = (_fbgemm_pack(screen), screen.scales)
+            state = screen.weight if kernel == "w8a16" else _fbgemm_pack(screen)
+            self._screen = (kernel, state, screen.scales)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def screened(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 copy's logits of x (rows, in), bias added, and the bound on their
+        error against the float head's: both float32 (rows, out)."""
         if self._screen is None:
             self.prepare()
-        packed, scales = self._screen
+        kernel, state, scales = self._screen
+        logits = (w8a16.linear(state, scales, x) if kernel == "w8a16"
+                  else _fbgemm_matmul(state, x))
+        if self.bias is not None:
+            logits.add_(self.bias.float())
+        return logits, self.BOUNDS[kernel](x, scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x = x.shape[:-1], x.reshape(-1, self.in_features)
         with torch.no_grad():
-            logits = _fbgemm_matmul(packed, x)
-            if self.bias is not None:
-                logits.add_(self.bias.float())
-            bound = fbgemm_error_bound(x, scales)
+            logits, bound = self.screened(x)
             maybe = (logits + bound).ge_((logits - bound).amax(-1, keepdim=True))
             xf = x.float()
             for r in range(x.shape[0]):
@@ -602,19 +645,32 @@ class ScreenedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, screen=int8 fbgemm, max_exact={self.max_exact}")
+                f"bias={self.bias is not None}, screen=int8 "
+                f"{self.kernel or self.preferred_kernel or 'auto'}, max_exact={self.max_exact}")
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
+def screen_kernel(screen: Int8Linear, preferred: str | None = None) -> tuple[str, str | None]:
+    """The kernel of a screened head's int8 copy `screen`, and why it cannot run (None when
+    it can): `preferred`, else w8a16 where "auto" would try it first or fbgemm cannot run,
+    else fbgemm."""
+    if preferred is None:
+        w8_reason = _w8a16_invalid(screen)
+        use_w8 = w8_reason is None and (_w8a16_first(screen) or _fbgemm_invalid(screen))
+        preferred = "w8a16" if use_w8 else "fbgemm"
+    why = _w8a16_invalid if preferred == "w8a16" else _fbgemm_invalid
+    return preferred, why(screen)
+
+
 def screen_head(module: nn.Module,
                 release: Callable[[nn.Linear], Callable | None] | None = None) -> list[str]:
     """Replaces every float nn.Linear on CPU in `module` (a head part) by a
-    ScreenedLinear, when fbgemm can run here; returns the names replaced. `release(linear)`
+    ScreenedLinear, when w8a16 or fbgemm can run here; returns the names replaced. `release(linear)`
     gives the ScreenedLinear's `release` for that Linear's weight (or None)."""
-    if _fbgemm_invalid(Int8Linear(16, 16, bias=False)) is not None:
+    if screen_kernel(Int8Linear(16, 16, bias=False))[1] is not None:
         return []
     return [name for name, _ in _swapped(
         module, lambda name, lin: lin.weight.device.type == "cpu",

@@ -520,6 +520,7 @@ int w8a16_blocks(const int8_t* w, const uint16_t* d, const uint16_t* mt, const f
 """
 
 VARIANTS = {0: "plain C", 1: "AVX2", 2: "AVX512-VNNI"}
+LEVELS = 32767  # activation grid points each side of zero (the C code's int16 range)
 
 
 def cache_dir() -> Path:

@@ -20,7 +20,6 @@ from llm_shard.models.quant import (
     KERNELS,
     Int8Linear,
     ScreenedLinear,
-    fbgemm_error_bound,
     int8_state_dict,
     prepare_int8,
     quantize,
@@ -123,26 +122,67 @@ def head_inputs(rows: int, dim: int = 256) -> torch.Tensor:
     return x
 
 
-@pytest.mark.skipif("fbgemm" not in cpu_kernels(), reason="needs torch's fbgemm engine")
+SCREENS = ("w8a16", "fbgemm")
+
+
+@pytest.mark.parametrize("kernel", SCREENS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_screened_head_argmax_is_the_float_heads(bias):
+def test_screened_head_argmax_is_the_float_heads(kernel, bias):
+    if kernel not in cpu_kernels():
+        pytest.skip(f"{kernel} cannot run here")
     lin = near_tie_head(bias=bias)
-    head = ScreenedLinear(lin)
+    head = ScreenedLinear(lin, kernel=kernel)
     x = head_inputs(64)
     with torch.no_grad():
         ref = lin(x)
         got = head(x)
-        screen = quant._fbgemm_matmul(head._screen[0], x) + (lin.bias if bias else 0)
+        screen, bound = head.screened(x)
         rows = torch.cat([head(x[i:i + 1]) for i in range(len(x))])
+    assert head.kernel == kernel
     # the int8 values are within the bound everywhere, and alone they miss near-ties
-    assert ((ref - screen).abs() <= fbgemm_error_bound(x, head._screen[1])).all()
+    assert ((ref - screen).abs() <= bound).all()
     assert (screen.argmax(-1) != ref.argmax(-1)).sum() >= 3
     # screened: the float argmax in every row, its logit exact, the rest within the bound
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     top = ref.argmax(-1, keepdim=True)
     torch.testing.assert_close(got.gather(1, top), ref.gather(1, top), rtol=1e-5, atol=1e-5)
-    assert ((got - ref).abs() <= fbgemm_error_bound(x, head._screen[1]) + 1e-4).all()
+    assert ((got - ref).abs() <= bound + 1e-4).all()
     assert torch.equal(rows, got)  # batch invariant: a row's logits alone or in company
+
+
+@pytest.mark.parametrize("worst", ["activations", "weights"])
+def test_w8a16_error_bound_holds_and_is_tight_in_the_worst_cases(worst):
+    """Every activation half a grid step off (rounded to 0; one entry at the absmax sets
+    the step) against weights on their grid at +-127 of the same sign; or weights half a
+    step off their grid, the same sign as the activations. The error must stay under the
+    bound and reach at least half of it."""
+    if "w8a16" not in cpu_kernels():
+        pytest.skip("w8a16 cannot run here")
+    torch.manual_seed(3)
+    n, out = 4096, 8
+    sign = torch.sign(torch.randn(n))
+    scales = torch.rand(out) / 100 + 1e-3
+    if worst == "activations":
+        x = (0.4999 / 32767) * sign
+        x[0] = 1.0  # the absmax: the grid step is 1 / 32767
+        q = 127 * sign.expand(out, n)
+    else:
+        x = torch.rand(n) * sign
+        q = torch.randint(-126, 127, (out, n)).float() + 0.4999 * sign
+        q[:, 0] = 127.0  # each row's absmax: its int8 grid step is its scale
+    lin = nn.Linear(n, out, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(q * scales[:, None])
+        head = ScreenedLinear(lin, kernel="w8a16")
+        screen, bound = head.screened(x[None])
+        err = (x[None].double() @ lin.weight.double().T - screen.double()).abs()
+    assert (err <= bound.double()).all()
+    assert (err >= 0.5 * bound.double()).all()
+
+
+def test_a_screened_head_names_a_kernel_it_runs():
+    with pytest.raises(ValueError, match="w8a16 or fbgemm"):
+        ScreenedLinear(nn.Linear(16, 16), kernel="int8pack")
 
 
 @pytest.mark.skipif("fbgemm" not in cpu_kernels(), reason="needs torch's fbgemm engine")
@@ -152,7 +192,7 @@ def test_screened_head_rows_with_too_many_candidates_are_all_float():
     with torch.no_grad():
         got = ScreenedLinear(lin, max_exact=1)(x)
         torch.testing.assert_close(got, lin(x), rtol=1e-5, atol=1e-3)  # BLAS order
-        copied = copy.deepcopy(ScreenedLinear(lin))  # re-packs after a copy
+        copied = copy.deepcopy(ScreenedLinear(lin))  # re-prepares after a copy
         assert torch.equal(copied(x).argmax(-1), lin(x).argmax(-1))
 
 
