@@ -859,6 +859,17 @@ def fused_of(layers) -> Int8Linear | None:
     return fused if whole else None
 
 
+def fused_layers(module: nn.Module) -> list[Int8Linear]:
+    """The layers `fuse_int8` made of `module`'s Int8Linears: called in their members'
+    place, and not submodules of anything."""
+    found: dict[int, Int8Linear] = {}
+    for m in module.modules():
+        plan = getattr(m, "_plan", None) if isinstance(m, Int8Linear) else None
+        if plan is not None and plan[0] is _MEMBER:
+            found.setdefault(id(plan[1].fused), plan[1].fused)
+    return list(found.values())
+
+
 def int8_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors of every Int8Linear in `module`: `<name>.weight` (int8), `<name>.scales`,
     `<name>.mins` (blocks with mins) and `<name>.bias` (float32) where the layer has one."""

@@ -16,6 +16,8 @@ from llm_shard.benchmarks import suite
 MACHINE = {"memory_GBps", "memory_GBps_after", "disk_read_GBps", "disk_read_of", "page_cache",
            "page_cache_dropped", "cpus", "threads", "torch", "python", "platform", "machine"}
 BATCH = {"prefill_tok_s", "decode_tok_s", "bandwidth_GBps", "roofline_tok_s", "of_roofline"}
+PROFILE = {"step_ms", "modules_ms", "calls_per_step", "outside_modules_ms", "int8_linear_ms",
+           "int8_linear_GBps", "bandwidth_GBps", "timing"}
 VERSUS_ROW = {"engine", "dtype", "tok_s", "seconds", "step_weight_bytes", "of_roofline"}
 LOAD_ROW = {"engine", "source", "weight_file_bytes", "cold_start_s", "import_s", "load_s",
             "first_token_s", "disk_bound_s", "of_disk_bound"}
@@ -70,6 +72,13 @@ def test_every_suite_runs_and_its_json_has_every_field(report):
             assert set(row) == BATCH and all(positive(v) for v in row.values())
             assert row["roofline_tok_s"] == pytest.approx(
                 b * row["bandwidth_GBps"] * 1e9 / m["step_weight_bytes"])
+        p = m["profile_batch_1"]
+        assert set(p) == PROFILE and positive(p["int8_linear_GBps"])
+        # every linear of every block, fused q/k/v and gate/up included, and the head
+        assert p["calls_per_step"]["Int8Linear"] > 0 and p["calls_per_step"]["ScreenedLinear"] == 1
+        assert sum(p["modules_ms"].values()) <= p["step_ms"]
+        assert p["int8_linear_ms"] == pytest.approx(
+            p["modules_ms"]["Int8Linear"] + p["modules_ms"]["ScreenedLinear"])
 
     versus = s["versus"]
     engines = {(x["engine"], x["dtype"]) for x in versus["rows"]}
@@ -120,10 +129,16 @@ def test_every_suite_runs_and_its_json_has_every_field(report):
 def test_markdown_has_a_table_per_suite(report):
     r, out, _ = report
     md = (out / "bench.md").read_text()
-    for title in ("Decode and prefill", "Versus transformers", "Cold start", "Split over",
-                  "Throughput", "Swap"):
+    for title in ("Targets", "Decode and prefill", "Versus transformers", "Cold start",
+                  "Split over", "Throughput", "Swap"):
         assert f"### {title}" in md
     assert "GB/s" in md and "| --- |" in md
+    assert md.count("Where a batch-1 decode step of") == 2
+    # a row per target: PanGu's roofline, transformers (when installed), split of each
+    # model, cold start (when transformers is installed)
+    rows = suite.targets(r)
+    assert len(rows) == (5 if suite.transformers_available() else 3)
+    assert all(row[2] in ("yes", "no") and f"| {row[0]} |" in md for row in rows)
 
 
 def test_plots_or_a_note_saying_how_to_get_them(report):

@@ -1,0 +1,61 @@
+"""Where a forward pass's time goes: each module class's self time (its time less that of
+the modules it calls), from forward hooks, and the time outside every module.
+
+    with SelfTimes(stage) as times:
+        stage(ids, batch)
+    times.seconds  # {"Int8Linear": 0.081, "Attention": 0.0076, ...}
+
+The hooks cost a few microseconds a module call: the hooked pass runs slower than a plain
+one, so compare shares, and the plain pass's total. The layers `fuse_int8` made (q/k/v,
+gate/up) are hooked too: they are called in their members' place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from torch import nn
+
+from llm_shard.models.quant import fused_layers
+
+# classes whose self time is reading int8 weights (kernel, and the Python around it)
+INT8_LINEARS = ("Int8Linear", "ScreenedLinear")
+
+
+class SelfTimes:
+    """Forward hooks on every module of `model` (and its fused int8 layers): self seconds
+    and calls per class name, summed over the forward passes run inside the `with`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._stack: list[list[float]] = []  # [start, seconds of the modules it called]
+        self._model = model
+        self._handles: list = []
+
+    def __enter__(self) -> SelfTimes:
+        for m in [*self._model.modules(), *fused_layers(self._model)]:
+            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.register_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _pre(self, module: nn.Module, args) -> None:
+        self._stack.append([time.perf_counter(), 0.0])
+
+    def _post(self, module: nn.Module, args, out) -> None:
+        start, inner = self._stack.pop()
+        took = time.perf_counter() - start
+        name = type(module).__name__
+        self.seconds[name] += took - inner
+        self.calls[name] += 1
+        if self._stack:
+            self._stack[-1][1] += took
+
+    def int8_seconds(self) -> float:
+        return sum(self.seconds.get(n, 0.0) for n in INT8_LINEARS)
