@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import w8a16
 from .cache import Batch
 from .quant import fused_of
 
@@ -180,10 +181,15 @@ def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
     SDPA's CPU path for one row repeats every cached key and value once per query head of
     its group (enable_gqa), ~110 us a layer on SmolLM2; here each kv head's group of query
-    heads is one (groups, d) x (d, total) product. Softmax runs in float32.
+    heads is one (groups, d) x (d, total) product. Softmax runs in float32. On the CPU in
+    float32 one C call does all of it (w8a16.attend): these seven torch ops cost more than
+    their work at decode's sizes.
     """
     kv_heads, _, d = keys.shape
-    qg = q.view(kv_heads, -1, d) * (default_scale(d) if scale is None else scale)
+    scale = default_scale(d) if scale is None else scale
+    if w8a16.can_attend(q, keys, values):
+        return w8a16.attend(q, keys, values, scale)
+    qg = q.view(kv_heads, -1, d) * scale
     probs = torch.softmax(torch.bmm(qg, keys.transpose(1, 2)), -1, dtype=torch.float32)
     return torch.bmm(probs.to(values.dtype), values).view(q.shape)
 

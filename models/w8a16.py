@@ -517,6 +517,47 @@ int w8a16_blocks(const int8_t* w, const uint16_t* d, const uint16_t* mt, const f
   free(q); free(xs); free(T);
   return 0;
 }
+
+/* Decode's attention of one query row: out[h] = softmax(scale q[h] . k[g, t]) @ v[g, t]
+   over t < total, for each query head h and its kv head g = h / (heads / kv). q (heads,
+   d) and out contiguous; k and v (kv, total, d) float32, rows of d, head strides ks, vs. Scores are
+   float32 dot products, the softmax float32 (expf). One call in place of torch's seven
+   ops, each of which costs more than this work at decode's sizes. */
+int w8a16_attend(const float* q, const float* k, const float* v, float* out, int heads, int kv,
+                 int total, int d, long ks, long vs, float scale, int threads) {
+  int per = heads / kv;
+  float* p = (float*)malloc(sizeof(float) * (size_t)heads * total + 64);
+  if (!p) return -1;
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int h = 0; h < heads; h++) {
+    const float* qh = q + (size_t)h * d;
+    const float* kg = k + (size_t)(h / per) * ks;
+    const float* vg = v + (size_t)(h / per) * vs;
+    float* ph = p + (size_t)h * total;
+    float mx = -INFINITY;
+    for (int t = 0; t < total; t++) {
+      const float* kt = kg + (size_t)t * d;
+      float s = 0;
+      #pragma omp simd reduction(+:s)
+      for (int i = 0; i < d; i++) s += qh[i] * kt[i];
+      s *= scale;
+      ph[t] = s;
+      mx = s > mx ? s : mx;
+    }
+    float sum = 0;
+    for (int t = 0; t < total; t++) { ph[t] = expf(ph[t] - mx); sum += ph[t]; }
+    float inv = 1.0f / sum, *o = out + (size_t)h * d;
+    for (int i = 0; i < d; i++) o[i] = 0;
+    for (int t = 0; t < total; t++) {
+      const float* vt = vg + (size_t)t * d;
+      float w = ph[t] * inv;
+      #pragma omp simd
+      for (int i = 0; i < d; i++) o[i] += w * vt[i];
+    }
+  }
+  free(p);
+  return 0;
+}
 """
 
 VARIANTS = {0: "plain C", 1: "AVX2", 2: "AVX512-VNNI"}
@@ -586,6 +627,9 @@ def load(march: str = "native") -> ctypes.CDLL:
     lib.w8a16_variant.restype = ctypes.c_int
     lib.w8a16_pin.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.w8a16_pin.restype = ctypes.c_int
+    lib.w8a16_attend.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [
+        ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_int]
+    lib.w8a16_attend.restype = ctypes.c_int
     return lib
 
 
@@ -657,6 +701,39 @@ def blocks(weight: torch.Tensor, scales: torch.Tensor, mins_t: torch.Tensor | No
         if err:
             raise MemoryError(f"w8a16: no memory for {rows} x {weight.shape[1]} activations")
     return y
+
+
+ATTEND_THREADED = 1 << 17  # heads x tokens x head_dim from which attend uses every thread
+
+
+def can_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether `attend` runs these: float32 on the CPU, q (heads, d) contiguous, keys and
+    values (kv_heads, total, d) with rows of d, kv_heads dividing heads, and the
+    kernel built here."""
+    if not (q.dtype == keys.dtype == values.dtype == torch.float32 and q.device.type == "cpu"
+            and keys.device.type == "cpu" and values.device.type == "cpu"):
+        return False
+    g, total, d = keys.shape
+    return (q.is_contiguous() and q.dim() == 2 and q.shape[1] == d and q.shape[0] % g == 0
+            and keys.stride()[1:] == values.stride()[1:] == (d, 1)
+            and values.shape == keys.shape and total > 0 and problem() is None)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+           lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """Attention of one query row q (heads, d) against keys/values (kv_heads, total, d),
+    query head h reading kv head h // (heads // kv_heads): (heads, d) float32. Needs
+    `can_attend`."""
+    lib = lib or load()
+    heads, d = q.shape
+    g, total, _ = keys.shape
+    out = torch.empty_like(q)
+    threads = torch.get_num_threads() if heads * total * d >= ATTEND_THREADED else 1
+    if lib.w8a16_attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(),
+                        heads, g, total, d, keys.stride(0), values.stride(0), scale,
+                        threads):
+        raise MemoryError(f"w8a16 attend: no memory for {heads} x {total} scores")
+    return out
 
 
 def pin_threads(cpus: list[int]) -> None:

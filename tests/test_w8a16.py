@@ -143,3 +143,34 @@ def test_built_once_and_a_missing_compiler_is_a_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(RuntimeError, match="no C compiler .*no-such-cc.*set CC or install gcc"):
         w8a16.build("x86-64")
+
+
+@pytest.mark.parametrize("heads,kv_heads,total,d", [(9, 3, 1, 64), (9, 3, 77, 64),
+                                                    (32, 32, 300, 80), (4, 1, 5000, 128)])
+def test_attend_matches_torch_on_a_cache_view(heads, kv_heads, total, d):
+    """Decode's one-row attention against a cache's view (capacity past `total`), grouped
+    query heads included, against softmax(q k^T * scale) v in float64."""
+    from llm_shard.models import layers
+
+    torch.manual_seed(total)
+    cap = total + 13
+    k = torch.randn(kv_heads, cap, d)[:, :total] * 3
+    v = torch.randn(kv_heads, cap, d)[:, :total]
+    q = torch.randn(heads, d)
+    assert w8a16.can_attend(q, k, v)
+    got = w8a16.attend(q, k, v, 0.1)
+    per = heads // kv_heads
+    kk, vv = k.double().repeat_interleave(per, 0), v.double().repeat_interleave(per, 0)
+    probs = torch.softmax(torch.einsum("hd,htd->ht", q.double() * 0.1, kk), -1)
+    want = torch.einsum("ht,htd->hd", probs, vv)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # the model's entry point takes it, and gives the same
+    assert torch.equal(layers._one_query(q, k, v, 0.1), got)
+
+
+def test_attend_leaves_what_it_cannot_run_to_torch():
+    q, k = torch.randn(4, 8), torch.randn(2, 5, 8)
+    assert not w8a16.can_attend(q.bfloat16(), k.bfloat16(), k.bfloat16())
+    assert not w8a16.can_attend(q, k.transpose(1, 2).contiguous().transpose(1, 2), k)
+    assert not w8a16.can_attend(torch.randn(3, 8), k, k)  # 2 kv heads don't divide 3
+    assert not w8a16.can_attend(q, k[:, :0], k[:, :0])
