@@ -286,14 +286,16 @@ def _w8a16_invalid(layer: Int8Linear) -> str | None:
 
 def _w8a16_pack(layer: Int8Linear) -> object:
     mins = None if layer.mins is None else layer.mins.contiguous()
-    return layer.scales.contiguous(), mins
+    bias = None if layer.bias is None else layer.bias.float().contiguous()
+    return layer.scales.contiguous(), mins, bias
 
 
 def _w8a16_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tensor:
-    scales, mins = state
-    y = (w8a16.blocks(layer.weight, scales, mins, x) if layer.group
-         else w8a16.linear(layer.weight, scales, x))
-    y = _add_bias(y, layer.bias)
+    scales, mins, bias = state
+    if layer.group:
+        y = _add_bias(w8a16.blocks(layer.weight, scales, mins, x), layer.bias)
+    else:  # the bias added in the kernel
+        y = w8a16.linear(layer.weight, scales, x, bias)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

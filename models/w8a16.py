@@ -279,13 +279,14 @@ static void round_rows(const float* x, int M, int I, int16_t* q, float* xs) {
   }
 }
 
-/* y[m, o] = s[o] * sum_i w[o, i] * x[m, i] for x (M, I) float32, w (O, I) int8.
+/* y[m, o] = s[o] * sum_i w[o, i] * x[m, i] (+ b[o], if b) for x (M, I) float32, w (O, I) int8.
    Each row of x is rounded to int16 on a grid of its absmax / 32767; the products are
    summed exactly in integers (int32 lanes, widened to int64 before they could overflow),
-   and that exact sum is rounded to float32 once: y = float(sum) * xs[m] * s[o]. A row's
+   and that exact sum is rounded to float32 once: y = float(sum) * xs[m] * s[o] (+ b[o]
+   in float32, as torch's add after it would). A row's
    result depends on that row alone (not on M, the tiles, the thread count or the
    variant), and is the exact product of the rounded activations, rounded once. */
-int w8a16_linear(const int8_t* w, const float* s, const float* x, float* y,
+int w8a16_linear(const int8_t* w, const float* s, const float* b, const float* x, float* y,
                  int M, int O, int I, int threads) {
   int16_t* q = (int16_t*)malloc((size_t)M * I * sizeof(int16_t) + 64);
   float* xs = (float*)malloc((size_t)M * sizeof(float));
@@ -298,7 +299,10 @@ int w8a16_linear(const int8_t* w, const float* s, const float* x, float* y,
       int o = g * r, nw = O - o < r ? O - o : r;
       int64_t dots[R];
       rows_dot(w + (size_t)o * I, q, I, nw, dots);
-      for (int j = 0; j < nw; j++) y[o + j] = (float)dots[j] * xs[0] * s[o + j];
+      for (int j = 0; j < nw; j++) {
+        float v = (float)dots[j] * xs[0] * s[o + j];
+        y[o + j] = b ? v + b[o + j] : v;
+      }
     }
     free(q); free(xs);
     return 0;
@@ -312,8 +316,10 @@ int w8a16_linear(const int8_t* w, const float* s, const float* x, float* y,
       int64_t part[TW][TX];
       tile(w + (size_t)o * I, q + (size_t)m * I, I, nw, nq, part);
       for (int j = 0; j < nw; j++)
-        for (int k = 0; k < nq; k++)
-          y[(size_t)(m + k) * O + o + j] = (float)part[j][k] * xs[m + k] * s[o + j];
+        for (int k = 0; k < nq; k++) {
+          float v = (float)part[j][k] * xs[m + k] * s[o + j];
+          y[(size_t)(m + k) * O + o + j] = b ? v + b[o + j] : v;
+        }
     }
   }
   free(q); free(xs);
@@ -620,7 +626,7 @@ def build(march: str = "native") -> Path:
 @functools.cache
 def load(march: str = "native") -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build(march)))
-    lib.w8a16_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+    lib.w8a16_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
     lib.w8a16_linear.restype = ctypes.c_int
     lib.w8a16_blocks.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
     lib.w8a16_blocks.restype = ctypes.c_int
@@ -661,17 +667,20 @@ def keeps_up() -> bool:
 
 
 def linear(weight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
-           lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x (rows, in) float32 @ (weight * scales[:, None]).T: float32 (rows, out).
+           bias: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (rows, in) float32 @ (weight * scales[:, None]).T (+ bias): float32 (rows, out).
 
-    weight int8 (out, in) and scales float32 (out,), both contiguous, on the CPU.
+    weight int8 (out, in), scales and bias float32 (out,), all contiguous, on the CPU.
+    The bias is added in the kernel: the bits of torch's add after it, one op less.
     """
     lib = lib or load()
     x = x.float().contiguous()
     rows, out = x.shape[0], weight.shape[0]
     y = torch.empty(rows, out, dtype=torch.float32)
-    if rows and lib.w8a16_linear(weight.data_ptr(), scales.data_ptr(), x.data_ptr(), y.data_ptr(),
-                        rows, out, weight.shape[1], torch.get_num_threads()):
+    b = None if bias is None else bias.data_ptr()
+    if rows and lib.w8a16_linear(weight.data_ptr(), scales.data_ptr(), b, x.data_ptr(),
+                                 y.data_ptr(), rows, out, weight.shape[1],
+                                 torch.get_num_threads()):
         raise MemoryError(f"w8a16: no memory for {rows} x {weight.shape[1]} activations")
     return y
 

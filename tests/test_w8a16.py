@@ -97,9 +97,13 @@ def test_per_channel_outputs_are_the_exact_integer_sums_rounded_once(out, inp, e
     step = x.abs().amax(1, keepdim=True) / 32767
     q = torch.round(x * (1 / step)).clamp(-32767, 32767).long()
     want = (q @ w.long().T).float() * step * s
+    bias = torch.randn(out)
     for lib in variant_libs():
         assert torch.equal(w8a16.linear(w, s, x, lib=lib), want), lib.w8a16_variant()
         assert torch.equal(w8a16.linear(w, s, x[1:2], lib=lib), want[1:2])
+        # the bias added in the kernel: the bits of torch's add after it
+        assert torch.equal(w8a16.linear(w, s, x, bias, lib=lib), want + bias)
+        assert torch.equal(w8a16.linear(w, s, x[1:2], bias, lib=lib), want[1:2] + bias)
 
 
 @pytest.mark.parametrize("kind,out,inp", CASES)
