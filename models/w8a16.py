@@ -564,6 +564,26 @@ int w8a16_attend(const float* q, const float* k, const float* v, float* out, int
   free(p);
   return 0;
 }
+
+/* Rotary embedding, half-split (rotate_half): out[r, h, i] = x[r, h, i] c[r, i] +
+   x[r, h, (i + d/2) % d] s[r, i] for x (rows, heads, d) and the tables c, s (rows, d),
+   s signed for rotate_half; float32, each product and the sum rounded as torch's four
+   ops round them (no contraction: -ffp-contract=off). */
+void w8a16_rotate(const float* x, const float* c, const float* s, float* out, int rows,
+                  int heads, int d) {
+  int half = d / 2;
+  for (int r = 0; r < rows; r++)
+    for (int h = 0; h < heads; h++) {
+      const float* xh = x + ((size_t)r * heads + h) * d;
+      const float* cr = c + (size_t)r * d;
+      const float* sr = s + (size_t)r * d;
+      float* oh = out + ((size_t)r * heads + h) * d;
+      #pragma omp simd
+      for (int i = 0; i < half; i++) oh[i] = xh[i] * cr[i] + xh[i + half] * sr[i];
+      #pragma omp simd
+      for (int i = half; i < d; i++) oh[i] = xh[i] * cr[i] + xh[i - half] * sr[i];
+    }
+}
 """
 
 VARIANTS = {0: "plain C", 1: "AVX2", 2: "AVX512-VNNI"}
@@ -636,6 +656,8 @@ def load(march: str = "native") -> ctypes.CDLL:
     lib.w8a16_attend.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [
         ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_int]
     lib.w8a16_attend.restype = ctypes.c_int
+    lib.w8a16_rotate.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    lib.w8a16_rotate.restype = None
     return lib
 
 
@@ -742,6 +764,28 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: flo
                         heads, g, total, d, keys.stride(0), values.stride(0), scale,
                         threads):
         raise MemoryError(f"w8a16 attend: no memory for {heads} x {total} scores")
+    return out
+
+
+def can_rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
+    """Whether `rotate` runs these: float32 on the CPU, x (rows, heads, d) and the tables
+    (rows, 1, d) contiguous, d even, and the kernel built here."""
+    return (x.dtype == cos.dtype == signed_sin.dtype == torch.float32
+            and x.device.type == cos.device.type == signed_sin.device.type == "cpu"
+            and x.dim() == 3 and x.shape[-1] % 2 == 0 and x.is_contiguous()
+            and cos.shape == signed_sin.shape == (x.shape[0], 1, x.shape[2])
+            and cos.is_contiguous() and signed_sin.is_contiguous() and problem() is None)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+           lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x cos + roll(x, d/2) signed_sin, as layers.rotate: the same bits, one call. Needs
+    `can_rotate`."""
+    lib = lib or load()
+    out = torch.empty_like(x)
+    rows, heads, d = x.shape
+    lib.w8a16_rotate(x.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(),
+                     rows, heads, d)
     return out
 
 

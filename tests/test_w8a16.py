@@ -178,3 +178,18 @@ def test_attend_leaves_what_it_cannot_run_to_torch():
     assert not w8a16.can_attend(q, k.transpose(1, 2).contiguous().transpose(1, 2), k)
     assert not w8a16.can_attend(torch.randn(3, 8), k, k)  # 2 kv heads don't divide 3
     assert not w8a16.can_attend(q, k[:, :0], k[:, :0])
+
+
+@pytest.mark.parametrize("rows,heads,d", [(1, 9, 64), (5, 3, 64), (2, 32, 80), (3, 1, 2)])
+def test_rotate_gives_torchs_bits(rows, heads, d):
+    from llm_shard.models import layers
+
+    torch.manual_seed(d)
+    x = torch.randn(rows, heads, d)
+    cos, sin = torch.randn(rows, 1, d), torch.randn(rows, 1, d)
+    assert w8a16.can_rotate(x, cos, sin)
+    want = x * cos + x.roll(d // 2, -1) * sin
+    assert torch.equal(w8a16.rotate(x, cos, sin), want)
+    assert torch.equal(layers.rotate(x, cos, sin), want)
+    assert not w8a16.can_rotate(x.transpose(0, 1), cos, sin)
+    assert not w8a16.can_rotate(x.bfloat16(), cos.bfloat16(), sin.bfloat16())
