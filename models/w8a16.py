@@ -1,6 +1,7 @@
 """A CPU kernel of our own for int8 weights: `w8a16`, compiled for this machine on first use.
 
-    y = w8a16.linear(weight int8 (out, in), scales float32 (out,), x float32 (rows, in))
+    y = w8a16.linear(weight int8 (out, in), scales float32 (out,), x float32 (rows, in),
+                     bias float32 (out,) or None)
     y = w8a16.blocks(weight int8 (out, in), scales float16 (out, in / 32),
                      mins float16 (in / 32, out) or None, x float32 (rows, in))
 
@@ -29,6 +30,11 @@ Batch invariance: integer sums are exact, so the sum is the same however the lan
 tiles, rows or threads split the work (int32 lanes are widened to int64 before they could
 overflow). A row's result depends on that row alone: not on the other rows of the call,
 the thread count, or whether the AVX512, AVX2 or plain C path ran.
+
+The same library carries two small float32 helpers of a decode step, where torch's ops
+cost more than their work: `attend` (one query row against a KV cache, grouped query
+heads) and `rotate` (rotate_half rotary, torch's bits). models/layers.py calls them where
+`can_attend` / `can_rotate` say they run, and torch's ops otherwise.
 
 Build: the C source below, `cc -O3 -march=native -fopenmp`, linked to the libgomp that
 torch ships so that torch and the kernel share one OpenMP runtime and thread pool. The
