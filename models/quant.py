@@ -670,8 +670,9 @@ def screen_kernel(screen: Int8Linear, preferred: str | None = None) -> tuple[str
 def screen_head(module: nn.Module,
                 release: Callable[[nn.Linear], Callable | None] | None = None) -> list[str]:
     """Replaces every float nn.Linear on CPU in `module` (a head part) by a
-    ScreenedLinear, when w8a16 or fbgemm can run here; returns the names replaced. `release(linear)`
-    gives the ScreenedLinear's `release` for that Linear's weight (or None)."""
+    ScreenedLinear, when w8a16 or fbgemm can run here; returns the names replaced.
+    `release(linear)` gives the ScreenedLinear's `release` for that Linear's weight (or
+    None)."""
     if screen_kernel(Int8Linear(16, 16, bias=False))[1] is not None:
         return []
     return [name for name, _ in _swapped(
