@@ -285,7 +285,15 @@ static void round_rows(const float* x, int M, int I, int16_t* q, float* xs) {
   }
 }
 
-/* y[m, o] = s[o] * sum_i w[o, i] * x[m, i] (+ b[o], if b) for x (M, I) float32, w (O, I) int8.
+/* One output: the exact sum rounded to float32 once, scaled by the row's grid step xs and
+   the channel's scale s[o], then b[o] added in float32 (as torch's add after it would). */
+static inline float output(int64_t sum, float xs, const float* s, const float* b, int o) {
+  float v = (float)sum * xs * s[o];
+  return b ? v + b[o] : v;
+}
+
+/* y[m, o] = s[o] * sum_i w[o, i] * x[m, i] (+ b[o], if b) for x (M, I) float32, w (O, I)
+   int8.
    Each row of x is rounded to int16 on a grid of its absmax / 32767; the products are
    summed exactly in integers (int32 lanes, widened to int64 before they could overflow),
    and that exact sum is rounded to float32 once: y = float(sum) * xs[m] * s[o] (+ b[o]
@@ -305,10 +313,7 @@ int w8a16_linear(const int8_t* w, const float* s, const float* b, const float* x
       int o = g * r, nw = O - o < r ? O - o : r;
       int64_t dots[R];
       rows_dot(w + (size_t)o * I, q, I, nw, dots);
-      for (int j = 0; j < nw; j++) {
-        float v = (float)dots[j] * xs[0] * s[o + j];
-        y[o + j] = b ? v + b[o + j] : v;
-      }
+      for (int j = 0; j < nw; j++) y[o + j] = output(dots[j], xs[0], s, b, o + j);
     }
     free(q); free(xs);
     return 0;
@@ -322,10 +327,8 @@ int w8a16_linear(const int8_t* w, const float* s, const float* b, const float* x
       int64_t part[TW][TX];
       tile(w + (size_t)o * I, q + (size_t)m * I, I, nw, nq, part);
       for (int j = 0; j < nw; j++)
-        for (int k = 0; k < nq; k++) {
-          float v = (float)part[j][k] * xs[m + k] * s[o + j];
-          y[(size_t)(m + k) * O + o + j] = b ? v + b[o + j] : v;
-        }
+        for (int k = 0; k < nq; k++)
+          y[(size_t)(m + k) * O + o + j] = output(part[j][k], xs[m + k], s, b, o + j);
     }
   }
   free(q); free(xs);
@@ -532,9 +535,9 @@ int w8a16_blocks(const int8_t* w, const uint16_t* d, const uint16_t* mt, const f
 
 /* Decode's attention of one query row: out[h] = softmax(scale q[h] . k[g, t]) @ v[g, t]
    over t < total, for each query head h and its kv head g = h / (heads / kv). q (heads,
-   d) and out contiguous; k and v (kv, total, d) float32, rows of d, head strides ks, vs. Scores are
-   float32 dot products, the softmax float32 (expf). One call in place of torch's seven
-   ops, each of which costs more than this work at decode's sizes. */
+   d) and out contiguous; k and v (kv, total, d) float32, rows of d, head strides ks and
+   vs. Scores are float32 dot products, the softmax float32 (expf). One call in place of
+   torch's seven ops, each of which costs more than this work at decode's sizes. */
 int w8a16_attend(const float* q, const float* k, const float* v, float* out, int heads, int kv,
                  int total, int d, long ks, long vs, float scale, int threads) {
   int per = heads / kv;
@@ -743,17 +746,23 @@ def blocks(weight: torch.Tensor, scales: torch.Tensor, mins_t: torch.Tensor | No
 ATTEND_THREADED = 1 << 17  # heads x tokens x head_dim from which attend uses every thread
 
 
+def _cpu_float32(*tensors: torch.Tensor) -> bool:
+    """All float32 on the CPU, and the kernel built here: what `attend` and `rotate` need
+    besides their shapes."""
+    return (all(t.dtype == torch.float32 and t.is_cpu for t in tensors)
+            and problem() is None)
+
+
 def can_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether `attend` runs these: float32 on the CPU, q (heads, d) contiguous, keys and
     values (kv_heads, total, d) with rows of d, kv_heads dividing heads, and the
     kernel built here."""
-    if not (q.dtype == keys.dtype == values.dtype == torch.float32 and q.device.type == "cpu"
-            and keys.device.type == "cpu" and values.device.type == "cpu"):
+    if not _cpu_float32(q, keys, values):
         return False
     g, total, d = keys.shape
     return (q.is_contiguous() and q.dim() == 2 and q.shape[1] == d and q.shape[0] % g == 0
             and keys.stride()[1:] == values.stride()[1:] == (d, 1)
-            and values.shape == keys.shape and total > 0 and problem() is None)
+            and values.shape == keys.shape and total > 0)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
@@ -776,11 +785,10 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: flo
 def can_rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
     """Whether `rotate` runs these: float32 on the CPU, x (rows, heads, d) and the tables
     (rows, 1, d) contiguous, d even, and the kernel built here."""
-    return (x.dtype == cos.dtype == signed_sin.dtype == torch.float32
-            and x.device.type == cos.device.type == signed_sin.device.type == "cpu"
+    return (_cpu_float32(x, cos, signed_sin)
             and x.dim() == 3 and x.shape[-1] % 2 == 0 and x.is_contiguous()
             and cos.shape == signed_sin.shape == (x.shape[0], 1, x.shape[2])
-            and cos.is_contiguous() and signed_sin.is_contiguous() and problem() is None)
+            and cos.is_contiguous() and signed_sin.is_contiguous())
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
