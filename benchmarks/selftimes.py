@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from torch import nn
 
@@ -25,9 +26,11 @@ INT8_LINEARS = ("Int8Linear", "ScreenedLinear")
 
 class SelfTimes:
     """Forward hooks on every module of `model` (and its fused int8 layers): self seconds
-    and calls per class name, summed over the forward passes run inside the `with`."""
+    (by `clock`) and calls per class name, summed over the forward passes run inside the
+    `with`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self._stack: list[list[float]] = []  # [start, seconds of the modules it called]
@@ -46,11 +49,11 @@ class SelfTimes:
         self._handles.clear()
 
     def _pre(self, module: nn.Module, args) -> None:
-        self._stack.append([time.perf_counter(), 0.0])
+        self._stack.append([self.clock(), 0.0])
 
     def _post(self, module: nn.Module, args, out) -> None:
         start, inner = self._stack.pop()
-        took = time.perf_counter() - start
+        took = self.clock() - start
         name = type(module).__name__
         self.seconds[name] += took - inner
         self.calls[name] += 1

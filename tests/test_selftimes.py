@@ -3,8 +3,6 @@ modules it calls, fused int8 layers included."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -13,30 +11,42 @@ from llm_shard.benchmarks.selftimes import SelfTimes
 from llm_shard.models import quant
 
 
-class Sleep(nn.Module):
-    def __init__(self, seconds: float, inner: nn.Module | None = None) -> None:
+class Clock:
+    """A clock for SelfTimes that moves only when a module says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Takes(nn.Module):
+    """Takes `seconds` of the clock itself, then calls `inner`."""
+
+    def __init__(self, clock: Clock, seconds: float, inner: nn.Module | None = None) -> None:
         super().__init__()
-        self.seconds, self.inner = seconds, inner
+        self.clock, self.seconds, self.inner = clock, seconds, inner
 
     def forward(self, x):
-        time.sleep(self.seconds)
+        self.clock.now += self.seconds
         return x if self.inner is None else self.inner(x)
 
 
-class Outer(Sleep):
+class Outer(Takes):
     pass
 
 
 def test_self_time_excludes_the_modules_a_module_calls():
-    model = Outer(0.02, Sleep(0.05))
-    with SelfTimes(model) as times:
+    clock = Clock()
+    model = Outer(clock, 2.0, Takes(clock, 5.0))
+    with SelfTimes(model, clock) as times:
         model(torch.zeros(1))
         model(torch.zeros(1))
-    assert times.calls == {"Outer": 2, "Sleep": 2}
-    assert 0.04 <= times.seconds["Outer"] < 0.09  # its own 2 x 20 ms, not the inner 100
-    assert 0.10 <= times.seconds["Sleep"] < 0.19
+    assert times.calls == {"Outer": 2, "Takes": 2}
+    assert times.seconds == {"Outer": 4.0, "Takes": 10.0}  # its own, not the inner's
     model(torch.zeros(1))  # the hooks are gone after the with
-    assert times.calls == {"Outer": 2, "Sleep": 2}
+    assert times.calls == {"Outer": 2, "Takes": 2}
 
 
 class QKV(nn.Module):
