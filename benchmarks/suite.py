@@ -649,7 +649,9 @@ def markdown(r: dict) -> str:
         lines += ["### Targets", "",
                   "The benchmark issue's targets, from the figures below. Where one is not "
                   "met, the profile under *Decode and prefill* shows where a step goes, "
-                  "and the cold-start table splits imports, load and first token.", ""]
+                  "and the cold-start table splits imports, load and first token."
+                  + (" A quick run's tiny counts say nothing about them." if r["quick"]
+                     else ""), ""]
         lines += _table(["target", "measured", "met"], rows)
     if "decode" in s:
         d = s["decode"]
