@@ -574,6 +574,24 @@ int w8a16_attend(const float* q, const float* k, const float* v, float* out, int
   return 0;
 }
 
+/* RMSNorm of each row of x (rows, d), float32: y = x r w with r = 1 / sqrtf(mean(x^2) +
+   eps). The sum of squares runs in double, in a fixed order per row (a row's result
+   depends on that row alone); the products are rounded in torch's order. One call in
+   place of the seven ops that torch's CPU rms_norm runs (~15 us a call warm, 25-30 in a
+   decode step, for a row of SmolLM2's 576 whose work takes under a microsecond). */
+void w8a16_rms_norm(const float* x, const float* w, float* y, int rows, int d, float eps) {
+  for (int r = 0; r < rows; r++) {
+    const float* xr = x + (size_t)r * d;
+    float* yr = y + (size_t)r * d;
+    double sq = 0;
+    #pragma omp simd reduction(+:sq)
+    for (int i = 0; i < d; i++) sq += (double)xr[i] * xr[i];
+    float rstd = 1.0f / sqrtf((float)(sq / d) + eps);
+    #pragma omp simd
+    for (int i = 0; i < d; i++) yr[i] = xr[i] * rstd * w[i];
+  }
+}
+
 /* Rotary embedding, half-split (rotate_half): out[r, h, i] = x[r, h, i] c[r, i] +
    x[r, h, (i + d/2) % d] s[r, i] for x (rows, heads, d) and the tables c, s (rows, d),
    s signed for rotate_half; float32, each product and the sum rounded as torch's four
@@ -667,6 +685,9 @@ def load(march: str = "native") -> ctypes.CDLL:
     lib.w8a16_attend.restype = ctypes.c_int
     lib.w8a16_rotate.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.w8a16_rotate.restype = None
+    lib.w8a16_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [
+        ctypes.c_float]
+    lib.w8a16_rms_norm.restype = None
     return lib
 
 
@@ -800,6 +821,25 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
     rows, heads, d = x.shape
     lib.w8a16_rotate(x.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(),
                      rows, heads, d)
+    return out
+
+
+def can_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rms_norm` runs these: float32 on the CPU, both contiguous, weight of x's
+    last dimension, and the kernel built here."""
+    return (_cpu_float32(x, weight) and x.is_contiguous() and weight.is_contiguous()
+            and x.dim() > 0 and weight.shape == x.shape[-1:] and x.shape[-1] > 0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """RMSNorm of x's rows: x r weight, r = 1 / sqrt(mean(x^2) + eps), float32, the sum
+    of squares in double. Needs `can_rms_norm`."""
+    lib = lib or load()
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    lib.w8a16_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // d, d,
+                       eps)
     return out
 
 

@@ -193,3 +193,38 @@ def test_rotate_gives_torchs_bits(rows, heads, d):
     assert torch.equal(layers.rotate(x, cos, sin), want)
     assert not w8a16.can_rotate(x.transpose(0, 1), cos, sin)
     assert not w8a16.can_rotate(x.bfloat16(), cos.bfloat16(), sin.bfloat16())
+
+
+@pytest.mark.parametrize("rows,d", [(1, 576), (7, 2560), (3, 5), (2, 1)])
+def test_rms_norm_matches_float64_and_the_model_layer_takes_it(rows, d):
+    """RMSNorm rows against their float64 values (large and tiny rows); each row alone
+    gives the same bits as in its batch, and the model's RMSNorm runs it (same bits)
+    unless autograd is building a graph (torch's op, same values to float32)."""
+    from llm_shard.models import layers
+
+    torch.manual_seed(rows * d)
+    x = torch.randn(rows, d) * 3 + 50
+    x[-1] *= 1e-3
+    w = torch.randn(d)
+    xd = x.double()
+    want = xd / (xd.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w.double()
+    assert w8a16.can_rms_norm(x, w)
+    got = w8a16.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    for r in range(rows):
+        assert torch.equal(w8a16.rms_norm(x[r:r + 1], w, 1e-5), got[r:r + 1])
+    layer = layers.RMSNorm(d, 1e-5)
+    layer.weight.data.copy_(w)
+    with torch.no_grad():
+        assert torch.equal(layer(x), got)
+    torched = layer(x)
+    assert torched.grad_fn is not None
+    torch.testing.assert_close(torched.detach().double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_leaves_what_it_cannot_run_to_torch():
+    x, w = torch.randn(3, 8), torch.randn(8)
+    assert not w8a16.can_rms_norm(x.bfloat16(), w.bfloat16())
+    assert not w8a16.can_rms_norm(x.t(), torch.randn(3))
+    assert not w8a16.can_rms_norm(x, torch.randn(9))
+    assert not w8a16.can_rms_norm(x, torch.randn(16)[::2])
