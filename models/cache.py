@@ -27,18 +27,24 @@ class KVCache:
         self.v: torch.Tensor | None = None
         self.offset = 0
 
-    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor):
-        """Append k, v (kv_heads, n, head_dim); return all keys and values so far."""
-        n = k.shape[1]
+    def reserve(self, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Room for n more tokens past `offset`, in buffers of k's and v's dtype and device
+        (k, v: (kv_heads, ..., head_dim)); `offset` is left as it is."""
         end = self.offset + n
         if self.k is None or end > self.k.shape[1]:
             cap = -(-end // CHUNK) * CHUNK
-            shape = (k.shape[0], cap, k.shape[2])
+            shape = (k.shape[0], cap, k.shape[-1])
             new_k, new_v = k.new_empty(shape), v.new_empty(shape)
             if self.k is not None:
                 new_k[:, : self.offset] = self.k[:, : self.offset]
                 new_v[:, : self.offset] = self.v[:, : self.offset]
             self.k, self.v = new_k, new_v
+
+    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor):
+        """Append k, v (kv_heads, n, head_dim); return all keys and values so far."""
+        n = k.shape[1]
+        end = self.offset + n
+        self.reserve(n, k, v)
         self.k[:, self.offset : end] = k
         self.v[:, self.offset : end] = v
         self.offset = end

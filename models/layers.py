@@ -161,12 +161,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: B
     for i, (n, cache) in enumerate(zip(batch.seq_lens, batch.caches)):
         if n == 0:
             continue
-        keys, values = cache.layer(layer).update_and_fetch(
-            k[row: row + n].transpose(0, 1), v[row: row + n].transpose(0, 1))
         if n == 1:  # a decode step: no mask, and no copy of the cache per GQA group
-            out[row] = _one_query(q[row], keys, values, scale)
+            _decode_row(q[row], k[row], v[row], cache.layer(layer), scale, out[row])
             row += 1
             continue
+        keys, values = cache.layer(layer).update_and_fetch(
+            k[row: row + n].transpose(0, 1), v[row: row + n].transpose(0, 1))
         total = keys.shape[1]
         # row i sees every cached token and new tokens up to itself
         mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
@@ -179,6 +179,21 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: B
         out[row: row + n] = o.transpose(0, 1)
         row += n
     return out
+
+
+def _decode_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv, scale: float | None,
+                out: torch.Tensor) -> None:
+    """One sequence's decode step: k, v (kv_heads, d) appended to its KVCache `kv`, and
+    q's (heads, d) attention over the cache written into `out`. On the CPU in float32 one
+    C call does both (w8a16.append_attend)."""
+    kv.reserve(1, k, v)
+    if w8a16.can_append_attend(q, k, v, kv.k, kv.v) and out.is_contiguous():
+        scale = default_scale(q.shape[-1]) if scale is None else scale
+        w8a16.append_attend(q, k, v, kv.k, kv.v, kv.offset + 1, scale, out)
+        kv.offset += 1
+        return
+    keys, values = kv.update_and_fetch(k.unsqueeze(1), v.unsqueeze(1))
+    out.copy_(_one_query(q, keys, values, scale))
 
 
 def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -228,3 +228,40 @@ def test_rms_norm_leaves_what_it_cannot_run_to_torch():
     assert not w8a16.can_rms_norm(x.t(), torch.randn(3))
     assert not w8a16.can_rms_norm(x, torch.randn(9))
     assert not w8a16.can_rms_norm(x, torch.randn(16)[::2])
+
+
+def test_append_attend_is_the_cache_update_then_attend():
+    """Decode steps through layers._decode_row (one C call) against update_and_fetch then
+    attend: the same outputs and cache rows, across the cache's growth past a chunk."""
+    from llm_shard.models import layers
+    from llm_shard.models.cache import CHUNK, KVCache
+
+    torch.manual_seed(3)
+    heads, g, d, scale = 9, 3, 64, 0.1
+    fused, plain = KVCache(), KVCache()
+    first = CHUNK - 2
+    k, v = torch.randn(g, first, d), torch.randn(g, first, d)
+    for c in (fused, plain):
+        c.update_and_fetch(k, v)
+    for _ in range(4):  # rows CHUNK - 2 .. CHUNK + 1: the buffers grow at the third
+        q, k1, v1 = torch.randn(heads, d), torch.randn(g, d), torch.randn(g, d)
+        assert w8a16.can_append_attend(q, k1, v1, *(fused.k, fused.v))
+        out = torch.full((heads, d), float("nan"))
+        layers._decode_row(q, k1, v1, fused, scale, out)
+        keys, values = plain.update_and_fetch(k1.unsqueeze(1), v1.unsqueeze(1))
+        assert torch.equal(out, w8a16.attend(q, keys, values, scale))
+        assert fused.offset == plain.offset
+        assert torch.equal(fused.k[:, :fused.offset], keys)
+        assert torch.equal(fused.v[:, :fused.offset], values)
+    assert fused.k.shape[1] == 2 * CHUNK
+
+
+def test_append_attend_refuses_a_row_outside_the_cache_or_a_wrong_out():
+    q, k1 = torch.randn(4, 8), torch.randn(2, 8)
+    keys = torch.zeros(2, 5, 8)
+    with pytest.raises(ValueError, match="row 5 is outside a cache of 5 rows"):
+        w8a16.append_attend(q, k1, k1, keys, keys.clone(), 6, 1.0)
+    with pytest.raises(ValueError, match=r"out must be a contiguous .* of \(4, 8\)"):
+        w8a16.append_attend(q, k1, k1, keys, keys.clone(), 1, 1.0, out=torch.empty(8, 4).t())
+    assert not w8a16.can_append_attend(q, k1.t().contiguous().t(), k1, keys, keys)
+    assert not w8a16.can_append_attend(q, torch.randn(3, 8), k1, keys, keys)
