@@ -27,8 +27,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not (self.weight.requires_grad and torch.is_grad_enabled())  # no graph built
-                and w8a16.can_rms_norm(x, self.weight)):
+        if (not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and w8a16.can_rms_norm(x, self.weight)):  # C, unless autograd builds a graph
             return w8a16.rms_norm(x, self.weight, self.eps)  # one call, not seven ops
         if x.dtype == self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)

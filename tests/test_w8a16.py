@@ -220,6 +220,8 @@ def test_rms_norm_matches_float64_and_the_model_layer_takes_it(rows, d):
     torched = layer(x)
     assert torched.grad_fn is not None
     torch.testing.assert_close(torched.detach().double(), want, rtol=1e-5, atol=1e-5)
+    layer.requires_grad_(False)
+    assert layer(x.clone().requires_grad_()).grad_fn is not None  # a graph for x's grad
 
 
 def test_rms_norm_leaves_what_it_cannot_run_to_torch():
