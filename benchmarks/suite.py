@@ -134,21 +134,23 @@ def step_bytes(stage) -> int:
     rows recomputed per step are a few KB)."""
     from llm_shard.models.quant import ScreenedLinear
 
+    def key(t: torch.Tensor) -> tuple[int, int]:  # tied tensors share it
+        return t.untyped_storage().data_ptr(), t.storage_offset()
+
     seen, total = set(), 0
     for module in [*stage.blocks.values(), stage.head]:
         if module is None:
             continue
         for sub in module.modules():
             if isinstance(sub, torch.nn.Embedding):  # a table in a block: a row per token
-                seen.add((sub.weight.untyped_storage().data_ptr(), sub.weight.storage_offset()))
+                seen.add(key(sub.weight))
                 total += sub.weight.shape[1] * sub.weight.element_size()
             if isinstance(sub, ScreenedLinear):
-                seen.add((sub.weight.untyped_storage().data_ptr(), sub.weight.storage_offset()))
+                seen.add(key(sub.weight))
                 total += sub.out_features * (sub.in_features + 4)
         for t in [*module.parameters(), *module.buffers()]:
-            key = (t.untyped_storage().data_ptr(), t.storage_offset())
-            if key not in seen:
-                seen.add(key)
+            if key(t) not in seen:
+                seen.add(key(t))
                 total += t.numel() * t.element_size()
     return total
 

@@ -186,9 +186,9 @@ def _decode_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv, scale: fl
     """One sequence's decode step: k, v (kv_heads, d) appended to its KVCache `kv`, and
     q's (heads, d) attention over the cache written into `out`. On the CPU in float32 one
     C call does both (w8a16.append_attend)."""
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     kv.reserve(1, k, v)
     if w8a16.can_append_attend(q, k, v, kv.k, kv.v) and out.is_contiguous():
-        scale = default_scale(q.shape[-1]) if scale is None else scale
         w8a16.append_attend(q, k, v, kv.k, kv.v, kv.offset + 1, scale, out)
         kv.offset += 1
         return
@@ -197,7 +197,7 @@ def _decode_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv, scale: fl
 
 
 def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               scale: float | None) -> torch.Tensor:
+               scale: float) -> torch.Tensor:
     """Attention of one row q (heads, d) against keys/values (kv_heads, total, d).
 
     SDPA's CPU path for one row repeats every cached key and value once per query head of
@@ -207,7 +207,6 @@ def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     their work at decode's sizes.
     """
     kv_heads, _, d = keys.shape
-    scale = default_scale(d) if scale is None else scale
     if w8a16.can_attend(q, keys, values):
         return w8a16.attend(q, keys, values, scale)
     qg = q.view(kv_heads, -1, d) * scale
