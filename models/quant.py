@@ -34,8 +34,8 @@ from the device's preference list (`PREFERENCE`), each kernel saying when it is 
   Only valid when in_features % 16 == 0: otherwise it returns wrong rows or crashes.
 - "auto" (CPU, the default): per layer, "w8a16" (else "int8pack") on layers of at most
   AUTO_SMALL_LAYER_BYTES, whose fixed cost per call is lower; on larger ones "w8a16"
-  where it keeps up with fbgemm at every row count (`w8a16.keeps_up()`: AVX512-VNNI),
-  else "fbgemm". The choice is the layer's, never the call's: see below.
+  where it keeps up with fbgemm (`w8a16.keeps_up()`: AVX512-VNNI, or AVX2 on a CPU
+  without AVX512), else "fbgemm". The choice is the layer's, never the call's: see below.
 - "dequant" (any device; the CUDA path): `F.linear(x, weight.to(x.dtype)) * scales`,
   weight-only, as gpt-fast's `WeightOnlyInt8Linear`. On CPU it is a slow last resort.
 
@@ -302,8 +302,8 @@ def _w8a16_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tenso
 # --- auto: w8a16 where it keeps up, else by layer size -------------------------------
 # fbgemm's two-level activations cost ~50 us a call on top of the GEMM; w8a16 and int8pack
 # have little fixed cost. Under ~2 MiB of weights w8a16 (else int8pack) is fastest at
-# 1-4 rows; on larger layers w8a16 runs where it keeps up with fbgemm at every row count
-# (`w8a16.keeps_up()`: AVX512-VNNI), fbgemm elsewhere. Chosen once per layer (batch
+# 1-4 rows; on larger layers w8a16 runs where it keeps up with fbgemm (`w8a16.keeps_up()`:
+# AVX512-VNNI, or AVX2 on a CPU without AVX512), fbgemm elsewhere. Chosen once per layer (batch
 # invariance, above).
 AUTO_SMALL_LAYER_BYTES = 2 << 20
 

@@ -19,7 +19,9 @@ and sums int16 x int16 products exactly (AVX512-VNNI `vpdpwssd`, or AVX2 `vpmadd
 one row it streams weights as fast as a plain read of them (~21 GB/s on SmolLM2's small
 layers, 22-29 on PanGu-2.6B's), with ~5-9 us of fixed cost per call. From 2 rows up it
 runs tiles of 8 weight rows x 2 activation rows (AVX2: 4 x 2) of accumulators: level
-with fbgemm's int8 GEMM at 4-64 rows on AVX512-VNNI, 0.6-0.7x of it on AVX2.
+with fbgemm's int8 GEMM at 4-64 rows on AVX512-VNNI, 1.1-1.4x of it on an AVX2 CPU (Zen 3;
+fbgemm runs each row twice there, see models/quant.py), 0.6-0.7x of fbgemm's AVX512
+kernels for an AVX2 build on an AVX512 CPU (`keeps_up`).
 
 Accuracy: 16-bit activations, and each output is the exact integer dot product of the
 rounded activations and the int8 weights, rounded to float32 once, then scaled:
@@ -727,12 +729,20 @@ def variant() -> str:
 
 @functools.cache
 def keeps_up() -> bool:
-    """Whether the kernel keeps up with fbgemm at every row count on this CPU, so that
-    "auto" runs it on large layers too: the AVX512-VNNI path (PanGu-2.6B's layers, 2
-    cores of an EPYC: 1.0-1.4x fbgemm at 1 row, 0.8-1.1x at 4-16 rows, 1.05-1.14x at 64).
-    The AVX2 path is 0.6-0.7x fbgemm at 16 rows (fbgemm's u8 x s8 products carry twice
-    as many per instruction there), so large layers stay on fbgemm."""
-    return problem() is None and load().w8a16_variant() == 2
+    """Whether the kernel keeps up with fbgemm at the row counts that matter on this CPU,
+    so that "auto" runs it on large layers too (`llm-shard bench kernels`, 2 cores):
+    - the AVX512-VNNI path (an AVX512-VNNI EPYC, PanGu-2.6B's layers): 1.0-1.4x fbgemm at
+      1 row, 0.8-1.1x at 4-16 rows, 1.05-1.14x at 64;
+    - the AVX2 path on a CPU without AVX512, where fbgemm runs its AVX2 kernels too (a
+      Zen 3 EPYC, PanGu-2.6B's and LLaMA-7B's layers): 1.03-1.35x fbgemm at 1 row,
+      1.1-1.3x at 8 (LLaMA's 4096->11008: 0.8x), 1.1-1.4x at 64. fbgemm's two-level
+      activations (models/quant.py) run each row twice there.
+    Not the AVX2 path on an AVX512 CPU without VNNI: fbgemm's AVX512 kernels there left an
+    AVX2 build of this one at 0.6-0.7x at 16 rows (measured on the AVX512-VNNI EPYC)."""
+    if problem() is not None:
+        return False
+    variant = load().w8a16_variant()
+    return variant == 2 or (variant == 1 and "avx512f" not in _cpu_flags().split())
 
 
 def linear(weight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,

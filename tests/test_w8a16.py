@@ -149,6 +149,27 @@ def test_built_once_and_a_missing_compiler_is_a_reason(tmp_path, monkeypatch):
         w8a16.build("x86-64")
 
 
+@pytest.mark.parametrize("variant,flags,keeps", [
+    (2, "avx2 avx512f avx512bw avx512_vnni", True),  # AVX512-VNNI
+    (1, "sse4_2 avx2 fma", True),  # an AVX2 CPU: fbgemm runs AVX2 kernels too
+    (1, "avx2 avx512f avx512bw", False),  # AVX512 without VNNI: fbgemm's AVX512 kernels
+    (0, "sse4_2", False)])
+def test_keeps_up_with_fbgemm_on_avx512_vnni_and_on_cpus_whose_best_is_avx2(
+        monkeypatch, variant, flags, keeps):
+    class Lib:
+        def w8a16_variant(self):
+            return variant
+
+    monkeypatch.setattr(w8a16, "load", lambda: Lib())
+    monkeypatch.setattr(w8a16, "problem", lambda: None if variant else "no AVX2")
+    monkeypatch.setattr(w8a16, "_cpu_flags", lambda: f"flags\t\t: fpu {flags}\n")
+    w8a16.keeps_up.cache_clear()
+    try:
+        assert w8a16.keeps_up() is keeps
+    finally:
+        w8a16.keeps_up.cache_clear()
+
+
 @pytest.mark.parametrize("heads,kv_heads,total,d", [(9, 3, 1, 64), (9, 3, 77, 64),
                                                     (32, 32, 300, 80), (4, 1, 5000, 128)])
 def test_attend_matches_torch_on_a_cache_view(heads, kv_heads, total, d):
