@@ -149,8 +149,9 @@ def step_bytes(stage) -> int:
                 seen.add(key(sub.weight))
                 total += sub.out_features * (sub.in_features + 4)
         for t in [*module.parameters(), *module.buffers()]:
-            if key(t) not in seen:
-                seen.add(key(t))
+            k = key(t)
+            if k not in seen:
+                seen.add(k)
                 total += t.numel() * t.element_size()
     return total
 
