@@ -78,8 +78,29 @@ def find_node(name: str) -> Node:
 # ms here) keeps a stage's idle threads on the cores that the next stage on the same
 # machine needs. 20000 keeps them spinning between the ops of one step but not after:
 # SmolLM2 over 2 local workers went from 0.52x to 0.97x unsplit decode (`llm-shard bench
-# pipeline`; 8000-60000 measured). A GOMP_SPINCOUNT set by the user wins.
+# pipeline`; 8000-60000 measured). libgomp reads it once, as torch loads it, so a worker
+# process sets it on `import llm_shard`, before torch (`worker_process_env`). A
+# GOMP_SPINCOUNT in the environment of `ray start` (or of the process that starts a local
+# Ray) wins.
 GOMP_SPINCOUNT = "20000"
+_worker_env: dict | None = None
+
+
+def worker_process_env() -> dict:
+    """In a Ray worker process, before anything loads torch (`import llm_shard` calls it
+    there): GOMP_SPINCOUNT unless the environment sets one. Returns {"GOMP_SPINCOUNT":
+    value, "applied": whether libgomp read it (set before torch loaded libgomp, or given
+    by the environment)}. Not a Ray runtime_env: one of those costs every worker start
+    ~1.2 s (a fresh process instead of one of Ray's idle ones: 3.0-4.0 s against 2.1 s to
+    a first call, measured here)."""
+    global _worker_env
+    if _worker_env is None:
+        import sys
+
+        given, loaded = "GOMP_SPINCOUNT" in os.environ, "torch" in sys.modules
+        _worker_env = {"GOMP_SPINCOUNT": os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT),
+                       "applied": given or not loaded}
+    return _worker_env
 
 
 def start_actor(cls: type, node: Node, *args, **kwargs):
@@ -89,9 +110,8 @@ def start_actor(cls: type, node: Node, *args, **kwargs):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    env = {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", GOMP_SPINCOUNT)}
     remote = ray.remote(cls).options(
-        num_cpus=0, max_concurrency=4, max_restarts=0, runtime_env={"env_vars": env},
+        num_cpus=0, max_concurrency=4, max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False))
     return remote.remote(*args, **kwargs)
 

@@ -14,6 +14,7 @@ import torch
 import zmq
 
 from llm_shard import LLM, RequestError, SamplingParams
+from llm_shard.cluster.ray_glue import GOMP_SPINCOUNT
 from llm_shard.models.runner import LocalModel
 
 PROMPTS = [
@@ -49,12 +50,16 @@ def llm(store, n, **kw):
 
 def assert_threads_bound(model):
     """Workers on this machine take consecutive CPUs of the ones this process may use
-    (wrapping around), and each binds its compute thread and its OpenMP helpers there."""
+    (wrapping around), and each binds its compute thread and its OpenMP helpers there.
+    Each set our GOMP_SPINCOUNT before torch loaded libgomp (ray_glue.worker_process_env),
+    with no Ray runtime_env (a fresh process per worker start)."""
     allowed = sorted(os.sched_getaffinity(0))
     offset = 0
     for w in model.pipeline.workers:
         cpus = [allowed[(offset + i) % len(allowed)] for i in range(w.threads)]
         assert w.info["cpus"] == cpus, (w.index, w.info)
+        spin = os.environ.get("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # the raylet's, if set
+        assert w.info["omp_env"] == {"GOMP_SPINCOUNT": spin, "applied": True}, w.info
         offset += w.threads
         bound = [os.sched_getaffinity(t.id) for t in psutil.Process(w.info["pid"]).threads()]
         assert {c for b in bound if len(b) == 1 for c in b} == set(cpus), (w.index, bound)

@@ -30,7 +30,7 @@ from concurrent.futures import Future
 import torch
 import zmq
 
-from llm_shard.cluster import links, transfer, wire
+from llm_shard.cluster import links, ray_glue, transfer, wire
 from llm_shard.cluster.types import Tier
 from llm_shard.models import w8a16
 from llm_shard.models.base import Part, on_meta
@@ -77,6 +77,12 @@ class Worker:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the budget says otherwise.
         torch.set_num_threads(int(threads))
         self.threads = int(threads)
+        self.omp_env = ray_glue.worker_process_env()
+        if not self.omp_env["applied"]:
+            log.warning("torch was loaded in this worker process before llm_shard, so libgomp "
+                        "keeps its own spin count, not GOMP_SPINCOUNT=%s: workers sharing a "
+                        "machine may slow each other; export GOMP_SPINCOUNT in the "
+                        "environment of `ray start`", self.omp_env["GOMP_SPINCOUNT"])
         allowed = os.sched_getaffinity(0)
         self.cpus = self._cpus(cpu_offset)
         if self.cpus:  # what this thread starts next (ZeroMQ's I/O thread, the loop) is
@@ -174,7 +180,7 @@ class Worker:
 
         return {"address": self._address, "pid": os.getpid(), "threads": self.threads,
                 "cpus": self.cpus,
-                "baseline_rss": self.baseline_rss,
+                "baseline_rss": self.baseline_rss, "omp_env": self.omp_env,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def calibrate(self, repeats: int = 5, stream: bool = False) -> dict[str, float]:

@@ -8,8 +8,14 @@ Names are imported on first use, so `import llm_shard` stays light (no torch, no
 from __future__ import annotations
 
 import importlib
+import os as _os
 
 __version__ = "0.1.0"
+
+if "RAY_RAYLET_PID" in _os.environ:  # a Ray worker process (never set in a driver)
+    from llm_shard.cluster.ray_glue import worker_process_env
+
+    worker_process_env()  # before torch loads: GOMP_SPINCOUNT
 
 _EXPORTS = {
     "LLM": "llm_shard.coordinator.llm",
