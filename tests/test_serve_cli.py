@@ -79,14 +79,24 @@ def _completes(url: str) -> None:
     assert out["choices"][0]["text"] and out["usage"]["completion_tokens"] >= 1
 
 
-def _leftovers(tree: list[psutil.Process], ray_tmp: str, wait: float) -> list[psutil.Process]:
-    """What is still running of `tree` or of the Ray under `ray_tmp`, after up to `wait` s."""
+def _leftovers(tree: list[psutil.Process], ray_tmp: str, wait: float,
+               but=lambda p: False) -> list[psutil.Process]:
+    """What is still running of `tree` or of the Ray under `ray_tmp`, other than `but`,
+    after up to `wait` s."""
     deadline = time.monotonic() + wait
     while True:
-        left = _alive(tree) + [p for p in psutil.process_iter() if _ours(p, ray_tmp)]
+        left = [p for p in _alive(tree) + [p for p in psutil.process_iter()
+                                           if _ours(p, ray_tmp)] if not but(p)]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)
+
+
+def _agent(p: psutil.Process) -> bool:
+    try:
+        return p.name().endswith("Agent")
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _kill_all(procs: list[psutil.Process]) -> None:
@@ -156,7 +166,7 @@ def test_serve_killed_and_restarted_leaves_no_orphans_and_serves(smollm2_stores,
         # Ray's raylet, GCS and every worker go with it; raylet's agents (DashboardAgent,
         # RuntimeEnvAgent) may outlive it (known: reported, then killed below): no worker,
         # no weights, no port of ours
-        left = [p for p in _leftovers(trees[0], tmps[0], 60) if not p.name().endswith("Agent")]
+        left = _leftovers(trees[0], tmps[0], 60, but=_agent)
         assert not left, [" ".join(p.cmdline())[:200] for p in left]
         agent = _leftovers(trees[0], tmps[0], 0)
         if agent:
