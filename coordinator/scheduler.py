@@ -91,8 +91,10 @@ _WATCH_SECONDS = 0.05
 _EMA = 0.2  # weight of the newest step in the moving averages of step times
 
 
-def _average(old: float, new: float) -> float:
-    return new if old == 0.0 else old + _EMA * (new - old)  # 0.0: no step yet
+def _average(old: float | None, new: float) -> float:
+    """The moving average `old` (None: no sample yet) updated with `new`. A sample of 0.0
+    (a wire share of nothing) is a sample, not a restart."""
+    return new if old is None else old + _EMA * (new - old)
 
 
 def _averages(old: list[float], new_ms: list[float] | None) -> list[float]:
@@ -124,10 +126,10 @@ class Scheduler:
         # ZeroMQ and network time, the coordinator's receive and, with several micro-batches
         # in flight, the time a step queues for a stage busy with another. Each worker times
         # itself, so machines' clocks need not agree.
-        self.step_seconds = 0.0
+        self.step_seconds: float | None = None  # moving averages; None: no step yet
         self.stage_seconds: list[float] = []
         self.busy_seconds: list[float] = []
-        self.wire_seconds = 0.0
+        self.wire_seconds: float | None = None
         self.recoveries = 0
         self.cache_waits = 0  # sequences that waited for cache room
         self.watched_at = 0.0  # monotonic time of the last look for dead workers
@@ -167,8 +169,10 @@ class Scheduler:
                 "finished_total": dict(self.finished_total), "waiting": len(self.waiting),
                 "running": len(self.running), "recoveries_total": self.recoveries,
                 "cache_waits_total": self.cache_waits,
-                "step_seconds": self.step_seconds, "stage_seconds": list(self.stage_seconds),
-                "busy_seconds": list(self.busy_seconds), "wire_seconds": self.wire_seconds}
+                "step_seconds": self.step_seconds or 0.0,
+                "stage_seconds": list(self.stage_seconds),
+                "busy_seconds": list(self.busy_seconds),
+                "wire_seconds": self.wire_seconds or 0.0}
 
     def close(self) -> None:
         self.stopping.set()

@@ -76,6 +76,17 @@ def test_cpu_offsets_are_per_machine_and_can_be_turned_off(monkeypatch):
     assert cpu_offsets([a1, b], [2, 4]) == [None, None]
 
 
+def test_a_step_time_of_zero_is_averaged_in_not_a_restart():
+    """The scheduler's moving averages: the first sample starts them; a later 0.0 (a
+    step with no wire share) is averaged in, and the next sample averaged with it."""
+    from llm_shard.coordinator.scheduler import _EMA, _average, _averages
+
+    assert _average(None, 0.0) == 0.0
+    assert _average(0.0, 1.0) == pytest.approx(_EMA)
+    assert _averages([0.0, 2.0], [1000.0, 1000.0]) == pytest.approx([_EMA, 2 - _EMA])
+    assert _averages([1.0], [3000.0, 4000.0]) == [3.0, 4.0]  # a re-plan restarts them
+
+
 def assert_step_times_add_up(m: dict, n: int):
     """Per stage, the worker held each step at least as long as it computed; the round
     trip is the stages' hold times plus the wire's share."""
