@@ -14,7 +14,8 @@ import pytest
 from llm_shard.benchmarks import suite
 
 MACHINE = {"memory_GBps", "memory_GBps_after", "disk_read_GBps", "disk_read_of", "page_cache",
-           "page_cache_dropped", "cpus", "threads", "torch", "python", "platform", "machine"}
+           "page_cache_dropped", "cpus", "threads", "torch", "python", "platform", "machine",
+           "cpu", "cpu_vector", "int8_kernel"}
 BATCH = {"prefill_tok_s", "decode_tok_s", "bandwidth_GBps", "roofline_tok_s", "of_roofline"}
 PROFILE = {"step_ms", "modules_ms", "calls_per_step", "outside_modules_ms", "int8_linear_ms",
            "int8_linear_GBps", "bandwidth_GBps", "timing"}
@@ -133,6 +134,9 @@ def test_markdown_has_a_table_per_suite(report):
                   "Split over", "Throughput", "Swap"):
         assert f"### {title}" in md
     assert "GB/s" in md and "| --- |" in md
+    m = r["machine"]  # which CPU and int8 kernel the figures are of
+    assert m["cpu"] and f"{m['cpu']} (" in md and f"int8 kernel {m['int8_kernel']}" in md
+    assert m["int8_kernel"].startswith(("w8a16 ", "fbgemm (w8a16 cannot run here"))
     assert md.count("Where a batch-1 decode step of") == 2
     # a row per target: PanGu's roofline, transformers (when installed), split of each
     # model, cold start (when transformers is installed)
