@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import random
 import statistics
 import time
@@ -27,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from llm_shard.models import w8a16
 from llm_shard.models.quant import Int8Linear, quantize_weight
 
 # (model, layer, in_features, out_features)
@@ -154,6 +156,37 @@ def _time_in_turns(pools: dict[str, list[Call]], x: torch.Tensor, max_rounds: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def cpu_and_kernel() -> dict:
+    """What the int8 figures depend on, so that runs on other CPUs compare: the CPU's name
+    (and x86 family/model), its vector extensions, and the int8 kernel that ran."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:
+        name += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    flags = set(info.get("flags", "").split())
+    problem = w8a16.problem()
+    return {"cpu": name,
+            "cpu_vector": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")
+                           if f in flags],
+            "int8_kernel": (f"w8a16 {w8a16.variant()}, on large layers too" if w8a16.keeps_up()
+                            else f"w8a16 {w8a16.variant()} on small layers, fbgemm on large "
+                                 "ones") if problem is None
+                           else f"fbgemm (w8a16 cannot run here: {problem})"}
+
+
+def cpu_line(d: dict) -> str:
+    """`cpu_and_kernel`'s facts (in `d`) as one line of a report."""
+    vector = ", ".join(d["cpu_vector"]) or "neither AVX2 nor AVX512"
+    return f"CPU {d['cpu']}, with {vector}; int8 kernel {d['int8_kernel']}"
+
+
 def run(threads: int | None = None, repeats: int = 10, quick: bool = False) -> dict:
     """Measures bandwidth and every kernel on every shape and batch; returns a dict
     (`format_table` prints it). At most `repeats` rounds per shape and batch."""
@@ -202,7 +235,7 @@ def _run(repeats: int, quick: bool) -> dict:
                                  "ratio": None if gbs is None else gbs / bandwidth})
             del pools
     bandwidth_end = memory_bandwidth(bw_bytes)
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {**cpu_and_kernel(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "quantized_engine": torch.backends.quantized.engine,
             "bandwidth_gbs": statistics.median(r["bandwidth_gbs"] for r in rows),
             "bandwidth_start_end_gbs": [bandwidth_start, bandwidth_end],
@@ -212,7 +245,8 @@ def _run(repeats: int, quick: bool) -> dict:
 def format_table(result: dict) -> str:
     kernels = result["kernels"]
     start, end = result["bandwidth_start_end_gbs"]
-    lines = [f"memory read bandwidth {result['bandwidth_gbs']:.1f} GB/s (median over the "
+    lines = [cpu_line(result),
+             f"memory read bandwidth {result['bandwidth_gbs']:.1f} GB/s (median over the "
              f"table; {start:.1f} at start, {end:.1f} at end), {result['threads']} threads, "
              f"torch {result['torch']}",
              "int8 kernel chosen per shape: "

@@ -108,7 +108,7 @@ def drop_cache(path: Path) -> None:
 def machine(cfg: Config, store) -> dict:
     """This run's physical limits: memory-read bandwidth, cold disk-read bandwidth (the
     blocks of `store`), threads, versions."""
-    from llm_shard.benchmarks.kernels import memory_bandwidth
+    from llm_shard.benchmarks.kernels import cpu_and_kernel, memory_bandwidth
     from llm_shard.benchmarks.swap import cold_read_bandwidth
 
     mem = memory_bandwidth(cfg.bandwidth_bytes)
@@ -125,33 +125,6 @@ def machine(cfg: Config, store) -> dict:
         "platform": platform.platform(), "machine": platform.machine(),
         **cpu_and_kernel(),
     }
-
-
-def cpu_and_kernel() -> dict:
-    """What the int8 figures depend on, so that runs on other CPUs compare: the CPU's name
-    (and x86 family/model), its vector extensions, and the int8 kernel that ran."""
-    from llm_shard.models import w8a16
-
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    name = info.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in info:
-        name += f" (family {info['cpu family']}, model {info.get('model', '?')})"
-    flags = set(info.get("flags", "").split())
-    problem = w8a16.problem()
-    return {"cpu": name,
-            "cpu_vector": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")
-                           if f in flags],
-            "int8_kernel": (f"w8a16 {w8a16.variant()}, on large layers too" if w8a16.keeps_up()
-                            else f"w8a16 {w8a16.variant()} on small layers, fbgemm on large "
-                                 "ones") if problem is None
-                           else f"fbgemm (w8a16 cannot run here: {problem})"}
 
 
 # --------------------------------------------------------------------- decode / prefill
@@ -665,8 +638,9 @@ def markdown(r: dict) -> str:
     quick = " (quick: tiny counts, figures mean little)" if r["quick"] else ""
     dropped = "" if m["page_cache_dropped"] else (
         "; NOTE: the cold read ran near memory speed, so the pages were probably not dropped")
-    cpu = (f"{m['cpu']} ({', '.join(m['cpu_vector']) or 'no AVX2 or AVX512'}), int8 kernel "
-           f"{m['int8_kernel']}, " if "cpu" in m else "")  # older reports lack them
+    from llm_shard.benchmarks.kernels import cpu_line
+
+    cpu = f"{cpu_line(m)}; " if "cpu" in m else ""  # older reports lack them
     lines = [f"Benchmarks of {r['date']}{quick}: {cpu}{m['cpus']} CPUs, {m['threads']} torch "
              f"threads, torch {m['torch']}, "
              f"{m['platform']}. Each figure is the median of {r['config']['runs']} run(s) "

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from llm_shard.benchmarks import suite
+from llm_shard.benchmarks import kernels, suite
 
 MACHINE = {"memory_GBps", "memory_GBps_after", "disk_read_GBps", "disk_read_of", "page_cache",
            "page_cache_dropped", "cpus", "threads", "torch", "python", "platform", "machine",
@@ -135,7 +135,7 @@ def test_markdown_has_a_table_per_suite(report):
         assert f"### {title}" in md
     assert "GB/s" in md and "| --- |" in md
     m = r["machine"]  # which CPU and int8 kernel the figures are of
-    assert m["cpu"] and f"{m['cpu']} (" in md and f"int8 kernel {m['int8_kernel']}" in md
+    assert m["cpu"] and kernels.cpu_line(m) in md.splitlines()[0]
     assert m["int8_kernel"].startswith(("w8a16 ", "fbgemm (w8a16 cannot run here"))
     assert md.count("Where a batch-1 decode step of") == 2
     # a row per target: PanGu's roofline, transformers (when installed), split of each
@@ -200,3 +200,17 @@ def test_the_tables_go_into_the_readme_between_its_markers(report, tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="bench:begin"):
         suite.embed(readme, md, out)
+
+
+def test_bench_kernels_names_the_cpu_and_times_every_kernel(capsys):
+    """`llm-shard bench kernels --quick`: a row per kernel, shape and batch, each timed
+    unless it fell back to another kernel (then named, not timed under the wrong name),
+    under a first line naming the CPU and the int8 kernel "auto" runs."""
+    r = kernels.main(["--quick", "--repeats", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == kernels.cpu_line(r) and r["int8_kernel"] in out[0]
+    assert {row["kernel"] for row in r["rows"]} == set(kernels.KERNELS)
+    for row in r["rows"]:
+        assert (row["gbs"] is None) == (row["running"] != row["kernel"]), row
+        assert row["gbs"] is None or positive(row["gbs"])
+    assert len(out) == 5 + len(r["rows"]) // len(kernels.KERNELS)  # 5 lines of heading
