@@ -159,18 +159,11 @@ def _time_in_turns(pools: dict[str, list[Call]], x: torch.Tensor, max_rounds: in
 def cpu_and_kernel() -> dict:
     """What the int8 figures depend on, so that runs on other CPUs compare: the CPU's name
     (and x86 family/model), its vector extensions, and the int8 kernel that ran."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    info = w8a16.cpu_info()
     name = info.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in info:
         name += f" (family {info['cpu family']}, model {info.get('model', '?')})"
-    flags = set(info.get("flags", "").split())
+    flags = set(w8a16._cpu_flags().split())  # what keeps_up reads
     problem = w8a16.problem()
     return {"cpu": name,
             "cpu_vector": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")

@@ -641,12 +641,22 @@ def cache_dir() -> Path:
     return Path(base) / "llm-shard" / "kernels"
 
 
-def _cpu_flags() -> str:
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """/proc/cpuinfo's fields, each as its first CPU gives it ({} where there is none)."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
-        return ""
+        pass
+    return info
+
+
+def _cpu_flags() -> str:
+    return cpu_info().get("flags", "")
 
 
 def _torch_libgomp() -> Path | None:
