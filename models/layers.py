@@ -37,6 +37,17 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm, computed by one C call (w8a16.layer_norm) on float32 CPU rows: the
+    bits of models/decode.py's block, which computes it the same way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and w8a16.can_layer_norm(x, self.weight, self.bias)):
+            return w8a16.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class Rotary:
     """Half-split rotary embedding (Hugging Face's rotate_half convention).
 
@@ -236,6 +247,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.gate_proj, self.up_proj)
+        if w8a16.can_elementwise(gate, up):  # one C call, decode.block's bits
+            return self.down_proj(w8a16.silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -248,7 +261,8 @@ class GeluMLP(nn.Module):
         self.c_proj = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        h = self.c_fc(x)
+        return self.c_proj(w8a16.gelu(h) if w8a16.can_elementwise(h) else F.gelu(h))
 
 
 def default_scale(head_dim: int) -> float:

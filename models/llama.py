@@ -11,9 +11,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import decode
 from .base import Arch, ArchConfig, Rule
 from .cache import Batch
-from .layers import RMSNorm, Rotary, SwiGLU, cached_attention, project, rope_tables, rotate
+from .layers import (
+    RMSNorm,
+    Rotary,
+    SwiGLU,
+    cached_attention,
+    default_scale,
+    project,
+    rope_tables,
+    rotate,
+)
 
 
 @dataclass
@@ -108,6 +118,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        at, mlp = self.self_attn, self.mlp
+        y = decode.block(x, batch, at.layer, self.input_layernorm,
+                         (at.q_proj, at.k_proj, at.v_proj), at.o_proj,
+                         self.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj),
+                         mlp.down_proj, heads=at.heads, kv_heads=at.kv_heads,
+                         head_dim=at.head_dim, scale=default_scale(at.head_dim), rope=at.rope)
+        if y is not None:  # a decode step's rows, in one C call
+            return y
         x = x + self.self_attn(self.input_layernorm(x), batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -862,6 +862,27 @@ def fused_of(layers) -> Int8Linear | None:
     return fused if whole else None
 
 
+def w8a16_calls(layers) -> list[tuple] | None:
+    """The w8a16 kernel calls that `project(x, *layers)` makes: one (weight, scales, mins,
+    bias, group) per call (one for a fused group, else one per layer), or None where a
+    layer would run another kernel, or is not prepared yet. models/decode.py makes them
+    from C."""
+    fused = fused_of(layers)
+    calls = []
+    for m in (fused,) if fused is not None else layers:
+        plan = getattr(m, "_plan", None) if isinstance(m, Int8Linear) else None
+        if plan is None:
+            return None
+        kernel, state = plan
+        if kernel.name == "auto":
+            kernel, state = state
+        if kernel.name != "w8a16":
+            return None
+        scales, mins, bias = state
+        calls.append((m.weight, scales, mins, bias, m.group))
+    return calls
+
+
 def fused_layers(module: nn.Module) -> list[Int8Linear]:
     """The layers `fuse_int8` made of `module`'s Int8Linears: called in their members'
     place, and not submodules of anything."""

@@ -1,0 +1,137 @@
+"""One C call per block for the rows of a decode step (models/w8a16.py: w8a16_block).
+
+A pre-norm block (norm, attention with its KV cache, residual; norm, MLP, residual) runs
+~20 torch ops and Python calls a layer around its int8 kernels. At decode's sizes these
+cost more than the kernels' work: on SmolLM2-135M, ~0.7 ms of a layer's ~0.9, and the
+weight stream between them evicts their code and data from the caches, so each runs cold.
+Where every row of the batch is one sequence's decode step, and the block's activations
+are float32 on the CPU with every int8 layer on w8a16, `block` makes the block's calls
+from C in one: the same C functions, in the same order, as the modules make them one by
+one (layers.py: RMSNorm, LayerNorm, rotate, _decode_row, SwiGLU, GeluMLP). So the result
+has the same bits either way (tests/test_decode.py), and a sequence's tokens do not depend
+on which path ran. Elsewhere (prefill rows, a GPU tier, bf16, another kernel) `block`
+returns None and the modules run.
+
+LLM_SHARD_FUSED_BLOCKS=0 turns it off (to compare: `llm-shard bench`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+from torch import nn
+
+from . import w8a16
+from .cache import Batch
+from .layers import RMSNorm, rope_tables
+from .quant import w8a16_calls
+
+ENABLED = os.environ.get("LLM_SHARD_FUSED_BLOCKS", "1") != "0"
+PARTS = 3  # layers one projection may have (the C code's PARTS)
+
+
+class _Lin(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("b", ctypes.c_void_p), ("O", ctypes.c_int), ("I", ctypes.c_int),
+                ("group", ctypes.c_int)]
+
+
+class _Proj(ctypes.Structure):
+    _fields_ = [("part", _Lin * PARTS), ("n", ctypes.c_int)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in ("d", "heads", "kv", "hd", "inter", "layer_norm",
+                                            "gelu")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float)] + [
+        (n, ctypes.c_void_p) for n in ("n1w", "n1b", "n2w", "n2b")] + [
+        (n, _Proj) for n in ("qkv", "o", "up", "down")] + [
+        ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("threads", ctypes.c_int),
+        ("attend_threaded", ctypes.c_long)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _proj(layers) -> _Proj | None:
+    calls = w8a16_calls(layers)
+    if calls is None or len(calls) > PARTS:
+        return None
+    p = _Proj(n=len(calls))
+    for i, (w, s, mins, b, group) in enumerate(calls):
+        p.part[i] = _Lin(w.data_ptr(), s.data_ptr(), _ptr(mins), _ptr(b), w.shape[0],
+                         w.shape[1], group)
+    return p
+
+
+def _norm(m: nn.Module) -> tuple[int, float, int, int | None] | None:
+    """(layer_norm, eps, weight, bias) of an RMSNorm or a LayerNorm the C code computes."""
+    w = m.weight
+    if not (w.dtype == torch.float32 and w.is_cpu and w.is_contiguous()):
+        return None
+    if isinstance(m, RMSNorm):
+        return 0, m.eps, w.data_ptr(), None
+    if isinstance(m, nn.LayerNorm) and m.bias is not None and m.bias.is_contiguous():
+        return 1, m.eps, w.data_ptr(), m.bias.data_ptr()
+    return None
+
+
+def block(x: torch.Tensor, batch: Batch, layer: int, norm1: nn.Module, qkv: tuple,
+          o: nn.Module, norm2: nn.Module, up: tuple, down: nn.Module, *, heads: int,
+          kv_heads: int, head_dim: int, scale: float, rope=None, gelu: bool = False
+          ) -> torch.Tensor | None:
+    """x + attn(norm1(x)), then that + mlp(norm2(that)), in one C call; or None where the
+    modules must run it (see the module docstring).
+
+    qkv: the q, k and v projections (read norm1's output); up: (gate, up) of a SwiGLU, or
+    (fc,) of a GELU MLP (`gelu`); down: its output projection. `rope`: a layers.Rotary for
+    q and k, or None. `layer`: the global index of the block's cache."""
+    rows = x.shape[0]
+    if not (ENABLED and x.dtype == torch.float32 and x.is_cpu and x.dim() == 2
+            and x.is_contiguous() and rows == len(batch.seq_lens)
+            and all(n == 1 for n in batch.seq_lens) and w8a16.problem() is None
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    n1, n2 = _norm(norm1), _norm(norm2)
+    projs = [_proj(qkv), _proj((o,)), _proj(up), _proj((down,))]
+    if (n1 is None or n2 is None or n1[:2] != n2[:2]
+            or any(p is None for p in projs)):
+        return None
+    tables = None
+    if rope is not None:
+        tables = rope_tables(rope, batch, x)
+    like = x.new_empty(kv_heads, 1, head_dim)
+    kc, vc, ks, vs, total = [], [], [], [], []
+    for cache in batch.caches:
+        kv = cache.layer(layer)
+        kv.reserve(1, like, like)
+        if kv.k.dtype != torch.float32 or not kv.k.is_cpu:
+            return None
+        kc.append(kv.k.data_ptr())
+        vc.append(kv.v.data_ptr())
+        ks.append(kv.k.stride(0))
+        vs.append(kv.v.stride(0))
+        total.append(kv.offset + 1)
+    spec = _Block(d=x.shape[1], heads=heads, kv=kv_heads, hd=head_dim,
+                  inter=down.in_features, layer_norm=n1[0], gelu=int(gelu), eps=n1[1],
+                  scale=scale, n1w=n1[2], n1b=n1[3], n2w=n2[2], n2b=n2[3],
+                  qkv=projs[0], o=projs[1], up=projs[2], down=projs[3],
+                  cos=_ptr(tables and tables[0]), sin=_ptr(tables and tables[1]),
+                  threads=torch.get_num_threads(), attend_threaded=w8a16.ATTEND_THREADED)
+    out = x.clone()
+    ptrs = ctypes.c_void_p * rows
+    err = w8a16.load().w8a16_block(
+        ctypes.byref(spec), out.data_ptr(), rows, ptrs(*kc), ptrs(*vc),
+        (ctypes.c_long * rows)(*ks), (ctypes.c_long * rows)(*vs), (ctypes.c_int * rows)(*total))
+    if err == -1:
+        raise MemoryError(f"w8a16 block: no memory for {rows} rows")
+    if err:
+        raise ValueError(f"w8a16 block of layer {layer}: its projections' widths do not "
+                         f"match {heads} + 2 x {kv_heads} heads of {head_dim} and an MLP of "
+                         f"{down.in_features}, or a layer's inputs are not whole blocks")
+    for cache in batch.caches:
+        cache.layer(layer).offset += 1
+    return out

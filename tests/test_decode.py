@@ -1,0 +1,167 @@
+"""models/decode.py: a decode step's block in one C call gives the modules' bits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from llm_shard.models import decode, llama, pangu, w8a16
+from llm_shard.models.cache import Batch, SequenceCache
+from llm_shard.models.quant import Int8Linear, prepare_int8, quantize
+
+pytestmark = pytest.mark.skipif(w8a16.problem() is not None,
+                                reason=f"no w8a16 kernel here: {w8a16.problem()}")
+
+
+def _blocks(module: nn.Module, mins: bool) -> None:
+    """Every Linear of `module` replaced by random GGUF-like blocks of 32 (w8a16_blocks)."""
+    g = torch.Generator().manual_seed(5)
+    for name, lin in list(module.named_modules()):
+        if not isinstance(lin, nn.Linear):
+            continue
+        o, i = lin.out_features, lin.in_features
+        m = Int8Linear(i, o, bias=lin.bias is not None, group=32, mins=mins)
+        with torch.no_grad():
+            m.weight.copy_(torch.randint(0, 16, (o, i), generator=g, dtype=torch.int8))
+            m.scales.copy_((torch.rand(o, i // 32, generator=g) / 40).half())
+            if mins:
+                m.mins.copy_((-torch.rand(i // 32, o, generator=g) / 5).half())
+            if m.bias is not None:
+                m.bias.copy_(torch.randn(o, generator=g) / 4)
+        parent, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent), attr, m)
+
+
+def make_block(arch: str, int8: str, fuse: bool, layer: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    if arch == "llama":  # GQA, SmolLM2's shape rules at a small size
+        cfg = llama.LlamaConfig(hidden_size=128, intermediate_size=96, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                rms_norm_eps=1e-5, rope_theta=1e4, attention_bias=True,
+                                vocab_size=50)
+        block = llama.Block(cfg, layer)
+        for n in (block.input_layernorm, block.post_attention_layernorm):
+            nn.init.normal_(n.weight, 1.0, 0.1)
+    else:
+        cfg = pangu.PanGuConfig(hidden_size=128, num_layers=4, num_heads=4, vocab_size=50)
+        block = pangu.block(cfg, layer)
+        for n in (block.ln_1, block.ln_2):
+            nn.init.normal_(n.weight, 1.0, 0.1)
+            nn.init.normal_(n.bias, 0.0, 0.1)
+    for lin in block.modules():
+        if isinstance(lin, nn.Linear):
+            nn.init.normal_(lin.weight, 0, 0.08)
+            if lin.bias is not None:
+                nn.init.normal_(lin.bias, 0, 0.2)
+    if int8 == "per-channel":
+        quantize(block, kernel="w8a16")
+    else:
+        _blocks(block, mins=int8 == "blocks+mins")
+    prepare_int8(block, fuse=fuse)
+    return block.eval()
+
+
+def prompts(block: nn.Module, lens: list[int]) -> list[SequenceCache]:
+    """Caches of len(lens) sequences, each prefilled by the modules with lens[i] rows."""
+    caches = [SequenceCache() for _ in lens]
+    g = torch.Generator().manual_seed(7)
+    for cache, n in zip(caches, lens):
+        with torch.inference_mode():
+            block(torch.randn(n, 128, generator=g), Batch.of([n], [cache]))
+    return caches
+
+
+def counting(monkeypatch) -> list[bool]:
+    """Whether each decode.block call ran the block in C (True) or left it to the modules."""
+    ran, real = [], decode.block
+
+    def wrapped(*args, **kwargs):
+        y = real(*args, **kwargs)
+        ran.append(y is not None)
+        return y
+
+    monkeypatch.setattr(decode, "block", wrapped)
+    return ran
+
+
+def step(block, x, caches, fused: bool, monkeypatch) -> tuple[torch.Tensor, list]:
+    caches = copy.deepcopy(caches)
+    monkeypatch.setattr(decode, "ENABLED", fused)
+    ran = counting(monkeypatch)
+    with torch.inference_mode():
+        y = block(x, Batch.of([1] * len(caches), caches))
+    assert ran == [fused]  # the path asked for is the path that ran
+    monkeypatch.undo()
+    return y, caches
+
+
+@pytest.mark.parametrize("arch", ["llama", "pangu"])
+@pytest.mark.parametrize("int8", ["per-channel", "blocks", "blocks+mins"])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_one_c_call_gives_the_modules_bits(arch, int8, fuse, monkeypatch):
+    """Rows of 3 sequences with caches of 5, 1 and 300 tokens (past one cache chunk: the
+    cache grows in the call's reserve): the output and every cache row are bit-equal."""
+    block = make_block(arch, int8, fuse)
+    caches = prompts(block, [5, 1, 300])
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(11))
+    y1, c1 = step(block, x, caches, True, monkeypatch)
+    y0, c0 = step(block, x, caches, False, monkeypatch)
+    assert torch.equal(y1, y0)
+    assert not torch.equal(y1, x)
+    for a, b in zip(c1, c0):
+        kv1, kv0 = a.layer(1), b.layer(1)
+        assert kv1.offset == kv0.offset
+        assert torch.equal(kv1.k[:, :kv1.offset], kv0.k[:, :kv0.offset])
+        assert torch.equal(kv1.v[:, :kv1.offset], kv0.v[:, :kv0.offset])
+
+
+def test_a_row_alone_gets_the_bits_it_gets_in_a_batch(monkeypatch):
+    block = make_block("llama", "blocks+mins", True)
+    caches = prompts(block, [4, 9])
+    x = torch.randn(2, 128)
+    both, _ = step(block, x, caches, True, monkeypatch)
+    alone, _ = step(block, x[1:], caches[1:], True, monkeypatch)
+    assert torch.equal(both[1:], alone)
+
+
+def test_prefill_rows_and_other_kernels_run_the_modules(monkeypatch):
+    """A batch with a prefill row, a float block, or a layer on another kernel: no C
+    block, the modules' result."""
+    block = make_block("pangu", "per-channel", True)
+    caches = prompts(block, [3, 3])
+    ran = counting(monkeypatch)
+    with torch.inference_mode():
+        block(torch.randn(3, 128), Batch.of([2, 1], copy.deepcopy(caches)))  # prefill rows
+        block(torch.randn(2, 128), Batch.of([1, 1], copy.deepcopy(caches)))
+    assert ran == [False, True]
+    for kernel in ("dequant", None):
+        float_block = make_block("pangu", "per-channel", False)
+        if kernel is None:  # float Linears: not int8 at all
+            float_block = pangu.block(pangu.PanGuConfig(hidden_size=128, num_layers=4,
+                                                        num_heads=4, vocab_size=50), 1).eval()
+        else:
+            prepare_int8(float_block, kernel=kernel)
+        with torch.inference_mode():
+            float_block(torch.randn(1, 128), Batch.of([1], [SequenceCache()]))
+    assert ran == [False, True, False, False]
+
+
+def test_the_elementwise_steps_match_torch():
+    """silu_mul, gelu and layer_norm: torch's formulas, to float32's last bits."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(3, 10000, generator=g) * 4, torch.randn(3, 10000, generator=g)
+    torch.testing.assert_close(w8a16.silu_mul(a, b), torch.nn.functional.silu(a) * b,
+                               rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(w8a16.gelu(a), torch.nn.functional.gelu(a), rtol=2e-6,
+                               atol=1e-6)
+    y = w8a16.gelu(a)  # 8 lanes at a time, the rest one at a time: the same bits
+    for shift in range(1, 8):
+        assert torch.equal(w8a16.gelu(a.flatten()[shift:]), y.flatten()[shift:])
+    w, bias = torch.randn(10000, generator=g), torch.randn(10000, generator=g)
+    x = a + 100  # a large mean: the variance in double stays exact
+    torch.testing.assert_close(w8a16.layer_norm(x, w, bias, 1e-5),
+                               torch.nn.functional.layer_norm(x, (10000,), w, bias, 1e-5),
+                               rtol=1e-5, atol=1e-5)
