@@ -215,8 +215,27 @@ def decode_model(name: str, store, cfg: Config, bandwidth: float) -> dict:
                              "of_roofline": statistics.median(
                                  (b * cfg.tokens / r[1]) / (b * r[2] * 1e9 / nbytes)
                                  for r in runs)}
+    if "batch_1" in out:
+        out["modules_batch_1"] = modules_decode(stage, vocab, cfg,
+                                                out["batch_1"]["decode_tok_s"])
     out["profile_batch_1"] = decode_profile(stage, vocab, cfg, reader, nbytes)
     return out
+
+
+def modules_decode(stage, vocab: int, cfg: Config, fused_tok_s: float) -> dict:
+    """Batch-1 decode with models/decode.py's one-call blocks off (every module called
+    from Python): what they gain."""
+    from llm_shard.models import decode
+
+    on = decode.ENABLED
+    decode.ENABLED = False
+    try:
+        runs = [_decode_run(stage, vocab, 1, cfg.prompt_tokens, cfg.tokens)[1]
+                for _ in range(max(1, cfg.runs))]
+    finally:
+        decode.ENABLED = on
+    tok_s = cfg.tokens / statistics.median(runs)
+    return {"decode_tok_s": tok_s, "fused_blocks_speedup": fused_tok_s / tok_s}
 
 
 def decode_profile(stage, vocab: int, cfg: Config, reader, nbytes: int) -> dict:
@@ -225,10 +244,16 @@ def decode_profile(stage, vocab: int, cfg: Config, reader, nbytes: int) -> dict:
     layers' self time (kernel and its Python) gives the GB/s they read weights at, against
     the bandwidth read between the same steps."""
     from llm_shard.benchmarks.selftimes import SelfTimes
+    from llm_shard.models import decode as blocks
 
     times = SelfTimes(stage)
-    _, decode, gbps = _decode_run(stage, vocab, 1, cfg.prompt_tokens, cfg.tokens, reader,
-                                  times)
+    on = blocks.ENABLED
+    blocks.ENABLED = False  # hooks see modules: not inside a block's one C call
+    try:
+        _, decode, gbps = _decode_run(stage, vocab, 1, cfg.prompt_tokens, cfg.tokens,
+                                      reader, times)
+    finally:
+        blocks.ENABLED = on
     n = cfg.tokens
     modules = {k: v / n * 1e3 for k, v in sorted(times.seconds.items(), key=lambda kv: -kv[1])}
     int8_s = times.int8_seconds() / n
@@ -240,7 +265,8 @@ def decode_profile(stage, vocab: int, cfg: Config, reader, nbytes: int) -> dict:
             "int8_linear_GBps": nbytes / int8_s / 1e9 if int8_s else None,
             "bandwidth_GBps": gbps,
             "timing": "forward hooks on every module: self time per class, per decode step "
-                      "(the hooks cost a few us a call: compare shares)"}
+                      "(the hooks cost a few us a call: compare shares), with the one-call "
+                      "blocks of models/decode.py off so that the hooks see each module"}
 
 
 def pangu_store(cfg: Config, folder: Path | None):
@@ -675,6 +701,14 @@ def markdown(r: dict) -> str:
                           x[f"batch_{b}"]["roofline_tok_s"],
                           f"{x[f'batch_{b}']['of_roofline']:.0%}"]
                          for x in d["models"] for b in d["batches"]])
+        gains = [f"{x['model']} {x['modules_batch_1']['decode_tok_s']:.3g} tok/s, "
+                 f"{x['modules_batch_1']['fused_blocks_speedup']:.2f}x"
+                 for x in d["models"] if "modules_batch_1" in x]
+        if gains:
+            lines += ["", "A batch-1 decode step runs each block in one C call "
+                      "(models/decode.py). With every module called from Python instead, "
+                      "decode ran at: " + "; ".join(gains) + " (the one-call blocks' "
+                      "speedup).", ""]
         lines += _profile_lines(d)
     if "versus" in s:
         v = s["versus"]
