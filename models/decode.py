@@ -74,7 +74,8 @@ def _norm(m: nn.Module) -> tuple[int, float, int, int | None] | None:
         return None
     if isinstance(m, RMSNorm):
         return 0, m.eps, w.data_ptr(), None
-    if isinstance(m, nn.LayerNorm) and m.bias is not None and m.bias.is_contiguous():
+    if (isinstance(m, nn.LayerNorm) and m.bias is not None and m.bias.is_contiguous()
+            and m.bias.dtype == torch.float32 and m.bias.is_cpu):
         return 1, m.eps, w.data_ptr(), m.bias.data_ptr()
     return None
 
