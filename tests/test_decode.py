@@ -165,3 +165,32 @@ def test_the_elementwise_steps_match_torch():
     torch.testing.assert_close(w8a16.layer_norm(x, w, bias, 1e-5),
                                torch.nn.functional.layer_norm(x, (10000,), w, bias, 1e-5),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, monkeypatch):
+    """The real checkpoint (GGUF blocks, fused q/k/v and gate/up): 8 greedy steps of two
+    sequences give bit-equal logits with the one-call blocks and without, and the C path
+    ran for every block of every step."""
+    from llm_shard.models.runner import StageModel
+
+    store = smollm2_stores["int8"]
+    stage = StageModel(store, 0, store.n_blocks)
+    prompts_ = [[1, 504, 3458, 282, 4649, 314], [1, 19, 4]]
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(decode, "ENABLED", fused)
+        caches = [SequenceCache() for _ in prompts_]
+        ids = torch.tensor([t for p in prompts_ for t in p])
+        logits = [stage(ids, Batch.of([len(p) for p in prompts_], caches))]
+        for _ in range(8):
+            last = logits[-1] if logits[-1].shape[0] == 2 else logits[-1][
+                torch.tensor([len(prompts_[0]) - 1, len(ids) - 1])]
+            logits.append(stage(last.argmax(-1), Batch.of([1, 1], caches)))
+        return logits
+
+    ran = counting(monkeypatch)
+    with torch.inference_mode():
+        on = run(True)
+        assert sum(ran) == 8 * store.n_blocks and len(ran) == 9 * store.n_blocks
+        off = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
