@@ -92,7 +92,7 @@ def block(x: torch.Tensor, batch: Batch, layer: int, norm1: nn.Module, qkv: tupl
     q and k, or None. `layer`: the global index of the block's cache."""
     rows = x.shape[0]
     if not (ENABLED and x.dtype == torch.float32 and x.is_cpu and x.dim() == 2
-            and x.is_contiguous() and rows == len(batch.seq_lens)
+            and x.is_contiguous() and 0 < rows == len(batch.seq_lens)
             and all(n == 1 for n in batch.seq_lens) and w8a16.problem() is None
             and not (torch.is_grad_enabled() and x.requires_grad)):
         return None
@@ -130,9 +130,10 @@ def block(x: torch.Tensor, batch: Batch, layer: int, norm1: nn.Module, qkv: tupl
     if err == -1:
         raise MemoryError(f"w8a16 block: no memory for {rows} rows")
     if err:
-        raise ValueError(f"w8a16 block of layer {layer}: its projections' widths do not "
-                         f"match {heads} + 2 x {kv_heads} heads of {head_dim} and an MLP of "
-                         f"{down.in_features}, or a layer's inputs are not whole blocks")
+        raise ValueError(f"w8a16 block of layer {layer}: its projections' shapes do not "
+                         f"match a hidden size of {x.shape[1]}, {heads} + 2 x {kv_heads} "
+                         f"heads of {head_dim} and an MLP of {down.in_features}, or a "
+                         "layer's inputs are not whole blocks")
     for cache in batch.caches:
         cache.layer(layer).offset += 1
     return out

@@ -794,6 +794,14 @@ static int proj_width(const proj_t* P) {
   return w;
 }
 
+/* Whether P has 1 to PARTS layers, each reading I inputs. */
+static int reads(const proj_t* P, int I) {
+  if (P->n < 1 || P->n > PARTS) return 0;
+  for (int p = 0; p < P->n; p++)
+    if (P->part[p].I != I) return 0;
+  return 1;
+}
+
 static int proj_run(const proj_t* P, const float* x, float* y, float* tmp, int M,
                     int threads) {
   if (P->n == 1) return lin_run(&P->part[0], x, y, M, threads);
@@ -836,7 +844,10 @@ int w8a16_block(const block_t* B, float* x, int M, float* const* kc, float* cons
                 const long* ks, const long* vs, const int* total) {
   int d = B->d, qw = B->heads * B->hd, kw = B->kv * B->hd;
   int wqkv = proj_width(&B->qkv), wup = proj_width(&B->up), wmax = wqkv > wup ? wqkv : wup;
-  if (wqkv != qw + 2 * kw || wup != (B->gelu ? 1 : 2) * B->inter) return -2;
+  if (wqkv != qw + 2 * kw || wup != (B->gelu ? 1 : 2) * B->inter || !reads(&B->qkv, d)
+      || !reads(&B->o, qw) || proj_width(&B->o) != d || !reads(&B->up, d)
+      || !reads(&B->down, B->inter) || proj_width(&B->down) != d)
+    return -2;
   size_t row = (size_t)d + wmax + wmax + qw + kw + kw + qw + B->inter;
   float* buf = (float*)malloc(sizeof(float) * row * M + 64);
   if (!buf) return -1;

@@ -194,3 +194,14 @@ def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, mo
         assert sum(ran) == 8 * store.n_blocks and len(ran) == 9 * store.n_blocks
         off = run(False)
     assert all(torch.equal(a, b) for a, b in zip(on, off))
+
+
+def test_a_block_whose_shapes_do_not_add_up_is_refused_not_read_past(monkeypatch):
+    """heads x head_dim that is not what o_proj reads: an error naming the shapes, and no
+    cache row taken."""
+    block = make_block("llama", "per-channel", True)
+    caches = prompts(block, [2])
+    block.self_attn.heads, block.self_attn.kv_heads = 2, 1  # q/k/v widths no longer match
+    with torch.inference_mode(), pytest.raises(ValueError, match="shapes do not match"):
+        block(torch.randn(1, 128), Batch.of([1], caches))
+    assert caches[0].layer(1).offset == 2
