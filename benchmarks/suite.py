@@ -216,21 +216,22 @@ def decode_model(name: str, store, cfg: Config, bandwidth: float) -> dict:
                                  (b * cfg.tokens / r[1]) / (b * r[2] * 1e9 / nbytes)
                                  for r in runs)}
     if "batch_1" in out:
-        out["modules_batch_1"] = modules_decode(stage, vocab, cfg,
+        out["modules_batch_1"] = modules_decode(stage, vocab, cfg, reader,
                                                 out["batch_1"]["decode_tok_s"])
     out["profile_batch_1"] = decode_profile(stage, vocab, cfg, reader, nbytes)
     return out
 
 
-def modules_decode(stage, vocab: int, cfg: Config, fused_tok_s: float) -> dict:
+def modules_decode(stage, vocab: int, cfg: Config, reader, fused_tok_s: float) -> dict:
     """Batch-1 decode with models/decode.py's one-call blocks off (every module called
-    from Python): what they gain."""
+    from Python): what they gain. Timed as the runs with them on are, the bandwidth read
+    between steps included (it leaves each step's caches cold)."""
     from llm_shard.models import decode
 
     on = decode.ENABLED
     decode.ENABLED = False
     try:
-        runs = [_decode_run(stage, vocab, 1, cfg.prompt_tokens, cfg.tokens)[1]
+        runs = [_decode_run(stage, vocab, 1, cfg.prompt_tokens, cfg.tokens, reader)[1]
                 for _ in range(max(1, cfg.runs))]
     finally:
         decode.ENABLED = on
