@@ -18,6 +18,12 @@ from .cache import Batch
 from .quant import fused_of
 
 
+def no_graph(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records nothing of an op on `tensors`: then a C call may take its
+    place (its result carries no gradient)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 class RMSNorm(nn.Module):
     """LLaMA's norm: computed in fp32, weight only."""
 
@@ -27,8 +33,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and w8a16.can_rms_norm(x, self.weight)):  # C, unless autograd builds a graph
+        if no_graph(x, self.weight) and w8a16.can_rms_norm(x, self.weight):  # C, no autograd
             return w8a16.rms_norm(x, self.weight, self.eps)  # one call, not seven ops
         if x.dtype == self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -42,7 +47,7 @@ class LayerNorm(nn.LayerNorm):
     bits of models/decode.py's block, which computes it the same way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        if (no_graph(x, self.weight, self.bias)
                 and w8a16.can_layer_norm(x, self.weight, self.bias)):
             return w8a16.layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
@@ -247,7 +252,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.gate_proj, self.up_proj)
-        if w8a16.can_elementwise(gate, up):  # one C call, decode.block's bits
+        if no_graph(gate, up) and w8a16.can_elementwise(gate, up):  # decode.block's bits
             return self.down_proj(w8a16.silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
@@ -262,7 +267,8 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
-        return self.c_proj(w8a16.gelu(h) if w8a16.can_elementwise(h) else F.gelu(h))
+        c = no_graph(h) and w8a16.can_elementwise(h)  # one C call, decode.block's bits
+        return self.c_proj(w8a16.gelu(h) if c else F.gelu(h))
 
 
 def default_scale(head_dim: int) -> float:

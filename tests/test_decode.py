@@ -205,3 +205,13 @@ def test_a_block_whose_shapes_do_not_add_up_is_refused_not_read_past(monkeypatch
     with torch.inference_mode(), pytest.raises(ValueError, match="shapes do not match"):
         block(torch.randn(1, 128), Batch.of([1], caches))
     assert caches[0].layer(1).offset == 2
+
+
+def test_the_c_steps_leave_a_graph_being_built_to_torch():
+    """With autograd recording, the MLPs' activations stay torch ops: gradients flow."""
+    from llm_shard.models.layers import GeluMLP, SwiGLU
+
+    for mlp in (SwiGLU(64, 96), GeluMLP(64, 96)):
+        x = torch.randn(3, 64, requires_grad=True)
+        mlp(x).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
