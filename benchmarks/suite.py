@@ -228,13 +228,9 @@ def modules_decode(stage, vocab: int, cfg: Config, reader, fused_tok_s: float) -
     between steps included (it leaves each step's caches cold)."""
     from llm_shard.models import decode
 
-    on = decode.ENABLED
-    decode.ENABLED = False
-    try:
+    with decode.modules_only():
         runs = [_decode_run(stage, vocab, 1, cfg.prompt_tokens, cfg.tokens, reader)[1]
                 for _ in range(max(1, cfg.runs))]
-    finally:
-        decode.ENABLED = on
     tok_s = cfg.tokens / statistics.median(runs)
     return {"decode_tok_s": tok_s, "fused_blocks_speedup": fused_tok_s / tok_s}
 
@@ -248,13 +244,9 @@ def decode_profile(stage, vocab: int, cfg: Config, reader, nbytes: int) -> dict:
     from llm_shard.models import decode as blocks
 
     times = SelfTimes(stage)
-    on = blocks.ENABLED
-    blocks.ENABLED = False  # hooks see modules: not inside a block's one C call
-    try:
+    with blocks.modules_only():  # hooks see modules: not inside a block's one C call
         _, decode, gbps = _decode_run(stage, vocab, 1, cfg.prompt_tokens, cfg.tokens,
                                       reader, times)
-    finally:
-        blocks.ENABLED = on
     n = cfg.tokens
     modules = {k: v / n * 1e3 for k, v in sorted(times.seconds.items(), key=lambda kv: -kv[1])}
     int8_s = times.int8_seconds() / n
