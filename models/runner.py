@@ -12,7 +12,7 @@ from torch import nn
 
 from .base import Part
 from .cache import Batch, SequenceCache
-from .store import Store
+from .store import Store, read_ahead
 
 
 class StageModel(nn.Module):
@@ -32,6 +32,9 @@ class StageModel(nn.Module):
         self.blocks = nn.ModuleDict({str(i): store.load(Part("block", i), dtype, device)
                                      for i in range(start, end)} if load_blocks else {})
         self.head = store.load(Part("head"), dtype, device) if self.has_head else None
+        # the embedding is read into the page cache after the first forward pass, so that
+        # its reads never hold up a cold start's first token (`store.read_ahead`)
+        self.read_ahead = None
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, batch: Batch, all_logits: bool = False,
@@ -47,6 +50,8 @@ class StageModel(nn.Module):
             x = run_blocks(x, batch)
         for block in self.blocks.values():
             x = block(x, batch)
+        if self.embed is not None and self.read_ahead is None:
+            self.read_ahead = read_ahead(self.embed)
         if self.head is None:
             return x
         if not all_logits:

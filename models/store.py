@@ -52,21 +52,54 @@ DTYPES = {"int8": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
 # "fused" group's members, whose fused layer holds a copy of their rows. w8a16 reads the
 # mapped weights as they are.
 PACKED_KERNELS = ("fbgemm",)
-_MADV_DONTNEED = 4
+_MADV_DONTNEED, _MADV_POPULATE_READ = 4, 22
 _libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+
+
+def _advise(t: torch.Tensor, advice: int) -> int:
+    """madvise the whole pages inside a CPU tensor's bytes (none for other tensors):
+    0, or the errno of a failed call."""
+    if _libc is None or t.device.type != "cpu" or t.numel() == 0:
+        return 0
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside only
+    if last > first and _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
+                                      advice):
+        return ctypes.get_errno()
+    return 0
 
 
 def release_mapped(t: torch.Tensor) -> None:
     """Drop the pages of a memory-mapped CPU tensor from this process's resident set;
     they are read back from the file if the tensor is touched again."""
-    if _libc is None or t.device.type != "cpu" or t.numel() == 0:
-        return
-    page = mmap.PAGESIZE
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    first, last = -(-start // page) * page, end // page * page  # whole pages inside only
-    if last > first:
-        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+    _advise(t, _MADV_DONTNEED)
+
+
+def read_ahead(module: nn.Module) -> threading.Thread:
+    """Read a module's memory-mapped tensors in from their files, in a daemon thread
+    (returned): madvise(MADV_POPULATE_READ), Linux 5.14+, maps every page. (MADV_WILLNEED
+    reads no more than the disk's readahead window, 8 MiB here.)
+
+    For the embedding, the one mapped part that a forward pass reads a few rows of: from a
+    cold page cache each new token's row is otherwise a read from disk in the middle of
+    a step (measured here: PanGu-2.6B's 420 MB fp32 embedding, random tokens, 1.2-6.4 ms
+    a step, 23 ms for one row). The planner counts the embedding in its stage's RAM."""
+    tensors = [*module.parameters(), *module.buffers()]
+
+    def advise() -> None:
+        for t in tensors:
+            if err := _advise(t, _MADV_POPULATE_READ):
+                log.warning("cannot read the %s mapped bytes of a %s in ahead (madvise: "
+                            "%s): its rows are read from disk as they are first used",
+                            t.numel() * t.element_size(), type(module).__name__,
+                            os.strerror(err))
+                return
+
+    thread = threading.Thread(target=advise, name="llm-shard-read-ahead", daemon=True)
+    thread.start()
+    return thread
 
 
 # Every tensor's data starts at a multiple of ALIGN bytes in its file, and so in a mapping
