@@ -11,7 +11,8 @@ median of several runs after a warm-up.
   memory bandwidth), and where a batch-1 step goes (each module class's self time, from
   forward hooks: benchmarks/selftimes.py);
 - versus: Hugging Face transformers `generate` in fp32 and bf16 against llm-shard on the
-  same weights (SmolLM2's GGUF) and prompt, greedy, the same number of new tokens;
+  same weights (SmolLM2's GGUF) and prompt, greedy, the same number of new tokens, the
+  engines taking turns run by run;
 - load: cold start (a fresh process, the weights' page cache dropped) to the first token,
   against transformers `from_pretrained` on the same weights;
 - split: decode over 1, 2 and 3 local Ray workers, and the overhead of each hop;
@@ -28,6 +29,7 @@ The Markdown opens with the benchmark issue's targets, each measured and met or 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -81,12 +83,6 @@ def quick_config() -> Config:
     return Config(runs=1, warmup=1, tokens=4, prompt_tokens=8, pangu_layers=3, load_runs=1,
                   split_tokens=4, split_runs=1, requests=16, throughput_tokens=4, swap_layers=3,
                   swap_tokens=2, swap_runs=1, bandwidth_bytes=128 << 20, quick=True)
-
-
-def median_of(fn: Callable[[], float], runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(fn() for _ in range(max(1, runs)))
 
 
 def transformers_available() -> bool:
@@ -351,15 +347,26 @@ def _hf_generate(model, ids: list[int], tokens: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def _timed(gen, model, ids, tokens, cfg) -> tuple[float, list[int]]:
-    result = {}
+def _take_turns(engines: dict[str, Callable[[], list[int]]], cfg: Config
+                ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Each engine's wall seconds per round, and its tokens: cfg.warmup untimed rounds,
+    then cfg.runs rounds of one call each, the engines taking turns (the order rotating
+    every round), so that engines compared are timed in the same moments of a host whose
+    speed drifts (here +-30% within minutes)."""
+    names, seconds, tokens = list(engines), {k: [] for k in engines}, {}
+    for r in range(cfg.warmup + max(1, cfg.runs)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            tokens[name] = engines[name]()
+            if r >= cfg.warmup:
+                seconds[name].append(time.perf_counter() - t0)
+    return seconds, tokens
 
-    def once() -> float:
-        t0 = time.perf_counter()
-        result["tokens"] = gen(model, ids, tokens)
-        return time.perf_counter() - t0
 
-    return median_of(once, cfg.runs, cfg.warmup), result["tokens"]
+def paired_speedup(ours: list[float], theirs: list[float]) -> float:
+    """How many times faster ours ran: the median of the rounds' ratios of seconds, so
+    that each ratio compares two runs of the same moments."""
+    return statistics.median(b / a for a, b in zip(ours, theirs, strict=True))
 
 
 def suite_versus(ctx: dict) -> dict:
@@ -369,25 +376,20 @@ def suite_versus(ctx: dict) -> dict:
     stores = ctx["stores"]
     ids = stores["int8"].tokenizer().encode(PROMPT)
     n = cfg.tokens
-    rows, tokens = [], {}
-
-    def add(engine: str, dtype: str, seconds: float, nbytes: int | None) -> None:
-        rate = n / seconds
-        row = {"engine": engine, "dtype": dtype, "tok_s": rate, "seconds": seconds}
-        if nbytes:
-            row["step_weight_bytes"] = nbytes
-            row["of_roofline"] = rate / (bw * 1e9 / nbytes)
-        rows.append(row)
-
+    out: dict = {"prompt_tokens": len(ids), "new_tokens": n,
+                 "timing": "wall seconds of a whole greedy generate (prefill + new tokens); "
+                           "the engines take turns, one generate each per round, and each "
+                           "ratio is the median of its rounds' ratios (runs of the same "
+                           "moments)"}
+    engines, nbytes, models = {}, {}, []
     for dtype, store, compute in (("fp32", stores["fp32"], torch.float32),
                                   ("bf16", stores["fp32"], torch.bfloat16),
                                   ("int8", stores["int8"], torch.float32)):
         model = LocalModel(store, dtype=compute)
-        seconds, tokens[f"llm-shard {dtype}"] = _timed(_ours_generate, model, ids, n, cfg)
-        add("llm-shard", dtype, seconds, step_bytes(model.stage))
-        del model
-    out: dict = {"prompt_tokens": len(ids), "new_tokens": n,
-                 "timing": "wall seconds of a whole greedy generate (prefill + new tokens)"}
+        key = ("llm-shard", dtype)
+        engines[key] = functools.partial(_ours_generate, model, ids, n)
+        nbytes[key] = step_bytes(model.stage)
+        models.append(model)
     peer = _peer(ctx, out)
     if peer is not None:
         from transformers import AutoModelForCausalLM
@@ -397,19 +399,28 @@ def suite_versus(ctx: dict) -> dict:
         for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
             model.generation_config.eos_token_id = None  # exactly n tokens, as ours
-            seconds, tokens[f"transformers {dtype}"] = _timed(_hf_generate, model, ids, n, cfg)
-            nbytes = sum(p.numel() * p.element_size() for p in model.parameters()) - sum(
+            key = ("transformers", dtype)
+            engines[key] = functools.partial(_hf_generate, model, ids, n)
+            nbytes[key] = sum(p.numel() * p.element_size() for p in model.parameters()) - sum(
                 m.weight.numel() * m.weight.element_size() for m in model.modules()
                 if isinstance(m, torch.nn.Embedding)
                 and m.weight is not model.get_output_embeddings().weight)
-            add("transformers", dtype, seconds, nbytes)
-            del model
-        base = {r["dtype"]: r["tok_s"] for r in rows if r["engine"] == "transformers"}
-        for r in rows:
-            if r["engine"] == "llm-shard":
-                for d, rate in base.items():
-                    r[f"vs_transformers_{d}"] = r["tok_s"] / rate
-        ours, theirs = tokens["llm-shard fp32"], tokens["transformers fp32"]
+            models.append(model)
+    seconds, tokens = _take_turns(engines, cfg)
+    del models, engines
+    rows = []
+    for (engine, dtype), times in seconds.items():
+        rate = n / statistics.median(times)
+        rows.append({"engine": engine, "dtype": dtype, "tok_s": rate,
+                     "seconds": statistics.median(times),
+                     "step_weight_bytes": nbytes[engine, dtype],
+                     "of_roofline": rate / (bw * 1e9 / nbytes[engine, dtype])})
+        if engine == "llm-shard" and peer is not None:
+            for d in ("fp32", "bf16"):
+                rows[-1][f"vs_transformers_{d}"] = paired_speedup(
+                    times, seconds["transformers", d])
+    if peer is not None:
+        ours, theirs = tokens["llm-shard", "fp32"], tokens["transformers", "fp32"]
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
         out["fp32_same_tokens"] = f"{same}/{n}"
     out["rows"] = rows

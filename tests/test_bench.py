@@ -214,3 +214,30 @@ def test_bench_kernels_names_the_cpu_and_times_every_kernel(capsys):
         assert (row["gbs"] is None) == (row["running"] != row["kernel"]), row
         assert row["gbs"] is None or positive(row["gbs"])
     assert len(out) == 5 + len(r["rows"]) // len(kernels.KERNELS)  # 5 lines of heading
+
+
+def test_versus_engines_take_turns_and_ratios_pair_the_same_rounds(monkeypatch):
+    # the rounds' ratios are 5, 2 and 1: their median is 2 (the ratio of the medians
+    # would say 4)
+    assert suite.paired_speedup([1.0, 1.0, 4.0], [5.0, 2.0, 4.0]) == 2.0
+    with pytest.raises(ValueError):
+        suite.paired_speedup([1.0], [1.0, 2.0])
+
+    calls, clock = [], iter(range(1000))
+    monkeypatch.setattr(suite.time, "perf_counter", lambda: float(next(clock)))
+
+    def engine(name, cost):
+        def run():
+            calls.append(name)
+            for _ in range(cost - 1):  # each call advances the clock: cost seconds
+                next(clock)
+            return [name]
+        return run
+
+    cfg = suite.Config(runs=3, warmup=1)
+    seconds, tokens = suite._take_turns({"a": engine("a", 1), "b": engine("b", 3),
+                                         "c": engine("c", 2)}, cfg)
+    # every round calls each engine once, the order rotating; warm-up rounds untimed
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert seconds == {"a": [1.0] * 3, "b": [3.0] * 3, "c": [2.0] * 3}
+    assert tokens == {"a": ["a"], "b": ["b"], "c": ["c"]}
