@@ -410,9 +410,9 @@ def suite_versus(ctx: dict) -> dict:
     del models, engines
     rows = []
     for (engine, dtype), times in seconds.items():
-        rate = n / statistics.median(times)
-        rows.append({"engine": engine, "dtype": dtype, "tok_s": rate,
-                     "seconds": statistics.median(times),
+        median = statistics.median(times)
+        rate = n / median
+        rows.append({"engine": engine, "dtype": dtype, "tok_s": rate, "seconds": median,
                      "step_weight_bytes": nbytes[engine, dtype],
                      "of_roofline": rate / (bw * 1e9 / nbytes[engine, dtype])})
         if engine == "llm-shard" and peer is not None:
