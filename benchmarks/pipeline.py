@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
 import time
+
+from llm_shard.benchmarks.turns import paired_speedup, take_turns
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 CONCURRENT = 16
@@ -30,31 +33,22 @@ def _start_ray():
         ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count())
 
 
-def decode_rates(llms: dict, tokens: int, runs: int = 3) -> dict:
-    """Tokens per second of one sequence's decode on each LLM of `llms`: median time of
-    1 + tokens less median time of 1, so the prefill and the first token are left out.
-    The LLMs take turns run by run, so that a drift of the machine's speed hits each alike.
-    Where noise leaves that difference not positive (tiny counts), the whole run's rate:
-    a lower bound."""
+def decode_seconds(llms: dict, tokens: int, runs: int = 3) -> dict[object, list[float]]:
+    """Seconds per decode token of one sequence on each LLM of `llms`, one figure per
+    round: a generate of 1 + tokens less one of 1 in the same round, so the prefill and
+    the first token are left out. Every round runs each LLM's two generates, the order
+    rotating (benchmarks/turns.py), so that LLMs compared ran in the same moments of a
+    host that drifts. Where noise leaves a round's difference not positive (tiny counts),
+    that round's whole long run per token: an upper bound."""
     ids = {k: _prompt_ids(llm) for k, llm in llms.items()}  # tokenized outside the timing
-
-    def timed(k, n: int) -> float:
-        t0 = time.perf_counter()
-        _greedy(llms[k], ids[k], n)
-        return time.perf_counter() - t0
-
+    calls = {(k, n): functools.partial(_greedy, llm, ids[k], n)
+             for k, llm in llms.items() for n in (tokens + 1, 1)}
+    seconds, _ = take_turns(calls, runs, warmup=1)
+    out = {}
     for k in llms:
-        timed(k, 4)  # warm up
-    pairs: dict = {k: [] for k in llms}
-    for _ in range(max(1, runs)):
-        for k in llms:
-            pairs[k].append((timed(k, tokens + 1), timed(k, 1)))
-    rates = {}
-    for k, p in pairs.items():
-        long = statistics.median(x[0] for x in p)
-        diff = long - statistics.median(x[1] for x in p)
-        rates[k] = tokens / diff if diff > 0 else (tokens + 1) / long
-    return rates
+        long, short = seconds[k, tokens + 1], seconds[k, 1]
+        out[k] = [(a - b) / tokens if a > b else a / (tokens + 1) for a, b in zip(long, short)]
+    return out
 
 
 def decode_metrics(llm, tokens: int) -> dict:
@@ -116,22 +110,21 @@ def split(model: str, tokens: int, workers=(1, 2, 3), runs: int = 3) -> dict:
         llms = {n: stack.enter_context(_llm(model, workers=[f"ram={ram},threads={cpus}"] * n,
                                             use_all_workers=True, cache_tokens=1024))
                 for n in workers}  # cache_tokens: room for one sequence, on any model
-        rates = decode_rates(llms, tokens, runs)
+        per_token = decode_seconds(llms, tokens, runs)
         for n, llm in llms.items():
             m = decode_metrics(llm, tokens)
-            out[f"decode_tok_s_{n}_workers"] = rates[n]
+            out[f"decode_tok_s_{n}_workers"] = 1 / statistics.median(per_token[n])
             out[f"stage_ms_{n}_workers"] = [s * 1e3 for s in m["stage_seconds"]]
             out[f"busy_ms_{n}_workers"] = [s * 1e3 for s in m["busy_seconds"]]
             out[f"wire_ms_{n}_workers"] = m["wire_seconds"] * 1e3
             out[f"step_ms_{n}_workers"] = m["step_seconds"] * 1e3
             out[f"plan_{n}_workers"] = [[s.start, s.end] for s in llm.plan.stages]
-    per_token = {n: 1 / rates[n] for n in workers}
-    if 1 in per_token:
+    if 1 in per_token:  # each ratio and hop cost from rounds' pairs (the same moments)
         for n in workers:
             if n > 1:
-                out[f"ratio_{n}_workers"] = (out[f"decode_tok_s_{n}_workers"]
-                                             / out["decode_tok_s_1_workers"])
-                out[f"hop_ms_{n}_workers"] = (per_token[n] - per_token[1]) * 1e3 / (n - 1)
+                out[f"ratio_{n}_workers"] = paired_speedup(per_token[n], per_token[1])
+                out[f"hop_ms_{n}_workers"] = statistics.median(
+                    (a - b) * 1e3 / (n - 1) for a, b in zip(per_token[n], per_token[1]))
     return out
 
 

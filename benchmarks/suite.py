@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from llm_shard.benchmarks.turns import paired_speedup, take_turns
+
 SUITES = ("decode", "versus", "load", "split", "throughput", "swap")
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 NO_PNG = "no PNG: pip install llm-shard[bench]"
@@ -347,28 +349,6 @@ def _hf_generate(model, ids: list[int], tokens: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def _take_turns(engines: dict[str, Callable[[], list[int]]], cfg: Config
-                ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """Each engine's wall seconds per round, and its tokens: cfg.warmup untimed rounds,
-    then cfg.runs rounds of one call each, the engines taking turns (the order rotating
-    every round), so that engines compared are timed in the same moments of a host whose
-    speed drifts (here +-30% within minutes)."""
-    names, seconds, tokens = list(engines), {k: [] for k in engines}, {}
-    for r in range(cfg.warmup + max(1, cfg.runs)):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            tokens[name] = engines[name]()
-            if r >= cfg.warmup:
-                seconds[name].append(time.perf_counter() - t0)
-    return seconds, tokens
-
-
-def paired_speedup(ours: list[float], theirs: list[float]) -> float:
-    """How many times faster ours ran: the median of the rounds' ratios of seconds, so
-    that each ratio compares two runs of the same moments."""
-    return statistics.median(b / a for a, b in zip(ours, theirs, strict=True))
-
-
 def suite_versus(ctx: dict) -> dict:
     from llm_shard.models.runner import LocalModel
 
@@ -406,7 +386,7 @@ def suite_versus(ctx: dict) -> dict:
                 if isinstance(m, torch.nn.Embedding)
                 and m.weight is not model.get_output_embeddings().weight)
             models.append(model)
-    seconds, tokens = _take_turns(engines, cfg)
+    seconds, tokens = take_turns(engines, cfg.runs, cfg.warmup)
     del models, engines
     rows = []
     for (engine, dtype), times in seconds.items():
@@ -741,8 +721,12 @@ def markdown(r: dict) -> str:
     if "split" in s:
         sp = s["split"]
         lines += ["### Split over local workers (one sequence)", "",
-                  f"{sp['tokens']} new tokens; medians of {sp['runs']} runs, the worker "
-                  "counts taking turns. Every worker gets all the CPUs, so this "
+                  f"{sp['tokens']} new tokens; {sp['runs']} rounds, the worker counts "
+                  "taking turns. Each round times a generate of one token and one of "
+                  f"{sp['tokens'] + 1} on each count: their difference is the decode. "
+                  "*decode tok/s* is the median over the rounds; *of unsplit* and *ms per "
+                  "hop* are medians of the rounds' own ratios and differences (runs of the "
+                  "same moments). Every worker gets all the CPUs, so this "
                   "measures the hops alone. Per stage, *compute* is the model's time, and "
                   "*held* is from receiving a step to sending it on. *wire* is the rest of "
                   "the round trip, all hops together. Both are averaged over the last "

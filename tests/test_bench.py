@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from llm_shard.benchmarks import kernels, suite
+from llm_shard.benchmarks import kernels, suite, turns
 
 MACHINE = {"memory_GBps", "memory_GBps_after", "disk_read_GBps", "disk_read_of", "page_cache",
            "page_cache_dropped", "cpus", "threads", "torch", "python", "platform", "machine",
@@ -219,12 +219,12 @@ def test_bench_kernels_names_the_cpu_and_times_every_kernel(capsys):
 def test_versus_engines_take_turns_and_ratios_pair_the_same_rounds(monkeypatch):
     # the rounds' ratios are 5, 2 and 1: their median is 2 (the ratio of the medians
     # would say 4)
-    assert suite.paired_speedup([1.0, 1.0, 4.0], [5.0, 2.0, 4.0]) == 2.0
+    assert turns.paired_speedup([1.0, 1.0, 4.0], [5.0, 2.0, 4.0]) == 2.0
     with pytest.raises(ValueError):
-        suite.paired_speedup([1.0], [1.0, 2.0])
+        turns.paired_speedup([1.0], [1.0, 2.0])
 
     calls, clock = [], iter(range(1000))
-    monkeypatch.setattr(suite.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(turns.time, "perf_counter", lambda: float(next(clock)))
 
     def engine(name, cost):
         def run():
@@ -234,10 +234,37 @@ def test_versus_engines_take_turns_and_ratios_pair_the_same_rounds(monkeypatch):
             return [name]
         return run
 
-    cfg = suite.Config(runs=3, warmup=1)
-    seconds, tokens = suite._take_turns({"a": engine("a", 1), "b": engine("b", 3),
-                                         "c": engine("c", 2)}, cfg)
+    seconds, tokens = turns.take_turns({"a": engine("a", 1), "b": engine("b", 3),
+                                        "c": engine("c", 2)}, runs=3, warmup=1)
     # every round calls each engine once, the order rotating; warm-up rounds untimed
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
     assert seconds == {"a": [1.0] * 3, "b": [3.0] * 3, "c": [2.0] * 3}
     assert tokens == {"a": ["a"], "b": ["b"], "c": ["c"]}
+
+
+def test_split_decode_times_pair_each_rounds_long_and_short_generates(monkeypatch):
+    """Per round, a long generate less a short one on the same LLM; the host's speed
+    changes from round to round (factor f), so only pairs of one round give the ratio."""
+    from llm_shard.benchmarks import pipeline
+
+    clock, calls = [0.0], []
+    factors = [1.0, 3.0, 1.5, 2.0]  # the warm-up round's, then 3 timed rounds'
+    monkeypatch.setattr(turns.time, "perf_counter", lambda: clock[0])
+
+    class FakeLLM:
+        tokenizer = None
+
+        def __init__(self, step: float) -> None:
+            self.step = step
+
+        def generate(self, prompt_token_ids, params):
+            f = factors[len(calls) // 4]  # 2 LLMs x (long, short) calls a round
+            calls.append((self.step, params.max_tokens))
+            clock[0] += f * (0.5 + self.step * params.max_tokens)  # prefill + decode
+
+    per_token = pipeline.decode_seconds({1: FakeLLM(0.02), 3: FakeLLM(0.025)}, tokens=8,
+                                        runs=3)
+    assert len(calls) == 16
+    assert per_token[1] == pytest.approx([0.02 * f for f in factors[1:]])
+    assert per_token[3] == pytest.approx([0.025 * f for f in factors[1:]])
+    assert turns.paired_speedup(per_token[3], per_token[1]) == pytest.approx(0.8)
