@@ -93,13 +93,14 @@ def encode(
         dtype = _DTYPE_NAMES.get(t.dtype)
         if dtype is None:
             raise WireError(f"tensor {name!r} has dtype {t.dtype}; the wire carries {list(DTYPES)}")
-        t = t.detach().to("cpu").contiguous()
-        if t.numel() * t.element_size() > max_frame_bytes:
-            raise WireError(f"tensor {name!r} is {t.numel() * t.element_size()} bytes, over "
+        if t.device.type != "cpu" or t.requires_grad or not t.is_contiguous():
+            t = t.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.itemsize
+        if nbytes > max_frame_bytes:
+            raise WireError(f"tensor {name!r} is {nbytes} bytes, over "
                             f"the {max_frame_bytes}-byte frame limit")
         descs.append({"name": name, "dtype": dtype, "shape": list(t.shape)})
-        # numpy has no bfloat16: reinterpret every dtype as bytes, 1-D so 0-d works too.
-        frames.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        frames.append(_bytes_of(t))
     header_map = {"v": WIRE_VERSION, "kind": kind, "fields": fields, "tensors": descs}
     try:
         header = msgpack.packb(header_map, use_bin_type=True)
@@ -208,7 +209,7 @@ def _check_desc(i: int, desc: Any, seen: dict) -> tuple[str, torch.dtype, list[i
 
 def _tensor(name: str, dtype: torch.dtype, shape: list[int], buf: memoryview,
             max_frame_bytes: int) -> torch.Tensor:
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     expected = math.prod(shape) * itemsize
     # Zero-size dims aside, the sizes must fit the limit too: [0, 2**62, 2**62] is "empty"
     # but overflows torch's stride arithmetic.
@@ -221,19 +222,31 @@ def _tensor(name: str, dtype: torch.dtype, shape: list[int], buf: memoryview,
                         f"of {dtype} needs {expected}")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
+    if dtype == torch.bool:
+        if bool((_frombuffer(buf, torch.uint8) > 1).any()):
+            raise WireError(f"tensor {name!r} is bool but has bytes other than 0 and 1")
+    flat = _frombuffer(buf, dtype)
+    if flat.data_ptr() % itemsize:  # tiny zmq frames live inline and may be unaligned
+        flat = _frombuffer(memoryview(bytearray(buf)), dtype)  # (malloc'd: aligned)
+    return flat.view(shape)
+
+
+def _frombuffer(buf: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over buf's bytes, no copy (one torch op: a received step's path runs with
+    caches cold from the weights streamed before it, where each op costs tens of us)."""
     if buf.readonly:
         # bytes frames (tests, copy=True receives) are read-only; the tensor is
         # documented read-only, so torch's once-per-process warning says nothing new.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            flat = torch.frombuffer(buf, dtype=torch.uint8)
-    else:
-        flat = torch.frombuffer(buf, dtype=torch.uint8)
-    if flat.data_ptr() % itemsize:
-        flat = flat.clone()  # tiny zmq frames live inline and may be unaligned
-    if dtype == torch.bool and bool((flat > 1).any()):
-        raise WireError(f"tensor {name!r} is bool but has bytes other than 0 and 1")
-    return flat.view(dtype).reshape(shape)
+            return torch.frombuffer(buf, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype)
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, no copy. numpy has no bfloat16: every dtype is
+    reinterpreted as bytes, 1-D so that 0-d works too."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
 def send(socket: Any, frames: list[bytes | memoryview]) -> None:

@@ -160,8 +160,8 @@ class Batch:
         """Positions continue each sequence from its cache's current length."""
         starts = [_cache_len(c) for c in caches]
         pos = [torch.arange(s, s + n) for s, n in zip(starts, seq_lens)]
-        return cls(list(seq_lens), torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long),
-                   caches, prefixes)
+        return cls(list(seq_lens), pos[0] if len(pos) == 1 else torch.cat(pos) if pos
+                   else torch.zeros(0, dtype=torch.long), caches, prefixes)
 
     @property
     def last_rows(self) -> torch.Tensor:

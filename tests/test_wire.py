@@ -79,6 +79,22 @@ def test_encode_is_zero_copy_and_decode_shares_the_frame():
     assert out[0] == 7.0  # the tensor is a view over the received frame
 
 
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_unaligned_frames_are_copied_to_aligned_tensors(readonly):
+    # small zmq frames live inline in the message and may start at any address
+    tensors = {"ids": torch.tensor([5, -6, 7]), "x": torch.randn(2, 3).bfloat16(),
+               "f": torch.randn(5), "mask": torch.tensor([True, False, True])}
+    frames = encode("step", {}, tensors)
+    received = [frames[0]]
+    for f in frames[1:]:
+        buf = memoryview(bytearray(len(f) + 1))[1:]  # one byte past malloc's alignment
+        buf[:] = f
+        received.append(buf.toreadonly() if readonly else buf)
+    out = decode(received).tensors
+    for name, t in tensors.items():
+        assert torch.equal(out[name], t) and out[name].data_ptr() % t.itemsize == 0
+
 def test_several_tensors_keep_order_and_fields_nest():
     params = SamplingParams(max_tokens=4, temperature=0, stop=["\n"])
     tensors = {"hidden": torch.randn(2, 3).bfloat16(), "ids": torch.tensor([5, 6]),

@@ -168,8 +168,9 @@ class StageRunner:
         prefixes = [Prefix(*known[str(i)]) if str(i) in known else None for i in seqs]
         batch = Batch.of(lens, [self.sequences[i].cache for i in seqs],
                          prefixes if any(prefixes) else None)
-        x = tokens.to(self.device) if self.first else wire.from_wire(hidden, self.dtype).to(
-            self.device)
+        x = tokens if self.first else wire.from_wire(hidden, self.dtype)
+        if self.device.type != "cpu":
+            x = x.to(self.device)
         t0 = time.perf_counter()
         out = self.model(x, batch, run_blocks=self.blocks.run)
         out_fields["stage_ms"] = [*fields.get("stage_ms", ()), (time.perf_counter() - t0) * 1e3]

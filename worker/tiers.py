@@ -321,7 +321,7 @@ class TieredBlocks:
                 x = x.to(device)
             block = self.resident.get(i)
             x = block(x, batch) if block is not None else self.streamer.run(i, x, batch)
-        return x.to("cpu")  # embedding and head stay in RAM
+        return x if x.device.type == "cpu" else x.to("cpu")  # embedding and head stay in RAM
 
     def bytes_by_tier(self, store: Store) -> dict[str, int]:
         out = {t.value: 0 for t in Tier}
