@@ -129,15 +129,20 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     if not len(params) == len(histories) == len(steps) == batch:
         raise ValueError(f"{batch} rows of logits but {len(params)} params, "
                          f"{len(histories)} histories and {len(steps)} steps")
-    nan = torch.isnan(logits.sum(-1))  # (batch,): a NaN anywhere in a row
-    if nan.any():
-        rows = nan.nonzero().flatten().tolist()
-        raise ValueError(f"logits of rows {rows} contain NaN (or both +inf and -inf)")
+    # A decode step's few ops run with caches cold from the weights streamed before them
+    # (tens of us each here): the common case takes the fewest.
+    if torch.isnan(logits.sum()):  # NaN somewhere, or +inf and -inf (maybe in two rows)
+        nan = torch.isnan(logits.sum(-1))  # (batch,): a NaN anywhere in a row
+        if nan.any():
+            rows = nan.nonzero().flatten().tolist()
+            raise ValueError(f"logits of rows {rows} contain NaN (or both +inf and -inf)")
     logits = logits.float()
 
     tokens = [0] * batch
     greedy = [i for i, p in enumerate(params) if p.greedy]
-    if greedy:
+    if len(greedy) == batch and all(p.repetition_penalty == 1 for p in params):
+        tokens = logits.argmax(-1).tolist()  # no copy to penalize: every row's argmax
+    elif greedy:
         rows = logits[greedy]  # a copy, (len(greedy), vocab), to penalize in place
         for row, i in zip(rows, greedy):
             _penalize(row, histories[i], params[i].repetition_penalty)

@@ -290,6 +290,13 @@ def test_bad_inputs_are_named():
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"rows \[1\]"):
         sample(bad, [p] * 3, [[]] * 3, [0] * 3)
+    with pytest.raises(ValueError, match=r"rows \[1\]"):  # greedy's shortcut checks too
+        sample(bad, [SamplingParams(temperature=0)] * 3, [[]] * 3, [0] * 3)
+    # +inf in one row and -inf in another sum to NaN over the batch, but no row is bad
+    ok = torch.zeros(2, 5)
+    ok[0, 3], ok[1, 1] = float("inf"), float("-inf")
+    assert [s.token for s in sample(ok, [SamplingParams(temperature=0)] * 2, [[]] * 2,
+                                    [0, 0])] == [3, 0]
 
 
 def test_masked_tokens_are_never_drawn():
