@@ -79,7 +79,6 @@ def test_encode_is_zero_copy_and_decode_shares_the_frame():
     assert out[0] == 7.0  # the tensor is a view over the received frame
 
 
-
 @pytest.mark.parametrize("readonly", [False, True])
 def test_unaligned_frames_are_copied_to_aligned_tensors(readonly):
     # small zmq frames live inline in the message and may start at any address
@@ -94,6 +93,7 @@ def test_unaligned_frames_are_copied_to_aligned_tensors(readonly):
     out = decode(received).tensors
     for name, t in tensors.items():
         assert torch.equal(out[name], t) and out[name].data_ptr() % t.itemsize == 0
+
 
 def test_several_tensors_keep_order_and_fields_nest():
     params = SamplingParams(max_tokens=4, temperature=0, stop=["\n"])
