@@ -195,7 +195,8 @@ def report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="llm-shard bench pipeline",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--json", help="also write the figures as JSON to PATH (- for stdout)")

@@ -192,12 +192,16 @@ def plan(model: str, workers: tuple[str, ...], objective: str, cache_tokens: int
     click.echo(format_plan(p, report, cost))
 
 
+# bench commands hand every argument, --help included, to the benchmark's own argparse
+_PASS_THROUGH = {"ignore_unknown_options": True, "help_option_names": []}
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks that print figures and ratios to physical limits."""
 
 
-@bench.command("kernels", context_settings={"ignore_unknown_options": True})
+@bench.command("kernels", context_settings=_PASS_THROUGH)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_kernels(args: tuple[str, ...]) -> None:
     """GB/s of weight bytes for fp32, bf16 and int8 linear kernels vs memory bandwidth."""
@@ -206,7 +210,7 @@ def bench_kernels(args: tuple[str, ...]) -> None:
     kernels_main(list(args))
 
 
-@bench.command("swap", context_settings={"ignore_unknown_options": True})
+@bench.command("swap", context_settings=_PASS_THROUGH)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_swap(args: tuple[str, ...]) -> None:
     """Disk-tier decode of a random PanGu-α-2.6B int8 far over its RAM budget: cold disk
@@ -216,7 +220,7 @@ def bench_swap(args: tuple[str, ...]) -> None:
     swap_main(list(args))
 
 
-@bench.command("pipeline", context_settings={"ignore_unknown_options": True})
+@bench.command("pipeline", context_settings=_PASS_THROUGH)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_pipeline(args: tuple[str, ...]) -> None:
     """Decode unsplit vs split over 2 and 3 local Ray workers, per-hop cost, concurrent
@@ -226,7 +230,7 @@ def bench_pipeline(args: tuple[str, ...]) -> None:
     pipeline_main(list(args))
 
 
-@bench.command("suite", context_settings={"ignore_unknown_options": True})
+@bench.command("suite", context_settings=_PASS_THROUGH)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_suite(args: tuple[str, ...]) -> None:
     """The whole suite (decode, versus transformers, load, split, throughput, swap) with

@@ -268,3 +268,15 @@ def test_split_decode_times_pair_each_rounds_long_and_short_generates(monkeypatc
     assert per_token[1] == pytest.approx([0.02 * f for f in factors[1:]])
     assert per_token[3] == pytest.approx([0.025 * f for f in factors[1:]])
     assert turns.paired_speedup(per_token[3], per_token[1]) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("command, option", [("kernels", "--threads"), ("swap", "--preset"),
+                                             ("pipeline", "--tokens"), ("suite", "--suites")])
+def test_bench_help_shows_the_benchmarks_own_options(command, option):
+    from click.testing import CliRunner
+
+    from llm_shard.coordinator.cli import cli
+
+    r = CliRunner().invoke(cli, ["bench", command, "--help"])
+    assert r.exit_code == 0, r.output
+    assert f"usage: llm-shard bench {command}" in r.output and option in r.output
