@@ -12,11 +12,15 @@ import sys
 import click
 
 from llm_shard.cluster.resources import node_resources
-from llm_shard.models import UnknownArch, arch_names
-from llm_shard.models.convert import ConvertError
-from llm_shard.models.sources import SourceError
-from llm_shard.models.store import DTYPES, StoreError
-from llm_shard.models.tokenizer import TokenizerError
+from llm_shard.models import arch_names
+from llm_shard.models.errors import (
+    DTYPE_NAMES,
+    ConvertError,
+    SourceError,
+    StoreError,
+    TokenizerError,
+    UnknownArch,
+)
 
 EXPECTED = (ConvertError, SourceError, StoreError, UnknownArch, TokenizerError, FileExistsError)
 
@@ -42,7 +46,7 @@ def cli(debug: bool) -> None:
 @click.argument("src")
 @click.option("--arch", type=click.Choice(arch_names()), default=None,
               help="Architecture; may be left out when SRC says it (GGUF, config.json).")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="int8", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="int8", show_default=True)
 @click.option("-o", "--out", "out", required=True, help="Store folder to create.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at OUT.")
 @click.option("--rounding", type=click.Choice(["gguf", "nearest", "gptq"]), default=None,
@@ -134,7 +138,7 @@ def _remove(path) -> int:
 @click.argument("prompt")
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1, None))
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="int8", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="int8", show_default=True)
 def generate(model: str, prompt: str, max_tokens: int, chat: bool, dtype: str) -> None:
     """Greedy one-shot generation in this process, streamed to the terminal."""
     from llm_shard.models.catalog import resolve
@@ -166,7 +170,7 @@ NOMINAL_SPEED = {"gpu": 200e9, "ram": 20e9, "disk": 1.5e9}
               show_default=True)
 @click.option("--cache-tokens", default=4096, show_default=True, type=click.IntRange(0, None),
               help="KV-cache tokens to reserve on every block (all sequences together).")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="int8", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="int8", show_default=True)
 def plan(model: str, workers: tuple[str, ...], objective: str, cache_tokens: int,
          dtype: str) -> None:
     """Print the partition table for MODEL over the given workers, loading nothing."""
@@ -256,7 +260,7 @@ def _llm_options(f):
         click.option("--worker", "workers", multiple=True, metavar="SPEC",
                      help="A worker's budget, e.g. ram=1GiB,disk=8GiB (repeat per worker); "
                           "default: every node's advertised budget."),
-        click.option("--dtype", type=click.Choice(list(DTYPES)), default="int8",
+        click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="int8",
                      show_default=True, help="Weights of the store."),
         click.option("--cache-tokens", default=4096, show_default=True,
                      type=click.IntRange(16, None),

@@ -6,16 +6,16 @@ Knows no Ray and no ZeroMQ: everything here runs on plain tensors in one process
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from .base import Arch
+from .errors import UnknownArch
+
+if TYPE_CHECKING:
+    from .base import Arch
 
 _ARCH_MODULES = {"llama": "llama", "pangu-alpha": "pangu", "moss": "moss", "chatglm": "chatglm",
                  "rwkv": "rwkv", "cpm2": "cpm2"}
 PLANNED: tuple[str, ...] = ()  # architectures of the seed not yet written
-
-
-class UnknownArch(ValueError):
-    pass
 
 
 def arch_names() -> list[str]:

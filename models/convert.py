@@ -18,15 +18,12 @@ from tqdm import tqdm
 from . import get_arch
 from .base import Arch, ArchConfig, Part, Rule, on_meta, parts_of
 from .calibrate import Calibrator, calibration_ids
+from .errors import ConvertError
 from .quant import quantize_weight
 from .sources import Blocks, Source, open_source
 from .store import DTYPES, Store, StoreWriter
 
 log = logging.getLogger(__name__)
-
-
-class ConvertError(Exception):
-    """The checkpoint does not match the architecture; the message names the key."""
 
 
 def part_rules(layout: dict, part: Part) -> dict[str, Rule]:

@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import SourceError
+
 log = logging.getLogger(__name__)
-
-
-class SourceError(Exception):
-    """A checkpoint source that cannot be read; the message says what to do."""
 
 
 @dataclass

@@ -37,14 +37,14 @@ from torch import nn
 
 from . import get_arch
 from .base import Arch, ArchConfig, Part, on_meta, parts_of
+from .errors import DTYPE_NAMES, StoreError
 from .quant import int8_formats, keeps_dtype, prepare_int8, screen_head, swap_int8
 
 log = logging.getLogger(__name__)
 
 FORMAT = "llm-shard-store"
 VERSION = 1
-DTYPES = {"int8": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
-          "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float32, torch.bfloat16, torch.float16)))
 
 
 # Kernels that run a layer from a copy of its weights (fbgemm's packed form; "auto"
@@ -147,10 +147,6 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def without_padding(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if not k.startswith(PAD)}
-
-
-class StoreError(Exception):
-    """A store that is missing, incomplete, corrupt or of another version."""
 
 
 def sha256_file(path: Path, log_every: float | None = None) -> str:

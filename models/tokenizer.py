@@ -16,10 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import chat
-
-
-class TokenizerError(ValueError):
-    """A tokenizer that cannot be found, read or built."""
+from .errors import TokenizerError
 
 
 class Tokenizer:

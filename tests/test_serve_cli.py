@@ -200,6 +200,27 @@ def test_serve_and_chat_have_help():
         assert out.returncode == 0 and "Usage:" in out.stdout, out.stderr
 
 
+TORCH_FREE = """
+import sys
+from click.testing import CliRunner
+from llm_shard.coordinator.cli import cli
+for args in (["--help"], *([verb, "--help"] for verb in cli.commands)):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0 and "usage:" in res.output.lower(), (args, res.output)
+from llm_shard.coordinator import client  # what `chat URL` talks through
+loaded = sorted(m for m in ("torch", "numpy", "ray", "zmq") if m in sys.modules)
+assert not loaded, f"loaded for help alone: {loaded}"
+"""
+
+
+def test_help_and_the_http_client_load_no_torch():
+    """`llm-shard --help`, every verb's help and `chat URL`'s client answer in a fraction
+    of a second: none loads torch (2-3 s here), numpy, Ray or ZeroMQ."""
+    out = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", ["cpm2", "llama-7b"])
 def test_a_model_not_stored_says_what_to_run_offline(tmp_path, name):
     """No store and no hub (this machine is offline; HF_HUB_OFFLINE makes sure): one
