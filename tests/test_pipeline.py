@@ -125,6 +125,9 @@ def test_continuous_batching_gives_each_prompt_its_own_tokens(ray_cluster, store
     assert [o.token_ids for o in ids] == reference[:2]
 
 
+LONG = 150
+
+
 def test_a_request_joins_while_others_decode(ray_cluster, store):
     with llm(store, 2) as model:
         tok = store.tokenizer()
@@ -136,8 +139,10 @@ def test_a_request_joins_while_others_decode(ray_cluster, store):
             if len(pieces) >= 3:
                 started.set()
 
+        # long enough (about 15 s here) that the short one, a prefill and 3 tokens, is
+        # done well before it unless it waits for it
         long = model.submit(tok.encode(PROMPTS[1]),
-                            SamplingParams(max_tokens=400, temperature=0, ignore_eos=True),
+                            SamplingParams(max_tokens=LONG, temperature=0, ignore_eos=True),
                             on_text)
         assert started.wait(60)
         short = model.submit(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=3,
@@ -145,7 +150,7 @@ def test_a_request_joins_while_others_decode(ray_cluster, store):
         assert short.result(timeout=60).token_ids
         assert not long.done()  # the short one did not wait for the long one
         done = long.result(timeout=300)
-        assert len(done.token_ids) == 400 and done.finish_reason == "length"
+        assert len(done.token_ids) == LONG and done.finish_reason == "length"
         assert "".join(pieces) == done.text
 
 
