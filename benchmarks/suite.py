@@ -293,9 +293,11 @@ def hf_model(gguf: Path, dtype: torch.dtype):
     return model.eval()
 
 
-def hf_folder(gguf: Path, folder: Path) -> Path:
+def hf_folder(gguf: Path, stores: dict) -> Path:
     """SmolLM2's GGUF loaded by transformers and saved as a plain fp32 safetensors folder
-    (once): the same weights in the layout `from_pretrained` loads fastest."""
+    beside the fp32 store (once: transformers dequantizes a GGUF slowly): the same weights
+    in the layout `from_pretrained` loads fastest."""
+    folder = stores["fp32"].path.parent / "smollm2-135m-hf-fp32"
     if (folder / "model.safetensors").is_file():
         return folder
     from safetensors.torch import save_model
@@ -327,14 +329,7 @@ def _peer(ctx: dict, out: dict) -> tuple[Path, Path] | None:
     import transformers
 
     out["transformers"] = transformers.__version__
-    return _hf_folder(ctx, gguf), gguf
-
-
-def _hf_folder(ctx: dict, gguf: Path) -> Path:
-    if "hf_folder" not in ctx:
-        ctx["hf_folder"] = hf_folder(gguf, ctx["stores"]["fp32"].path.parent
-                                     / "smollm2-135m-hf-fp32")
-    return ctx["hf_folder"]
+    return hf_folder(gguf, ctx["stores"]), gguf
 
 
 def _ours_generate(model, ids: list[int], tokens: int) -> list[int]:

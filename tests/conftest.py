@@ -32,6 +32,17 @@ def smollm2_stores(smollm2_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf_folder(smollm2_path, smollm2_stores) -> Path:
+    """SmolLM2 as transformers loads it from the GGUF, saved as a plain fp32 safetensors
+    folder once a session (transformers dequantizes a GGUF in 10-20 s here; the folder
+    loads in one); the bench suite's own copy, which it then finds made."""
+    pytest.importorskip("transformers")
+    from llm_shard.benchmarks.suite import hf_folder
+
+    return hf_folder(smollm2_path, smollm2_stores)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One Ray cluster for the whole session (`ray.cluster_utils.Cluster`: its head here;
     tests add nodes with their own budgets and remove them). Auth and usage stats off:

@@ -504,14 +504,14 @@ FLIP_MARGIN = 0.5  # logits; measured <= 0.22
 
 
 @pytest.fixture(scope="module")
-def smollm2_hf(smollm2_path):
+def smollm2_hf(smollm2_path, smollm2_hf_folder):
     """(fp32 transformers model, token ids (1, n), {kernel: (agreement, ppl ratio)})."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    folder, name = str(smollm2_path.parent), smollm2_path.name
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_path.parent,
+                                                     gguf_file=smollm2_path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32).eval()
+        smollm2_hf_folder, dtype=torch.float32).eval()  # the GGUF's weights, in fp32
     ids = tok((DATA / "eval_text.txt").read_text(), return_tensors="pt").input_ids
     assert ids.shape[1] >= 500
     return model, ids, {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -293,21 +294,14 @@ MEASURE = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def smollm2_hf(smollm2_path, tmp_path_factory):
-    """SmolLM2-135M loaded by transformers from its GGUF, saved as an fp32 HF folder."""
-    from safetensors.torch import save_model
+def smollm2_hf(smollm2_hf_folder):
+    """SmolLM2-135M loaded by transformers from its GGUF, saved as an fp32 HF folder; and
+    its parameters' fp32 bytes (the tied head once)."""
+    from safetensors import safe_open
 
-    model = transformers.LlamaForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32)
-    path = tmp_path_factory.mktemp("smollm2-hf")
-    del model.config.quantization_config  # the weights are plain fp32 now
-    model.config.save_pretrained(path)
-    model.generation_config.save_pretrained(path)
-    save_model(model, str(path / "model.safetensors"))
-    total = sum(p.numel() * 4 for p in model.parameters())
-    del model
-    gc.collect()
-    return path, total
+    with safe_open(smollm2_hf_folder / "model.safetensors", "pt") as f:
+        total = sum(math.prod(f.get_slice(k).get_shape()) * 4 for k in f.keys())
+    return smollm2_hf_folder, total
 
 
 def test_smollm2_with_a_small_ram_budget(smollm2_hf):
