@@ -3,6 +3,8 @@ for every block type int8 can hold; other types are left to per-channel rounding
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -52,3 +54,25 @@ def test_block_types_read_back_exactly(gguf_file, kind):
 @pytest.mark.parametrize("kind", ["BF16", "F16"])
 def test_other_types_are_not_blocks(gguf_file, kind):
     assert gguf_file.blocks(f"{kind}.weight") is None
+
+
+def _write_one(path, value: float) -> None:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("w.weight", np.full((4, 32), value, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_is_parsed_once_while_unchanged(tmp_path):
+    """Opening the same file again reuses its parse; a file rewritten since is read anew."""
+    path = tmp_path / "one.gguf"
+    _write_one(path, 1.0)
+    first = GGUFFile(path)
+    assert GGUFFile(path).reader is first.reader
+    _write_one(path, 2.0)  # the same size
+    os.utime(path, ns=(1, 1))  # another modification time, however coarse the clock
+    again = GGUFFile(path)
+    assert again.reader is not first.reader
+    assert torch.equal(again.get("w.weight"), torch.full((4, 32), 2.0))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llm_shard.models import chat
+from llm_shard.models.sources import gguf_reader
 from llm_shard.models.tokenizer import (
     PanGuTokenizer,
     SentencePieceTokenizer,
@@ -232,9 +233,8 @@ VARIED = [
 
 @pytest.fixture(scope="module")
 def smol_reader(smollm2_path):
-    import gguf
-
-    return gguf.GGUFReader(smollm2_path)
+    pytest.importorskip("gguf")
+    return gguf_reader(smollm2_path)  # the converter's, parsed once a session
 
 
 @pytest.fixture(scope="module")
