@@ -10,9 +10,12 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .sources import SourceError, open_source
-from .store import Store, StoreError
+from .errors import StoreError
+
+if TYPE_CHECKING:
+    from .store import Store
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ def smollm2_gguf() -> Path | None:
 def resolve(name_or_path: str, dtype: str = "int8", progress: bool = True) -> Store:
     """A store for a model name or path, converting a local source once when needed."""
     from .convert import convert
+    from .store import Store
 
     path = Path(name_or_path).expanduser()
     if (path / "manifest.json").is_file():
@@ -147,5 +151,4 @@ def local_status() -> list[dict]:
     return rows
 
 
-__all__ = ["CATALOG", "ModelInfo", "home", "resolve", "local_status", "SourceError",
-           "open_source"]
+__all__ = ["CATALOG", "ModelInfo", "home", "resolve", "local_status"]

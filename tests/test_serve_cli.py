@@ -207,6 +207,8 @@ from llm_shard.coordinator.cli import cli
 for args in (["--help"], *([verb, "--help"] for verb in cli.commands)):
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0 and "usage:" in res.output.lower(), (args, res.output)
+res = CliRunner().invoke(cli, ["models"])  # the catalog and what is on disk
+assert res.exit_code == 0 and "smollm2-135m" in res.output, res.output
 from llm_shard.coordinator import client  # what `chat URL` talks through
 loaded = sorted(m for m in ("torch", "numpy", "ray", "zmq") if m in sys.modules)
 assert not loaded, f"loaded for help alone: {loaded}"
@@ -214,8 +216,8 @@ assert not loaded, f"loaded for help alone: {loaded}"
 
 
 def test_help_and_the_http_client_load_no_torch():
-    """`llm-shard --help`, every verb's help and `chat URL`'s client answer in a fraction
-    of a second: none loads torch (2-3 s here), numpy, Ray or ZeroMQ."""
+    """`llm-shard --help`, every verb's help, `models` and `chat URL`'s client answer in a
+    fraction of a second: none loads torch (2-3 s here), numpy, Ray or ZeroMQ."""
     out = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
