@@ -20,7 +20,7 @@ from test_pipeline import PROMPTS  # the same eight prompts
 
 from llm_shard import LLM, SamplingParams
 
-GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 KILLS = 20
 
 
