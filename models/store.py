@@ -37,14 +37,17 @@ from torch import nn
 
 from . import get_arch
 from .base import Arch, ArchConfig, Part, on_meta, parts_of
-from .errors import DTYPE_NAMES, StoreError
+from .errors import StoreError
 from .quant import int8_formats, keeps_dtype, prepare_int8, screen_head, swap_int8
 
 log = logging.getLogger(__name__)
 
 FORMAT = "llm-shard-store"
 VERSION = 1
-DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float32, torch.bfloat16, torch.float16)))
+# the torch dtype each store dtype runs its float parts in; its names are DTYPE_NAMES, which
+# the command line offers without loading torch (tests/test_store_verify.py checks)
+DTYPES = {"int8": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
+          "fp16": torch.float16}
 
 
 # Kernels that run a layer from a copy of its weights (fbgemm's packed form; "auto"

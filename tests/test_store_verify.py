@@ -235,3 +235,10 @@ def test_concurrent_records_merge(store, monkeypatch):
         t.join()
     assert not errors
     assert sorted(json.loads((store.path / VERIFIED).read_text())["files"]) == sorted(files)
+
+
+def test_the_command_lines_dtype_names_are_the_stores():
+    """The CLI offers models/errors.DTYPE_NAMES (no torch); the store maps the same names."""
+    from llm_shard.models.errors import DTYPE_NAMES
+
+    assert tuple(store_mod.DTYPES) == DTYPE_NAMES

@@ -233,7 +233,6 @@ VARIED = [
 
 @pytest.fixture(scope="module")
 def smol_reader(smollm2_path):
-    pytest.importorskip("gguf")
     return gguf_reader(smollm2_path)  # the converter's, parsed once a session
 
 
