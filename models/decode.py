@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 from . import w8a16
 from .cache import Batch
 from .layers import RMSNorm, no_graph, rope_tables
-from .quant import w8a16_calls
+from .quant import plan_epoch, plan_serials, w8a16_calls
 
 ENABLED = os.environ.get("LLM_SHARD_FUSED_BLOCKS", "1") != "0"
 PARTS = 3  # layers one projection may have (the C code's PARTS)
@@ -92,6 +93,54 @@ def _norm(m: nn.Module) -> tuple[int, float, int, int | None] | None:
     return None
 
 
+def _decode_rows(batch: Batch) -> int:
+    """The batch's row count where every row is one sequence's decode step, else -1 (once
+    per batch)."""
+    rows = batch.memo.get("decode_rows")
+    if rows is None:
+        lens = batch.seq_lens
+        rows = batch.memo["decode_rows"] = len(lens) if all(n == 1 for n in lens) else -1
+    return rows
+
+
+# A block's _Block, built once per block module: building it (the norms' and projections'
+# pointers, ctypes structs) cost ~0.25 ms a layer with the caches cold from the weights
+# streamed before it, more than a SmolLM2 layer's int8 kernels. Kept while its key holds:
+# the projections' plan serials (a new plan, after a load, a move or a re-fuse, changes
+# them), the norms and the shapes; checked in full only after some plan changed
+# (plan_epoch). None: the modules run that block.
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _spec(d: int, norm1: nn.Module, qkv: tuple, o: nn.Module, norm2: nn.Module, up: tuple,
+          down: nn.Module, **shape) -> _Block | None:
+    epoch, found = plan_epoch(), _SPECS.get(norm1)
+    fast = (d, *shape.values(),
+            *(_ptr(getattr(m, n, None)) for m in (norm1, norm2) for n in ("weight", "bias")))
+    if found is not None and found[0] == epoch and found[1] == fast:
+        return found[3]
+    n1, n2 = _norm(norm1), _norm(norm2)
+    key = (n1, n2, plan_serials((*qkv, o, *up, down)), tuple(shape))
+    if found is None or found[1] != fast or found[2] != key:
+        found = (epoch, fast, key, _build(d, n1, n2, qkv, o, up, down, **shape))
+    _SPECS[norm1] = (epoch, *found[1:])
+    return found[3]
+
+
+def _build(d: int, n1, n2, qkv: tuple, o: nn.Module, up: tuple, down: nn.Module, *,
+           heads: int, kv_heads: int, head_dim: int, scale: float, gelu: bool
+           ) -> _Block | None:
+    if w8a16.problem() is not None or n1 is None or n2 is None or n1[:2] != n2[:2]:
+        return None
+    projs = [_proj(qkv), _proj((o,)), _proj(up), _proj((down,))]
+    if any(p is None for p in projs):
+        return None
+    return _Block(d=d, heads=heads, kv=kv_heads, hd=head_dim, inter=down.in_features,
+                  layer_norm=n1[0], gelu=int(gelu), eps=n1[1], scale=scale, n1w=n1[2],
+                  n1b=n1[3], n2w=n2[2], n2b=n2[3], qkv=projs[0], o=projs[1], up=projs[2],
+                  down=projs[3])
+
+
 def block(x: torch.Tensor, batch: Batch, layer: int, norm1: nn.Module, qkv: tuple,
           o: nn.Module, norm2: nn.Module, up: tuple, down: nn.Module, *, heads: int,
           kv_heads: int, head_dim: int, scale: float, rope=None, gelu: bool = False
@@ -104,23 +153,22 @@ def block(x: torch.Tensor, batch: Batch, layer: int, norm1: nn.Module, qkv: tupl
     q and k, or None. `layer`: the global index of the block's cache."""
     rows = x.shape[0]
     if not (ENABLED and x.dtype == torch.float32 and x.is_cpu and x.dim() == 2
-            and x.is_contiguous() and 0 < rows == len(batch.seq_lens)
-            and all(n == 1 for n in batch.seq_lens) and w8a16.problem() is None
-            and no_graph(x)):
+            and x.is_contiguous() and _decode_rows(batch) == rows and no_graph(x)):
         return None
-    n1, n2 = _norm(norm1), _norm(norm2)
-    projs = [_proj(qkv), _proj((o,)), _proj(up), _proj((down,))]
-    if (n1 is None or n2 is None or n1[:2] != n2[:2]
-            or any(p is None for p in projs)):
+    spec = _spec(x.shape[1], norm1, qkv, o, norm2, up, down, heads=heads, kv_heads=kv_heads,
+                 head_dim=head_dim, scale=scale, gelu=gelu)
+    if spec is None:
         return None
     tables = None
     if rope is not None:
         tables = rope_tables(rope, batch, x)
-    like = x.new_empty(kv_heads, 1, head_dim)
+    like = None
     kc, vc, ks, vs, total = [], [], [], [], []
     for cache in batch.caches:
         kv = cache.layer(layer)
-        kv.reserve(1, like, like)
+        if kv.k is None or kv.offset >= kv.k.shape[1]:  # room for one more row
+            like = x.new_empty(kv_heads, 1, head_dim) if like is None else like
+            kv.reserve(1, like, like)
         if kv.k.dtype != torch.float32 or not kv.k.is_cpu:
             return None
         kc.append(kv.k.data_ptr())
@@ -128,12 +176,9 @@ def block(x: torch.Tensor, batch: Batch, layer: int, norm1: nn.Module, qkv: tupl
         ks.append(kv.k.stride(0))
         vs.append(kv.v.stride(0))
         total.append(kv.offset + 1)
-    spec = _Block(d=x.shape[1], heads=heads, kv=kv_heads, hd=head_dim,
-                  inter=down.in_features, layer_norm=n1[0], gelu=int(gelu), eps=n1[1],
-                  scale=scale, n1w=n1[2], n1b=n1[3], n2w=n2[2], n2b=n2[3],
-                  qkv=projs[0], o=projs[1], up=projs[2], down=projs[3],
-                  cos=_ptr(tables and tables[0]), sin=_ptr(tables and tables[1]),
-                  threads=torch.get_num_threads(), attend_threaded=w8a16.ATTEND_THREADED)
+    spec = _Block.from_buffer_copy(spec)  # this call's: another thread may run the block
+    spec.cos, spec.sin = _ptr(tables and tables[0]), _ptr(tables and tables[1])
+    spec.threads, spec.attend_threaded = torch.get_num_threads(), w8a16.ATTEND_THREADED
     out = x.clone()
     ptrs = ctypes.c_void_p * rows
     err = w8a16.load().w8a16_block(

@@ -79,6 +79,7 @@ and the same bits per output: fewer calls per block (see `fuse_int8`).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 import warnings
@@ -92,6 +93,14 @@ from torch import nn
 from . import w8a16
 
 log = logging.getLogger(__name__)
+
+_PLAN_SERIALS = itertools.count(1)  # Int8Linear.plan_serial: never reused in a process
+_LAST_SERIAL = [0]  # the latest plan_serial given out: plan_epoch()
+
+
+def plan_epoch() -> int:
+    """Changes whenever any Int8Linear's plan changes (prepared, dropped, fused)."""
+    return _LAST_SERIAL[0]
 
 QMAX = 127  # symmetric int8: [-127, 127], -128 unused
 GROUPS = (0, w8a16.BLOCK)  # inputs per scale: 0 = one scale per output row
@@ -427,7 +436,19 @@ class Int8Linear(nn.Module):
         self.register_buffer(
             "bias", torch.zeros(out_features, dtype=torch.float32, device=device)
             if bias else None)
-        self._plan: tuple[Kernel, object] | None = None
+        self._plan = None
+
+    @property
+    def _plan(self) -> tuple[Kernel, object] | None:
+        """The kernel and its packed state (None: not prepared). Every assignment stamps
+        a new `plan_serial`, unique in the process: what was built from a plan (decode.py's
+        block specs) is still valid while the serial is the same."""
+        return self.__dict__["_plan_state"]
+
+    @_plan.setter
+    def _plan(self, plan: tuple[Kernel, object] | None) -> None:
+        self.__dict__["_plan_state"] = plan
+        self.__dict__["plan_serial"] = _LAST_SERIAL[0] = next(_PLAN_SERIALS)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernel: str | None = None) -> Int8Linear:
@@ -535,7 +556,7 @@ class Int8Linear(nn.Module):
                 self._buffers[name] = buf.to(dtypes[name])
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_plan": None}
+        return {**self.__dict__, "_plan_state": None, "plan_serial": next(_PLAN_SERIALS)}
 
     def extra_repr(self) -> str:
         blocks = (f", group={self.group}, mins={self.mins is not None}" if self.group else "")
@@ -860,6 +881,19 @@ def fused_of(layers) -> Int8Linear | None:
              and parts[-1].end == fused.out_features
              and all(a.end == b.start for a, b in zip(parts, parts[1:])))
     return fused if whole else None
+
+
+def plan_serials(layers) -> tuple[int, ...]:
+    """Serials that change whenever `w8a16_calls(layers)` may: each layer's plan serial,
+    and for a member of a fused layer, the fused layer's too (0: not an Int8Linear)."""
+    out = []
+    for m in layers:
+        serial = getattr(m, "plan_serial", 0) if isinstance(m, Int8Linear) else 0
+        out.append(serial)
+        plan = m._plan if serial else None
+        if plan is not None and plan[0] is _MEMBER:
+            out.append(plan[1].fused.plan_serial)
+    return tuple(out)
 
 
 def w8a16_calls(layers) -> list[tuple] | None:

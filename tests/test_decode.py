@@ -197,13 +197,42 @@ def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, mo
 
 def test_a_block_whose_shapes_do_not_add_up_is_refused_not_read_past(monkeypatch):
     """heads x head_dim that is not what o_proj reads: an error naming the shapes, and no
-    cache row taken."""
+    cache row taken (also after a step that ran with the right heads kept its spec)."""
     block = make_block("llama", "per-channel", True)
     caches = prompts(block, [2])
+    with torch.inference_mode():
+        block(torch.randn(1, 128), Batch.of([1], caches))
     block.self_attn.heads, block.self_attn.kv_heads = 2, 1  # q/k/v widths no longer match
     with torch.inference_mode(), pytest.raises(ValueError, match="shapes do not match"):
         block(torch.randn(1, 128), Batch.of([1], caches))
-    assert caches[0].layer(1).offset == 2
+    assert caches[0].layer(1).offset == 3
+
+
+@pytest.mark.parametrize("change", ["load", "norm", "unfuse"])
+def test_a_block_whose_weights_change_runs_the_new_ones(change, monkeypatch):
+    """A block runs in C once (its spec is kept), then its weights change as a disk tier
+    reloads a block (load_state_dict with assign, prepare_int8), a norm's weight is
+    replaced, or its layers are prepared unfused: the next C call has the modules' bits
+    with the new weights, not the first weights'."""
+    block, other = (make_block("pangu", "per-channel", True) for _ in range(2))
+    with torch.no_grad():
+        for t in [*other.parameters(), *other.buffers()]:
+            t.copy_(t.roll(1, 0))
+    caches = prompts(block, [4])
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(3))
+    first, _ = step(block, x, caches, True, monkeypatch)
+    if change == "load":
+        block.load_state_dict({k: v.clone() for k, v in other.state_dict().items()},
+                              strict=True, assign=True)
+        prepare_int8(block)
+    elif change == "norm":
+        block.ln_2.weight = nn.Parameter(block.ln_2.weight.detach() * 1.5)
+    else:
+        prepare_int8(block, fuse=False)
+    y1, _ = step(block, x, caches, True, monkeypatch)
+    y0, _ = step(block, x, caches, False, monkeypatch)
+    assert torch.equal(y1, y0)
+    assert (change == "unfuse") == torch.equal(y1, first)  # unfused: the same bits
 
 
 def test_the_c_steps_leave_a_graph_being_built_to_torch():
