@@ -10,7 +10,9 @@ from C in one: the same C functions, in the same order, as the modules make them
 one (layers.py: RMSNorm, LayerNorm, rotate, _decode_row, SwiGLU, GeluMLP). So the result
 has the same bits either way (tests/test_decode.py), and a sequence's tokens do not depend
 on which path ran. Elsewhere (prefill rows, a GPU tier, bf16, another kernel) `block`
-returns None and the modules run.
+returns None and the modules run. `run_blocks` runs a stage's blocks with one C call for
+each run of them that can go there: their Python (caches, pointers) then runs back to
+back, warm, not between weight streams that leave it cold.
 
 LLM_SHARD_FUSED_BLOCKS=0 turns it off (to compare: `llm-shard bench`).
 """
@@ -141,56 +143,103 @@ def _build(d: int, n1, n2, qkv: tuple, o: nn.Module, up: tuple, down: nn.Module,
                   down=projs[3])
 
 
-def block(x: torch.Tensor, batch: Batch, layer: int, norm1: nn.Module, qkv: tuple,
-          o: nn.Module, norm2: nn.Module, up: tuple, down: nn.Module, *, heads: int,
-          kv_heads: int, head_dim: int, scale: float, rope=None, gelu: bool = False
-          ) -> torch.Tensor | None:
-    """x + attn(norm1(x)), then that + mlp(norm2(that)), in one C call; or None where the
-    modules must run it (see the module docstring).
+def block(module: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    """A block's x + attn(norm1(x)), then that + mlp(norm2(that)), in one C call; or None
+    where its modules must run it (see the module docstring). `module.decode_args()`
+    names its parts: (layer, norm1, qkv, o, norm2, up, down, shape, rope), where qkv are
+    the q, k and v projections (reading norm1's output), up is (gate, up) of a SwiGLU or
+    (fc,) of a GELU MLP, down its output projection, shape the keywords heads, kv_heads,
+    head_dim, scale and gelu, rope a layers.Rotary for q and k (or None), and layer the
+    global index of the block's cache."""
+    y, ran = blocks((module,), x, batch)
+    return y if ran else None
 
-    qkv: the q, k and v projections (read norm1's output); up: (gate, up) of a SwiGLU, or
-    (fc,) of a GELU MLP (`gelu`); down: its output projection. `rope`: a layers.Rotary for
-    q and k, or None. `layer`: the global index of the block's cache."""
+
+def blocks(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+    """The longest run of `modules` from the first that can go in C, in one call (each a
+    block with `decode_args()`, as `block` takes them); returns (output, how many ran): 0
+    where the first must run through its modules. One call for a stage's blocks leaves
+    the Python of all its layers together, warm, before the weights stream."""
+    calls = []
+    for m in modules:
+        args = getattr(m, "decode_args", None)
+        found = args() if args is not None else None
+        if found is None:
+            break
+        calls.append(found)
+    return _run(x, batch, calls) if calls else (x, 0)
+
+
+def run_blocks(modules, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """`modules` in order: each run of blocks that can go in C in one call, the others
+    through their forward."""
+    modules, k = list(modules), 0
+    while k < len(modules):
+        x, ran = blocks(modules[k:], x, batch)
+        if not ran:
+            x, ran = modules[k](x, batch), 1
+        k += ran
+    return x
+
+
+def _run(x: torch.Tensor, batch: Batch, calls: list[tuple]) -> tuple[torch.Tensor, int]:
     rows = x.shape[0]
     if not (ENABLED and x.dtype == torch.float32 and x.is_cpu and x.dim() == 2
             and x.is_contiguous() and _decode_rows(batch) == rows and no_graph(x)):
-        return None
-    spec = _spec(x.shape[1], norm1, qkv, o, norm2, up, down, heads=heads, kv_heads=kv_heads,
-                 head_dim=head_dim, scale=scale, gelu=gelu)
-    if spec is None:
-        return None
-    tables = None
-    if rope is not None:
-        tables = rope_tables(rope, batch, x)
-    like = None
-    kc, vc, ks, vs, total = [], [], [], [], []
-    for cache in batch.caches:
-        kv = cache.layer(layer)
-        if kv.k is None or kv.offset >= kv.k.shape[1]:  # room for one more row
-            like = x.new_empty(kv_heads, 1, head_dim) if like is None else like
-            kv.reserve(1, like, like)
-        if kv.k.dtype != torch.float32 or not kv.k.is_cpu:
-            return None
-        kc.append(kv.k.data_ptr())
-        vc.append(kv.v.data_ptr())
-        ks.append(kv.k.stride(0))
-        vs.append(kv.v.stride(0))
-        total.append(kv.offset + 1)
-    spec = _Block.from_buffer_copy(spec)  # this call's: another thread may run the block
-    spec.cos, spec.sin = _ptr(tables and tables[0]), _ptr(tables and tables[1])
-    spec.threads, spec.attend_threaded = torch.get_num_threads(), w8a16.ATTEND_THREADED
-    out = x.clone()
-    ptrs = ctypes.c_void_p * rows
-    err = w8a16.load().w8a16_block(
-        ctypes.byref(spec), out.data_ptr(), rows, ptrs(*kc), ptrs(*vc),
-        (ctypes.c_long * rows)(*ks), (ctypes.c_long * rows)(*vs), (ctypes.c_int * rows)(*total))
+        return x, 0
+    specs, layers, kc, vc, ks, vs, total = [], [], [], [], [], [], []
+    for layer, norm1, qkv, o, norm2, up, down, shape, rope in calls:
+        spec = _spec(x.shape[1], norm1, qkv, o, norm2, up, down, **shape)
+        if spec is None or not _caches(batch, layer, x, shape, kc, vc, ks, vs, total):
+            break
+        spec = _Block.from_buffer_copy(spec)  # this call's: another thread may run the block
+        tables = rope_tables(rope, batch, x) if rope is not None else None
+        spec.cos, spec.sin = _ptr(tables and tables[0]), _ptr(tables and tables[1])
+        spec.threads, spec.attend_threaded = torch.get_num_threads(), w8a16.ATTEND_THREADED
+        specs.append(spec)
+        layers.append(layer)
+    n = len(specs)
+    if not n:
+        return x, 0
+    out, done = x.clone(), ctypes.c_int(0)
+    per = rows * n  # block l's rows at [l * rows, (l + 1) * rows)
+    err = w8a16.load().w8a16_blocks_run(
+        (ctypes.POINTER(_Block) * n)(*(ctypes.pointer(s) for s in specs)), n,
+        out.data_ptr(), rows, (ctypes.c_void_p * per)(*kc),
+        (ctypes.c_void_p * per)(*vc), (ctypes.c_long * per)(*ks), (ctypes.c_long * per)(*vs),
+        (ctypes.c_int * per)(*total),
+        ctypes.byref(done))
+    for layer in layers[:done.value]:
+        for cache in batch.caches:
+            cache.layer(layer).offset += 1
     if err == -1:
         raise MemoryError(f"w8a16 block: no memory for {rows} rows")
     if err:
+        s, layer = specs[done.value], layers[done.value]
         raise ValueError(f"w8a16 block of layer {layer}: its projections' shapes do not "
-                         f"match a hidden size of {x.shape[1]}, {heads} + 2 x {kv_heads} "
-                         f"heads of {head_dim} and an MLP of {down.in_features}, or a "
-                         "layer's inputs are not whole blocks")
+                         f"match a hidden size of {s.d}, {s.heads} + 2 x {s.kv} heads of "
+                         f"{s.hd} and an MLP of {s.inter}, or a layer's inputs are not "
+                         "whole blocks")
+    return out, n
+
+
+def _caches(batch: Batch, layer: int, x: torch.Tensor, shape: dict, kc, vc, ks, vs,
+            total) -> bool:
+    """Room for one more row in each sequence's cache of `layer`; appends their pointers,
+    head strides and lengths with it (False, appending nothing: a cache the C code does
+    not read)."""
+    found = []
     for cache in batch.caches:
-        cache.layer(layer).offset += 1
-    return out
+        kv = cache.layer(layer)
+        if kv.k is None or kv.offset >= kv.k.shape[1]:
+            like = x.new_empty(shape["kv_heads"], 1, shape["head_dim"])
+            kv.reserve(1, like, like)
+        if kv.k.dtype != torch.float32 or not kv.k.is_cpu:
+            return False
+        found.append(kv)
+    kc += [kv.k.data_ptr() for kv in found]
+    vc += [kv.v.data_ptr() for kv in found]
+    ks += [kv.k.stride(0) for kv in found]
+    vs += [kv.v.stride(0) for kv in found]
+    total += [kv.offset + 1 for kv in found]
+    return True

@@ -117,13 +117,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def decode_args(self) -> tuple:
+        """This block's parts for models/decode.py's one C call."""
         at, mlp = self.self_attn, self.mlp
-        y = decode.block(x, batch, at.layer, self.input_layernorm,
-                         (at.q_proj, at.k_proj, at.v_proj), at.o_proj,
-                         self.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj),
-                         mlp.down_proj, heads=at.heads, kv_heads=at.kv_heads,
-                         head_dim=at.head_dim, scale=default_scale(at.head_dim), rope=at.rope)
+        return (at.layer, self.input_layernorm, (at.q_proj, at.k_proj, at.v_proj), at.o_proj,
+                self.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), mlp.down_proj,
+                dict(heads=at.heads, kv_heads=at.kv_heads, head_dim=at.head_dim,
+                     scale=default_scale(at.head_dim), gelu=False), at.rope)
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        y = decode.block(self, x, batch)
         if y is not None:  # a decode step's rows, in one C call
             return y
         x = x + self.self_attn(self.input_layernorm(x), batch)

@@ -95,12 +95,16 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(cfg.hidden_size, eps=eps)
         self.mlp = GeluMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def decode_args(self) -> tuple | None:
+        """This block's parts for models/decode.py's one C call."""
         at = self.attn
-        y = decode.block(x, batch, at.layer, self.ln_1, (at.q_proj, at.k_proj, at.v_proj),
-                         at.c_proj, self.ln_2, (self.mlp.c_fc,), self.mlp.c_proj,
-                         heads=at.heads, kv_heads=at.heads, head_dim=at.head_dim,
-                         scale=default_scale(at.head_dim), gelu=True)
+        return (at.layer, self.ln_1, (at.q_proj, at.k_proj, at.v_proj), at.c_proj, self.ln_2,
+                (self.mlp.c_fc,), self.mlp.c_proj,
+                dict(heads=at.heads, kv_heads=at.heads, head_dim=at.head_dim,
+                     scale=default_scale(at.head_dim), gelu=True), None)
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        y = decode.block(self, x, batch)
         if y is not None:  # a decode step's rows, in one C call
             return y
         a = self.ln_1(x)
@@ -113,6 +117,9 @@ class QueryBlock(Block):
         super().__init__(cfg, layer)
         self.ln_f = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         self.wqe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def decode_args(self) -> None:  # its queries come from wqe: the modules run it
+        return None
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         h = self.ln_f(x)

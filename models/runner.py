@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import decode
 from .base import Part
 from .cache import Batch, SequenceCache
 from .store import Store, read_ahead
@@ -48,8 +49,8 @@ class StageModel(nn.Module):
         x = self.embed(inputs, batch) if self.embed is not None else inputs
         if run_blocks is not None:
             x = run_blocks(x, batch)
-        for block in self.blocks.values():
-            x = block(x, batch)
+        if self.blocks:
+            x = decode.run_blocks(self.blocks.values(), x, batch)
         if self.embed is not None and self.read_ahead is None:
             self.read_ahead = read_ahead(self.embed)
         if self.head is None:

@@ -840,14 +840,19 @@ static void norm(const block_t* B, const float* w, const float* b, const float* 
    - 1 of its caches kc[m], vc[m] ((kv, capacity, hd), head strides ks[m], vs[m]), and
    its query attends to their first total[m] rows. Returns 0, -1 (no memory) or -2 (a
    layer's inputs are not whole blocks). */
+static int block_fits(const block_t* B) {
+  int d = B->d, qw = B->heads * B->hd, kw = B->kv * B->hd;
+  int wqkv = proj_width(&B->qkv), wup = proj_width(&B->up);
+  return wqkv == qw + 2 * kw && wup == (B->gelu ? 1 : 2) * B->inter && reads(&B->qkv, d)
+         && reads(&B->o, qw) && proj_width(&B->o) == d && reads(&B->up, d)
+         && reads(&B->down, B->inter) && proj_width(&B->down) == d;
+}
+
 int w8a16_block(const block_t* B, float* x, int M, float* const* kc, float* const* vc,
                 const long* ks, const long* vs, const int* total) {
   int d = B->d, qw = B->heads * B->hd, kw = B->kv * B->hd;
   int wqkv = proj_width(&B->qkv), wup = proj_width(&B->up), wmax = wqkv > wup ? wqkv : wup;
-  if (wqkv != qw + 2 * kw || wup != (B->gelu ? 1 : 2) * B->inter || !reads(&B->qkv, d)
-      || !reads(&B->o, qw) || proj_width(&B->o) != d || !reads(&B->up, d)
-      || !reads(&B->down, B->inter) || proj_width(&B->down) != d)
-    return -2;
+  if (!block_fits(B)) return -2;
   size_t row = (size_t)d + wmax + wmax + qw + kw + kw + qw + B->inter;
   float* buf = (float*)malloc(sizeof(float) * row * M + 64);
   if (!buf) return -1;
@@ -888,6 +893,23 @@ int w8a16_block(const block_t* B, float* x, int M, float* const* kc, float* cons
 done:
   free(buf);
   return err;
+}
+
+/* Blocks B[0], ..., B[n - 1] in order over the same M rows, x in place: block l as
+   w8a16_block with its caches kc[l * M + m], vc, ks, vs and total likewise. *done: the
+   blocks that ran (their cache rows written). Returns 0, or w8a16_block's error for
+   block *done: -1 (no memory), -2 (its shapes do not add up: it wrote nothing). */
+int w8a16_blocks_run(const block_t* const* B, int n, float* x, int M, float* const* kc,
+                     float* const* vc, const long* ks, const long* vs, const int* total,
+                     int* done) {
+  *done = 0;
+  for (int l = 0; l < n; l++) {
+    size_t at = (size_t)l * M;
+    int err = w8a16_block(B[l], x, M, kc + at, vc + at, ks + at, vs + at, total + at);
+    if (err) return err;
+    *done = l + 1;
+  }
+  return 0;
 }
 """
 
@@ -989,6 +1011,9 @@ def load(march: str = "native") -> ctypes.CDLL:
     lib.w8a16_gelu.restype = None
     lib.w8a16_block.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 5
     lib.w8a16_block.restype = ctypes.c_int
+    lib.w8a16_blocks_run.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                     ctypes.c_int] + [ctypes.c_void_p] * 6
+    lib.w8a16_blocks_run.restype = ctypes.c_int
     return lib
 
 

@@ -74,16 +74,16 @@ def prompts(block: nn.Module, lens: list[int]) -> list[SequenceCache]:
     return caches
 
 
-def counting(monkeypatch) -> list[bool]:
-    """Whether each decode.block call ran the block in C (True) or left it to the modules."""
-    ran, real = [], decode.block
+def counting(monkeypatch) -> list[int]:
+    """How many blocks each try at a C call ran (0: the modules run the first)."""
+    ran, real = [], decode._run
 
     def wrapped(*args, **kwargs):
-        y = real(*args, **kwargs)
-        ran.append(y is not None)
-        return y
+        y, n = real(*args, **kwargs)
+        ran.append(n)
+        return y, n
 
-    monkeypatch.setattr(decode, "block", wrapped)
+    monkeypatch.setattr(decode, "_run", wrapped)
     return ran
 
 
@@ -190,9 +190,50 @@ def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, mo
     ran = counting(monkeypatch)
     with torch.inference_mode():
         on = run(True)
-        assert sum(ran) == 8 * store.n_blocks and len(ran) == 9 * store.n_blocks
+        assert [n for n in ran if n] == [store.n_blocks] * 8  # a step's blocks in one call
         off = run(False)
     assert all(torch.equal(a, b) for a, b in zip(on, off))
+
+
+def test_pangu_stages_run_their_blocks_in_one_call_but_the_query_layer(tmp_path,
+                                                                       monkeypatch):
+    """An int8 PanGu-α store, as one stage and as tiers with a disk block between RAM
+    blocks: every decode step gives the modules' logits bit for bit; the RAM blocks on
+    either side of the disk block run in a call each, and the last (query) layer, whose
+    queries come from its position embedding, runs through its modules."""
+    from test_pangu import random_hf_state, write_hf_port
+
+    from llm_shard.cluster.types import Tier
+    from llm_shard.models.convert import convert
+    from llm_shard.models.runner import StageModel
+    from llm_shard.worker.tiers import TieredBlocks
+
+    write_hf_port(tmp_path / "hf", random_hf_state(seed=11))
+    store = convert(tmp_path / "hf", tmp_path / "store", dtype="int8", progress=False)
+    n = store.n_blocks
+    stage = StageModel(store, 0, n)
+    tiered = TieredBlocks(store, 0, n, [Tier.RAM] + [Tier.DISK] + [Tier.RAM] * (n - 2))
+    bare = StageModel(store, 0, n, load_blocks=False)
+
+    def run(model, fused: bool, **kw) -> list[torch.Tensor]:
+        monkeypatch.setattr(decode, "ENABLED", fused)
+        caches = [SequenceCache() for _ in range(2)]
+        logits = [model(torch.tensor([3, 14, 15, 92, 7, 8]), Batch.of([4, 2], caches), **kw)]
+        for _ in range(5):
+            logits.append(model(logits[-1].argmax(-1), Batch.of([1, 1], caches), **kw))
+        return logits
+
+    ran = counting(monkeypatch)
+    with torch.inference_mode():
+        on = run(stage, True)
+        assert [k for k in ran if k] == [n - 1] * 5
+        ran.clear()
+        tiers = run(bare, True, run_blocks=tiered.run)
+        assert [k for k in ran if k] == [1, 1, n - 3] * 5
+        off = run(stage, False)
+    tiered.close()
+    for a, b, c in zip(on, tiers, off):
+        assert torch.equal(a, c) and torch.equal(b, c)
 
 
 def test_a_block_whose_shapes_do_not_add_up_is_refused_not_read_past(monkeypatch):
@@ -206,6 +247,20 @@ def test_a_block_whose_shapes_do_not_add_up_is_refused_not_read_past(monkeypatch
     with torch.inference_mode(), pytest.raises(ValueError, match="shapes do not match"):
         block(torch.randn(1, 128), Batch.of([1], caches))
     assert caches[0].layer(1).offset == 3
+
+
+def test_a_call_of_blocks_stops_at_one_whose_shapes_do_not_add_up():
+    """Blocks 1 and 2 in one call, block 2's heads wrong: the error names layer 2; block
+    1 ran and took its cache row, block 2 took none."""
+    first, second = make_block("llama", "per-channel", True, 1), make_block(
+        "llama", "per-channel", True, 2)
+    caches = [SequenceCache()]
+    with torch.inference_mode():
+        decode.run_blocks([first, second], torch.randn(2, 128), Batch.of([2], caches))
+    second.self_attn.heads, second.self_attn.kv_heads = 2, 1
+    with torch.inference_mode(), pytest.raises(ValueError, match="block of layer 2"):
+        decode.run_blocks([first, second], torch.randn(1, 128), Batch.of([1], caches))
+    assert (caches[0].layer(1).offset, caches[0].layer(2).offset) == (3, 2)
 
 
 @pytest.mark.parametrize("change", ["load", "norm", "unfuse"])

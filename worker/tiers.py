@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from llm_shard.cluster.types import Tier
-from llm_shard.models import w8a16
+from llm_shard.models import decode, w8a16
 from llm_shard.models.base import Part, on_meta
 from llm_shard.models.quant import int8_formats, keeps_dtype, prepare_int8, swap_int8
 from llm_shard.models.store import PAD, SAFETENSORS_DTYPES, Store
@@ -315,12 +315,20 @@ class TieredBlocks:
         return self.gpu if self.tiers[i] is Tier.GPU else torch.device("cpu")
 
     def run(self, x: torch.Tensor, batch) -> torch.Tensor:
-        for i in sorted(self.tiers):
-            device = self.device_of(i)
+        order, k = sorted(self.tiers), 0
+        while k < len(order):
+            device = self.device_of(order[k])
             if x.device != device:
                 x = x.to(device)
-            block = self.resident.get(i)
-            x = block(x, batch) if block is not None else self.streamer.run(i, x, batch)
+            if order[k] not in self.resident:
+                x, k = self.streamer.run(order[k], x, batch), k + 1
+                continue
+            end = k + 1  # the resident blocks from k on the same device: one run
+            while (end < len(order) and order[end] in self.resident
+                   and self.device_of(order[end]) == device):
+                end += 1
+            x = decode.run_blocks([self.resident[i] for i in order[k:end]], x, batch)
+            k = end
         return x if x.device.type == "cpu" else x.to("cpu")  # embedding and head stay in RAM
 
     def bytes_by_tier(self, store: Store) -> dict[str, int]:
