@@ -160,35 +160,15 @@ def blocks(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
     block with `decode_args()`, as `block` takes them); returns (output, how many ran): 0
     where the first must run through its modules. One call for a stage's blocks leaves
     the Python of all its layers together, warm, before the weights stream."""
-    calls = []
-    for m in modules:
+    if not _decode_step(x, batch):
+        return x, 0
+    specs, layers, kc, vc, ks, vs, total = [], [], [], [], [], [], []
+    for m in modules:  # decode_args of each until one cannot go: O(blocks) a stage
         args = getattr(m, "decode_args", None)
         found = args() if args is not None else None
         if found is None:
             break
-        calls.append(found)
-    return _run(x, batch, calls) if calls else (x, 0)
-
-
-def run_blocks(modules, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """`modules` in order: each run of blocks that can go in C in one call, the others
-    through their forward."""
-    modules, k = list(modules), 0
-    while k < len(modules):
-        x, ran = blocks(modules[k:], x, batch)
-        if not ran:
-            x, ran = modules[k](x, batch), 1
-        k += ran
-    return x
-
-
-def _run(x: torch.Tensor, batch: Batch, calls: list[tuple]) -> tuple[torch.Tensor, int]:
-    rows = x.shape[0]
-    if not (ENABLED and x.dtype == torch.float32 and x.is_cpu and x.dim() == 2
-            and x.is_contiguous() and _decode_rows(batch) == rows and no_graph(x)):
-        return x, 0
-    specs, layers, kc, vc, ks, vs, total = [], [], [], [], [], [], []
-    for layer, norm1, qkv, o, norm2, up, down, shape, rope in calls:
+        layer, norm1, qkv, o, norm2, up, down, shape, rope = found
         spec = _spec(x.shape[1], norm1, qkv, o, norm2, up, down, **shape)
         if spec is None or not _caches(batch, layer, x, shape, kc, vc, ks, vs, total):
             break
@@ -198,7 +178,38 @@ def _run(x: torch.Tensor, batch: Batch, calls: list[tuple]) -> tuple[torch.Tenso
         spec.threads, spec.attend_threaded = torch.get_num_threads(), w8a16.ATTEND_THREADED
         specs.append(spec)
         layers.append(layer)
-    n = len(specs)
+    return _run(x, batch, specs, layers, kc, vc, ks, vs, total)
+
+
+def run_blocks(modules, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """`modules` in order: each run of blocks that can go in C in one call, the others
+    through their forward (all of them, where the step is not one C can run)."""
+    modules = list(modules)
+    if not _decode_step(x, batch):
+        for m in modules:
+            x = m(x, batch)
+        return x
+    k = 0
+    while k < len(modules):
+        x, ran = blocks(modules[k:], x, batch)
+        if not ran:
+            x, ran = modules[k](x, batch), 1
+        k += ran
+    return x
+
+
+def _decode_step(x: torch.Tensor, batch: Batch) -> bool:
+    """Whether C may run blocks on x: float32 rows on the CPU, each one sequence's decode
+    step, no graph being built."""
+    return (ENABLED and x.dtype == torch.float32 and x.is_cpu and x.dim() == 2
+            and x.is_contiguous() and _decode_rows(batch) == x.shape[0] and no_graph(x))
+
+
+def _run(x: torch.Tensor, batch: Batch, specs: list, layers: list[int], kc, vc, ks, vs,
+         total) -> tuple[torch.Tensor, int]:
+    """specs' blocks over x in one C call; their caches' pointers, strides and lengths in
+    kc, vc, ks, vs and total (rows per block). Returns (output, len(specs))."""
+    n, rows = len(specs), x.shape[0]
     if not n:
         return x, 0
     out, done = x.clone(), ctypes.c_int(0)

@@ -76,14 +76,14 @@ def prompts(block: nn.Module, lens: list[int]) -> list[SequenceCache]:
 
 def counting(monkeypatch) -> list[int]:
     """How many blocks each try at a C call ran (0: the modules run the first)."""
-    ran, real = [], decode._run
+    ran, real = [], decode.blocks
 
     def wrapped(*args, **kwargs):
         y, n = real(*args, **kwargs)
         ran.append(n)
         return y, n
 
-    monkeypatch.setattr(decode, "_run", wrapped)
+    monkeypatch.setattr(decode, "blocks", wrapped)
     return ran
 
 
