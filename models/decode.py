@@ -101,7 +101,8 @@ def _decode_rows(batch: Batch) -> int:
     rows = batch.memo.get("decode_rows")
     if rows is None:
         lens = batch.seq_lens
-        rows = batch.memo["decode_rows"] = len(lens) if all(n == 1 for n in lens) else -1
+        rows = batch.memo["decode_rows"] = (len(lens) if lens and all(n == 1 for n in lens)
+                                            else -1)
     return rows
 
 

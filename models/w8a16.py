@@ -840,19 +840,14 @@ static void norm(const block_t* B, const float* w, const float* b, const float* 
    - 1 of its caches kc[m], vc[m] ((kv, capacity, hd), head strides ks[m], vs[m]), and
    its query attends to their first total[m] rows. Returns 0, -1 (no memory) or -2 (a
    layer's inputs are not whole blocks). */
-static int block_fits(const block_t* B) {
-  int d = B->d, qw = B->heads * B->hd, kw = B->kv * B->hd;
-  int wqkv = proj_width(&B->qkv), wup = proj_width(&B->up);
-  return wqkv == qw + 2 * kw && wup == (B->gelu ? 1 : 2) * B->inter && reads(&B->qkv, d)
-         && reads(&B->o, qw) && proj_width(&B->o) == d && reads(&B->up, d)
-         && reads(&B->down, B->inter) && proj_width(&B->down) == d;
-}
-
 int w8a16_block(const block_t* B, float* x, int M, float* const* kc, float* const* vc,
                 const long* ks, const long* vs, const int* total) {
   int d = B->d, qw = B->heads * B->hd, kw = B->kv * B->hd;
   int wqkv = proj_width(&B->qkv), wup = proj_width(&B->up), wmax = wqkv > wup ? wqkv : wup;
-  if (!block_fits(B)) return -2;
+  if (wqkv != qw + 2 * kw || wup != (B->gelu ? 1 : 2) * B->inter || !reads(&B->qkv, d)
+      || !reads(&B->o, qw) || proj_width(&B->o) != d || !reads(&B->up, d)
+      || !reads(&B->down, B->inter) || proj_width(&B->down) != d)
+    return -2;
   size_t row = (size_t)d + wmax + wmax + qw + kw + kw + qw + B->inter;
   float* buf = (float*)malloc(sizeof(float) * row * M + 64);
   if (!buf) return -1;
@@ -1009,8 +1004,6 @@ def load(march: str = "native") -> ctypes.CDLL:
     lib.w8a16_silu_mul.restype = None
     lib.w8a16_gelu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_int]
     lib.w8a16_gelu.restype = None
-    lib.w8a16_block.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 5
-    lib.w8a16_block.restype = ctypes.c_int
     lib.w8a16_blocks_run.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_int] + [ctypes.c_void_p] * 6
     lib.w8a16_blocks_run.restype = ctypes.c_int
