@@ -321,8 +321,13 @@ def _stop_ray() -> None:
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype, no_encrypt,
           max_restarts, host, port, api_key, served_model_name, log_level) -> None:
-    from llm_shard.coordinator.server import create_app, run
+    from llm_shard.coordinator.server import bind, create_app, run
 
+    try:
+        sock = bind(host, port)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    port = sock.getsockname()[1]
     llm = None
     try:
         llm = _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype,
@@ -333,8 +338,9 @@ def serve(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtyp
         url = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
         click.echo(f"serving {name} on {url} (chat page: {url}/, OpenAI API: {url}/v1)"
                    + ("; API key required" if api_key else ""), err=True)
-        run(app, host=host, port=port, log_level=log_level)
+        run(app, sock, log_level=log_level)
     finally:
+        sock.close()
         if llm is not None:
             llm.shutdown()
         _stop_ray()

@@ -1,7 +1,8 @@
 """The HTTP server: routes and schemas only; every request becomes `LLM.submit`/`cancel`.
 
+    sock = bind("127.0.0.1", 8000)     # before the model loads: a busy port fails at once
     app = create_app(llm, model_name="smollm2-135m", api_key=None)
-    run(app, host="127.0.0.1", port=8000)
+    run(app, sock)
 
 Routes: `POST /` (the JittorLLMs/ChatGLM `api.py` shape), `POST /v1/completions` and
 `POST /v1/chat/completions` (OpenAI-compatible, `stream: true` as server-sent events),
@@ -19,8 +20,10 @@ its caches on every stage.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import secrets
+import socket
 import time
 import uuid
 from concurrent.futures import Future
@@ -274,9 +277,31 @@ def create_app(llm, model_name: str, api_key: str | None = None,
     return app
 
 
-def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
-        log_level: str = "info") -> None:
-    """Serve `app` until SIGINT or SIGTERM, then return (so the caller can stop the workers).
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """The server's socket, bound but not yet listening: taken before the model loads, so
+    a busy port fails in a second rather than after minutes of loading, and nothing the
+    load starts (Ray, workers, ZeroMQ) can take the port meanwhile; connections are
+    refused until `run` listens. port=0 takes a free port (see `.getsockname()`)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"cannot bind host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot bind {host}:{port}: {e.strerror}"
+                         + (" (is another server on it? pick another with --port)"
+                            if e.errno == errno.EADDRINUSE else "")) from None
+    return sock
+
+
+def run(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
+    """Serve `app` on `sock` (from `bind`) until SIGINT or SIGTERM, then return (so the
+    caller can stop the workers).
 
     uvicorn stops gracefully on either signal and then raises it again with the handlers
     it found; the handler set here turns that into a plain return."""
@@ -292,11 +317,12 @@ def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
 
     previous = {sig: signal.signal(sig, stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                      timeout_graceful_shutdown=5)).run()
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level,
+                                      timeout_graceful_shutdown=5)).run(sockets=[sock])
     except Stopped:
         pass
     finally:
+        sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -335,18 +336,22 @@ def test_ray_up_serve_one_request_ray_down(store, tmp_path, capsys):
         assert up.returncode == 0, f"ray up failed; see {tmp_path}/log.txt"
 
         t = time.perf_counter()
-        http = free_port()
-        with open(root / "serve.txt", "ab") as out:
+        with open(root / "serve.txt", "ab") as out:  # port 0: serve takes one, and says it
             serve = subprocess.Popen(
                 [ray, "exec", "--no-config-cache", str(cfg_path),
                  f"echo $BASHPID > ~/serve.pid; exec llm-shard serve {MODEL} --dtype fp32 "
-                 f"--address auto --port {http}"],
+                 "--address auto --port 0"],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        url = None
         while True:
+            said = re.search(r"^serving \S+ on (http://\S+) ",
+                             (root / "serve.txt").read_text(errors="replace"), re.M)
+            url = said and said[1]
             with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
+                if url:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
             assert serve.poll() is None, \
                 f"serve exited; see {tmp_path}/serve.txt"
             deadline.left(1)
@@ -355,7 +360,7 @@ def test_ray_up_serve_one_request_ray_down(store, tmp_path, capsys):
         body = json.dumps({"model": MODEL, "prompt": "The capital of France is",
                            "max_tokens": 8, "temperature": 0,
                            "return_token_ids": True}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{http}/v1/completions", data=body,
+        req = urllib.request.Request(f"{url}/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=deadline.left(60)) as r:
             out = json.load(r)

@@ -4,6 +4,7 @@ serves, and SIGINT stops it cleanly, leaving no Ray or worker process behind."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,12 +19,6 @@ import psutil
 import pytest
 
 LLM_SHARD = str(Path(sys.executable).with_name("llm-shard"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ours(proc: psutil.Process, ray_tmp: str) -> bool:
@@ -46,10 +41,10 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
-def _serve(store, port: int, ray_tmp: str, log) -> subprocess.Popen:
+def _serve(store, ray_tmp: str, log, port: int = 0) -> subprocess.Popen:
     """`llm-shard serve` exactly as the README says, with a Ray of its own: no RAY_ADDRESS,
     and a temp folder where no cluster address is recorded (the session's test cluster
-    records its address under /tmp/ray)."""
+    records its address under /tmp/ray). Port 0: serve takes a free one, and says which."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
@@ -59,14 +54,17 @@ def _serve(store, port: int, ray_tmp: str, log) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+def _wait_healthy(proc: subprocess.Popen, log_path: Path) -> str:
+    """The URL serve says it serves on, once its /health answers 200."""
     deadline = time.monotonic() + 300
     while True:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
+        text = log_path.read_text()
+        assert proc.poll() is None, text[-3000:]
         assert time.monotonic() < deadline, "serve did not become healthy in 300 s"
+        said = re.search(r"^serving \S+ on (http://\S+) ", text, re.M)
         try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
+            if said and httpx.get(said[1] + "/health", timeout=5).status_code == 200:
+                return said[1]
         except httpx.TransportError:
             pass
         time.sleep(1)
@@ -109,14 +107,12 @@ def _kill_all(procs: list[psutil.Process]) -> None:
 
 @pytest.mark.slow
 def test_serve_answers_then_stops_cleanly_on_sigint(smollm2_stores, tmp_path):
-    port = _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="lsray", dir="/tmp")
     log = (tmp_path / "serve.log").open("w")
-    proc = _serve(smollm2_stores["int8"].path, port, ray_tmp, log)
-    url = f"http://127.0.0.1:{port}"
+    proc = _serve(smollm2_stores["int8"].path, ray_tmp, log)
     tree: list[psutil.Process] = []
     try:
-        _wait_healthy(proc, url, tmp_path / "serve.log")
+        url = _wait_healthy(proc, tmp_path / "serve.log")
         _completes(url)
         chat = httpx.post(url + "/v1/chat/completions", timeout=120,
                           json={"messages": [{"role": "user", "content": "Hi"}],
@@ -150,15 +146,13 @@ def test_serve_answers_then_stops_cleanly_on_sigint(smollm2_stores, tmp_path):
 def test_serve_killed_and_restarted_leaves_no_orphans_and_serves(smollm2_stores, tmp_path):
     """The coordinator's own crash: `serve` SIGKILLed (no chance to clean up) takes its
     Ray and workers with it; started again on the same port, it serves again."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     tmps = [tempfile.mkdtemp(prefix="lsray", dir="/tmp") for _ in range(2)]
     logs = [(tmp_path / f"serve{k}.log").open("w") for k in range(2)]
     procs: list[subprocess.Popen] = []
     trees: list[list[psutil.Process]] = [[], []]
     try:
-        procs.append(_serve(smollm2_stores["int8"].path, port, tmps[0], logs[0]))
-        _wait_healthy(procs[0], url, tmp_path / "serve0.log")
+        procs.append(_serve(smollm2_stores["int8"].path, tmps[0], logs[0]))
+        url = _wait_healthy(procs[0], tmp_path / "serve0.log")
         _completes(url)
         trees[0] = psutil.Process(procs[0].pid).children(recursive=True)
         procs[0].kill()  # SIGKILL of the coordinator alone, not its process group
@@ -173,8 +167,9 @@ def test_serve_killed_and_restarted_leaves_no_orphans_and_serves(smollm2_stores,
             print(f"\nleft after SIGKILL of serve: {[p.name() for p in agent]}")
             _kill_all(agent)
 
-        procs.append(_serve(smollm2_stores["int8"].path, port, tmps[1], logs[1]))
-        _wait_healthy(procs[1], url, tmp_path / "serve1.log")
+        port = int(url.rsplit(":", 1)[1])
+        procs.append(_serve(smollm2_stores["int8"].path, tmps[1], logs[1], port=port))
+        assert _wait_healthy(procs[1], tmp_path / "serve1.log") == url
         _completes(url)
         trees[1] = psutil.Process(procs[1].pid).children(recursive=True)
         procs[1].send_signal(signal.SIGINT)
@@ -191,6 +186,21 @@ def test_serve_killed_and_restarted_leaves_no_orphans_and_serves(smollm2_stores,
             shutil.rmtree(tmp, ignore_errors=True)
         for log in logs:
             log.close()
+
+
+def test_serve_on_a_busy_port_fails_at_once_naming_it(tmp_path):
+    """The port is taken before anything loads: a busy one is the first and only error
+    (not the model's, which this empty home does not hold), with no Ray started."""
+    env = {**os.environ, "LLM_SHARD_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([LLM_SHARD, "serve", "smollm2-135m", "--port", str(port)],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert f"cannot bind 127.0.0.1:{port}" in out.stderr and "--port" in out.stderr
+    assert "not in" not in out.stderr and "Ray" not in out.stderr + out.stdout, out.stderr
 
 
 def test_serve_and_chat_have_help():
