@@ -118,8 +118,8 @@ _SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _spec(d: int, norm1: nn.Module, qkv: tuple, o: nn.Module, norm2: nn.Module, up: tuple,
           down: nn.Module, **shape) -> _Block | None:
     epoch, found = plan_epoch(), _SPECS.get(norm1)
-    fast = (d, *shape.values(),
-            *(_ptr(getattr(m, n, None)) for m in (norm1, norm2) for n in ("weight", "bias")))
+    fast = (d, *shape.values(), *(_ptr(_tensor(m, n)) for m in (norm1, norm2)
+                                  for n in ("weight", "bias")))
     if found is not None and found[0] == epoch and found[1] == fast:
         return found[3]
     n1, n2 = _norm(norm1), _norm(norm2)
@@ -128,6 +128,16 @@ def _spec(d: int, norm1: nn.Module, qkv: tuple, o: nn.Module, norm2: nn.Module, 
         found = (epoch, fast, key, _build(d, n1, n2, qkv, o, up, down, **shape))
     _SPECS[norm1] = (epoch, *found[1:])
     return found[3]
+
+
+def _tensor(m: nn.Module, name: str) -> torch.Tensor | None:
+    """`getattr(m, name, None)` for a tensor, without nn.Module.__getattr__ (the lookup
+    that fails before it costs more than the rest of a block's key)."""
+    d = m.__dict__
+    for where in (d["_parameters"], d["_buffers"], d):
+        if name in where:
+            return where[name]
+    return None
 
 
 def _build(d: int, n1, n2, qkv: tuple, o: nn.Module, up: tuple, down: nn.Module, *,
@@ -164,6 +174,7 @@ def blocks(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
     if not _decode_step(x, batch):
         return x, 0
     specs, layers, kc, vc, ks, vs, total = [], [], [], [], [], [], []
+    rope_of, tables = None, None  # a stage's blocks share one rotary setting
     for m in modules:  # decode_args of each until one cannot go: O(blocks) a stage
         args = getattr(m, "decode_args", None)
         found = args() if args is not None else None
@@ -174,7 +185,8 @@ def blocks(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
         if spec is None or not _caches(batch, layer, x, shape, kc, vc, ks, vs, total):
             break
         spec = _Block.from_buffer_copy(spec)  # this call's: another thread may run the block
-        tables = rope_tables(rope, batch, x) if rope is not None else None
+        if rope is not rope_of:
+            rope_of, tables = rope, rope_tables(rope, batch, x) if rope is not None else None
         spec.cos, spec.sin = _ptr(tables and tables[0]), _ptr(tables and tables[1])
         spec.threads, spec.attend_threaded = torch.get_num_threads(), w8a16.ATTEND_THREADED
         specs.append(spec)

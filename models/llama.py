@@ -118,12 +118,16 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def decode_args(self) -> tuple:
-        """This block's parts for models/decode.py's one C call."""
-        at, mlp = self.self_attn, self.mlp
-        return (at.layer, self.input_layernorm, (at.q_proj, at.k_proj, at.v_proj), at.o_proj,
-                self.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), mlp.down_proj,
-                dict(heads=at.heads, kv_heads=at.kv_heads, head_dim=at.head_dim,
-                     scale=default_scale(at.head_dim), gelu=False), at.rope)
+        """This block's parts for models/decode.py's one C call (read from `_modules`:
+        nn.Module.__getattr__ cost a SmolLM2 step ~0.3 ms)."""
+        own = self._modules
+        at, mlp = own["self_attn"], own["mlp"]
+        a, m = at._modules, mlp._modules
+        return (at.layer, own["input_layernorm"], (a["q_proj"], a["k_proj"], a["v_proj"]),
+                a["o_proj"], own["post_attention_layernorm"], (m["gate_proj"], m["up_proj"]),
+                m["down_proj"], dict(heads=at.heads, kv_heads=at.kv_heads,
+                                     head_dim=at.head_dim, scale=default_scale(at.head_dim),
+                                     gelu=False), at.rope)
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         y = decode.block(self, x, batch)

@@ -96,10 +96,13 @@ class Block(nn.Module):
         self.mlp = GeluMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def decode_args(self) -> tuple | None:
-        """This block's parts for models/decode.py's one C call."""
-        at = self.attn
-        return (at.layer, self.ln_1, (at.q_proj, at.k_proj, at.v_proj), at.c_proj, self.ln_2,
-                (self.mlp.c_fc,), self.mlp.c_proj,
+        """This block's parts for models/decode.py's one C call (read from `_modules`,
+        not through nn.Module.__getattr__)."""
+        own = self._modules
+        at, mlp = own["attn"], own["mlp"]._modules
+        a = at._modules
+        return (at.layer, own["ln_1"], (a["q_proj"], a["k_proj"], a["v_proj"]), a["c_proj"],
+                own["ln_2"], (mlp["c_fc"],), mlp["c_proj"],
                 dict(heads=at.heads, kv_heads=at.heads, head_dim=at.head_dim,
                      scale=default_scale(at.head_dim), gelu=True), None)
 
