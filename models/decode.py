@@ -64,7 +64,8 @@ class _Block(ctypes.Structure):
         (n, ctypes.c_void_p) for n in ("n1w", "n1b", "n2w", "n2b")] + [
         (n, _Proj) for n in ("qkv", "o", "up", "down")] + [
         ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("threads", ctypes.c_int),
-        ("attend_threaded", ctypes.c_long)]
+        ("attend_threaded", ctypes.c_long)] + [
+        (n, ctypes.c_void_p) for n in ("nfw", "nfb", "qin")] + [("qp", _Proj)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -116,16 +117,17 @@ _SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _spec(d: int, norm1: nn.Module, qkv: tuple, o: nn.Module, norm2: nn.Module, up: tuple,
-          down: nn.Module, **shape) -> _Block | None:
+          down: nn.Module, query: tuple, **shape) -> _Block | None:
     epoch, found = plan_epoch(), _SPECS.get(norm1)
-    fast = (d, *shape.values(), *(_ptr(_tensor(m, n)) for m in (norm1, norm2)
+    norms = (norm1, norm2, *query[:1])
+    fast = (d, *shape.values(), *(_ptr(_tensor(m, n)) for m in norms
                                   for n in ("weight", "bias")))
     if found is not None and found[0] == epoch and found[1] == fast:
         return found[3]
-    n1, n2 = _norm(norm1), _norm(norm2)
-    key = (n1, n2, plan_serials((*qkv, o, *up, down)), tuple(shape))
+    ns = [_norm(m) for m in norms]
+    key = (*ns, plan_serials((*qkv, o, *up, down, *query[1:2])), tuple(shape))
     if found is None or found[1] != fast or found[2] != key:
-        found = (epoch, fast, key, _build(d, n1, n2, qkv, o, up, down, **shape))
+        found = (epoch, fast, key, _build(d, ns, qkv, o, up, down, query[1:2], **shape))
     _SPECS[norm1] = (epoch, *found[1:])
     return found[3]
 
@@ -140,18 +142,23 @@ def _tensor(m: nn.Module, name: str) -> torch.Tensor | None:
     return None
 
 
-def _build(d: int, n1, n2, qkv: tuple, o: nn.Module, up: tuple, down: nn.Module, *,
-           heads: int, kv_heads: int, head_dim: int, scale: float, gelu: bool
+def _build(d: int, norms: list, qkv: tuple, o: nn.Module, up: tuple, down: nn.Module,
+           q: tuple, *, heads: int, kv_heads: int, head_dim: int, scale: float, gelu: bool
            ) -> _Block | None:
-    if w8a16.problem() is not None or n1 is None or n2 is None or n1[:2] != n2[:2]:
+    """norms: norm1's, norm2's and the query layer's first norm's `_norm`; q: () or the
+    query layer's (q_proj,)."""
+    if (w8a16.problem() is not None or None in norms
+            or any(n[:2] != norms[0][:2] for n in norms)):
         return None
-    projs = [_proj(qkv), _proj((o,)), _proj(up), _proj((down,))]
+    projs = [_proj(qkv), _proj((o,)), _proj(up), _proj((down,)), _proj(q) if q else _Proj()]
     if any(p is None for p in projs):
         return None
+    (_, eps, n1w, n1b), (_, _, n2w, n2b) = norms[:2]
+    nf = norms[2][2:] if q else (None, None)
     return _Block(d=d, heads=heads, kv=kv_heads, hd=head_dim, inter=down.in_features,
-                  layer_norm=n1[0], gelu=int(gelu), eps=n1[1], scale=scale, n1w=n1[2],
-                  n1b=n1[3], n2w=n2[2], n2b=n2[3], qkv=projs[0], o=projs[1], up=projs[2],
-                  down=projs[3])
+                  layer_norm=norms[0][0], gelu=int(gelu), eps=eps, scale=scale, n1w=n1w,
+                  n1b=n1b, n2w=n2w, n2b=n2b, qkv=projs[0], o=projs[1], up=projs[2],
+                  down=projs[3], nfw=nf[0], nfb=nf[1], qp=projs[4])
 
 
 def block(module: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor | None:
@@ -161,7 +168,9 @@ def block(module: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor | No
     the q, k and v projections (reading norm1's output), up is (gate, up) of a SwiGLU or
     (fc,) of a GELU MLP, down its output projection, shape the keywords heads, kv_heads,
     head_dim, scale and gelu, rope a layers.Rotary for q and k (or None), and layer the
-    global index of the block's cache."""
+    global index of the block's cache. PanGu-α's query layer adds a tenth, (normf,
+    q_proj, wqe): x = normf(x) first, and the queries are q_proj(wqe(positions)), qkv
+    then (k_proj, v_proj)."""
     y, ran = blocks((module,), x, batch)
     return y if ran else None
 
@@ -175,16 +184,23 @@ def blocks(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
         return x, 0
     specs, layers, kc, vc, ks, vs, total = [], [], [], [], [], [], []
     rope_of, tables = None, None  # a stage's blocks share one rotary setting
+    keep = []  # the query layer's query rows, alive until the call returns
     for m in modules:  # decode_args of each until one cannot go: O(blocks) a stage
         args = getattr(m, "decode_args", None)
         found = args() if args is not None else None
         if found is None:
             break
-        layer, norm1, qkv, o, norm2, up, down, shape, rope = found
-        spec = _spec(x.shape[1], norm1, qkv, o, norm2, up, down, **shape)
-        if spec is None or not _caches(batch, layer, x, shape, kc, vc, ks, vs, total):
+        layer, norm1, qkv, o, norm2, up, down, shape, rope, *query = found
+        query = query[0] if query else ()
+        spec = _spec(x.shape[1], norm1, qkv, o, norm2, up, down, query, **shape)
+        rows = query[2](batch.positions) if spec is not None and query else None
+        if spec is None or (rows is not None and not _cpu_float32_rows(rows, x)) or \
+                not _caches(batch, layer, x, shape, kc, vc, ks, vs, total):
             break
         spec = _Block.from_buffer_copy(spec)  # this call's: another thread may run the block
+        if rows is not None:
+            spec.qin = rows.data_ptr()
+            keep.append(rows)
         if rope is not rope_of:
             rope_of, tables = rope, rope_tables(rope, batch, x) if rope is not None else None
         spec.cos, spec.sin = _ptr(tables and tables[0]), _ptr(tables and tables[1])
@@ -192,6 +208,11 @@ def blocks(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
         specs.append(spec)
         layers.append(layer)
     return _run(x, batch, specs, layers, kc, vc, ks, vs, total)
+
+
+def _cpu_float32_rows(rows: torch.Tensor, x: torch.Tensor) -> bool:
+    return (rows.dtype == torch.float32 and rows.is_cpu and rows.is_contiguous()
+            and rows.shape == x.shape)
 
 
 def run_blocks(modules, x: torch.Tensor, batch: Batch) -> torch.Tensor:

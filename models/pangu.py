@@ -121,10 +121,17 @@ class QueryBlock(Block):
         self.ln_f = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         self.wqe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
-    def decode_args(self) -> None:  # its queries come from wqe: the modules run it
-        return None
+    def decode_args(self) -> tuple | None:
+        """Block's, with its queries from wqe's rows at the positions and ln_f first."""
+        own, (*args, shape, rope) = self._modules, super().decode_args()
+        at = own["attn"]._modules
+        args[2] = (at["k_proj"], at["v_proj"])
+        return (*args, shape, rope, (own["ln_f"], at["q_proj"], own["wqe"]))
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        y = decode.block(self, x, batch)
+        if y is not None:  # a decode step's rows, in one C call
+            return y
         h = self.ln_f(x)
         h = h + self.attn(self.wqe(batch.positions.to(h.device)), self.ln_1(h), batch)
         return h + self.mlp(self.ln_2(h))

@@ -827,6 +827,11 @@ typedef struct {
   const float *cos, *sin;       /* (M, hd) each, sin signed (layers.rope_tables); NULL: none */
   int threads;                  /* OpenMP threads of the linears */
   long attend_threaded;         /* heads x total x hd from which attention uses them too */
+  /* PanGu-alpha's query layer: x = normf(x) first (nfw, nfb; the residual is the normed
+     x), and the queries are qp(qin) over qin (M, d) rows, qkv then k|v of norm1(x).
+     qin NULL: an ordinary block (nfw NULL: no first norm). */
+  const float *nfw, *nfb, *qin;
+  proj_t qp;
 } block_t;
 
 static void norm(const block_t* B, const float* w, const float* b, const float* x, float* y,
@@ -838,16 +843,18 @@ static void norm(const block_t* B, const float* w, const float* b, const float* 
 /* x (M, d) += attn(norm1(x)); x += mlp(norm2(x)), pre-norm, for M rows that are each a
    decode step of its own sequence: row m's new key and value are written at row total[m]
    - 1 of its caches kc[m], vc[m] ((kv, capacity, hd), head strides ks[m], vs[m]), and
-   its query attends to their first total[m] rows. Returns 0, -1 (no memory) or -2 (a
-   layer's inputs are not whole blocks). */
+   its query attends to their first total[m] rows. Returns 0, -1 (no memory) or -2 (its
+   shapes do not add up, or a layer's inputs are not whole blocks). */
 int w8a16_block(const block_t* B, float* x, int M, float* const* kc, float* const* vc,
                 const long* ks, const long* vs, const int* total) {
-  int d = B->d, qw = B->heads * B->hd, kw = B->kv * B->hd;
+  int d = B->d, qw = B->heads * B->hd, kw = B->kv * B->hd, qs = B->qin ? 0 : qw;
   int wqkv = proj_width(&B->qkv), wup = proj_width(&B->up), wmax = wqkv > wup ? wqkv : wup;
-  if (wqkv != qw + 2 * kw || wup != (B->gelu ? 1 : 2) * B->inter || !reads(&B->qkv, d)
+  if (wqkv != qs + 2 * kw || wup != (B->gelu ? 1 : 2) * B->inter || !reads(&B->qkv, d)
       || !reads(&B->o, qw) || proj_width(&B->o) != d || !reads(&B->up, d)
-      || !reads(&B->down, B->inter) || proj_width(&B->down) != d)
+      || !reads(&B->down, B->inter) || proj_width(&B->down) != d
+      || (B->qin && (!reads(&B->qp, d) || proj_width(&B->qp) != qw)))
     return -2;
+  if (wmax < qw) wmax = qw;  /* the query layer's q projection goes through big too */
   size_t row = (size_t)d + wmax + wmax + qw + kw + kw + qw + B->inter;
   float* buf = (float*)malloc(sizeof(float) * row * M + 64);
   if (!buf) return -1;
@@ -855,13 +862,21 @@ int w8a16_block(const block_t* B, float* x, int M, float* const* kc, float* cons
   float *q = tmp + (size_t)M * wmax, *k = q + (size_t)M * qw, *v = k + (size_t)M * kw;
   float *att = v + (size_t)M * kw, *act = att + (size_t)M * qw;
   int err = 0;
+  if (B->nfw) {
+    norm(B, B->nfw, B->nfb, x, a, M);
+    memcpy(x, a, sizeof(float) * M * d);
+  }
+  if (B->qin) {
+    if ((err = proj_run(&B->qp, B->qin, big, tmp, M, B->threads))) goto done;
+    memcpy(q, big, sizeof(float) * M * qw);
+  }
   norm(B, B->n1w, B->n1b, x, a, M);
   if ((err = proj_run(&B->qkv, a, big, tmp, M, B->threads))) goto done;
   for (int m = 0; m < M; m++) {  /* the split, each part contiguous */
     const float* r = big + (size_t)m * wqkv;
-    memcpy(q + (size_t)m * qw, r, sizeof(float) * qw);
-    memcpy(k + (size_t)m * kw, r + qw, sizeof(float) * kw);
-    memcpy(v + (size_t)m * kw, r + qw + kw, sizeof(float) * kw);
+    if (qs) memcpy(q + (size_t)m * qw, r, sizeof(float) * qw);
+    memcpy(k + (size_t)m * kw, r + qs, sizeof(float) * kw);
+    memcpy(v + (size_t)m * kw, r + qs + kw, sizeof(float) * kw);
   }
   if (B->cos) {
     w8a16_rotate(q, B->cos, B->sin, tmp, M, B->heads, B->hd);
