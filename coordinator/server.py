@@ -1,6 +1,6 @@
 """The HTTP server: routes and schemas only; every request becomes `LLM.submit`/`cancel`.
 
-    sock = bind("127.0.0.1", 8000)     # before the model loads: a busy port fails at once
+    sock = bind("127.0.0.1", 8000)  # before the model loads: a busy port fails at once
     app = create_app(llm, model_name="smollm2-135m", api_key=None)
     run(app, sock)
 
@@ -278,20 +278,18 @@ def create_app(llm, model_name: str, api_key: str | None = None,
 
 
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
-    """The server's socket, bound but not yet listening: taken before the model loads, so
-    a busy port fails in a second rather than after minutes of loading, and nothing the
-    load starts (Ray, workers, ZeroMQ) can take the port meanwhile; connections are
-    refused until `run` listens. port=0 takes a free port (see `.getsockname()`)."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as e:
-        raise ValueError(f"cannot bind host {host!r}: {e.strerror}") from None
-    sock = socket.socket(family, kind, proto)
+    """The server's socket, listening: taken before the model loads, so a busy port fails
+    in a second rather than after minutes of loading, and nothing the load starts (Ray,
+    workers, ZeroMQ) can take the port meanwhile. Listening, not just bound: Linux lets
+    another SO_REUSEADDR socket bind a port that no socket listens on. Connections made
+    meanwhile wait in its queue until `run` serves them. port=0 takes a free port (see
+    `.getsockname()`)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(addr)
-    except OSError as e:
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's backlog
+    except OSError as e:  # socket.gaierror too: a host name that does not resolve
         sock.close()
         raise ValueError(f"cannot bind {host}:{port}: {e.strerror}"
                          + (" (is another server on it? pick another with --port)"

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from llm_shard.coordinator.server import BackgroundServer, create_app
+from llm_shard.coordinator.server import BackgroundServer, bind, create_app
 
 MODEL = "smollm2-135m"
 KEY = "sesame"
@@ -279,3 +279,23 @@ def test_a_body_over_the_limit_gets_413(server):
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 413
     assert "Traceback" not in r.text
+
+
+def test_bind_takes_the_port_before_serving_and_names_what_is_wrong():
+    """`bind` (what `serve` calls before it loads a model): port 0 takes a free port that
+    no other socket can then take, SO_REUSEADDR or not (a bound socket that did not
+    listen would let one), and a busy port or a host that does not resolve is a
+    ValueError naming it."""
+    sock = bind("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        assert port > 0
+        with pytest.raises(ValueError, match=rf"cannot bind 127.0.0.1:{port}: .*--port"):
+            bind("127.0.0.1", port)
+        with socket.socket() as other, pytest.raises(OSError):
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            other.bind(("127.0.0.1", port))
+    finally:
+        sock.close()
+    with pytest.raises(ValueError, match="cannot bind no-such-host.invalid:8000"):
+        bind("no-such-host.invalid", 8000)
