@@ -176,6 +176,9 @@ def test_serve_runs_next_to_the_head_behind_the_service_with_the_api_key():
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     [port] = svc["spec"]["ports"]
     assert port["targetPort"] in {p["name"] for p in serve["ports"]}
+    # ready on /health (200 once the workers are up), not on the port, which serve takes
+    # before it loads the model
+    assert serve["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
 
 
 def test_generated_api_key_and_existing_secret():
