@@ -342,7 +342,6 @@ def test_ray_up_serve_one_request_ray_down(store, tmp_path, capsys):
                  f"echo $BASHPID > ~/serve.pid; exec llm-shard serve {MODEL} --dtype fp32 "
                  "--address auto --port 0"],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        url = None
         while True:
             said = re.search(r"^serving \S+ on (http://\S+) ",
                              (root / "serve.txt").read_text(errors="replace"), re.M)
