@@ -45,10 +45,10 @@ def make_block(arch: str, int8: str, fuse: bool, layer: int = 1) -> nn.Module:
         block = llama.Block(cfg, layer)
         for n in (block.input_layernorm, block.post_attention_layernorm):
             nn.init.normal_(n.weight, 1.0, 0.1)
-    else:
+    else:  # "pangu-query": the last layer, its queries from wqe after ln_f
         cfg = pangu.PanGuConfig(hidden_size=128, num_layers=4, num_heads=4, vocab_size=50)
-        block = pangu.block(cfg, layer)
-        for n in (block.ln_1, block.ln_2):
+        block = pangu.block(cfg, cfg.num_layers - 1 if arch == "pangu-query" else layer)
+        for n in (block.ln_1, block.ln_2, *([block.ln_f] if arch == "pangu-query" else [])):
             nn.init.normal_(n.weight, 1.0, 0.1)
             nn.init.normal_(n.bias, 0.0, 0.1)
     for lin in block.modules():
@@ -98,13 +98,14 @@ def step(block, x, caches, fused: bool, monkeypatch) -> tuple[torch.Tensor, list
     return y, caches
 
 
-@pytest.mark.parametrize("arch", ["llama", "pangu"])
+@pytest.mark.parametrize("arch", ["llama", "pangu", "pangu-query"])
 @pytest.mark.parametrize("int8", ["per-channel", "blocks", "blocks+mins"])
 @pytest.mark.parametrize("fuse", [True, False])
 def test_one_c_call_gives_the_modules_bits(arch, int8, fuse, monkeypatch):
     """Rows of 3 sequences with caches of 5, 1 and 300 tokens (past one cache chunk: the
     cache grows in the call's reserve): the output and every cache row are bit-equal."""
     block = make_block(arch, int8, fuse)
+    layer = block.attn.layer if arch.startswith("pangu") else block.self_attn.layer
     caches = prompts(block, [5, 1, 300])
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(11))
     y1, c1 = step(block, x, caches, True, monkeypatch)
@@ -112,7 +113,7 @@ def test_one_c_call_gives_the_modules_bits(arch, int8, fuse, monkeypatch):
     assert torch.equal(y1, y0)
     assert not torch.equal(y1, x)
     for a, b in zip(c1, c0):
-        kv1, kv0 = a.layer(1), b.layer(1)
+        kv1, kv0 = a.layer(layer), b.layer(layer)
         assert kv1.offset == kv0.offset
         assert torch.equal(kv1.k[:, :kv1.offset], kv0.k[:, :kv0.offset])
         assert torch.equal(kv1.v[:, :kv1.offset], kv0.v[:, :kv0.offset])
