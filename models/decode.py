@@ -183,7 +183,6 @@ def blocks(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
     if not _decode_step(x, batch):
         return x, 0
     specs, layers, kc, vc, ks, vs, total = [], [], [], [], [], [], []
-    rope_of, tables = None, None  # a stage's blocks share one rotary setting
     keep = []  # the query layer's query rows, alive until the call returns
     for m in modules:  # decode_args of each until one cannot go: O(blocks) a stage
         args = getattr(m, "decode_args", None)
@@ -201,8 +200,7 @@ def blocks(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
         if rows is not None:
             spec.qin = rows.data_ptr()
             keep.append(rows)
-        if rope is not rope_of:
-            rope_of, tables = rope, rope_tables(rope, batch, x) if rope is not None else None
+        tables = rope_tables(rope, batch, x) if rope is not None else None
         spec.cos, spec.sin = _ptr(tables and tables[0]), _ptr(tables and tables[1])
         spec.threads, spec.attend_threaded = torch.get_num_threads(), w8a16.ATTEND_THREADED
         specs.append(spec)
