@@ -51,6 +51,66 @@ def decode_seconds(llms: dict, tokens: int, runs: int = 3) -> dict[object, list[
     return out
 
 
+class Chain:
+    """A plan's stages in this process, called one after another, the hidden rows passed
+    through the wire's dtype as the workers pass them: the split with no Ray, ZeroMQ or
+    other process. Generates greedily through `generate` as an LLM does (decode_seconds
+    times it as it times one). The stages of every Chain of one `chains` call share one
+    copy of the weights."""
+
+    def __init__(self, stages: list, tokenizer=None) -> None:
+        self.stages, self.tokenizer = stages, tokenizer
+
+    def generate(self, prompt_token_ids, params) -> None:
+        import torch
+
+        from llm_shard.cluster import wire
+        from llm_shard.models.cache import Batch, SequenceCache
+
+        for ids in prompt_token_ids:
+            caches = [SequenceCache() for _ in self.stages]
+            x = torch.tensor(ids)
+            for _ in range(params.max_tokens):
+                h = x
+                for stage, cache in zip(self.stages, caches):
+                    h = stage(h, Batch.of([len(x)], [cache]))
+                    if stage.head is None:
+                        h = wire.from_wire(wire.to_wire(h, wire.DEFAULT_ACTIVATION_DTYPE),
+                                           torch.float32)
+                x = h.argmax(-1)
+
+
+def chains(model: str, plans: dict) -> dict:
+    """A Chain per plan ([[start, end], ...] of blocks) of `model`, its stages sharing one
+    copy of the weights."""
+    from torch import nn
+
+    from llm_shard.models.catalog import resolve
+    from llm_shard.models.runner import StageModel
+    from llm_shard.models.store import StoreError
+
+    store = resolve(model)
+    n = store.n_blocks
+    whole = StageModel(store, 0, n)
+    try:
+        tokenizer = store.tokenizer()
+    except StoreError:  # 16 fixed ids, as for an LLM on such a store (_prompt_ids)
+        tokenizer = None
+    out = {}
+    for key, plan in plans.items():
+        stages = []
+        for start, end in plan:
+            stage = StageModel(store, start, end, embed=False, head=False, load_blocks=False)
+            stage.has_embed, stage.has_head = start == 0, end == n
+            stage.embed = whole.embed if start == 0 else None
+            stage.head = whole.head if end == n else None
+            stage.blocks = nn.ModuleDict({str(i): whole.blocks[str(i)]
+                                          for i in range(start, end)})
+            stages.append(stage)
+        out[key] = Chain(stages, tokenizer)
+    return out
+
+
 def decode_metrics(llm, tokens: int) -> dict:
     """The scheduler's metrics after a run of `tokens` decode steps, so that its moving
     averages of step times are decode's (weight 0.8**31 left on the prefill after 32)."""
@@ -101,7 +161,9 @@ def split(model: str, tokens: int, workers=(1, 2, 3), runs: int = 3) -> dict:
     overhead. Where a step's time goes, from the scheduler's moving averages of the last
     steps: per stage its compute (`stage_ms`) and how long the worker held the step
     (`busy_ms`: compute, decoding, caches, sampling), and the wire's share of the round
-    trip (`wire_ms`, all hops together)."""
+    trip (`wire_ms`, all hops together). Then, with the Ray workers gone, each plan's
+    stages chained in this process (`Chain`): what the cut costs without the transport
+    (`in_process_ratio_{n}_workers`), from a third of the rounds."""
     _start_ray()
     cpus = os.cpu_count() or 1
     ram = _store_bytes(model) + (1 << 30)
@@ -119,6 +181,12 @@ def split(model: str, tokens: int, workers=(1, 2, 3), runs: int = 3) -> dict:
             out[f"wire_ms_{n}_workers"] = m["wire_seconds"] * 1e3
             out[f"step_ms_{n}_workers"] = m["step_seconds"] * 1e3
             out[f"plan_{n}_workers"] = [[s.start, s.end] for s in llm.plan.stages]
+    inproc = decode_seconds(chains(model, {n: out[f"plan_{n}_workers"] for n in workers}),
+                            tokens, max(1, runs // 3))
+    for n in workers:
+        out[f"in_process_tok_s_{n}_workers"] = 1 / statistics.median(inproc[n])
+        if n > 1 and 1 in inproc:
+            out[f"in_process_ratio_{n}_workers"] = paired_speedup(inproc[n], inproc[1])
     if 1 in per_token:  # each ratio and hop cost from rounds' pairs (the same moments)
         for n in workers:
             if n > 1:
@@ -179,7 +247,9 @@ def report(r: dict) -> str:
     lines = [f"pipeline benchmark: {r['model']}, {r['cpus']} CPUs, {r['tokens']} tokens/run"]
     for n in (1, 2, 3):
         extra = "" if n == 1 else (f"  {r[f'ratio_{n}_workers']:.3f}x unsplit (goal >= 0.95), "
-                                   f"{r[f'hop_ms_{n}_workers']:.2f} ms per extra hop")
+                                   f"{r[f'hop_ms_{n}_workers']:.2f} ms per extra hop; the "
+                                   f"same cut in one process "
+                                   f"{r[f'in_process_ratio_{n}_workers']:.3f}x")
         lines.append(f"  decode, {n} worker(s) {r[f'plan_{n}_workers']}: "
                      f"{r[f'decode_tok_s_{n}_workers']:.1f} tok/s{extra}")
         stages = ", ".join(f"{ms:.1f}" for ms in r[f"stage_ms_{n}_workers"])

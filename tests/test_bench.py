@@ -23,8 +23,7 @@ VERSUS_ROW = {"engine", "dtype", "tok_s", "seconds", "step_weight_bytes", "of_ro
 LOAD_ROW = {"engine", "source", "weight_file_bytes", "cold_start_s", "import_s", "load_s",
             "first_token_s", "disk_bound_s", "of_disk_bound"}
 SPLIT_ROW = {"workers", "plan", "decode_tok_s", "of_unsplit", "hop_ms", "stage_ms", "busy_ms",
-             "wire_ms", "step_ms",
-             "of_roofline"}
+             "wire_ms", "step_ms", "of_roofline", "in_process_tok_s", "in_process_of_unsplit"}
 THROUGHPUT = {"model", "requests", "workers", "max_tokens", "micro_batches_off_tok_s",
               "micro_batches_on_tok_s", "micro_batching_gain", "suite_seconds"}
 SWAP = {"model", "store", "blocks", "block_bytes", "stage_ram_budget_bytes",
@@ -117,6 +116,7 @@ def test_every_suite_runs_and_its_json_has_every_field(report):
             assert set(row) == SPLIT_ROW and positive(row["decode_tok_s"])
             assert len(row["plan"]) == len(row["stage_ms"]) == len(row["busy_ms"]) == row["workers"]
             assert positive(row["wire_ms"]) and positive(row["step_ms"])
+            assert positive(row["in_process_tok_s"]) and positive(row["in_process_of_unsplit"])
 
     assert set(s["throughput"]) == THROUGHPUT
     assert positive(s["throughput"]["micro_batching_gain"])
