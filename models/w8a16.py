@@ -662,7 +662,7 @@ void w8a16_silu_mul(const float* g, const float* u, float* y, int rows, int n, l
   }
 }
 
-/* GELU's erf, as torch's vectorized CPU kernel computes it (Abramowitz-Stegun 7.1.26,
+/* GELU's erf, as torch's AVX2 CPU kernel computes it (Abramowitz-Stegun 7.1.26,
    |error| <= 1.5e-7), with e^(-z^2) from Cephes' expf (a degree-6 polynomial on
    [-ln 2 / 2, ln 2 / 2] times 2^n, ~1 ulp; below -87, e^-87). Eight lanes at a time
    (AVX2), the rest one at a time: the same float operations in the same order, so the
@@ -726,7 +726,8 @@ static void gelu_span(const float* x, float* y, long n) {
 }
 
 /* y = x 0.5 (1 + erf(x / sqrt 2)) for n contiguous floats: GPT-2's exact GELU, with the
-   erf of torch's vectorized CPU kernel (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7). */
+   erf of torch's AVX2 CPU kernel (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7; torch's
+   AVX512 kernel differs from it by up to ~1.7e-6). */
 void w8a16_gelu(const float* x, float* y, long n, int threads) {
   #pragma omp parallel num_threads(n >= ELEMENTWISE_THREADED ? threads : 1)
   {
