@@ -130,11 +130,12 @@ def huge_page_arena(nbytes: int) -> torch.Tensor:
     m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(m, dtype=torch.uint8)  # its storage holds the mapping
     start = -whole.data_ptr() % HUGE_PAGE
-    arena = whole[start: start + nbytes]
-    if err := _advise(arena[: nbytes // HUGE_PAGE * HUGE_PAGE], _MADV_HUGEPAGE):
+    huge = nbytes // HUGE_PAGE * HUGE_PAGE
+    if huge and _libc.madvise(ctypes.c_void_p(whole.data_ptr() + start),
+                              ctypes.c_size_t(huge), _MADV_HUGEPAGE):
         log.warning("madvise(MADV_HUGEPAGE) failed: %s; weights stay on 4 KiB pages",
-                    os.strerror(err))
-    return arena
+                    os.strerror(ctypes.get_errno()))
+    return whole[start: start + nbytes]
 
 
 def weights_to_huge_pages(module: nn.Module, mapped: set[int]) -> int:
