@@ -94,8 +94,8 @@ def release_mapped(t: torch.Tensor) -> None:
 
 # --- int8 weights in 2 MiB pages ----------------------------------------------------
 # A decode step streams every weight once. On 4 KiB pages (a mapped file's, or malloc's)
-# that is a TLB miss every 4 KiB, whose page walk w8a16's software prefetches wait on
-# (perf, 2 cores of a Xeon with AVX512-VNNI: most of its samples sat on them). In 2 MiB
+# that is a TLB miss every 4 KiB, whose page walk the kernel's prefetches wait on (perf,
+# 2 cores of a Xeon with AVX512-VNNI: most of w8a16's samples sat on them). In 2 MiB
 # pages, decode ran ~8% faster there (alternating processes): the random PanGu-α-2.6B
 # 102.7-106.5 -> 96.0-97.9 ms a step; SmolLM2-135M 7.9-8.9 -> 7.3-8.0 ms with every
 # byte in huge pages, 8.3-8.8 -> 8.1-8.3 ms with each 3.5 MB block's tail on 4 KiB pages.
