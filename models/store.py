@@ -7,9 +7,7 @@
     STORE/tokenizer/...
 
 int8 stores hold each Linear weight as `<name>.weight` (int8, out x in) plus
-`<name>.scales` (float32, per output channel). Loading memory-maps the files; the int8
-weights that w8a16 streams every step are then copied into 2 MiB pages where Linux's
-transparent huge pages run (`weights_to_huge_pages`).
+`<name>.scales` (float32, per output channel). Loading memory-maps the files.
 
 Loading a part checks its file's size, and its sha256 against the manifest unless the
 sidecar STORE/.llm-shard-verified.json says that this very file (same device, inode,
@@ -23,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -41,16 +38,7 @@ from torch import nn
 from . import get_arch
 from .base import Arch, ArchConfig, Part, on_meta, parts_of
 from .errors import StoreError
-from .quant import (
-    Int8Linear,
-    ScreenedLinear,
-    fused_layers,
-    int8_formats,
-    keeps_dtype,
-    prepare_int8,
-    screen_head,
-    swap_int8,
-)
+from .quant import int8_formats, keeps_dtype, prepare_int8, screen_head, swap_int8
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +53,7 @@ DTYPES = {"int8": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
 # Kernels that run a layer from a copy of its weights (fbgemm's packed form; "auto"
 # resolved, see Int8Linear.running), so that its mapped pages can go; so can those of a
 # "fused" group's members, whose fused layer holds a copy of their rows. w8a16 reads the
-# mapped weights as they are, unless they move into 2 MiB pages (weights_to_huge_pages).
+# mapped weights as they are.
 PACKED_KERNELS = ("fbgemm",)
 _MADV_DONTNEED, _MADV_POPULATE_READ = 4, 22
 _libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
@@ -90,92 +78,6 @@ def release_mapped(t: torch.Tensor) -> None:
     """Drop the pages of a memory-mapped CPU tensor from this process's resident set;
     they are read back from the file if the tensor is touched again."""
     _advise(t, _MADV_DONTNEED)
-
-
-# --- int8 weights in 2 MiB pages ----------------------------------------------------
-# A decode step streams every weight once. On 4 KiB pages (a mapped file's, or malloc's)
-# that is a TLB miss every 4 KiB, whose page walk the kernel's prefetches wait on (perf,
-# 2 cores of a Xeon with AVX512-VNNI: most of w8a16's samples sat on them). In 2 MiB
-# pages, decode ran ~8% faster there (alternating processes): the random PanGu-α-2.6B
-# 102.7-106.5 -> 96.0-97.9 ms a step; SmolLM2-135M 7.9-8.9 -> 7.3-8.0 ms with every
-# byte in huge pages, 8.3-8.8 -> 8.1-8.3 ms with each 3.5 MB block's tail on 4 KiB pages.
-# The copy costs SmolLM2's load ~0.1 s, PanGu-α-2.6B's 0.6 s where the memory was used
-# before and ~3 s on memory this VM touches for the first time.
-_MADV_HUGEPAGE = 14
-HUGE_PAGE = 2 << 20
-THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-@functools.cache
-def huge_pages_problem() -> str | None:
-    """Why weights cannot go into 2 MiB pages here, or None when they can: Linux's
-    transparent huge pages in "always" or "madvise" mode."""
-    if _libc is None:
-        return "not a POSIX system"
-    try:
-        mode = THP_ENABLED.read_text()
-    except OSError as e:
-        return f"no transparent huge pages ({THP_ENABLED}: {e.strerror})"
-    if "[never]" in mode:
-        return f"transparent huge pages are off ([never] in {THP_ENABLED})"
-    return None
-
-
-def huge_page_arena(nbytes: int) -> torch.Tensor:
-    """nbytes of CPU memory (uint8) starting on a 2 MiB boundary of an anonymous mapping
-    of its own, whose whole 2 MiB pages are advised MADV_HUGEPAGE before anything touches
-    them: the kernel backs those with huge pages where it can, and the tail past the last
-    whole one with 4 KiB pages, so that no more than nbytes is resident (a worker's RAM
-    budget counts a part's bytes). No page is resident before it is written."""
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = torch.frombuffer(m, dtype=torch.uint8)  # its storage holds the mapping
-    start = -whole.data_ptr() % HUGE_PAGE
-    huge = nbytes // HUGE_PAGE * HUGE_PAGE
-    if huge and _libc.madvise(ctypes.c_void_p(whole.data_ptr() + start),
-                              ctypes.c_size_t(huge), _MADV_HUGEPAGE):
-        log.warning("madvise(MADV_HUGEPAGE) failed: %s; weights stay on 4 KiB pages",
-                    os.strerror(ctypes.get_errno()))
-    return whole[start: start + nbytes]
-
-
-def weights_to_huge_pages(module: nn.Module, mapped: set[int]) -> int:
-    """Moves the int8 weights that w8a16 reads as stored (the Int8Linears of `module` that
-    it runs, the layers fuse_int8 made of them, and a screened head's int8 copy) into one
-    `huge_page_arena`, and drops the pages of those that were memory-mapped (`mapped`:
-    their data_ptrs) from the resident set. Returns the bytes moved: 0 without transparent
-    huge pages, or for less than one 2 MiB page of such weights."""
-    layers = {id(m): m for m in [*module.modules(), *fused_layers(module)]
-              if isinstance(m, Int8Linear) and m._plan is not None
-              and m._plan[0].name != "fused" and m.running == "w8a16"
-              and m.weight.device.type == "cpu" and m.weight.is_contiguous()}
-    heads = [m for m in module.modules() if isinstance(m, ScreenedLinear)
-             and m._screen is not None and m._screen[0] == "w8a16"]
-    # (get, put) of each tensor, none held here: each old copy is freed as soon as it is
-    # replaced, so that loading holds one tensor twice at most (a worker's peak RSS)
-    moves = [(lambda m=m: m.weight, lambda t, m=m: m._buffers.__setitem__("weight", t))
-             for m in layers.values()]
-    moves += [(lambda h=h: h._screen[1],
-               lambda t, h=h: setattr(h, "_screen", (h._screen[0], t, h._screen[2])))
-              for h in heads]
-    sizes = [-(-get().numel() * get().element_size() // 64) * 64 for get, _ in moves]
-    if huge_pages_problem() is not None or sum(sizes) < HUGE_PAGE:
-        return 0
-    arena, offset = huge_page_arena(sum(sizes)), 0
-    for (get, put), size in zip(moves, sizes):
-        old = get()
-        new = arena[offset: offset + old.numel() * old.element_size()]
-        new = new.view(old.dtype).view(old.shape)
-        new.copy_(old)
-        put(new)
-        if old.data_ptr() in mapped:
-            release_mapped(old)
-        del old
-        offset += size
-    # the copies replaced (fused layers', the screen's) went back to malloc, which keeps
-    # such chunks resident; return them to the kernel (glibc)
-    if getattr(_libc, "malloc_trim", None) is not None:
-        _libc.malloc_trim(0)
-    return offset
 
 
 def read_ahead(module: nn.Module) -> threading.Thread:
@@ -490,8 +392,6 @@ class Store:
             # mapped weight, only the rows recomputed exactly are read from then on
             screen_head(module, lambda lin: release_mapped
                         if lin.weight.data_ptr() in mapped else None)
-        if self.manifest["dtype"] == "int8" and torch.device(device).type == "cpu":
-            weights_to_huge_pages(module, mapped)  # int8 blocks, a screened head
         del raw
         return module.eval().requires_grad_(False)
 
