@@ -18,7 +18,6 @@ about 1/15 of its blocks. The run prints, from one process:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -26,30 +25,37 @@ from pathlib import Path
 
 import torch
 
+from llm_shard.benchmarks import publish
 from llm_shard.models.base import Part
 
 
 def build_store(path: Path, preset: str, layers: int | None, progress: bool = True):
     """A random int8 PanGu-α store at `path` (reused when it is there)."""
+    from llm_shard.models.pangu import PRESETS
+
+    cfg = PRESETS[preset]
+    if layers is not None:
+        cfg = type(cfg).from_dict({**cfg.to_dict(), "num_layers": layers})
+    return random_store(path, "pangu-alpha", cfg, f"random PanGu-α {preset}", progress)
+
+
+def random_store(path: Path, arch_name: str, cfg, label: str, progress: bool = True):
+    """A random int8 store of `arch_name` with config `cfg` at `path` (reused when it is
+    there): weights N(0, 0.02), norm gains 1, every block Linear quantized per channel."""
     from tqdm import tqdm
 
     from llm_shard.models import get_arch
     from llm_shard.models.base import parts_of
-    from llm_shard.models.pangu import PRESETS
     from llm_shard.models.quant import quantize_weight
     from llm_shard.models.store import Store, StoreWriter
 
     if (path / "manifest.json").is_file():
         return Store.open(path)
-    arch = get_arch("pangu-alpha")
-    cfg = PRESETS[preset]
-    if layers is not None:
-        cfg = type(cfg).from_dict({**cfg.to_dict(), "num_layers": layers})
-    writer = StoreWriter(path, arch, cfg, "int8", {"path": f"random PanGu-α {preset}",
-                                                   "layout": "random"})
+    arch = get_arch(arch_name)
+    writer = StoreWriter(path, arch, cfg, "int8", {"path": label, "layout": "random"})
     g = torch.Generator().manual_seed(0)
-    for part in tqdm(parts_of(cfg.n_blocks), desc=f"random PanGu-α-{preset} int8",
-                     unit="part", disable=not progress):
+    for part in tqdm(parts_of(cfg.n_blocks), desc=f"{label} int8", unit="part",
+                     disable=not progress):
         with torch.device("meta"):
             module = arch.build(cfg, part)
         linears = {f"{n}.weight" for n, m in module.named_modules()
@@ -57,7 +63,7 @@ def build_store(path: Path, preset: str, layers: int | None, progress: bool = Tr
         tensors = {}
         for name, p in module.state_dict().items():
             t = torch.randn(p.shape, generator=g) * 0.02
-            if name.endswith(".weight") and p.dim() == 1:  # LayerNorm gains
+            if name.endswith(".weight") and p.dim() == 1:  # norm gains
                 t = torch.ones(p.shape)
             if name in linears:
                 q, scales = quantize_weight(t)
@@ -184,11 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="write the figures as JSON (- for stdout)")
     a = ap.parse_args(argv)
     r = run(a.preset, a.layers, a.tokens, a.dir)
-    print(report(r))
-    if a.json == "-":
-        print(json.dumps(r, indent=1))
-    elif a.json:
-        Path(a.json).write_text(json.dumps(r, indent=1))
+    publish(r, report(r), a.json)
     return r
 
 

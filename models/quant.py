@@ -36,8 +36,13 @@ from the device's preference list (`PREFERENCE`), each kernel saying when it is 
   AUTO_SMALL_LAYER_BYTES, whose fixed cost per call is lower; on larger ones "w8a16"
   where it keeps up with fbgemm (`w8a16.keeps_up()`: AVX512-VNNI, or AVX2 on a CPU
   without AVX512), else "fbgemm". The choice is the layer's, never the call's: see below.
-- "dequant" (any device; the CUDA path): `F.linear(x, weight.to(x.dtype)) * scales`,
-  weight-only, as gpt-fast's `WeightOnlyInt8Linear`. On CPU it is a slow last resort.
+- "triton" (CUDA, compute capability 7.5+, Triton installed: torch's CUDA wheels bring
+  it): our GPU kernels (models/cuda_int8.py), a row kernel for decode and a tiled one
+  for more rows. They dequantize each int8 weight in registers, per-channel and GGUF
+  blocks alike, with float32 sums: no float copy of the weight.
+- "dequant" (any device): `F.linear(x, weight.to(x.dtype)) * scales`, weight-only, as
+  gpt-fast's `WeightOnlyInt8Linear`: a float copy of the weight per call. The GPU's last
+  resort (no Triton, an older card); on CPU a slow one.
 
 Why, measured on 2 cores of an AVX512-VNNI EPYC (benchmarks/kernels.py): at batch 1 on
 PanGu-2.6B and LLaMA-7B layers (6-45 MiB) fbgemm streams 20-24 GB/s of int8 weights
@@ -62,7 +67,8 @@ recovery (replaying a sequence's tokens into a new worker's cache) and seeded sa
 rely on. That is why "auto" picks a kernel per layer and not per call: int8pack and
 fbgemm round activations differently (bf16 vs two 7-bit levels), and choosing by row
 count made a decode step (1 row) and a replay (many rows) differ at near-ties.
-"dequant" (F.linear) is not invariant: BLAS changes its summation order with the shape.
+"dequant" (F.linear) is not invariant: BLAS changes its summation order with the shape;
+nor is the GPU path ("triton" changes kernel with the row count, torch's attention too).
 
 Preparation (packing) happens in `prepare()`, which `prepare_int8` calls for a whole
 model after its weights are loaded; a forward on an unprepared layer prepares it
@@ -90,7 +96,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import w8a16
+from . import cuda_int8, w8a16
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,7 @@ GROUPS = (0, w8a16.BLOCK)  # inputs per scale: 0 = one scale per output row
 # Kernel names tried in order, per device type; a device type not listed uses "*".
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("auto", "fbgemm", "w8a16", "int8pack", "dequant"),
+    "cuda": ("triton", "dequant"),
     "*": ("dequant",),
 }
 
@@ -360,6 +367,19 @@ def _auto_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tensor
     return kernel.run(layer, packed, x)
 
 
+# --- triton: our CUDA kernel (models/cuda_int8.py) -----------------------------------
+
+def _triton_invalid(layer: Int8Linear) -> str | None:
+    if not layer.weight.is_contiguous():
+        return "its int8 weights are not contiguous"
+    return cuda_int8.problem(layer.weight.device)
+
+
+def _triton_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tensor:
+    scales, mins, bias = state
+    return cuda_int8.linear(layer.weight, scales, x, bias, mins, layer.group)
+
+
 # --- dequant: weight-only, any device ----------------------------------------------
 
 def _dequant_run(layer: Int8Linear, _: object, x: torch.Tensor) -> torch.Tensor:
@@ -375,6 +395,7 @@ KERNELS: dict[str, Kernel] = {
         Kernel("fbgemm", _fbgemm_invalid, _fbgemm_pack, _fbgemm_run),
         Kernel("int8pack", _int8pack_invalid, _int8pack_pack, _int8pack_run),
         Kernel("w8a16", _w8a16_invalid, _w8a16_pack, _w8a16_run),
+        Kernel("triton", _triton_invalid, _w8a16_pack, _triton_run),
         Kernel("dequant", lambda layer: None, lambda layer: None, _dequant_run),
     )
 }
