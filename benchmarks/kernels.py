@@ -17,7 +17,6 @@ is against the bandwidth of its own moment. Figures are median calls after a war
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import random
@@ -28,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from llm_shard.benchmarks import publish
 from llm_shard.models import w8a16
 from llm_shard.models.quant import Int8Linear, quantize_weight
 
@@ -273,12 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-': stdout)")
     args = p.parse_args(argv)
     result = run(threads=args.threads, repeats=args.repeats, quick=args.quick)
-    print(format_table(result))
-    if args.json == "-":
-        print(json.dumps(result, indent=1))
-    elif args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    publish(result, format_table(result), args.json)
     return result
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import statistics
 import time
 
+from llm_shard.benchmarks import publish
 from llm_shard.benchmarks.turns import paired_speedup, take_turns
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -272,14 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="also write the figures as JSON to PATH (- for stdout)")
     args = ap.parse_args(argv)
     r = run(args.model, args.tokens)
-    print(report(r))
-    if args.json:
-        text = json.dumps(r, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+    publish(r, report(r), args.json)
 
 
 if __name__ == "__main__":

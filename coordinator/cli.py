@@ -234,6 +234,16 @@ def bench_pipeline(args: tuple[str, ...]) -> None:
     pipeline_main(list(args))
 
 
+@bench.command("gpu", context_settings=_PASS_THROUGH)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_gpu(args: tuple[str, ...]) -> None:
+    """The GPU tier: int8 kernels per layer against the GPU's read bandwidth, and decode of
+    a random PanGu-α-2.6B resident on the GPU or streamed from pinned RAM (--help)."""
+    from llm_shard.benchmarks.gpu import main as gpu_main
+
+    gpu_main(list(args))
+
+
 @bench.command("suite", context_settings=_PASS_THROUGH)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_suite(args: tuple[str, ...]) -> None:

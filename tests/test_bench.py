@@ -10,6 +10,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from llm_shard.benchmarks import kernels, suite, turns
 
@@ -272,7 +273,8 @@ def test_split_decode_times_pair_each_rounds_long_and_short_generates(monkeypatc
 
 
 @pytest.mark.parametrize("command, option", [("kernels", "--threads"), ("swap", "--preset"),
-                                             ("pipeline", "--tokens"), ("suite", "--suites")])
+                                             ("pipeline", "--tokens"), ("suite", "--suites"),
+                                             ("gpu", "--layers")])
 def test_bench_help_shows_the_benchmarks_own_options(command, option):
     from click.testing import CliRunner
 
@@ -281,3 +283,29 @@ def test_bench_help_shows_the_benchmarks_own_options(command, option):
     r = CliRunner().invoke(cli, ["bench", command, "--help"])
     assert r.exit_code == 0, r.output
     assert f"usage: llm-shard bench {command}" in r.output and option in r.output
+
+
+def test_bench_gpu_says_when_there_is_no_gpu_and_reports_a_gpu_run(monkeypatch):
+    """CI has no GPU: `bench gpu` refuses with why; its report renders the stored H200 run
+    (benchmarks/results-gpu/gpu.json) with every kernel column and both decode modes."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from llm_shard.benchmarks import gpu
+    from llm_shard.coordinator.cli import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = CliRunner().invoke(cli, ["bench", "gpu", "--layers", "1"])
+    assert r.exit_code == 1 and "torch sees no CUDA GPU here" in r.output
+    stored = json.loads((Path(__file__).parents[1] / "benchmarks/results-gpu/gpu.json")
+                        .read_text())
+    text = gpu.report(stored)
+    assert "GPU NVIDIA H200 (compute capability 9.0" in text
+    header = next(line for line in text.splitlines() if line.startswith("| layer | rows |"))
+    for kernel in ("triton_row_fp32", "dequant_fp32", "linear_fp32", "int8pack_bf16"):
+        assert kernel in header
+    rows = [line for line in text.splitlines() if line.startswith("| pangu-2.6b mlp-up")]
+    assert len(rows) == len(gpu.ROWS) and all(line.count("|") == header.count("|")
+                                              for line in rows)
+    assert "- resident: blocks 36.5 tok/s" in text and "- streamed: blocks 10.7 tok/s" in text
