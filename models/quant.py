@@ -605,16 +605,23 @@ class ScreenedLinear(nn.Module):
     as it is; fbgemm packs it first (0.19 s of SmolLM2's load here).
     """
 
-    ROUND_ROWS = 4096  # rows rounded at a time: float temporaries stay ~10 MB
+    # float32 bytes of the weight rounded at a time: each float temporary stays ~1 MiB.
+    # Larger ones (4096 rows of SmolLM2's, 9 MiB each) stayed resident after loading as
+    # up to 18 MiB of free memory at the top of the loading thread's malloc arena, which
+    # glibc's malloc_trim does not return to the kernel (only the main arena's top).
+    ROUND_BYTES = 1 << 20
     BOUNDS = {"w8a16": w8a16_error_bound, "fbgemm": fbgemm_error_bound}
 
     def __init__(self, linear: nn.Linear, max_exact: int | None = None,
                  release: Callable[[torch.Tensor], None] | None = None,
-                 kernel: str | None = None) -> None:
+                 kernel: str | None = None,
+                 place: Callable[[int], torch.Tensor | None] | None = None) -> None:
         """`release(rows)`, if given, is called on each slice of the float weight once
         it is rounded: a memory-mapped weight's pages can leave the resident set, since
         only the recomputed rows are read afterwards. `kernel` ("w8a16" or "fbgemm")
-        overrides the screen's kernel."""
+        overrides the screen's kernel. `place(nbytes)`, if given, is where the int8 copy
+        is written (uint8 CPU memory, e.g. Store.load's 2 MiB pages), or None for memory
+        of its own: the copy is made there, never moved."""
         super().__init__()
         if kernel is not None and kernel not in self.BOUNDS:
             raise ValueError(f"a screened head runs w8a16 or fbgemm, not {kernel!r}")
@@ -624,6 +631,7 @@ class ScreenedLinear(nn.Module):
         self.preferred_kernel = kernel
         self._screen: tuple[str, object, torch.Tensor] | None = None
         self._release = release
+        self._place = place
         self.prepare()
 
     @property
@@ -637,13 +645,20 @@ class ScreenedLinear(nn.Module):
         if self.weight.device.type != "cpu":
             raise RuntimeError(f"a screened head runs on CPU only: its weight is on "
                                f"{self.weight.device}")
-        screen = Int8Linear(self.in_features, self.out_features, bias=False)
+        out_f, in_f = self.out_features, self.in_features
+        screen = Int8Linear(in_f, out_f, bias=False, device="meta")
+        where = self._place(out_f * in_f) if self._place is not None else None
+        if where is None:
+            where = torch.empty(out_f * in_f, dtype=torch.uint8)
+        screen.weight = where.view(torch.int8).view(out_f, in_f)  # every row written below
+        screen.scales = torch.empty(out_f)
         kernel, reason = screen_kernel(screen, self.preferred_kernel)
         if reason is not None:
             raise RuntimeError(f"a screened head cannot run {kernel} here: {reason}")
+        step = max(1, self.ROUND_BYTES // (4 * in_f))
         with _PREPARE_LOCK, torch.no_grad():
-            for a in range(0, self.out_features, self.ROUND_ROWS):
-                rows = self.weight[a: a + self.ROUND_ROWS]
+            for a in range(0, out_f, step):
+                rows = self.weight[a: a + step]
                 screen.weight[a: a + len(rows)], screen.scales[a: a + len(rows)] = (
                     quantize_weight(rows))
                 if self._release is not None:
@@ -685,7 +700,7 @@ class ScreenedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_screen": None, "_release": None}
+        return {**self.__dict__, "_screen": None, "_release": None, "_place": None}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -710,16 +725,18 @@ def screen_kernel(screen: Int8Linear, preferred: str | None = None) -> tuple[str
 
 
 def screen_head(module: nn.Module,
-                release: Callable[[nn.Linear], Callable | None] | None = None) -> list[str]:
+                release: Callable[[nn.Linear], Callable | None] | None = None,
+                place: Callable[[int], torch.Tensor | None] | None = None) -> list[str]:
     """Replaces every float nn.Linear on CPU in `module` (a head part) by a
     ScreenedLinear, when w8a16 or fbgemm can run here; returns the names replaced.
     `release(linear)` gives the ScreenedLinear's `release` for that Linear's weight (or
-    None)."""
+    None); `place`, its `place`."""
     if screen_kernel(Int8Linear(16, 16, bias=False))[1] is not None:
         return []
     return [name for name, _ in _swapped(
         module, lambda name, lin: lin.weight.device.type == "cpu",
-        lambda name, lin: ScreenedLinear(lin, release=release and release(lin)))]
+        lambda name, lin: ScreenedLinear(lin, release=release and release(lin),
+                                         place=place))]
 
 
 Predicate = Callable[[str, nn.Module], bool]
@@ -796,11 +813,11 @@ def swap_int8(module: nn.Module, predicate: Predicate | None = None,
 
 
 def prepare_int8(module: nn.Module, kernel: str | None = None,
-                 fuse: bool = False) -> dict[str, str]:
+                 fuse: bool = False, rows: Rows | None = None) -> dict[str, str]:
     """Prepares every Int8Linear in `module` (call after load_state_dict); returns
     {layer name: kernel name}. With `fuse`, the groups of layers that read one input are
-    first fused (`fuse_int8`); their members report "fused"."""
-    members = fuse_int8(module, kernel) if fuse else set()
+    first fused (`fuse_int8`, given `rows`); their members report "fused"."""
+    members = fuse_int8(module, kernel, rows) if fuse else set()
     return {name: mod.kernel if mod in members else mod.prepare(kernel)
             for name, mod in module.named_modules() if isinstance(mod, Int8Linear)}
 
@@ -848,10 +865,18 @@ def resolve_kernel(layer: Int8Linear, preferred: str | None = None) -> Kernel:
     return _auto_choice(layer) if kernel.name == "auto" else kernel
 
 
-def fuse_int8(module: nn.Module, kernel: str | None = None) -> set[Int8Linear]:
+# rows(members' int8 weights) -> their fused layer's weight (out, in) without a copy (a
+# view), or None: the fused layer concatenates them (see `fuse_int8`)
+Rows = Callable[[list[torch.Tensor]], torch.Tensor | None]
+
+
+def fuse_int8(module: nn.Module, kernel: str | None = None,
+              rows: Rows | None = None) -> set[Int8Linear]:
     """Fuses each `shared_input` group of `module`'s modules whose members would run one
     kernel of FUSED_KERNELS; returns the members, prepared as slices of their fused layer
-    (their own int8 bytes are no longer read: a caller may release them)."""
+    (their own int8 bytes are no longer read: a caller may release them, unless `rows`
+    gave the fused layer a view of them rather than a copy: Store.load's members in 2 MiB
+    pages, `store.back_to_back`)."""
     members: set[Int8Linear] = set()
     for parent in module.modules():
         for names in getattr(parent, "shared_input", ()):
@@ -862,7 +887,7 @@ def fuse_int8(module: nn.Module, kernel: str | None = None) -> set[Int8Linear]:
                 kernels = {resolve_kernel(m, kernel).name for m in layers}
                 if len(kernels) != 1 or next(iter(kernels)) not in FUSED_KERNELS:
                     continue
-                fused = _fused_layer(layers, next(iter(kernels)))
+                fused = _fused_layer(layers, next(iter(kernels)), rows)
             if fused is None:
                 continue
             start = 0
@@ -874,8 +899,10 @@ def fuse_int8(module: nn.Module, kernel: str | None = None) -> set[Int8Linear]:
     return members
 
 
-def _fused_layer(layers: list[Int8Linear], kernel: str) -> Int8Linear | None:
-    """One layer of the members' rows, prepared for `kernel` (None if it would not run it)."""
+def _fused_layer(layers: list[Int8Linear], kernel: str,
+                 rows: Rows | None = None) -> Int8Linear | None:
+    """One layer of the members' rows, prepared for `kernel` (None if it would not run it);
+    its weight is `rows(members' weights)` where that gives one."""
     first = layers[0]
     with torch.device("meta"):  # no memory: the buffers are set below
         fused = Int8Linear(first.in_features, sum(m.out_features for m in layers),
@@ -883,7 +910,9 @@ def _fused_layer(layers: list[Int8Linear], kernel: str) -> Int8Linear | None:
                            mins=first.mins is not None)
     for name, dim in (("weight", 0), ("scales", 0), ("mins", 1), ("bias", 0)):
         if getattr(first, name) is not None:
-            fused._buffers[name] = torch.cat([getattr(m, name) for m in layers], dim)
+            parts = [getattr(m, name) for m in layers]
+            view = rows(parts) if name == "weight" and rows is not None else None
+            fused._buffers[name] = torch.cat(parts, dim) if view is None else view
     if fused.prepare() != kernel:  # a fallback would change the members' bits
         return None
     if kernel == "fbgemm":  # it reads its packed copy only

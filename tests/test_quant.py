@@ -724,6 +724,76 @@ def test_store_load_releases_mapped_weights_only_where_a_copy_runs(tmp_path, mon
         assert {n for n, m in layers.items() if m.weight.data_ptr() in released} == copied
 
 
+def _vma_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    import re
+
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if m := re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line):
+                inside = int(m[1], 16) <= address < int(m[2], 16)
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif("w8a16" not in cpu_kernels(), reason="needs the w8a16 kernel")
+def test_store_load_moves_what_w8a16_streams_into_huge_pages(smollm2_stores, monkeypatch):
+    """Where transparent huge pages run, the int8 weights that w8a16 reads of a loaded
+    block (its fused q/k/v and gate/up, o and down) and of the head (its screen's copy)
+    move into one mapping whose whole 2 MiB pages are advised MADV_HUGEPAGE (the tail
+    past them is not: it would be resident beyond the part's bytes); the outputs are
+    those of a load that leaves them where they were."""
+    from llm_shard.models import store as store_mod
+    from llm_shard.models.base import Part
+    from llm_shard.models.cache import Batch, SequenceCache
+
+    if store_mod.huge_pages_problem() is not None:
+        pytest.skip(store_mod.huge_pages_problem())
+    store = smollm2_stores["int8"]
+    parts = [Part("block", 3), Part("head")]
+    huge = [store.load(p) for p in parts]
+    monkeypatch.setattr(store_mod, "huge_pages_problem", lambda: "off for this test")
+    plain = [store.load(p) for p in parts]
+
+    def streamed(module) -> list[torch.Tensor]:
+        layers = [m.weight for m in [*module.modules(), *quant.fused_layers(module)]
+                  if isinstance(m, Int8Linear) and m._plan[0].name != "fused"]
+        return layers + [m._screen[1] for m in module.modules()
+                         if isinstance(m, ScreenedLinear)]
+
+    for h, p in zip(huge, plain):
+        moved, kept = streamed(h), streamed(p)
+        assert len(moved) == len(kept) >= 1
+        start = min(t.data_ptr() for t in moved)
+        end = max(t.data_ptr() + t.numel() for t in moved)
+        assert start % store_mod.HUGE_PAGE == 0 and "hg" in _vma_flags(start)
+        assert end - start >= store_mod.HUGE_PAGE  # a whole huge page at least
+        assert end - start < sum(t.numel() + 64 for t in moved)  # one arena, 64-byte steps
+        assert "hg" not in _vma_flags(end - 1) or (end - start) % store_mod.HUGE_PAGE == 0
+        assert not any("hg" in _vma_flags(t.data_ptr()) for t in kept)
+        for a, b in zip(moved, kept):
+            assert torch.equal(a, b)
+    # in 2 MiB pages a fused layer's rows are its members' own bytes (no second copy of
+    # them, none freed back to malloc); a mapped block's fused layer still copies them
+    for block, view in ((huge[0], True), (plain[0], False)):
+        members = [m for m in block.modules()
+                   if isinstance(m, Int8Linear) and m._plan[0].name == "fused"]
+        assert members
+        for m in members:
+            part = m._plan[1]
+            rows = part.fused.weight.data_ptr() + part.start * m.in_features
+            assert (m.weight.data_ptr() == rows) == view
+    x = torch.randn(4, store.config.hidden_size)
+    with torch.inference_mode():
+        caches = SequenceCache(), SequenceCache()
+        for rows in (x[:3], x[3:]):  # a prompt of 3 rows, then a decode step (one C call)
+            assert torch.equal(huge[0](rows, Batch.of([len(rows)], [caches[0]])),
+                               plain[0](rows, Batch.of([len(rows)], [caches[1]])))
+        assert torch.equal(huge[1](x), plain[1](x))
+
+
 def test_store_load_fuses_llama_and_pangu_blocks_to_the_same_outputs(tmp_path):
     """A stored block's q/k/v and gate/up (LLaMA), q/k/v (PanGu; k/v in its query block)
     run fused after Store.load, with the unfused block's exact outputs."""
