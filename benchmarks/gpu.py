@@ -149,29 +149,30 @@ def decode(store, tokens: int, streamed: bool) -> dict:
     load_s = time.perf_counter() - t0
     hidden, vocab = store.config.hidden_size, store.config.vocab_size
     g = torch.Generator().manual_seed(0)
+    cache = SequenceCache()
+
+    def step():  # the blocks alone: hidden in, hidden out (on the CPU)
+        return runner.blocks.run(torch.randn(1, hidden, generator=g), Batch.of([1], [cache]))
+
     try:
         with torch.inference_mode():
-            cache = SequenceCache()
             runner.blocks.run(torch.randn(16, hidden, generator=g), Batch.of([16], [cache]))
             t0 = time.perf_counter()
-            for _ in range(tokens):  # blocks alone: hidden in, hidden out (on the CPU)
-                runner.blocks.run(torch.randn(1, hidden, generator=g), Batch.of([1], [cache]))
+            for _ in range(tokens):
+                step()
             blocks_s = (time.perf_counter() - t0) / tokens
-            busy_ms, launches = gpu_busy(lambda: runner.blocks.run(
-                torch.randn(1, hidden, generator=g), Batch.of([1], [cache])))
-            cache = SequenceCache()
+            busy_ms, launches = gpu_busy(step)
+            stage_cache = SequenceCache()
             ids = torch.randint(vocab, (16,), generator=g)
-            nxt = runner.model(ids, Batch.of([16], [cache]), run_blocks=runner.blocks.run)
+            nxt = runner.model(ids, Batch.of([16], [stage_cache]), run_blocks=runner.blocks.run)
             t0 = time.perf_counter()
             for _ in range(tokens):
-                nxt = runner.model(nxt.argmax(-1), Batch.of([1], [cache]),
+                nxt = runner.model(nxt.argmax(-1), Batch.of([1], [stage_cache]),
                                    run_blocks=runner.blocks.run)
             stage_s = (time.perf_counter() - t0) / tokens
-        kernels = sorted({m.kernel for b in runner.blocks.resident.values()
-                          for m in b.modules() if hasattr(m, "kernel") and m.kernel})
-        if streamed:
-            kernels = sorted({m.kernel for b in runner.blocks.streamer.skeletons.values()
-                              for m in b.modules() if hasattr(m, "kernel") and m.kernel})
+        blocks = (runner.blocks.streamer.skeletons if streamed else runner.blocks.resident)
+        kernels = sorted({m.kernel for b in blocks.values() for m in b.modules()
+                          if hasattr(m, "kernel") and m.kernel})
     finally:
         runner.close()
     return {"load_s": load_s, "blocks_ms": blocks_s * 1e3, "blocks_tok_s": 1 / blocks_s,
