@@ -144,8 +144,9 @@ def step_bytes(stage) -> int:
     """Bytes of weights one decode step reads: every block and the head (an embedding
     table reads one row per token: the stage's is left out, a block's counts a row).
     Tied tensors count once; a screened head counts its int8 copy and scales (its float
-    rows recomputed per step are a few KB)."""
-    from llm_shard.models.quant import ScreenedLinear
+    rows recomputed per step are a few KB); a layer that w8a16 reads as packed nibbles
+    counts those (half its int8 weight's bytes)."""
+    from llm_shard.models.quant import Int8Linear, ScreenedLinear
 
     def key(t: torch.Tensor) -> tuple[int, int]:  # tied tensors share it
         return t.untyped_storage().data_ptr(), t.storage_offset()
@@ -161,6 +162,9 @@ def step_bytes(stage) -> int:
             if isinstance(sub, ScreenedLinear):
                 seen.add(key(sub.weight))
                 total += sub.out_features * (sub.in_features + 4)
+            if isinstance(sub, Int8Linear) and sub.nibbles_now() is not None:
+                seen.add(key(sub.weight))
+                total += sub.nibbles_now().packed.nbytes
         for t in [*module.parameters(), *module.buffers()]:
             k = key(t)
             if k not in seen:

@@ -50,7 +50,7 @@ def modules_only():
 class _Lin(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("mins", ctypes.c_void_p),
                 ("b", ctypes.c_void_p), ("O", ctypes.c_int), ("I", ctypes.c_int),
-                ("group", ctypes.c_int)]
+                ("group", ctypes.c_int), ("nib", ctypes.c_int), ("lo", ctypes.c_int)]
 
 
 class _Proj(ctypes.Structure):
@@ -77,9 +77,10 @@ def _proj(layers) -> _Proj | None:
     if calls is None or len(calls) > PARTS:
         return None
     p = _Proj(n=len(calls))
-    for i, (w, s, mins, b, group) in enumerate(calls):
+    for i, (w, s, mins, b, group, lo) in enumerate(calls):
         p.part[i] = _Lin(w.data_ptr(), s.data_ptr(), _ptr(mins), _ptr(b), w.shape[0],
-                         w.shape[1], group)
+                         w.shape[1] * (1 if lo is None else 2), group, lo is not None,
+                         lo or 0)
     return p
 
 

@@ -9,7 +9,8 @@
 int8 stores hold each Linear weight as `<name>.weight` (int8, out x in) plus
 `<name>.scales` (float32, per output channel). Loading memory-maps the files; the int8
 weights that w8a16 streams every step are then copied into 2 MiB pages where Linux's
-transparent huge pages run (`weights_to_huge_pages`).
+transparent huge pages run, and a GGUF's Q4 blocks packed there at 4 bits a value
+(`weights_to_huge_pages`).
 
 Loading a part checks its file's size, and its sha256 against the manifest unless the
 sidecar STORE/.llm-shard-verified.json says that this very file (same device, inode,
@@ -38,11 +39,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import get_arch
+from . import get_arch, w8a16
 from .base import Arch, ArchConfig, Part, on_meta, parts_of
 from .errors import StoreError
 from .quant import (
     Int8Linear,
+    Nibbles,
     int8_formats,
     keeps_dtype,
     prepare_int8,
@@ -65,7 +67,8 @@ DTYPES = {"int8": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
 # resolved, see Int8Linear.running), so that its mapped pages can go; so can those of a
 # "fused" group's members, whose fused layer holds a copy of their rows. w8a16 reads the
 # mapped weights as they are, unless they move into 2 MiB pages (weights_to_huge_pages:
-# there a fused layer's rows are its members' own bytes, which stay).
+# there a fused layer's rows are its members' own bytes, which stay), or into nibbles
+# (their mapped pages go there).
 PACKED_KERNELS = ("fbgemm",)
 _MADV_DONTNEED, _MADV_POPULATE_READ = 4, 22
 _libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
@@ -121,17 +124,19 @@ def huge_pages_problem() -> str | None:
     return None
 
 
-def huge_page_arena(nbytes: int) -> torch.Tensor:
+def huge_page_arena(nbytes: int, advise: bool = True) -> torch.Tensor:
     """nbytes of CPU memory (uint8) starting on a 2 MiB boundary of an anonymous mapping
-    of its own, whose whole 2 MiB pages are advised MADV_HUGEPAGE before anything touches
-    them: the kernel backs those with huge pages where it can, and the tail past the last
-    whole one with 4 KiB pages, so that no more than nbytes is resident (a worker's RAM
-    budget counts a part's bytes). No page is resident before it is written."""
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    of its own, whose whole 2 MiB pages are advised MADV_HUGEPAGE (unless not `advise`)
+    before anything touches them: the kernel backs those with huge pages where it can,
+    and the tail past the last whole one with 4 KiB pages, so that no more than nbytes is
+    resident (a worker's RAM budget counts a part's bytes). No page is resident before it
+    is written."""
+    m = mmap.mmap(-1, max(1, nbytes + HUGE_PAGE),
+                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(m, dtype=torch.uint8)  # its storage holds the mapping
     start = -whole.data_ptr() % HUGE_PAGE
     arena = whole[start: start + nbytes]
-    if err := _advise(arena[: nbytes // HUGE_PAGE * HUGE_PAGE], _MADV_HUGEPAGE):
+    if advise and (err := _advise(arena[: nbytes // HUGE_PAGE * HUGE_PAGE], _MADV_HUGEPAGE)):
         log.warning("madvise(MADV_HUGEPAGE) failed: %s; weights stay on 4 KiB pages",
                     os.strerror(err))
     return arena
@@ -154,10 +159,13 @@ def weights_to_huge_pages(module: nn.Module, mapped: set[int]) -> int:
     the pages of those that were memory-mapped (`mapped`: their data_ptrs) from the
     resident set. Nothing is copied twice and no copy goes back to malloc: freed, its
     chunks would stay resident (glibc's malloc_trim returns no thread arena's top).
-    Returns the bytes moved: 0 without transparent huge pages, or for less than one
-    2 MiB page of such weights."""
-    if huge_pages_problem() is not None:
-        return 0
+
+    A blocks layer whose values fit 4 bits (a GGUF's Q4_0 or Q4_1: `w8a16.nibble_offset`,
+    the same offset across a fusable group) is packed there instead, at half the bytes
+    (`Nibbles`), and keeps its stored weight, released from the resident set. Without
+    transparent huge pages the arena holds those alone, on 4 KiB pages. Returns the
+    bytes moved (0: nothing to move, or less than one 2 MiB page of int8 copies)."""
+    huge = huge_pages_problem() is None
     chosen = {id(m): m for m in module.modules()
               if isinstance(m, Int8Linear) and m.weight.device.type == "cpu"
               and m.weight.is_contiguous() and resolve_kernel(m).name == "w8a16"}
@@ -170,22 +178,38 @@ def weights_to_huge_pages(module: nn.Module, mapped: set[int]) -> int:
                 runs.append(group)
                 placed.update(map(id, group))
     runs += [[m] for key, m in chosen.items() if key not in placed]
-    sizes = [-(-sum(m.weight.nbytes for m in run) // 64) * 64 for run in runs]
-    if sum(sizes) < HUGE_PAGE:
+    offsets = [_nibble_run(run) for run in runs]  # a run's nibble offset, or None
+    keep = [(run, lo) for run, lo in zip(runs, offsets) if huge or lo is not None]
+    sizes = [-(-sum(m.weight.nbytes // (1 if lo is None else 2) for m in run) // 64) * 64
+             for run, lo in keep]
+    if not any(lo is not None for _, lo in keep) and sum(sizes) < HUGE_PAGE:
         return 0
-    arena, offset = huge_page_arena(sum(sizes)), 0
-    for run, size in zip(runs, sizes):
+    arena, offset = huge_page_arena(sum(sizes), advise=huge), 0
+    for (run, lo), size in zip(keep, sizes):
         at = offset
         for m in run:
             old = m.weight
-            new = arena[at: at + old.nbytes].view(old.dtype).view(old.shape)
-            new.copy_(old)
-            m._buffers["weight"] = new
+            nbytes = old.nbytes // (1 if lo is None else 2)
+            if lo is None:
+                new = arena[at: at + nbytes].view(old.dtype).view(old.shape)
+                new.copy_(old)
+                m._buffers["weight"] = new
+            else:  # the stored weight stays (mapped: read again only if used again)
+                m.nibbles = Nibbles(w8a16.pack_nibbles(old, lo, arena[at: at + nbytes]),
+                                    lo, old)
             if old.data_ptr() in mapped:
                 release_mapped(old)
-            at += old.nbytes
+            at += nbytes
         offset += size
     return offset
+
+
+def _nibble_run(run: list[Int8Linear]) -> int | None:
+    """The nibble offset of every layer of a run (one for all), else None."""
+    if not all(m.group for m in run):
+        return None
+    found = {w8a16.nibble_offset(m.weight) for m in run}
+    return found.pop() if len(found) == 1 else None
 
 
 def back_to_back(weights: list[torch.Tensor]) -> torch.Tensor | None:

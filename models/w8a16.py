@@ -9,7 +9,11 @@
 each block's exact int32 pair sums are scaled by its float16 scale in float32 lanes, the
 mins times the activations' exact block sums added apart. ~1.3x the per-channel kernel's
 time on SmolLM2's layers (more float work per 32 inputs, 1/8 more bytes); the same
-invariance, pinned in its C comments.
+invariance, pinned in its C comments. `blocks(..., lo=)` reads Q4 weights packed at 4 bits
+a value (`pack_nibbles`) with the same bits: at one row, on SmolLM2's layers streamed from
+memory, 1.26-1.46x the int8 weights' speed (a Xeon, AVX512-VNNI; compute-bound on the
+unpacking, not at half the time); from 5 rows up each weight row is unpacked once and runs
+as int8 (0.91-0.96x).
 
 Why (measured on 2 cores of an AVX512 EPYC, one row; `llm-shard bench kernels`): torch's
 `_weight_int8pack_mm` is compute-bound at ~10 GB/s of weights (5.9 GB/s on one core),
@@ -413,25 +417,106 @@ static inline float reduce8(__m256 a) {  /* reduce16 from h = 4 */
 }
 #endif
 
+/* Packed nibbles (`w8a16.nibbles`): a layer whose int8 values all lie in [lo, lo + 15]
+   (a GGUF's Q4_0 with lo = -8, Q4_1 with lo = 0) may keep them as 4 bits each, half the
+   bytes a step streams: per block of 32, byte j holds value j - lo in its low nibble and
+   value j + 16 - lo in its high one (llama.cpp's Q4 order). They unpack to the same int8
+   values, so every sum below, and each output's bits, are the int8 path's. */
+static inline int8_t wval(const int8_t* w, const uint8_t* w4, int lo, size_t i) {
+  if (!w4) return w[i];
+  size_t b = i / G, j = i % G;
+  uint8_t byte = w4[b * G / 2 + j % (G / 2)];
+  return (int8_t)((j < G / 2 ? byte & 15 : byte >> 4) + lo);
+}
+
+#if VARIANT > 0
+/* A block's 16 bytes -> its 32 values, low nibbles first, as int8 (lo added). */
+static inline __m256i nibbles8(const uint8_t* p, __m128i lo8) {
+  const __m128i m = _mm_set1_epi8(15);
+  __m128i v = _mm_loadu_si128((const __m128i*)p);
+  __m128i a = _mm_add_epi8(_mm_and_si128(v, m), lo8);
+  __m128i b = _mm_add_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m), lo8);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1);
+}
+#endif
+#if VARIANT == 2
+static inline __m512i nibbles512(const uint8_t* p, __m128i lo8) {
+  return _mm512_cvtepi8_epi16(nibbles8(p, lo8));
+}
+#elif VARIANT == 1
+static inline void nibbles256(const uint8_t* p, __m128i lo8, __m256i* w0, __m256i* w1) {
+  __m256i v = nibbles8(p, lo8);
+  *w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
+  *w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
+}
+#endif
+
+/* A packed row of nb blocks back to int8 values (rows of many activation rows unpack
+   once, then read as int8). */
+static void unpack_row(const uint8_t* w4, int lo, int nb, int8_t* out) {
+  int b = 0;
+#if VARIANT > 0
+  const __m128i lo8 = _mm_set1_epi8((char)lo);
+  for (; b < nb; b++)
+    _mm256_storeu_si256((__m256i*)(out + (size_t)b * G), nibbles8(w4 + (size_t)b * G / 2, lo8));
+#endif
+  for (; b < nb; b++)
+    for (int j = 0; j < G; j++) out[(size_t)b * G + j] = wval(NULL, w4, lo, (size_t)b * G + j);
+}
+
+/* w (rows, I) int8, every value in [lo, lo + 15], I % 32 == 0 -> out (rows, I / 2) packed
+   as above. */
+void w8a16_pack_nibbles(const int8_t* w, uint8_t* out, long rows, int I, int lo,
+                        int threads) {
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (long r = 0; r < rows; r++) {
+    const int8_t* src = w + (size_t)r * I;
+    uint8_t* dst = out + (size_t)r * (I / 2);
+    for (int b = 0; b < I / G; b++)
+      for (int j = 0; j < G / 2; j++)
+        dst[b * G / 2 + j] = (uint8_t)((src[b * G + j] - lo)
+                                       | ((src[b * G + j + G / 2] - lo) << 4));
+  }
+}
+
 /* One weight row (nb blocks, scales df as float32) against NQ activation rows q:
    out[k] = sum_b df[b] D_k[b]. Two sets of lanes, for even and odd blocks (two
    independent chains of adds), added lane by lane at the end. */
 static inline __attribute__((always_inline)) void row_dots(
-    const int8_t* w, const float* df, const int16_t* q, size_t I, int nb, int NQ,
-    float out[MB]) {
+    const int8_t* w, const uint8_t* w4, int wlo, const float* df, const int16_t* q, size_t I,
+    int nb, int NQ, float out[MB]) {
 #if VARIANT == 2
   __m512 acc[2][MB];
   for (int k = 0; k < NQ; k++) acc[0][k] = acc[1][k] = _mm512_setzero_ps();
-#define BLOCK512(s, b) do { \
-    __m512i wv = LOADW(w + (b) * G); \
+#define BLOCKW(s, b, wv) do { \
     __m512 dv = _mm512_set1_ps(df[b]); \
     for (int k = 0; k < NQ; k++) { \
       __m512i p = _mm512_madd_epi16(wv, LOADX(q + k * I + (b) * G)); \
       acc[s][k] = _mm512_add_ps(acc[s][k], _mm512_mul_ps(dv, _mm512_cvtepi32_ps(p))); \
     } } while (0)
   int b = 0;
-  for (; b + 2 <= nb; b += 2) { PREFETCH(w + b * G + PFD); BLOCK512(0, b); BLOCK512(1, b + 1); }
-  if (b < nb) BLOCK512(0, b);
+  if (w4) {  /* two blocks' 32 bytes widened at once, then their halves regrouped */
+    const __m512i m15 = _mm512_set1_epi16(15), lo16 = _mm512_set1_epi16((short)wlo);
+    for (; b + 2 <= nb; b += 2) {
+      PREFETCH(w4 + b * G / 2 + PFD);
+      __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w4 + b * G / 2)));
+      __m512i L = _mm512_and_si512(v, m15), H = _mm512_srli_epi16(v, 4);
+      if (wlo) { L = _mm512_add_epi16(L, lo16); H = _mm512_add_epi16(H, lo16); }
+      __m512i w0 = _mm512_shuffle_i64x2(L, H, 0x44), w1 = _mm512_shuffle_i64x2(L, H, 0xEE);
+      BLOCKW(0, b, w0); BLOCKW(1, b + 1, w1);
+    }
+    if (b < nb) {
+      __m512i w0 = nibbles512(w4 + b * G / 2, _mm_set1_epi8((char)wlo));
+      BLOCKW(0, b, w0);
+    }
+  } else {
+    for (; b + 2 <= nb; b += 2) {
+      PREFETCH(w + b * G + PFD);
+      __m512i w0 = LOADW(w + b * G), w1 = LOADW(w + (b + 1) * G);
+      BLOCKW(0, b, w0); BLOCKW(1, b + 1, w1);
+    }
+    if (b < nb) { __m512i w0 = LOADW(w + b * G); BLOCKW(0, b, w0); }
+  }
   for (int k = 0; k < NQ; k++) acc[0][k] = _mm512_add_ps(acc[0][k], acc[1][k]);
   for (int k = 0; k < NQ; k++)
     out[k] = reduce8(_mm256_add_ps(_mm512_castps512_ps256(acc[0][k]), _mm256_castpd_ps(
@@ -440,7 +525,9 @@ static inline __attribute__((always_inline)) void row_dots(
   __m256 lo[2][MB], hi[2][MB];
   for (int k = 0; k < NQ; k++) lo[0][k] = hi[0][k] = lo[1][k] = hi[1][k] = _mm256_setzero_ps();
 #define BLOCK256(s, b) do { \
-    __m256i w0 = LOADW(w + (b) * G), w1 = LOADW(w + (b) * G + 16); \
+    __m256i w0, w1; \
+    if (w4) nibbles256(w4 + (b) * G / 2, lo8, &w0, &w1); \
+    else { w0 = LOADW(w + (b) * G); w1 = LOADW(w + (b) * G + 16); } \
     __m256 dv = _mm256_set1_ps(df[b]); \
     for (int k = 0; k < NQ; k++) { \
       const int16_t* xk = q + k * I + (b) * G; \
@@ -448,8 +535,12 @@ static inline __attribute__((always_inline)) void row_dots(
       lo[s][k] = _mm256_add_ps(lo[s][k], _mm256_mul_ps(dv, _mm256_cvtepi32_ps(p0))); \
       hi[s][k] = _mm256_add_ps(hi[s][k], _mm256_mul_ps(dv, _mm256_cvtepi32_ps(p1))); \
     } } while (0)
+  const __m128i lo8 = _mm_set1_epi8((char)wlo);
   int b = 0;
-  for (; b + 2 <= nb; b += 2) { PREFETCH(w + b * G + PFD); BLOCK256(0, b); BLOCK256(1, b + 1); }
+  for (; b + 2 <= nb; b += 2) {
+    if (w4) PREFETCH(w4 + b * G / 2 + PFD); else PREFETCH(w + b * G + PFD);
+    BLOCK256(0, b); BLOCK256(1, b + 1);
+  }
   if (b < nb) BLOCK256(0, b);
   for (int k = 0; k < NQ; k++) {
     __m256 l0 = _mm256_add_ps(lo[0][k], lo[1][k]), h0 = _mm256_add_ps(hi[0][k], hi[1][k]);
@@ -462,7 +553,8 @@ static inline __attribute__((always_inline)) void row_dots(
     for (int k = 0; k < NQ; k++)
       for (int l = 0; l < 16; l++) {
         int i = b * G + 2 * l;
-        int32_t p = (int32_t)w[i] * q[k * I + i] + (int32_t)w[i + 1] * q[k * I + i + 1];
+        int32_t p = (int32_t)wval(w, w4, wlo, i) * q[k * I + i]
+                    + (int32_t)wval(w, w4, wlo, i + 1) * q[k * I + i + 1];
         sets[b % 2][k][l] = sets[b % 2][k][l] + df[b] * (float)p;
       }
   for (int k = 0; k < NQ; k++) {
@@ -504,8 +596,9 @@ static void min_terms(const uint16_t* mt, const float* t, float* ms, int nb, int
 /* y[m, o] = sum_i (d[o, i / 32] w[o, i] + mt[i / 32, o]) x[m, i] for x (M, I) float32,
    w (O, I) int8, d (O, I / 32) and mt (I / 32, O) float16 (mt may be NULL: no min term);
    I % 32 == 0 and I <= 32 * MAXNB. */
-int w8a16_blocks(const int8_t* w, const uint16_t* d, const uint16_t* mt, const float* x,
-                 float* y, int M, int O, int I, int threads) {
+static int blocks_impl(const int8_t* w, const uint8_t* w4, int lo, const uint16_t* d,
+                       const uint16_t* mt, const float* x, float* y, int M, int O, int I,
+                       int threads) {
   int nb = I / G;
   if (I % G || nb > MAXNB) return -2;
   int16_t* q = (int16_t*)malloc((size_t)M * I * sizeof(int16_t) + 64);
@@ -529,18 +622,21 @@ int w8a16_blocks(const int8_t* w, const uint16_t* d, const uint16_t* mt, const f
           min_terms(mt, T + (size_t)m * nb, y + (size_t)m * O, nb, O, c * 64,
                     (c + 1) * 64 < O ? (c + 1) * 64 : O);
     }
+    int8_t unpacked[w4 && M > MB ? I : 1];  /* a packed row read by several passes */
     #pragma omp for schedule(static)
     for (int o = 0; o < O; o++) {
       float df[MAXNB];
       halves(d + (size_t)o * nb, df, nb);
-      const int8_t* row = w + (size_t)o * I;
+      const int8_t* row = w4 ? unpacked : w + (size_t)o * I;
+      const uint8_t* row4 = w4 ? w4 + (size_t)o * (I / 2) : NULL;
+      if (row4 && M > MB) { unpack_row(row4, lo, nb, unpacked); row4 = NULL; }
       for (int m = 0; m < M; m += MB) {
         int nq = M - m < MB ? M - m : MB;
         const int16_t* qm = q + (size_t)m * I;
         float dots[MB];
-        if (nq == 1) row_dots(row, df, qm, (size_t)I, nb, 1, dots);
-        else if (nq == MB) row_dots(row, df, qm, (size_t)I, nb, MB, dots);
-        else row_dots(row, df, qm, (size_t)I, nb, nq, dots);
+        if (nq == 1) row_dots(row, row4, lo, df, qm, (size_t)I, nb, 1, dots);
+        else if (nq == MB) row_dots(row, row4, lo, df, qm, (size_t)I, nb, MB, dots);
+        else row_dots(row, row4, lo, df, qm, (size_t)I, nb, nq, dots);
         for (int k = 0; k < nq; k++) {
           float* out = y + (size_t)(m + k) * O + o;
           *out = (mt ? dots[k] + *out : dots[k]) * xs[m + k];
@@ -550,6 +646,17 @@ int w8a16_blocks(const int8_t* w, const uint16_t* d, const uint16_t* mt, const f
   }
   free(q); free(xs); free(T);
   return 0;
+}
+
+int w8a16_blocks(const int8_t* w, const uint16_t* d, const uint16_t* mt, const float* x,
+                 float* y, int M, int O, int I, int threads) {
+  return blocks_impl(w, NULL, 0, d, mt, x, y, M, O, I, threads);
+}
+
+/* w8a16_blocks on packed nibbles w4 (O, I / 2) with offset lo: the same bits. */
+int w8a16_blocks4(const uint8_t* w4, int lo, const uint16_t* d, const uint16_t* mt,
+                  const float* x, float* y, int M, int O, int I, int threads) {
+  return blocks_impl(NULL, w4, lo, d, mt, x, y, M, O, I, threads);
 }
 
 /* Decode's attention of one query row: out[h] = softmax(scale q[h] . k[g, t]) @ v[g, t]
@@ -764,17 +871,21 @@ void w8a16_layer_norm(const float* x, const float* w, const float* b, float* y, 
    kernel) or w8a16_blocks (group 32: scales float16 (O, I / 32), mins float16 (I / 32, O)
    or NULL, the bias added after it, as quant.py's _add_bias) runs it. */
 typedef struct {
-  const int8_t* w;
+  const int8_t* w;              /* int8 (O, I), or with nib packed nibbles (O, I / 2) */
   const void* s;
   const uint16_t* mins;
   const float* b;
   int O, I, group;
+  int nib, lo;                  /* nib: w holds nibbles, offset lo (blocks only) */
 } lin_t;
 
 static int lin_run(const lin_t* L, const float* x, float* y, int M, int threads) {
   if (!L->group) return w8a16_linear(L->w, (const float*)L->s, L->b, x, y, M, L->O, L->I,
                                      threads);
-  int err = w8a16_blocks(L->w, (const uint16_t*)L->s, L->mins, x, y, M, L->O, L->I, threads);
+  int err = L->nib ? w8a16_blocks4((const uint8_t*)L->w, L->lo, (const uint16_t*)L->s,
+                                   L->mins, x, y, M, L->O, L->I, threads)
+                   : w8a16_blocks(L->w, (const uint16_t*)L->s, L->mins, x, y, M, L->O, L->I,
+                                  threads);
   if (!err && L->b)
     for (int m = 0; m < M; m++)
       for (int o = 0; o < L->O; o++) y[(size_t)m * L->O + o] += L->b[o];
@@ -998,6 +1109,12 @@ def load(march: str = "native") -> ctypes.CDLL:
     lib.w8a16_linear.restype = ctypes.c_int
     lib.w8a16_blocks.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
     lib.w8a16_blocks.restype = ctypes.c_int
+    lib.w8a16_blocks4.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [
+        ctypes.c_int] * 4
+    lib.w8a16_blocks4.restype = ctypes.c_int
+    lib.w8a16_pack_nibbles.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] + [
+        ctypes.c_int] * 3
+    lib.w8a16_pack_nibbles.restype = None
     lib.w8a16_variant.restype = ctypes.c_int
     lib.w8a16_pin.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.w8a16_pin.restype = ctypes.c_int
@@ -1084,27 +1201,64 @@ BLOCK = 32  # inputs per scale in `blocks`
 
 
 def blocks(weight: torch.Tensor, scales: torch.Tensor, mins_t: torch.Tensor | None,
-           x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+           x: torch.Tensor, lib: ctypes.CDLL | None = None,
+           lo: int | None = None) -> torch.Tensor:
     """x (rows, in) float32 @ W.T with W[o, i] = scales[o, i // 32] weight[o, i]
     (+ mins_t[i // 32, o]): float32 (rows, out).
 
-    weight int8 (out, in), scales float16 (out, in / 32) and the mins transposed, float16
-    (in / 32, out), all contiguous, on the CPU.
+    weight int8 (out, in), or with `lo` its packed nibbles (`pack_nibbles`: uint8
+    (out, in / 2), the same bits), scales float16 (out, in / 32) and the mins transposed,
+    float16 (in / 32, out), all contiguous, on the CPU.
     """
     lib = lib or load()
     x = x.float().contiguous()
     rows, out = x.shape[0], weight.shape[0]
+    in_f = weight.shape[1] * (1 if lo is None else 2)
     y = torch.empty(rows, out, dtype=torch.float32)
     if rows:
-        err = lib.w8a16_blocks(weight.data_ptr(), scales.data_ptr(),
-                               None if mins_t is None else mins_t.data_ptr(), x.data_ptr(),
-                               y.data_ptr(), rows, out, weight.shape[1], torch.get_num_threads())
+        mins = None if mins_t is None else mins_t.data_ptr()
+        threads = torch.get_num_threads()
+        if lo is None:
+            err = lib.w8a16_blocks(weight.data_ptr(), scales.data_ptr(), mins, x.data_ptr(),
+                                   y.data_ptr(), rows, out, in_f, threads)
+        else:
+            err = lib.w8a16_blocks4(weight.data_ptr(), lo, scales.data_ptr(), mins,
+                                    x.data_ptr(), y.data_ptr(), rows, out, in_f, threads)
         if err == -2:
-            raise ValueError(f"w8a16 blocks: in_features={weight.shape[1]} is not a multiple "
+            raise ValueError(f"w8a16 blocks: in_features={in_f} is not a multiple "
                              f"of {BLOCK} up to {BLOCK * 1024}")
         if err:
             raise MemoryError(f"w8a16: no memory for {rows} x {weight.shape[1]} activations")
     return y
+
+
+def nibble_offset(weight: torch.Tensor) -> int | None:
+    """The offset lo (0: Q4_1's 0..15, -8: Q4_0's -8..7) with every value of an int8
+    weight (out, in), in % 32 == 0, in [lo, lo + 15], so that `pack_nibbles` can keep it
+    at 4 bits a value; None where none of the two holds."""
+    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] % BLOCK:
+        return None
+    if not weight.numel():
+        return 0
+    low, high = (int(v) for v in torch.aminmax(weight))
+    return next((lo for lo in (0, -8) if lo <= low and high <= lo + 15), None)
+
+
+def pack_nibbles(weight: torch.Tensor, lo: int, out: torch.Tensor | None = None,
+                 lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """weight int8 (out, in), every value in [lo, lo + 15] (`nibble_offset`), as packed
+    nibbles uint8 (out, in / 2), written to `out` (uint8, that many bytes) if given:
+    per block of 32 inputs, byte j holds value j - lo in its low 4 bits and value j + 16
+    - lo in its high 4. `blocks(..., lo=lo)` reads them with the int8 weight's bits."""
+    rows, in_f = weight.shape
+    if lo is None or in_f % BLOCK or not weight.is_contiguous():
+        raise ValueError(f"pack_nibbles: a contiguous int8 weight with in % {BLOCK} == 0 and "
+                         f"an offset, got {tuple(weight.shape)} and lo={lo}")
+    out = (torch.empty(rows, in_f // 2, dtype=torch.uint8) if out is None
+           else out.view(torch.uint8).view(rows, in_f // 2))
+    (lib or load()).w8a16_pack_nibbles(weight.data_ptr(), out.data_ptr(), rows, in_f, lo,
+                                       torch.get_num_threads())
+    return out
 
 
 ATTEND_THREADED = 1 << 17  # heads x tokens x head_dim from which attend uses every thread

@@ -740,11 +740,12 @@ def _vma_flags(address: int) -> list[str]:
 
 @pytest.mark.skipif("w8a16" not in cpu_kernels(), reason="needs the w8a16 kernel")
 def test_store_load_moves_what_w8a16_streams_into_huge_pages(smollm2_stores, monkeypatch):
-    """Where transparent huge pages run, the int8 weights that w8a16 reads of a loaded
-    block (its fused q/k/v and gate/up, o and down) and of the head (its screen's copy)
-    move into one mapping whose whole 2 MiB pages are advised MADV_HUGEPAGE (the tail
-    past them is not: it would be resident beyond the part's bytes); the outputs are
-    those of a load that leaves them where they were."""
+    """Where transparent huge pages run, what w8a16 reads of a loaded block (its fused
+    q/k/v and gate/up, o and down: SmolLM2's Q4_1 blocks, as packed nibbles) and of the
+    head (its screen's copy) lies in one mapping whose whole 2 MiB pages are advised
+    MADV_HUGEPAGE (the tail past them is not: it would be resident beyond the part's
+    bytes). Without them the nibbles still lie in one mapping of their own, not advised.
+    The outputs are the same either way, and the same as the int8 weights' own."""
     from llm_shard.models import store as store_mod
     from llm_shard.models.base import Part
     from llm_shard.models.cache import Batch, SequenceCache
@@ -758,39 +759,55 @@ def test_store_load_moves_what_w8a16_streams_into_huge_pages(smollm2_stores, mon
     plain = [store.load(p) for p in parts]
 
     def streamed(module) -> list[torch.Tensor]:
-        layers = [m.weight for m in [*module.modules(), *quant.fused_layers(module)]
+        layers = [m.nibbles_now().packed if m.nibbles_now() is not None else m.weight
+                  for m in [*module.modules(), *quant.fused_layers(module)]
                   if isinstance(m, Int8Linear) and m._plan[0].name != "fused"]
         return layers + [m._screen[1] for m in module.modules()
                          if isinstance(m, ScreenedLinear)]
 
-    for h, p in zip(huge, plain):
+    def span(tensors) -> tuple[int, int]:
+        return (min(t.data_ptr() for t in tensors),
+                max(t.data_ptr() + t.numel() for t in tensors))
+
+    for h, p, is_block in zip(huge, plain, (True, False)):
         moved, kept = streamed(h), streamed(p)
         assert len(moved) == len(kept) >= 1
-        start = min(t.data_ptr() for t in moved)
-        end = max(t.data_ptr() + t.numel() for t in moved)
-        assert start % store_mod.HUGE_PAGE == 0 and "hg" in _vma_flags(start)
-        assert end - start >= store_mod.HUGE_PAGE  # a whole huge page at least
+        start, end = span(moved)
+        assert start % store_mod.HUGE_PAGE == 0
         assert end - start < sum(t.numel() + 64 for t in moved)  # one arena, 64-byte steps
+        # its whole 2 MiB pages only (a SmolLM2 block's nibbles are under one: none)
+        assert ("hg" in _vma_flags(start)) == (end - start >= store_mod.HUGE_PAGE)
         assert "hg" not in _vma_flags(end - 1) or (end - start) % store_mod.HUGE_PAGE == 0
         assert not any("hg" in _vma_flags(t.data_ptr()) for t in kept)
         for a, b in zip(moved, kept):
             assert torch.equal(a, b)
-    # in 2 MiB pages a fused layer's rows are its members' own bytes (no second copy of
-    # them, none freed back to malloc); a mapped block's fused layer still copies them
-    for block, view in ((huge[0], True), (plain[0], False)):
+        if is_block:  # nibbles, half the int8 bytes, in one arena with or without
+            assert all(t.dtype == torch.uint8 for t in moved)
+            a, b = span(kept)
+            assert a % store_mod.HUGE_PAGE == 0 and b - a < sum(t.numel() + 64 for t in kept)
+        else:
+            assert "hg" in _vma_flags(start)  # the screen's 28 MB copy
+    # a fused layer's nibbles are its members' own bytes (no second copy of them, none
+    # freed back to malloc), and its int8 weight is not kept at all
+    for block in (huge[0], plain[0]):
         members = [m for m in block.modules()
                    if isinstance(m, Int8Linear) and m._plan[0].name == "fused"]
         assert members
         for m in members:
             part = m._plan[1]
-            rows = part.fused.weight.data_ptr() + part.start * m.in_features
-            assert (m.weight.data_ptr() == rows) == view
+            rows = part.fused.nibbles_now().packed.data_ptr() + part.start * m.in_features // 2
+            assert m.nibbles_now().packed.data_ptr() == rows
+            assert part.fused.weight.device.type == "meta"
+    monkeypatch.setattr(store_mod, "weights_to_huge_pages", lambda module, mapped: 0)
+    int8 = store.load(parts[0])  # the stored int8 weights, as they are
+    assert not any(m.nibbles_now() for m in int8.modules() if isinstance(m, Int8Linear))
     x = torch.randn(4, store.config.hidden_size)
     with torch.inference_mode():
-        caches = SequenceCache(), SequenceCache()
+        caches = SequenceCache(), SequenceCache(), SequenceCache()
         for rows in (x[:3], x[3:]):  # a prompt of 3 rows, then a decode step (one C call)
-            assert torch.equal(huge[0](rows, Batch.of([len(rows)], [caches[0]])),
-                               plain[0](rows, Batch.of([len(rows)], [caches[1]])))
+            want = int8(rows, Batch.of([len(rows)], [caches[2]]))
+            assert torch.equal(huge[0](rows, Batch.of([len(rows)], [caches[0]])), want)
+            assert torch.equal(plain[0](rows, Batch.of([len(rows)], [caches[1]])), want)
         assert torch.equal(huge[1](x), plain[1](x))
 
 

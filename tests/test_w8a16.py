@@ -31,13 +31,16 @@ def case(out: int, inp: int, rows: int, seed: int = 0):
 BLOCK_SHAPES = [(33, 32), (96, 256), (45, 1056), (64, 11008)]
 
 
-def block_case(out: int, inp: int, rows: int, mins: bool, seed: int = 0):
+def block_case(out: int, inp: int, rows: int, mins: bool, seed: int = 0, q4_0: bool = False):
     """(weight, scales, mins transposed, x, the float weight they stand for)."""
     g = torch.Generator().manual_seed(seed)
     nb = inp // 32
     if mins:  # Q4_1-like: 4-bit levels, a scale and a min per block
         w = torch.randint(0, 16, (out, inp), dtype=torch.int8, generator=g)
         m = (-torch.rand(out, nb, generator=g) / 10).half()
+    elif q4_0:  # Q4_0-like: 4-bit levels around zero
+        w = torch.randint(-8, 8, (out, inp), dtype=torch.int8, generator=g)
+        m = None
     else:  # Q8_0-like
         w = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g)
         m = None
@@ -56,12 +59,19 @@ def matmuls(kind: str, out: int, inp: int, rows: int, seed: int = 0):
         w, s, x = case(out, inp, rows, seed)
         full = w.double() * s.double()[:, None]
         return (lambda x, lib=None: w8a16.linear(w, s, x, lib=lib)), x, full
-    w, d, mt, x, full = block_case(out, inp, rows, kind == "blocks+mins", seed)
+    w, d, mt, x, full = block_case(out, inp, rows, kind in ("blocks+mins", "q4_1 nibbles"),
+                                   seed, q4_0=kind == "q4_0 nibbles")
+    if kind.endswith("nibbles"):  # the same weights at 4 bits a value
+        lo = w8a16.nibble_offset(w)
+        assert lo == (0 if kind == "q4_1 nibbles" else -8)
+        w = w8a16.pack_nibbles(w, lo)
+        return (lambda x, lib=None: w8a16.blocks(w, d, mt, x, lib=lib, lo=lo)), x, full
     return (lambda x, lib=None: w8a16.blocks(w, d, mt, x, lib=lib)), x, full
 
 
 CASES = ([("channel", *shape) for shape in SHAPES]
-         + [(kind, *shape) for kind in ("blocks", "blocks+mins") for shape in BLOCK_SHAPES])
+         + [(kind, *shape) for kind in ("blocks", "blocks+mins", "q4_1 nibbles", "q4_0 nibbles")
+            for shape in BLOCK_SHAPES])
 
 
 @pytest.mark.parametrize("kind,out,inp", CASES)
@@ -124,6 +134,37 @@ def test_a_row_gets_the_same_bits_in_any_batch_thread_count_and_variant(kind, ou
     chunks = torch.cat([f(x[:2]), f(x[2:7]), f(x[7:])])
     assert torch.equal(one_thread, want) and torch.equal(rows, want)
     assert torch.equal(chunks, want)
+
+
+@pytest.mark.parametrize("kind", ["q4_1 nibbles", "q4_0 nibbles"])
+@pytest.mark.parametrize("out,inp", [(33, 32), (45, 1056), (64, 2048)])
+def test_nibbles_give_the_int8_weights_bits(kind, out, inp):
+    """A Q4 layer packed at 4 bits a value (`pack_nibbles`) computes each row with the
+    bits of its int8 weight, at 1 row (unpacked in registers), at 2-4 (one pass) and past
+    4 (each weight row unpacked once), in every variant: an odd block count takes the
+    AVX512 path's single-block tail."""
+    w, d, mt, x, _ = block_case(out, inp, 9, kind == "q4_1 nibbles", seed=2,
+                                q4_0=kind == "q4_0 nibbles")
+    lo = w8a16.nibble_offset(w)
+    packed = w8a16.pack_nibbles(w, lo)
+    assert packed.shape == (out, inp // 2) and packed.dtype == torch.uint8
+    # byte j of a block: value j in its low nibble, value j + 16 in its high one
+    assert int(packed[0, 0]) == (int(w[0, 0]) - lo) | ((int(w[0, 16]) - lo) << 4)
+    for lib in variant_libs():
+        for rows in (x[:1], x[:3], x[:4], x):
+            assert torch.equal(w8a16.blocks(packed, d, mt, rows, lib=lib, lo=lo),
+                               w8a16.blocks(w, d, mt, rows, lib=lib)), lib.w8a16_variant()
+
+
+def test_nibble_offset_takes_q4_ranges_only():
+    assert w8a16.nibble_offset(torch.tensor([[0, 15] * 16], dtype=torch.int8)) == 0
+    assert w8a16.nibble_offset(torch.tensor([[-8, 7] * 16], dtype=torch.int8)) == -8
+    assert w8a16.nibble_offset(torch.tensor([[3, 10] * 16], dtype=torch.int8)) == 0
+    assert w8a16.nibble_offset(torch.tensor([[-8, 8] * 16], dtype=torch.int8)) is None
+    assert w8a16.nibble_offset(torch.tensor([[0, 16] * 16], dtype=torch.int8)) is None
+    assert w8a16.nibble_offset(torch.zeros(2, 48, dtype=torch.int8)) is None  # not blocks
+    with pytest.raises(ValueError, match="in % 32 == 0 and an offset"):
+        w8a16.pack_nibbles(torch.zeros(2, 48, dtype=torch.int8), 0)
 
 
 def test_blocks_need_whole_blocks():
