@@ -12,8 +12,9 @@ Figures, timed with CUDA events after a warm-up (medians of repeats):
   the read bandwidth. Weights cycle through copies 4x the GPU's L2, so each call reads
   its weights from memory as a decode step does;
 - decode at batch 1 (16-token prompt): the blocks resident on the GPU (a GPU worker whose
-  budget holds them), and all streamed from pinned RAM through two device slots (a GPU
-  worker whose blocks are in its RAM tier): tok/s of the blocks alone against their
+  budget holds them), replaying CUDA graphs (models/cuda_graphs.py) and without them,
+  and all streamed from pinned RAM through two device slots (a GPU worker whose blocks
+  are in its RAM tier): tok/s of the blocks alone against their
   rooflines (block bytes / read bandwidth; / copy bandwidth), and of the whole stage
   (the embedding and head stay on the CPU, as in a worker).
 
@@ -134,10 +135,14 @@ def gpu_busy(step, steps: int = 3) -> tuple[float, float]:
     return sum(e.device_time for e in events) / 1e3 / steps, len(events) / steps
 
 
-def decode(store, tokens: int, streamed: bool) -> dict:
+def decode(store, tokens: int, streamed: bool, graphs: bool = True) -> dict:
     """Batch-1 decode of `store` with every block on the GPU (resident, or streamed from
-    pinned RAM): tok/s of the blocks alone and of the whole stage."""
+    pinned RAM): tok/s of the blocks alone and of the whole stage. Resident blocks replay
+    CUDA graphs (models/cuda_graphs.py) unless not `graphs`."""
+    from contextlib import nullcontext
+
     from llm_shard.cluster.types import Tier
+    from llm_shard.models import cuda_graphs
     from llm_shard.models.cache import Batch, SequenceCache
     from llm_shard.worker.stage import StageRunner
 
@@ -155,8 +160,9 @@ def decode(store, tokens: int, streamed: bool) -> dict:
         return runner.blocks.run(torch.randn(1, hidden, generator=g), Batch.of([1], [cache]))
 
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), nullcontext() if graphs else cuda_graphs.off():
             runner.blocks.run(torch.randn(16, hidden, generator=g), Batch.of([16], [cache]))
+            step(), step()  # a row count's CUDA graphs are captured on its second step
             t0 = time.perf_counter()
             for _ in range(tokens):
                 step()
@@ -213,9 +219,9 @@ def run(layers: int | None = None, tokens: int = 32, folder: Path | None = None,
                        "block_bytes": block_bytes, "tokens": tokens,
                        "roofline_tok_s_resident": r["read_GBps"] * 1e9 / block_bytes,
                        "roofline_tok_s_streamed": r["h2d_GBps"] * 1e9 / block_bytes}
-        for mode in ("resident", "streamed"):
-            d = r["decode"][mode] = decode(store, tokens, mode == "streamed")
-            roof = r["decode"][f"roofline_tok_s_{mode}"]
+        for mode in MODES:  # eager: resident, every module launched from Python
+            d = r["decode"][mode] = decode(store, tokens, mode == "streamed", mode != "eager")
+            roof = _roofline(r["decode"], mode)
             d["blocks_of_roofline"] = d["blocks_tok_s"] / roof
             if progress:
                 print(f"decode {mode}: blocks {d['blocks_tok_s']:.1f} tok/s "
@@ -241,16 +247,24 @@ def report(r: dict) -> str:
                      + " | ".join(cells) + " |")
     dec = r["decode"]
     lines += ["", f"{dec['model']}, {dec['block_bytes'] / 1e9:.2f} GB of blocks, batch 1:"]
-    for mode in ("resident", "streamed"):
-        d = dec[mode]
-        lines.append(f"- {mode}: blocks {d['blocks_tok_s']:.1f} tok/s "
+    for mode in (m for m in MODES if m in dec):
+        d, roof = dec[mode], _roofline(dec, mode)
+        lines.append(f"- {MODES[mode]}: blocks {d['blocks_tok_s']:.1f} tok/s "
                      f"({d['blocks_ms']:.2f} ms a step, {d['blocks_of_roofline']:.0%} of "
-                     f"the {dec[f'roofline_tok_s_{mode}']:.1f} tok/s roofline); whole stage "
+                     f"the {roof:.1f} tok/s roofline); whole stage "
                      f"(embedding and head on the CPU) {d['stage_tok_s']:.1f} tok/s; "
                      f"the GPU busy {d['gpu_busy_ms'] or 0:.2f} ms a step in "
                      f"{d['kernel_launches'] or 0:.0f} kernels and copies; "
                      f"kernels {', '.join(d['kernels'])}; load {d['load_s']:.1f} s")
     return "\n".join(lines)
+
+
+MODES = {"resident": "resident (CUDA graphs)", "eager": "resident, no CUDA graphs",
+         "streamed": "streamed"}
+
+
+def _roofline(dec: dict, mode: str) -> float:
+    return dec["roofline_tok_s_streamed" if mode == "streamed" else "roofline_tok_s_resident"]
 
 
 def _kernel_names(r: dict) -> list[str]:

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import w8a16
+from . import cuda_graphs, w8a16
 from .cache import Batch
 from .layers import RMSNorm, no_graph, rope_tables
 from .quant import plan_epoch, plan_serials, w8a16_calls
@@ -219,6 +219,8 @@ def run_blocks(modules, x: torch.Tensor, batch: Batch) -> torch.Tensor:
     through their forward (all of them, where the step is not one C can run)."""
     modules = list(modules)
     if not _decode_step(x, batch):
+        if cuda_graphs.usable(x, batch):  # GPU-resident blocks: their CUDA graphs
+            return cuda_graphs.run_blocks(modules, x, batch)
         for m in modules:
             x = m(x, batch)
         return x

@@ -287,7 +287,7 @@ def test_bench_help_shows_the_benchmarks_own_options(command, option):
 
 def test_bench_gpu_says_when_there_is_no_gpu_and_reports_a_gpu_run(monkeypatch):
     """CI has no GPU: `bench gpu` refuses with why; its report renders the stored H200 run
-    (benchmarks/results-gpu/gpu.json) with every kernel column and both decode modes."""
+    (benchmarks/results-gpu/gpu.json) with every kernel column and the three decode modes."""
     from pathlib import Path
 
     from click.testing import CliRunner
@@ -308,4 +308,6 @@ def test_bench_gpu_says_when_there_is_no_gpu_and_reports_a_gpu_run(monkeypatch):
     rows = [line for line in text.splitlines() if line.startswith("| pangu-2.6b mlp-up")]
     assert len(rows) == len(gpu.ROWS) and all(line.count("|") == header.count("|")
                                               for line in rows)
-    assert "- resident: blocks 36.5 tok/s" in text and "- streamed: blocks 10.7 tok/s" in text
+    assert "- resident (CUDA graphs): blocks 196.0 tok/s" in text
+    assert "- resident, no CUDA graphs: blocks 55.9 tok/s" in text
+    assert "- streamed: blocks 12.0 tok/s" in text

@@ -1,7 +1,8 @@
 """The GPU paths on random weights, so that they run on a bare GPU machine (no real
 weights, no Ray): our CUDA int8 kernel (models/cuda_int8.py) against float64, and a GPU
 worker's stage (blocks resident on the GPU, and RAM and disk blocks streamed through its
-two device slots) against the same store on the CPU. Without a GPU they skip; the
+two device slots) against the same store on the CPU, and the CUDA graphs of resident
+blocks' decode steps against their modules. Without a GPU they skip; the
 kernel's test also runs in Triton's interpreter (`TRITON_INTERPRET=1`, Triton installed),
 which is how it is developed on a machine with no GPU."""
 
@@ -181,3 +182,48 @@ def test_a_gpu_stage_streams_its_tiers_and_matches_the_cpu(tmp_path_factory, arc
     scale = got["cpu"].abs().amax()
     assert (got["gpu"] - got["cpu"]).abs().amax() <= 1e-3 * scale
     assert torch.equal(got["gpu"].argmax(-1), got["cpu"].argmax(-1))
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ["llama", "pangu-alpha"])
+def test_cuda_graphs_replay_the_modules_bits(tmp_path_factory, arch):
+    """GPU-resident blocks replay CUDA graphs around the attention from a row count's
+    second decode step (models/cuda_graphs.py): two sequences, then one, give the
+    modules' exact logits; every block but PanGu-α's query layer has its graphs; a block
+    moved off the GPU and back gets new ones, with the same bits."""
+    from llm_shard.models import cuda_graphs
+    from llm_shard.worker.stage import StageRunner
+
+    store = tiny_store(tmp_path_factory.mktemp("stores"), arch)
+    n = store.n_blocks
+    runner = StageRunner(store, 0, n, cache_budget=1 << 30, tiers=[Tier.GPU] * n)
+    blocks = list(runner.blocks.resident.values())
+
+    def logits() -> torch.Tensor:
+        one = SequenceCache()
+        g = torch.Generator().manual_seed(5)
+        vocab = store.config.vocab_size
+        out = [runner.model(torch.randint(vocab, (4,), generator=g), Batch.of([4], [one]),
+                            run_blocks=runner.blocks.run)]
+        for _ in range(4):
+            out.append(runner.model(torch.randint(vocab, (1,), generator=g),
+                                    Batch.of([1], [one]), run_blocks=runner.blocks.run))
+        return torch.cat([stage_logits(runner, steps=5).flatten(0, 1), *out]).float()
+
+    def graphed() -> list:
+        return [g for b in blocks for g in cuda_graphs._BLOCKS.get(b, (None, {}))[1].values()
+                if g is not None]
+
+    try:
+        with cuda_graphs.off():
+            want = logits()
+        assert not graphed()
+        assert torch.equal(logits(), want)
+        rows = {g.x.shape[0] for g in graphed()}
+        assert rows == {1, 2} and len(graphed()) == 2 * (n - (arch == "pangu-alpha"))
+        first = graphed()
+        blocks[0].to("cpu").to("cuda")  # new tensors: its graphs are captured again
+        assert torch.equal(logits(), want)
+        assert len(graphed()) == len(first) and graphed()[0] is not first[0]
+    finally:
+        runner.close()
