@@ -1,18 +1,22 @@
-"""One C call per block for the rows of a decode step (models/w8a16.py: w8a16_block).
+"""One C call per block for the rows of a decode step or a short prompt (models/w8a16.py:
+w8a16_block).
 
 A pre-norm block (norm, attention with its KV cache, residual; norm, MLP, residual) runs
 ~20 torch ops and Python calls a layer around its int8 kernels. At decode's sizes these
 cost more than the kernels' work: on SmolLM2-135M, ~0.7 ms of a layer's ~0.9, and the
 weight stream between them evicts their code and data from the caches, so each runs cold.
-Where every row of the batch is one sequence's decode step, and the block's activations
-are float32 on the CPU with every int8 layer on w8a16, `block` makes the block's calls
-from C in one: the same C functions, in the same order, as the modules make them one by
-one (layers.py: RMSNorm, LayerNorm, rotate, _decode_row, SwiGLU, GeluMLP). So the result
-has the same bits either way (tests/test_decode.py), and a sequence's tokens do not depend
-on which path ran. Elsewhere (prefill rows, a GPU tier, bf16, another kernel) `block`
-returns None and the modules run. `run_blocks` runs a stage's blocks with one C call for
-each run of them that can go there: their Python (caches, pointers) then runs back to
-back, warm, not between weight streams that leave it cold.
+Where each sequence of the batch has 1 to layers.ROW_BY_ROW_ROWS new rows (a decode step,
+or a short prompt, whose rows attend one by one as their decode steps would), and the
+block's activations are float32 on the CPU with every int8 layer on w8a16, `block` makes
+the block's calls from C in one: the same C functions, in the same order, as the modules
+make them one by one (layers.py: RMSNorm, LayerNorm, rotate, _decode_row, _row_by_row,
+SwiGLU, GeluMLP). So the result has the same bits either way (tests/test_decode.py), and a
+sequence's tokens do not depend on which path ran, nor on whether its prompt came in one
+step or token by token. Elsewhere (a longer prompt, a GPU tier, bf16, another kernel)
+`block` returns None and the modules run. A 16-token prompt of SmolLM2-135M took 46 ms
+through the modules, 36 ms here (a Xeon, 2 cores). `run_blocks` runs a stage's blocks
+with one C call for each run of them that can go there: their Python (caches, pointers)
+then runs back to back, warm, not between weight streams that leave it cold.
 
 LLM_SHARD_FUSED_BLOCKS=0 turns it off (to compare: `llm-shard bench`).
 """
@@ -29,7 +33,7 @@ from torch import nn
 
 from . import cuda_graphs, w8a16
 from .cache import Batch
-from .layers import RMSNorm, no_graph, rope_tables
+from .layers import ROW_BY_ROW_ROWS, RMSNorm, no_graph, rope_tables
 from .quant import plan_epoch, plan_serials, w8a16_calls
 
 ENABLED = os.environ.get("LLM_SHARD_FUSED_BLOCKS", "1") != "0"
@@ -98,13 +102,14 @@ def _norm(m: nn.Module) -> tuple[int, float, int, int | None] | None:
 
 
 def _decode_rows(batch: Batch) -> int:
-    """The batch's row count where every row is one sequence's decode step, else -1 (once
-    per batch)."""
+    """The batch's row count where each sequence has 1 to ROW_BY_ROW_ROWS new rows (a
+    decode step, or a short prompt that layers.cached_attention attends row by row), else
+    -1 (once per batch)."""
     rows = batch.memo.get("decode_rows")
     if rows is None:
         lens = batch.seq_lens
-        rows = batch.memo["decode_rows"] = (len(lens) if lens and all(n == 1 for n in lens)
-                                            else -1)
+        rows = batch.memo["decode_rows"] = (
+            sum(lens) if lens and all(1 <= n <= ROW_BY_ROW_ROWS for n in lens) else -1)
     return rows
 
 
@@ -234,8 +239,8 @@ def run_blocks(modules, x: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def _decode_step(x: torch.Tensor, batch: Batch) -> bool:
-    """Whether C may run blocks on x: float32 rows on the CPU, each one sequence's decode
-    step, no graph being built."""
+    """Whether C may run blocks on x: float32 rows on the CPU, 1 to ROW_BY_ROW_ROWS of
+    each sequence (`_decode_rows`), no graph being built."""
     return (ENABLED and x.dtype == torch.float32 and x.is_cpu and x.dim() == 2
             and x.is_contiguous() and _decode_rows(batch) == x.shape[0] and no_graph(x))
 
@@ -256,8 +261,8 @@ def _run(x: torch.Tensor, batch: Batch, specs: list, layers: list[int], kc, vc, 
         (ctypes.c_int * per)(*total),
         ctypes.byref(done))
     for layer in layers[:done.value]:
-        for cache in batch.caches:
-            cache.layer(layer).offset += 1
+        for cache, new in zip(batch.caches, batch.seq_lens):
+            cache.layer(layer).offset += new
     if err == -1:
         raise MemoryError(f"w8a16 block: no memory for {rows} rows")
     if err:
@@ -275,17 +280,18 @@ def _caches(batch: Batch, layer: int, x: torch.Tensor, shape: dict, kc, vc, ks, 
     head strides and lengths with it (False, appending nothing: a cache the C code does
     not read)."""
     found = []
-    for cache in batch.caches:
+    for cache, n in zip(batch.caches, batch.seq_lens):
         kv = cache.layer(layer)
-        if kv.k is None or kv.offset >= kv.k.shape[1]:
+        if kv.k is None or kv.offset + n > kv.k.shape[1]:
             like = x.new_empty(shape["kv_heads"], 1, shape["head_dim"])
-            kv.reserve(1, like, like)
+            kv.reserve(n, like, like)
         if kv.k.dtype != torch.float32 or not kv.k.is_cpu:
             return False
-        found.append(kv)
-    kc += [kv.k.data_ptr() for kv in found]
-    vc += [kv.v.data_ptr() for kv in found]
-    ks += [kv.k.stride(0) for kv in found]
-    vs += [kv.v.stride(0) for kv in found]
-    total += [kv.offset + 1 for kv in found]
+        found.append((kv, n))
+    for kv, n in found:  # row j of a sequence: its cache's row offset + j, seeing those up to it
+        kc += [kv.k.data_ptr()] * n
+        vc += [kv.v.data_ptr()] * n
+        ks += [kv.k.stride(0)] * n
+        vs += [kv.v.stride(0)] * n
+        total += range(kv.offset + 1, kv.offset + n + 1)
     return True

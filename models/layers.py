@@ -181,6 +181,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: B
             _decode_row(q[row], k[row], v[row], cache.layer(layer), scale, out[row])
             row += 1
             continue
+        if (n <= ROW_BY_ROW_ROWS and not (prefix_lens and prefix_lens[i])
+                and _row_by_row(q[row: row + n], k[row: row + n], v[row: row + n],
+                                cache.layer(layer), scale, out[row: row + n])):
+            row += n
+            continue
         keys, values = cache.layer(layer).update_and_fetch(
             k[row: row + n].transpose(0, 1), v[row: row + n].transpose(0, 1))
         total = keys.shape[1]
@@ -195,6 +200,31 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: B
         out[row: row + n] = o.transpose(0, 1)
         row += n
     return out
+
+
+# A sequence's new rows up to this many attend one by one, each as its decode step would
+# (w8a16.append_attend: its k, v written, then its query against every row up to it), on
+# the CPU in float32: the rows of a short prompt then get the bits of decoding it token by
+# token, in the modules and in models/decode.py's one C call per block alike (which take
+# such rows too). Longer prompts run SDPA: the row-by-row attention is quadratic in C.
+ROW_BY_ROW_ROWS = 32
+
+
+def _row_by_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv, scale: float | None,
+                out: torch.Tensor) -> bool:
+    """One sequence's n new rows (q (n, heads, d), k and v (n, kv_heads, d)) appended to
+    its KVCache `kv` and attended row by row, each to the rows up to it, into `out`; False
+    (nothing done) where the C attention cannot run them."""
+    n = q.shape[0]
+    kv.reserve(n, k[0], v[0])
+    if not (w8a16.can_append_attend(q[0], k[0], v[0], kv.k, kv.v) and q.is_contiguous()
+            and k.is_contiguous() and v.is_contiguous() and out.is_contiguous()):
+        return False
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    for j in range(n):
+        w8a16.append_attend(q[j], k[j], v[j], kv.k, kv.v, kv.offset + j + 1, scale, out[j])
+    kv.offset += n
+    return True
 
 
 def _decode_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv, scale: float | None,

@@ -131,7 +131,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         y = decode.block(self, x, batch)
-        if y is not None:  # a decode step's rows, in one C call
+        if y is not None:  # decode steps' or a short prompt's rows, in one C call
             return y
         x = x + self.self_attn(self.input_layernorm(x), batch)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -108,7 +108,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         y = decode.block(self, x, batch)
-        if y is not None:  # a decode step's rows, in one C call
+        if y is not None:  # decode steps' or a short prompt's rows, in one C call
             return y
         a = self.ln_1(x)
         x = x + self.attn(a, a, batch)
@@ -130,7 +130,7 @@ class QueryBlock(Block):
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         y = decode.block(self, x, batch)
-        if y is not None:  # a decode step's rows, in one C call
+        if y is not None:  # decode steps' or a short prompt's rows, in one C call
             return y
         h = self.ln_f(x)
         h = h + self.attn(self.wqe(batch.positions.to(h.device)), self.ln_1(h), batch)

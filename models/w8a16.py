@@ -863,7 +863,8 @@ void w8a16_layer_norm(const float* x, const float* w, const float* b, float* y, 
   }
 }
 
-/* ---- one decoder block, in one call, for rows that are each one sequence's decode step.
+/* ---- one decoder block, in one call, for rows that are each one sequence's decode step
+   (or a short prompt's rows in order: one cache, each row seeing the rows up to it).
    The same C functions, in the same order, as the block's modules call one by one
    (models/decode.py): the same bits, without ~20 torch ops and Python calls a block. */
 

@@ -128,16 +128,20 @@ def test_a_row_alone_gets_the_bits_it_gets_in_a_batch(monkeypatch):
     assert torch.equal(both[1:], alone)
 
 
-def test_prefill_rows_and_other_kernels_run_the_modules(monkeypatch):
-    """A batch with a prefill row, a float block, or a layer on another kernel: no C
-    block, the modules' result."""
+def test_long_prompts_and_other_kernels_run_the_modules(monkeypatch):
+    """A batch with a prompt over ROW_BY_ROW_ROWS rows, a float block, or a layer on
+    another kernel: no C block, the modules' result. Short prompts go in C."""
+    from llm_shard.models.layers import ROW_BY_ROW_ROWS
+
     block = make_block("pangu", "per-channel", True)
     caches = prompts(block, [3, 3])
     ran = counting(monkeypatch)
+    long = ROW_BY_ROW_ROWS + 1
     with torch.inference_mode():
-        block(torch.randn(3, 128), Batch.of([2, 1], copy.deepcopy(caches)))  # prefill rows
+        block(torch.randn(long + 1, 128), Batch.of([long, 1], copy.deepcopy(caches)))
+        block(torch.randn(3, 128), Batch.of([2, 1], copy.deepcopy(caches)))  # short prompt
         block(torch.randn(2, 128), Batch.of([1, 1], copy.deepcopy(caches)))
-    assert ran == [False, True]
+    assert ran == [False, True, True]
     for kernel in ("dequant", None):
         float_block = make_block("pangu", "per-channel", False)
         if kernel is None:  # float Linears: not int8 at all
@@ -147,7 +151,44 @@ def test_prefill_rows_and_other_kernels_run_the_modules(monkeypatch):
             prepare_int8(float_block, kernel=kernel)
         with torch.inference_mode():
             float_block(torch.randn(1, 128), Batch.of([1], [SequenceCache()]))
-    assert ran == [False, True, False, False]
+    assert ran == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize("arch", ["llama", "pangu", "pangu-query"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_short_prompt_gets_the_bits_of_decoding_it_token_by_token(arch, fused,
+                                                                    monkeypatch):
+    """Up to ROW_BY_ROW_ROWS new rows of a sequence attend row by row, each as its decode
+    step would, in one C call (fused) and in the modules alike: the prompt's outputs and
+    cache rows are those of feeding its tokens one at a time, and the same either way.
+    A longer prompt runs SDPA: close, not equal."""
+    from llm_shard.models.layers import ROW_BY_ROW_ROWS
+
+    block = make_block(arch, "blocks+mins", True)
+    layer = block.attn.layer if arch.startswith("pangu") else block.self_attn.layer
+    caches = prompts(block, [3])
+    g = torch.Generator().manual_seed(13)
+    monkeypatch.setattr(decode, "ENABLED", fused)
+
+    def run(rows: torch.Tensor, one_by_one: bool) -> tuple[torch.Tensor, SequenceCache]:
+        cache = copy.deepcopy(caches[0])
+        with torch.inference_mode():
+            if one_by_one:
+                return torch.cat([block(rows[j: j + 1], Batch.of([1], [cache]))
+                                  for j in range(len(rows))]), cache
+            return block(rows, Batch.of([len(rows)], [cache])), cache
+
+    x = torch.randn(6, 128, generator=g)
+    (whole, c1), (steps, c0) = run(x, False), run(x, True)
+    assert torch.equal(whole, steps)
+    kv1, kv0 = c1.layer(layer), c0.layer(layer)
+    assert kv1.offset == kv0.offset == 9
+    assert torch.equal(kv1.k[:, :9], kv0.k[:, :9]) and torch.equal(kv1.v[:, :9], kv0.v[:, :9])
+    monkeypatch.setattr(decode, "ENABLED", not fused)
+    assert torch.equal(run(x, False)[0], whole)
+    x = torch.randn(ROW_BY_ROW_ROWS + 1, 128, generator=g)
+    (whole, _), (steps, _) = run(x, False), run(x, True)
+    assert torch.allclose(whole, steps, rtol=1e-3, atol=1e-3)  # int16 rounding of the inputs
 
 
 def test_the_elementwise_steps_match_torch():
@@ -175,9 +216,9 @@ def test_the_elementwise_steps_match_torch():
 
 
 def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, monkeypatch):
-    """The real checkpoint (GGUF blocks, fused q/k/v and gate/up): 8 greedy steps of two
-    sequences give bit-equal logits with the one-call blocks and without, and the C path
-    ran for every block of every step."""
+    """The real checkpoint (GGUF blocks, fused q/k/v and gate/up): the prompts and 8
+    greedy steps of two sequences give bit-equal logits with the one-call blocks and
+    without, and the C path ran for every block of every step, the prompts' too."""
     from llm_shard.models.runner import StageModel
 
     store = smollm2_stores["int8"]
@@ -197,16 +238,16 @@ def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, mo
     ran = counting(monkeypatch)
     with torch.inference_mode():
         on = run(True)
-        assert [n for n in ran if n] == [store.n_blocks] * 8  # a step's blocks in one call
+        assert [n for n in ran if n] == [store.n_blocks] * 9  # a step's blocks in one call
         off = run(False)
     assert all(torch.equal(a, b) for a, b in zip(on, off))
 
 
 def test_pangu_stages_run_their_blocks_in_one_call(tmp_path, monkeypatch):
     """An int8 PanGu-α store, as one stage and as tiers with a disk block between RAM
-    blocks: every decode step gives the modules' logits bit for bit; the RAM blocks on
-    either side of the disk block run in a call each, the last (query) layer, whose
-    queries come from its position embedding after ln_f, with them."""
+    blocks: the prompts and every decode step give the modules' logits bit for bit; the
+    RAM blocks on either side of the disk block run in a call each, the last (query)
+    layer, whose queries come from its position embedding after ln_f, with them."""
     from test_pangu import random_hf_state, write_hf_port
 
     from llm_shard.cluster.types import Tier
@@ -232,10 +273,10 @@ def test_pangu_stages_run_their_blocks_in_one_call(tmp_path, monkeypatch):
     ran = counting(monkeypatch)
     with torch.inference_mode():
         on = run(stage, True)
-        assert [k for k in ran if k] == [n] * 5
+        assert [k for k in ran if k] == [n] * 6  # the prompts (4 and 2 rows) and 5 steps
         ran.clear()
         tiers = run(bare, True, run_blocks=tiered.run)
-        assert [k for k in ran if k] == [1, 1, n - 2] * 5
+        assert [k for k in ran if k] == [1, 1, n - 2] * 6
         off = run(stage, False)
     tiered.close()
     for a, b, c in zip(on, tiers, off):
