@@ -206,8 +206,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: B
 # (w8a16.append_attend: its k, v written, then its query against every row up to it), on
 # the CPU in float32: the rows of a short prompt then get the bits of decoding it token by
 # token, in the modules and in models/decode.py's one C call per block alike (which take
-# such rows too). Longer prompts run SDPA: the row-by-row attention is quadratic in C.
-ROW_BY_ROW_ROWS = 32
+# such rows too). Longer prompts run SDPA. SmolLM2-135M's prompt of one sequence on 2
+# cores of a Xeon (SDPA against the one C call a block): 16 rows 48 -> 37 ms, 64 rows
+# 155 -> 136, 128 rows 302 -> 271, 256 rows 638 -> 650; 16 prompts of 64 rows 3453 ->
+# 3488. The modules take them one call a row from Python, so the bound stays low.
+ROW_BY_ROW_ROWS = 64
 
 
 def _row_by_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv, scale: float | None,

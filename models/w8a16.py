@@ -997,13 +997,30 @@ int w8a16_block(const block_t* B, float* x, int M, float* const* kc, float* cons
     w8a16_rotate(k, B->cos, B->sin, tmp, M, B->kv, B->hd);
     memcpy(k, tmp, sizeof(float) * M * kw);
   }
-  for (int m = 0; m < M; m++) {
-    long work = (long)B->heads * total[m] * B->hd;
-    if ((err = w8a16_append_attend(q + (size_t)m * qw, k + (size_t)m * kw, v + (size_t)m * kw,
-                                   kc[m], vc[m], att + (size_t)m * qw, B->heads, B->kv,
-                                   total[m], B->hd, ks[m], vs[m], B->scale,
-                                   work >= B->attend_threaded ? B->threads : 1)))
+  /* every row's new key and value into its cache at row total[m] - 1 first, then each
+     row's attention over its first total[m] rows: what w8a16_append_attend does row by
+     row, and the same bits (a row reads no row past its own); the rows' attentions run
+     on the threads side by side (a prompt's rows, or a batch's sequences), one row's
+     over its heads */
+  for (int m = 0; m < M; m++)
+    for (int g = 0; g < B->kv; g++) {
+      memcpy(kc[m] + g * ks[m] + (size_t)(total[m] - 1) * B->hd,
+             k + (size_t)m * kw + (size_t)g * B->hd, sizeof(float) * B->hd);
+      memcpy(vc[m] + g * vs[m] + (size_t)(total[m] - 1) * B->hd,
+             v + (size_t)m * kw + (size_t)g * B->hd, sizeof(float) * B->hd);
+    }
+  if (M == 1) {
+    long work = (long)B->heads * total[0] * B->hd;
+    if ((err = w8a16_attend(q, kc[0], vc[0], att, B->heads, B->kv, total[0], B->hd, ks[0],
+                            vs[0], B->scale, work >= B->attend_threaded ? B->threads : 1)))
       goto done;
+  } else {
+    int failed = 0;
+    #pragma omp parallel for schedule(dynamic) num_threads(B->threads) reduction(|:failed)
+    for (int m = 0; m < M; m++)
+      failed |= w8a16_attend(q + (size_t)m * qw, kc[m], vc[m], att + (size_t)m * qw,
+                             B->heads, B->kv, total[m], B->hd, ks[m], vs[m], B->scale, 1);
+    if (failed) { err = -1; goto done; }
   }
   if ((err = proj_run(&B->o, att, big, tmp, M, B->threads))) goto done;
   for (size_t i = 0; i < (size_t)M * d; i++) x[i] = x[i] + big[i];
