@@ -926,13 +926,23 @@ def write(r: dict, out: Path) -> list[str]:
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
+def readme_problem(readme: Path) -> str | None:
+    """Why the suite's tables cannot go into `readme`, or None when they can."""
+    if not readme.is_file():
+        return f"{readme} is not a file"
+    text = readme.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        return (f"{readme} needs one {BEGIN} line and, after it, one {END} line: the "
+                "suite's tables go between them")
+    return None
+
+
 def embed(readme: Path, md: str, out: Path) -> None:
     """Puts `md` (bench.md of the folder `out`) between README's bench markers, its plot
     links made relative to the README."""
+    if problem := readme_problem(readme):
+        raise SystemExit(problem)
     text = readme.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"{readme} needs one {BEGIN} line and, after it, one {END} line: "
-                         "the suite's tables go between them")
     rel = os.path.relpath(out.resolve(), readme.resolve().parent)
     md = re.sub(r"\]\(([\w.-]+\.png)\)", lambda m: f"]({rel}/{m.group(1)})", md)
     head, rest = text.split(BEGIN)
@@ -953,9 +963,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of the in-process suites and the load processes "
                          "(default: torch's; the split and throughput workers use the CPUs)")
-    ap.add_argument("--readme", type=Path, default=None,
-                    help=f"also put the tables into this file, between {BEGIN} and {END}")
+    ap.add_argument("--readme", type=lambda v: Path(v) if v else None, default=None,
+                    help=f"also put the tables into this file, between {BEGIN} and {END} "
+                         "(empty: none)")
     a = ap.parse_args(argv)
+    if a.readme is not None and (problem := readme_problem(a.readme)):
+        ap.error(problem)  # before the suite runs, not after
     cfg = quick_config() if a.quick else Config()
     cfg.threads = a.threads
     if a.runs is not None:

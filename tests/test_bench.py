@@ -202,6 +202,10 @@ def test_the_tables_go_into_the_readme_between_its_markers(report, tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="bench:begin"):
         suite.embed(readme, md, out)
+    # the command line refuses such a README, or a folder, before it runs any suite
+    for bad in (readme, tmp_path):
+        with pytest.raises(SystemExit):
+            suite.main(["--suites", "decode", "--readme", str(bad), "--out", str(out)])
 
 
 def test_bench_kernels_names_the_cpu_and_times_every_kernel(capsys):
