@@ -142,8 +142,8 @@ def decode(store, tokens: int, streamed: bool, graphs: bool = True) -> dict:
     from contextlib import nullcontext
 
     from llm_shard.cluster.types import Tier
-    from llm_shard.models import cuda_graphs
     from llm_shard.models.cache import Batch, SequenceCache
+    from llm_shard.models.decode import modules_only
     from llm_shard.worker.stage import StageRunner
 
     n = store.n_blocks
@@ -160,7 +160,7 @@ def decode(store, tokens: int, streamed: bool, graphs: bool = True) -> dict:
         return runner.blocks.run(torch.randn(1, hidden, generator=g), Batch.of([1], [cache]))
 
     try:
-        with torch.inference_mode(), nullcontext() if graphs else cuda_graphs.off():
+        with torch.inference_mode(), nullcontext() if graphs else modules_only():
             runner.blocks.run(torch.randn(16, hidden, generator=g), Batch.of([16], [cache]))
             step(), step()  # a row count's CUDA graphs are captured on its second step
             t0 = time.perf_counter()

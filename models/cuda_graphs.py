@@ -16,36 +16,24 @@ rows (the first runs the modules, which compiles their Triton kernels), kept for
 move, a re-fuse). Where a block has no `decode_args` (or PanGu-α's query layer), the step
 is not one sequence's row per sequence, or autograd records, the modules run.
 
-LLM_SHARD_CUDA_GRAPHS=0 turns them off (to compare: `llm-shard bench gpu`).
+LLM_SHARD_CUDA_GRAPHS=0 turns them off; so does decode.modules_only() (to compare:
+`llm-shard bench gpu`).
 """
 
 from __future__ import annotations
 
 import os
 import weakref
-from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cache import Batch
-from .layers import _decode_row, no_graph, project, rope_tables, rotate
+from .layers import _decode_row, mlp, no_graph, project, rope_tables, rotate
 from .quant import Int8Linear, plan_epoch, plan_serials
 
 ENABLED = os.environ.get("LLM_SHARD_CUDA_GRAPHS", "1") != "0"
 KEEP = 16  # row counts a block keeps graphs for (continuous batching changes it)
-
-
-@contextmanager
-def off():
-    """Inside, GPU blocks run through their modules (a benchmark's A/B)."""
-    global ENABLED
-    on, ENABLED = ENABLED, False
-    try:
-        yield
-    finally:
-        ENABLED = on
 
 
 def usable(x: torch.Tensor, batch: Batch) -> bool:
@@ -78,13 +66,7 @@ class _Graphs:
 
         def post():
             h = self.x + o(self.att.reshape(rows, -1))
-            a = norm2(h)
-            if shape["gelu"]:  # layers.GeluMLP
-                m = down(F.gelu(up[0](a)))
-            else:  # layers.SwiGLU
-                gate, u = project(a, *up)
-                m = down(F.silu(gate) * u)
-            return h + m
+            return h + mlp(norm2(h), up, down, shape["gelu"])
 
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))

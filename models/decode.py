@@ -42,13 +42,15 @@ PARTS = 3  # layers one projection may have (the C code's PARTS)
 
 @contextmanager
 def modules_only():
-    """Inside, every block runs through its modules (a benchmark's A/B, forward hooks)."""
+    """Inside, every block runs through its modules: no one C call a block, no CUDA graphs
+    (a benchmark's A/B, forward hooks)."""
     global ENABLED
-    on, ENABLED = ENABLED, False
+    was = ENABLED, cuda_graphs.ENABLED
+    ENABLED = cuda_graphs.ENABLED = False
     try:
         yield
     finally:
-        ENABLED = on
+        ENABLED, cuda_graphs.ENABLED = was
 
 
 class _Lin(ctypes.Structure):

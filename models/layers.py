@@ -284,10 +284,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.gate_proj, self.up_proj)
-        if no_graph(gate, up) and w8a16.can_elementwise(gate, up):  # decode.block's bits
-            return self.down_proj(w8a16.silu_mul(gate, up))
-        return self.down_proj(F.silu(gate) * up)
+        return mlp(x, (self.gate_proj, self.up_proj), self.down_proj, gelu=False)
 
 
 class GeluMLP(nn.Module):
@@ -299,9 +296,22 @@ class GeluMLP(nn.Module):
         self.c_proj = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)
-        c = no_graph(h) and w8a16.can_elementwise(h)  # one C call, decode.block's bits
-        return self.c_proj(w8a16.gelu(h) if c else F.gelu(h))
+        return mlp(x, (self.c_fc,), self.c_proj, gelu=True)
+
+
+def mlp(x: torch.Tensor, up: tuple[nn.Module, ...], down: nn.Module,
+        gelu: bool) -> torch.Tensor:
+    """GeluMLP's down(gelu(fc(x))) (up: (fc,)) or SwiGLU's down(silu(gate(x)) * up(x))
+    (up: (gate, up), one int8 call where fused). On float32 CPU rows the elementwise step
+    is one C call: decode.block's bits. A CUDA graph's MLP too (models/cuda_graphs.py)."""
+    if gelu:
+        h = up[0](x)
+        c = no_graph(h) and w8a16.can_elementwise(h)
+        return down(w8a16.gelu(h) if c else F.gelu(h))
+    gate, u = project(x, *up)
+    if no_graph(gate, u) and w8a16.can_elementwise(gate, u):
+        return down(w8a16.silu_mul(gate, u))
+    return down(F.silu(gate) * u)
 
 
 def default_scale(head_dim: int) -> float:

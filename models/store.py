@@ -131,8 +131,7 @@ def huge_page_arena(nbytes: int, advise: bool = True) -> torch.Tensor:
     and the tail past the last whole one with 4 KiB pages, so that no more than nbytes is
     resident (a worker's RAM budget counts a part's bytes). No page is resident before it
     is written."""
-    m = mmap.mmap(-1, max(1, nbytes + HUGE_PAGE),
-                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(m, dtype=torch.uint8)  # its storage holds the mapping
     start = -whole.data_ptr() % HUGE_PAGE
     arena = whole[start: start + nbytes]

@@ -191,7 +191,7 @@ def test_cuda_graphs_replay_the_modules_bits(tmp_path_factory, arch):
     second decode step (models/cuda_graphs.py): two sequences, then one, give the
     modules' exact logits; every block but PanGu-α's query layer has its graphs; a block
     moved off the GPU and back gets new ones, with the same bits."""
-    from llm_shard.models import cuda_graphs
+    from llm_shard.models import cuda_graphs, decode
     from llm_shard.worker.stage import StageRunner
 
     store = tiny_store(tmp_path_factory.mktemp("stores"), arch)
@@ -215,7 +215,7 @@ def test_cuda_graphs_replay_the_modules_bits(tmp_path_factory, arch):
                 if g is not None]
 
     try:
-        with cuda_graphs.off():
+        with decode.modules_only():
             want = logits()
         assert not graphed()
         assert torch.equal(logits(), want)
