@@ -40,9 +40,9 @@ the thread count, or whether the AVX512, AVX2 or plain C path ran.
 The same library carries the float32 steps of a decode step, where torch's ops cost more
 than their work: `attend` (one query row against a KV cache, grouped query heads),
 `rotate` (rotate_half rotary, torch's bits), `rms_norm`, `layer_norm`, `silu_mul` and
-`gelu`. models/layers.py calls them where `can_*` say they run, and torch's ops
-otherwise; `w8a16_block` runs a whole pre-norm block of them and the int8 layers in one
-call (models/decode.py).
+`gelu`; and a screened LM head's candidate pass (`screen`). models/layers.py calls them
+where `can_*` say they run, and torch's ops otherwise; `w8a16_block` runs a whole
+pre-norm block of them and the int8 layers in one call (models/decode.py).
 
 Build: the C source below, `cc -O3 -march=native -fopenmp`, linked to the libgomp that
 torch ships so that torch and the kernel share one OpenMP runtime and thread pool. The
@@ -866,6 +866,99 @@ void w8a16_layer_norm(const float* x, const float* w, const float* b, float* y, 
   }
 }
 
+/* ---- a screened LM head's candidates (models/quant.py ScreenedLinear), in place. Row m
+   of logits (M, O) holds the int8 copy's logits, each within b = pr[m] * s[o] of the
+   float head's. Every o whose upper bound logits + b reaches the largest lower bound
+   (max over o of logits - b) could be the float argmax: its logit becomes the float
+   dot(W[o], x[m]) (+ bias[o]), W float32 (O, I). The same float operations as torch's
+   elementwise ops on those (rows, O) tensors, so the same candidates. The dot: 16 lanes,
+   lane l taking inputs i = l mod 16 in order (multiply, then add), added in reduce16's
+   tree: its bits depend on the row and the weight row alone. n[m]: row m's candidate
+   count, or more than max_exact where there are more: such a row is left as it is (its
+   caller runs the whole float product there). Rows run in parallel, one a thread. */
+static float dot16(const float* w, const float* x, int I) {
+  float lanes[16] = {0};
+  int i = 0;
+  for (; i + 16 <= I; i += 16)
+    for (int l = 0; l < 16; l++) lanes[l] = lanes[l] + w[i + l] * x[i + l];
+  for (int l = 0; i + l < I; l++) lanes[l] = lanes[l] + w[i + l] * x[i + l];
+  return reduce16(lanes);
+}
+
+/* max over o of y[o] - p s[o] (NaN if any is NaN, as torch's amax). */
+static float lower_top(const float* y, const float* s, float p, int O) {
+  int o = 0;
+  float top = -INFINITY;
+  int nan = 0;
+#if VARIANT == 2
+  __m512 vp = _mm512_set1_ps(p), vt = _mm512_set1_ps(-INFINITY);
+  __mmask16 bad = 0;
+  for (; o + 16 <= O; o += 16) {
+    __m512 lo = _mm512_sub_ps(_mm512_loadu_ps(y + o), _mm512_mul_ps(vp, _mm512_loadu_ps(s + o)));
+    bad |= _mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q);
+    vt = _mm512_max_ps(vt, lo);
+  }
+  nan = bad != 0;
+  top = _mm512_reduce_max_ps(vt);
+#elif VARIANT == 1
+  __m256 vp = _mm256_set1_ps(p), vt = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
+  for (; o + 8 <= O; o += 8) {
+    __m256 lo = _mm256_sub_ps(_mm256_loadu_ps(y + o), _mm256_mul_ps(vp, _mm256_loadu_ps(s + o)));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(lo, lo, _CMP_UNORD_Q));
+    vt = _mm256_max_ps(vt, lo);
+  }
+  nan = _mm256_movemask_ps(bad) != 0;
+  float t8[8];
+  _mm256_storeu_ps(t8, vt);
+  for (int l = 0; l < 8; l++) top = t8[l] > top ? t8[l] : top;
+#endif
+  for (; o < O; o++) {
+    float lo = y[o] - p * s[o];
+    nan |= isnan(lo);
+    top = lo > top ? lo : top;
+  }
+  return nan ? NAN : top;
+}
+
+void w8a16_screen(float* logits, const float* pr, const float* s, const float* W,
+                  const float* bias, const float* x, int M, int O, int I, int max_exact,
+                  int* n, int threads) {
+  #pragma omp parallel for schedule(static, 1) num_threads(M < threads ? M : threads)
+  for (int m = 0; m < M; m++) {
+    float* y = logits + (size_t)m * O;
+    const float p = pr[m], top = lower_top(y, s, p, O);
+    int count = 0, o = 0;
+    int* idx = (int*)malloc(sizeof(int) * ((size_t)max_exact + 1));
+    if (!idx) { n[m] = INT32_MAX; continue; }  /* the caller's whole float product */
+#if VARIANT == 2
+    __m512 vp = _mm512_set1_ps(p), vt = _mm512_set1_ps(top);
+    for (; o + 16 <= O && count <= max_exact; o += 16) {
+      __m512 up = _mm512_add_ps(_mm512_loadu_ps(y + o), _mm512_mul_ps(vp, _mm512_loadu_ps(s + o)));
+      for (__mmask16 k = _mm512_cmp_ps_mask(up, vt, _CMP_GE_OQ); k && count <= max_exact;
+           k &= k - 1)
+        idx[count++] = o + __builtin_ctz(k);
+    }
+#elif VARIANT == 1
+    __m256 vp = _mm256_set1_ps(p), vt = _mm256_set1_ps(top);
+    for (; o + 8 <= O && count <= max_exact; o += 8) {
+      __m256 up = _mm256_add_ps(_mm256_loadu_ps(y + o), _mm256_mul_ps(vp, _mm256_loadu_ps(s + o)));
+      for (unsigned k = _mm256_movemask_ps(_mm256_cmp_ps(up, vt, _CMP_GE_OQ));
+           k && count <= max_exact; k &= k - 1)
+        idx[count++] = o + __builtin_ctz(k);
+    }
+#endif
+    for (; o < O && count <= max_exact; o++)
+      if (y[o] + p * s[o] >= top) idx[count++] = o;
+    n[m] = count;
+    if (count <= max_exact)
+      for (int k = 0; k < count; k++) {
+        float v = dot16(W + (size_t)idx[k] * I, x + (size_t)m * I, I);
+        y[idx[k]] = bias ? v + bias[idx[k]] : v;
+      }
+    free(idx);
+  }
+}
+
 /* ---- one decoder block, in one call, for rows that are each one sequence's decode step
    (or a short prompt's rows in order: one cache, each row seeing the rows up to it).
    The same C functions, in the same order, as the block's modules call one by one
@@ -1161,6 +1254,9 @@ def load(march: str = "native") -> ctypes.CDLL:
     lib.w8a16_blocks_run.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_int] + [ctypes.c_void_p] * 6
     lib.w8a16_blocks_run.restype = ctypes.c_int
+    lib.w8a16_screen.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + [
+        ctypes.c_void_p, ctypes.c_int]
+    lib.w8a16_screen.restype = None
     return lib
 
 
@@ -1413,6 +1509,37 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     lib.w8a16_layer_norm(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
                          x.numel() // d, d, eps)
     return out
+
+
+def can_screen(logits: torch.Tensor, row_bound: torch.Tensor, scales: torch.Tensor,
+               weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Whether `screen` runs these: float32 on the CPU, contiguous, of matching shapes,
+    and the kernel built here."""
+    rows, out = logits.shape
+    tensors = (logits, row_bound, scales, weight, x) + (() if bias is None else (bias,))
+    return (_cpu_float32(*tensors) and all(t.is_contiguous() for t in tensors)
+            and row_bound.numel() == rows and scales.shape == (out,)
+            and weight.shape == (out, x.shape[1]) and x.shape[0] == rows
+            and (bias is None or bias.shape == (out,)))
+
+
+def screen(logits: torch.Tensor, row_bound: torch.Tensor, scales: torch.Tensor,
+           weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+           max_exact: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """A screened head's candidates, in place: in each row of `logits` (rows, out), every
+    output whose bound row_bound[r] * scales[o] lets it be the largest gets the float
+    logit x[r] . weight[o] (+ bias[o]); see w8a16_screen. Returns each row's candidate
+    count (int32); a row with more than `max_exact` is left as it was. Needs
+    `can_screen`."""
+    lib = lib or load()
+    rows, out = logits.shape
+    counts = torch.empty(rows, dtype=torch.int32)
+    if rows:
+        lib.w8a16_screen(logits.data_ptr(), row_bound.data_ptr(), scales.data_ptr(),
+                         weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                         x.data_ptr(), rows, out, x.shape[1],
+                         max_exact, counts.data_ptr(), torch.get_num_threads())
+    return counts
 
 
 def can_elementwise(*tensors: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_shard.models import quant
+from llm_shard.models import quant, w8a16
 from llm_shard.models.quant import (
     KERNELS,
     Int8Linear,
@@ -127,9 +127,14 @@ SCREENS = ("w8a16", "fbgemm")
 
 @pytest.mark.parametrize("kernel", SCREENS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_screened_head_argmax_is_the_float_heads(kernel, bias):
+@pytest.mark.parametrize("c_pass", [True, False], ids=["c pass", "torch ops"])
+def test_screened_head_argmax_is_the_float_heads(kernel, bias, c_pass, monkeypatch):
     if kernel not in cpu_kernels():
         pytest.skip(f"{kernel} cannot run here")
+    if c_pass and w8a16.problem() is not None:
+        pytest.skip(f"the C pass cannot run here: {w8a16.problem()}")
+    if not c_pass:  # the candidates picked and recomputed by torch's ops
+        monkeypatch.setattr(w8a16, "can_screen", lambda *args: False)
     lin = near_tie_head(bias=bias)
     head = ScreenedLinear(lin, kernel=kernel)
     x = head_inputs(64)

@@ -329,3 +329,43 @@ def test_append_attend_refuses_a_row_outside_the_cache_or_a_wrong_out():
         w8a16.append_attend(q, k1, k1, keys, keys.clone(), 1, 1.0, out=torch.empty(8, 4).t())
     assert not w8a16.can_append_attend(q, k1.t().contiguous().t(), k1, keys, keys)
     assert not w8a16.can_append_attend(q, torch.randn(3, 8), k1, keys, keys)
+
+
+@pytest.mark.parametrize("out,inp", [(1007, 37), (49152 // 8, 576)])
+def test_screen_recomputes_torchs_candidates_alike_in_every_variant(out, inp):
+    """A screened head's C pass (ScreenedLinear): the outputs whose upper bound reaches the
+    largest lower bound, as torch's elementwise ops pick them, get their float logit; the
+    rest keep their bits; a row with more than max_exact candidates is left whole; every
+    variant gives the same bits, and a row the same alone as in company."""
+    g = torch.Generator().manual_seed(5)
+    rows, max_exact = 6, 40
+    weight = torch.randn(out, inp, generator=g)
+    x = torch.randn(rows, inp, generator=g)
+    logits = x @ weight.T + torch.randn(rows, out, generator=g) * 1e-3
+    scales = torch.rand(out, generator=g) / 100
+    row_bound = torch.rand(rows, 1, generator=g) / 4
+    row_bound[3] = 1e4  # every output a candidate: more than max_exact
+    bound = row_bound * scales[None, :]
+    maybe = (logits + bound) >= (logits - bound).amax(-1, keepdim=True)
+    ref = (x.double() @ weight.double().T).float()
+    outs = []
+    for lib in variant_libs():
+        got = logits.clone()
+        counts = w8a16.screen(got, row_bound, scales, weight, None, x, max_exact, lib=lib)
+        assert counts[3] > max_exact and torch.equal(got[3], logits[3])
+        keep = torch.ones(rows, dtype=torch.bool)
+        keep[3] = False
+        assert torch.equal(counts[keep], maybe[keep].sum(1).int())
+        assert torch.equal(got[keep][~maybe[keep]], logits[keep][~maybe[keep]])
+        torch.testing.assert_close(got[keep][maybe[keep]], ref[keep][maybe[keep]],
+                                   rtol=1e-5, atol=1e-5)
+        alone = logits[1:2].clone()
+        w8a16.screen(alone, row_bound[1:2], scales, weight, None, x[1:2], max_exact, lib=lib)
+        assert torch.equal(alone, got[1:2])
+        outs.append(got)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    bias = torch.randn(out, generator=g)
+    with_bias = (logits + bias).contiguous()
+    w8a16.screen(with_bias, row_bound, scales, weight, bias, x, max_exact)
+    pick = (with_bias != logits + bias) & maybe
+    torch.testing.assert_close(with_bias[pick], (ref + bias)[pick], rtol=1e-5, atol=1e-5)
