@@ -232,20 +232,18 @@ def _fbgemm_matmul(packed: object, x: torch.Tensor) -> torch.Tensor:
     return y[:rows].add_(y[rows:], alpha=1.0 / (2 * ACT_LEVELS)).mul_(amax)
 
 
-def fbgemm_error_bound(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """A bound on |x @ W.T - fbgemm(x)| for each (row, output), where W is the float
-    weight the int8 weight and `scales` were rounded from (round to nearest): (rows, out).
+# A screened head's error bounds (ScreenedLinear): for each (row, output), a bound on
+# |x @ W.T - int8(x)|, where W is the float weight the int8 weight and its per-output
+# scales s were rounded from (round to nearest), is the row's factor below times s[o].
+
+def fbgemm_row_bound(x: torch.Tensor) -> torch.Tensor:
+    """Each row's factor (rows, 1) of the bound on fbgemm's error.
 
     With w = s q + d, |d| <= s / 2, and x = x' + e the two-level activations with
     |e| <= absmax / (2 * 63 * 126) per element, the error is at most
     s (|x|_1 / 2 + 127 n absmax / 15876). Added: one activation rounded the other way at
     a tie (2 s 127 absmax / 63), and float32 rounding (1e-4 s 127 |x|_1).
     """
-    return fbgemm_row_bound(x) * scales[None, :]
-
-
-def fbgemm_row_bound(x: torch.Tensor) -> torch.Tensor:
-    """fbgemm_error_bound's factor of each row (rows, 1): the bound is it times `scales`."""
     xf = x.float()
     l1 = xf.abs().sum(-1, keepdim=True)
     amax = xf.abs().amax(-1, keepdim=True)
@@ -254,9 +252,8 @@ def fbgemm_row_bound(x: torch.Tensor) -> torch.Tensor:
                                               + 2 / ACT_LEVELS) * amax
 
 
-def w8a16_error_bound(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """A bound on |x @ W.T - w8a16(x)| for each (row, output), where W is the float weight
-    the int8 weight and `scales` were rounded from (round to nearest): (rows, out).
+def w8a16_row_bound(x: torch.Tensor) -> torch.Tensor:
+    """Each row's factor (rows, 1) of the bound on w8a16's error.
 
     With w = s q + d, |d| <= s / 2, and x = step r + e, r the int16 activations (step =
     absmax / 32767; x / step is rounded to float32 before the integer, so |e| <= 0.506
@@ -264,11 +261,6 @@ def w8a16_error_bound(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     step). Added: float32 rounding of that sum and its two products (1e-4 s 127 |x|_1, as
     fbgemm's, and 0.52 for 0.506).
     """
-    return w8a16_row_bound(x) * scales[None, :]
-
-
-def w8a16_row_bound(x: torch.Tensor) -> torch.Tensor:
-    """w8a16_error_bound's factor of each row (rows, 1): the bound is it times `scales`."""
     xf = x.float()
     l1 = xf.abs().sum(-1, keepdim=True)
     amax = xf.abs().amax(-1, keepdim=True)
@@ -641,7 +633,7 @@ class ScreenedLinear(nn.Module):
 
     Each step computes every logit with an int8 copy of the weight (a quarter of the bytes
     of float32; w8a16 where "auto" would run it on a layer of this size, else fbgemm) and a
-    per-logit bound on that copy's error (`w8a16_error_bound`, `fbgemm_error_bound`).
+    per-logit bound on that copy's error (`w8a16_row_bound`, `fbgemm_row_bound`).
     Every token whose upper bound reaches the largest lower bound could be the float
     argmax: its logit is recomputed from its float weight row. So the argmax (greedy
     decoding) is the float head's, and every logit near the top is exact; the others are
@@ -745,25 +737,32 @@ class ScreenedLinear(nn.Module):
             logits, row_bound, scales = self._screened(x)
             xf = x.float().contiguous()
             if w8a16.can_screen(logits, row_bound, scales, self.weight, self.bias, xf):
-                # the candidates' float logits in one C pass; rows with too many get all
+                # the candidates' float logits in one C pass
                 counts = w8a16.screen(logits, row_bound, scales, self.weight, self.bias, xf,
-                                      self.max_exact)
-                for r, count in enumerate(counts.tolist()):
-                    if count > self.max_exact:
-                        logits[r] = F.linear(xf[r], self.weight.float(), _float(self.bias))
-                return logits.to(x.dtype).reshape(*lead, self.out_features)
-            bound = row_bound * scales[None, :]
-            maybe = (logits + bound).ge_((logits - bound).amax(-1, keepdim=True))
-            for r in range(x.shape[0]):
-                idx = maybe[r].nonzero().squeeze(1)
-                if idx.numel() > self.max_exact:
+                                      self.max_exact).tolist()
+            else:
+                counts = self._recompute(logits, row_bound * scales[None, :], xf)
+            for r, count in enumerate(counts):  # too many candidates: every logit in float
+                if count > self.max_exact:
                     logits[r] = F.linear(xf[r], self.weight.float(), _float(self.bias))
-                    continue
-                exact = self.weight[idx].float() @ xf[r]
-                if self.bias is not None:
-                    exact += self.bias[idx].float()
-                logits[r, idx] = exact
         return logits.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _recompute(self, logits: torch.Tensor, bound: torch.Tensor, xf: torch.Tensor
+                   ) -> list[int]:
+        """w8a16.screen in torch's ops: each row's candidates get their float logits (but a
+        row's with more than max_exact); returns each row's candidate count."""
+        maybe = (logits + bound).ge_((logits - bound).amax(-1, keepdim=True))
+        counts = []
+        for r in range(xf.shape[0]):
+            idx = maybe[r].nonzero().squeeze(1)
+            counts.append(idx.numel())
+            if idx.numel() > self.max_exact:
+                continue
+            exact = self.weight[idx].float() @ xf[r]
+            if self.bias is not None:
+                exact += self.bias[idx].float()
+            logits[r, idx] = exact
+        return counts
 
     def _apply(self, fn, recurse: bool = True):
         self._screen, self._release = None, None  # packed from the old weight
