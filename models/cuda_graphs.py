@@ -162,7 +162,7 @@ def block(module: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor:
     g.x.copy_(x)
     g.pre.replay()
     for r, cache in enumerate(batch.caches):  # as cached_attention's decode rows
-        _decode_row(g.q[r], g.k[r], g.v[r], cache.layer(layer), None, g.att[r])
+        _decode_row(g.q[r], g.k[r], g.v[r], cache.layer(layer), shape["scale"], g.att[r])
     g.post.replay()
     return g.out
 
