@@ -12,7 +12,7 @@ Figures, timed with CUDA events after a warm-up (medians of repeats):
   the read bandwidth. Weights cycle through copies 4x the GPU's L2, so each call reads
   its weights from memory as a decode step does;
 - decode at batch 1 (16-token prompt): the blocks resident on the GPU (a GPU worker whose
-  budget holds them), replaying CUDA graphs (models/cuda_graphs.py) and without them,
+  budget holds them), replaying CUDA graphs (models/kernels/cuda_graphs.py) and without them,
   and all streamed from pinned RAM through two device slots (a GPU worker whose blocks
   are in its RAM tier): tok/s of the blocks alone against their
   rooflines (block bytes / read bandwidth; / copy bandwidth), and of the whole stage
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_shard.benchmarks import kernels, publish
-from llm_shard.models import cuda_int8
+from llm_shard.models.kernels import cuda_int8
 from llm_shard.models.quant import quantize_weight
 
 SHAPES = kernels.SHAPES  # (model, layer, in_features, out_features): the CPU bench's
@@ -138,12 +138,12 @@ def gpu_busy(step, steps: int = 3) -> tuple[float, float]:
 def decode(store, tokens: int, streamed: bool, graphs: bool = True) -> dict:
     """Batch-1 decode of `store` with every block on the GPU (resident, or streamed from
     pinned RAM): tok/s of the blocks alone and of the whole stage. Resident blocks replay
-    CUDA graphs (models/cuda_graphs.py) unless not `graphs`."""
+    CUDA graphs (models/kernels/cuda_graphs.py) unless not `graphs`."""
     from contextlib import nullcontext
 
     from llm_shard.cluster.types import Tier
     from llm_shard.models.cache import Batch, SequenceCache
-    from llm_shard.models.decode import modules_only
+    from llm_shard.models.kernels.decode import modules_only
     from llm_shard.worker.stage import StageRunner
 
     n = store.n_blocks

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_shard.benchmarks import publish
-from llm_shard.models import w8a16
+from llm_shard.models.kernels import w8a16
 from llm_shard.models.quant import Int8Linear, quantize_weight
 
 # (model, layer, in_features, out_features)
@@ -72,7 +72,7 @@ class Reader:
     roofline from it would let the weights' stream pass 100%."""
 
     def __init__(self, nbytes: int = BANDWIDTH_BYTES) -> None:
-        from llm_shard.models.store import huge_page_arena, huge_pages_problem
+        from llm_shard.models.checkpoint.store import huge_page_arena, huge_pages_problem
 
         n = nbytes // 4
         if huge_pages_problem() is None:

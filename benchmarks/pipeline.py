@@ -85,9 +85,9 @@ def chains(model: str, plans: dict) -> dict:
     copy of the weights."""
     from torch import nn
 
-    from llm_shard.models.catalog import resolve
+    from llm_shard.models.checkpoint.catalog import resolve
+    from llm_shard.models.checkpoint.store import StoreError
     from llm_shard.models.runner import StageModel
-    from llm_shard.models.store import StoreError
 
     store = resolve(model)
     n = store.n_blocks
@@ -223,7 +223,7 @@ def throughput(model: str, tokens: int, requests: int = CONCURRENT, micro_batche
 
 def _store_bytes(model: str) -> int:
     """Bytes of a store's weight files."""
-    from llm_shard.models.catalog import resolve
+    from llm_shard.models.checkpoint.catalog import resolve
 
     return resolve(model).nbytes
 

@@ -239,10 +239,10 @@ def decode_model(name: str, store, cfg: Config, bandwidth: float) -> dict:
 
 
 def modules_decode(stage, vocab: int, cfg: Config, reader, fused_tok_s: float) -> dict:
-    """Batch-1 decode with models/decode.py's one-call blocks off (every module called
+    """Batch-1 decode with models/kernels/decode.py's one-call blocks off (every module called
     from Python): what they gain. Timed as the runs with them on are, the bandwidth read
     between steps included (it leaves each step's caches cold)."""
-    from llm_shard.models import decode
+    from llm_shard.models.kernels import decode
 
     with decode.modules_only():
         runs = [_decode_run(stage, vocab, 1, cfg.prompt_tokens, cfg.tokens, reader)[1]
@@ -257,7 +257,7 @@ def decode_profile(stage, vocab: int, cfg: Config, reader, nbytes: int) -> dict:
     layers' self time (kernel and its Python) gives the GB/s they read weights at, against
     the bandwidth read between the same steps."""
     from llm_shard.benchmarks.selftimes import SelfTimes
-    from llm_shard.models import decode as blocks
+    from llm_shard.models.kernels import decode as blocks
 
     times = SelfTimes(stage)
     with blocks.modules_only():  # hooks see modules: not inside a block's one C call
@@ -275,13 +275,13 @@ def decode_profile(stage, vocab: int, cfg: Config, reader, nbytes: int) -> dict:
             "bandwidth_GBps": gbps,
             "timing": "forward hooks on every module: self time per class, per decode step "
                       "(the hooks cost a few us a call: compare shares), with the one-call "
-                      "blocks of models/decode.py off so that the hooks see each module"}
+                      "blocks of models/kernels/decode.py off so that the hooks see each module"}
 
 
 def pangu_store(cfg: Config, folder: Path | None):
     """The random int8 PanGu-α-2.6B store (built once; `swap` uses the same one)."""
     from llm_shard.benchmarks.swap import build_store
-    from llm_shard.models.catalog import home
+    from llm_shard.models.checkpoint.catalog import home
 
     layers = cfg.pangu_layers
     folder = folder or home() / f"bench-swap-pangu-2.6b{'' if layers is None else f'-{layers}l'}"
@@ -335,7 +335,7 @@ def _peer(ctx: dict, out: dict) -> tuple[Path, Path] | None:
     """SmolLM2 for transformers: (fp32 safetensors folder, GGUF), its version in
     out["transformers"]; None, and why in out["transformers"], where transformers or the
     GGUF is absent."""
-    from llm_shard.models.catalog import smollm2_gguf
+    from llm_shard.models.checkpoint.catalog import smollm2_gguf
 
     gguf = smollm2_gguf()
     if not transformers_available():
@@ -427,7 +427,7 @@ t0 = time.perf_counter()
 import torch
 torch.set_num_threads(int(sys.argv[3]))
 from llm_shard.models.runner import LocalModel
-from llm_shard.models.store import Store
+from llm_shard.models.checkpoint.store import Store
 t1 = time.perf_counter()
 store = Store.open(sys.argv[1])
 model = LocalModel(store, dtype=torch.float32)
@@ -625,7 +625,7 @@ def run(suites=SUITES, cfg: Config | None = None, stores: dict | None = None,
 
 def _run(suites, cfg: Config, stores: dict | None, pangu_dir: Path | None, log) -> dict:
     from llm_shard.benchmarks.kernels import memory_bandwidth
-    from llm_shard.models.catalog import resolve
+    from llm_shard.models.checkpoint.catalog import resolve
     from llm_shard.models.runner import StageModel
 
     stores = stores or {d: resolve("smollm2-135m", dtype=d, progress=not cfg.quick)
@@ -705,7 +705,7 @@ def markdown(r: dict) -> str:
                  for x in d["models"] if "modules_batch_1" in x]
         if gains:
             lines += ["", "A batch-1 decode step runs each block in one C call "
-                      "(models/decode.py). With every module called from Python instead, "
+                      "(models/kernels/decode.py). With every module called from Python instead, "
                       "decode ran at: " + "; ".join(gains) + " (the one-call blocks' "
                       "speedup).", ""]
         lines += _profile_lines(d)

@@ -31,7 +31,7 @@ from llm_shard.models.base import Part
 
 def build_store(path: Path, preset: str, layers: int | None, progress: bool = True):
     """A random int8 PanGu-α store at `path` (reused when it is there)."""
-    from llm_shard.models.pangu import PRESETS
+    from llm_shard.models.archs.pangu import PRESETS
 
     cfg = PRESETS[preset]
     if layers is not None:
@@ -46,8 +46,8 @@ def random_store(path: Path, arch_name: str, cfg, label: str, progress: bool = T
 
     from llm_shard.models import get_arch
     from llm_shard.models.base import parts_of
+    from llm_shard.models.checkpoint.store import Store, StoreWriter
     from llm_shard.models.quant import quantize_weight
-    from llm_shard.models.store import Store, StoreWriter
 
     if (path / "manifest.json").is_file():
         return Store.open(path)
@@ -133,7 +133,7 @@ def decode(store, tokens: int, prefetch: bool, context: int = 16) -> dict:
 
 def run(preset: str = "2.6b", layers: int | None = None, tokens: int = 3,
         folder: Path | None = None, progress: bool = True) -> dict:
-    from llm_shard.models.catalog import home
+    from llm_shard.models.checkpoint.catalog import home
 
     folder = folder or home() / f"bench-swap-pangu-{preset}" \
         f"{'' if layers is None else f'-{layers}l'}"

@@ -18,8 +18,8 @@ A message is a ZeroMQ multipart message `[msgpack header, raw bytes]`, like wire
              {"v": 1, "ok": false, "error": "why"}
 
 Pure transport: no Ray, and no torch at import; a store is a folder with a
-`manifest.json` whose `files` list `{name, bytes, sha256}` (models/store.py writes it).
-Each file whose sha256 a fetch checked is recorded with models/store.py's
+`manifest.json` whose `files` list `{name, bytes, sha256}` (models/checkpoint/store.py writes it).
+Each file whose sha256 a fetch checked is recorded with models/checkpoint/store.py's
 `record_verified` (imported when a fetch first records), so loading it hashes it no more.
 """
 
@@ -424,7 +424,7 @@ def _locked(path: Path):
 
 
 def _verified(dest: Path, files: dict[str, str]) -> None:
-    """Record files {name: sha256} whose sha256 this module checked (models/store.py)."""
+    """Record files {name: sha256} whose sha256 this module checked (models/checkpoint/store.py)."""
     from ..models.store import record_verified
 
     record_verified(dest, files)

@@ -59,7 +59,7 @@ def convert(src: str, arch: str | None, dtype: str, out: str, overwrite: bool,
     """Convert a checkpoint (HF folder, Meta folder, Megatron file, GGUF) into a store."""
     from pathlib import Path
 
-    from llm_shard.models.convert import convert as run
+    from llm_shard.models.checkpoint.convert import convert as run
 
     if (Path(out) / "manifest.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a store; pass --overwrite to replace it")
@@ -72,7 +72,7 @@ def convert(src: str, arch: str | None, dtype: str, out: str, overwrite: bool,
 @click.argument("store")
 def verify(store: str) -> None:
     """Check every file of a store against the sha256 in its manifest."""
-    from llm_shard.models.store import Store
+    from llm_shard.models.checkpoint.store import Store
 
     s = Store.open(store)
     s.verify()
@@ -88,7 +88,7 @@ def verify(store: str) -> None:
                    "store folder (run it while no conversion is running).")
 def models(as_json: bool, remove: tuple[str, ...], clean_partial: bool) -> None:
     """Known model names, where their weights come from, and what is stored locally."""
-    from llm_shard.models.catalog import home, local_status
+    from llm_shard.models.checkpoint.catalog import home, local_status
 
     if remove or clean_partial:
         for path in [_store_folder(name) for name in remove] + (
@@ -108,7 +108,7 @@ def models(as_json: bool, remove: tuple[str, ...], clean_partial: bool) -> None:
 
 def _store_folder(name: str):
     """The folder of a store NAME under $LLM_SHARD_HOME; never a path outside it."""
-    from llm_shard.models.catalog import home
+    from llm_shard.models.checkpoint.catalog import home
 
     path = home() / name
     if not name or "/" in name or name in (".", "..") or not path.exists():
@@ -141,9 +141,9 @@ def _remove(path) -> int:
 @click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="int8", show_default=True)
 def generate(model: str, prompt: str, max_tokens: int, chat: bool, dtype: str) -> None:
     """Greedy one-shot generation in this process, streamed to the terminal."""
-    from llm_shard.models.catalog import resolve
+    from llm_shard.models.checkpoint.catalog import resolve
     from llm_shard.models.runner import LocalModel
-    from llm_shard.models.tokenizer import StreamDecoder
+    from llm_shard.models.text.tokenizer import StreamDecoder
 
     store = resolve(model, dtype=dtype)
     tok = store.tokenizer()
@@ -177,7 +177,7 @@ def plan(model: str, workers: tuple[str, ...], objective: str, cache_tokens: int
     from llm_shard.cluster.types import Capacity, Tier
     from llm_shard.coordinator.planner import ModelCost, PlanError, WorkerSpec, format_plan
     from llm_shard.coordinator.planner import plan as make_plan
-    from llm_shard.models.catalog import resolve
+    from llm_shard.models.checkpoint.catalog import resolve
 
     store = resolve(model, dtype=dtype)
     try:

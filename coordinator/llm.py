@@ -17,8 +17,8 @@ from llm_shard.cluster.links import Guard, LinkKeys
 from llm_shard.cluster.resources import budgets_from_ray_nodes
 from llm_shard.cluster.transfer import StoreServer
 from llm_shard.cluster.types import Capacity, Completion, Memory, Plan, SamplingParams
-from llm_shard.models.catalog import home, resolve
-from llm_shard.models.store import StoreError
+from llm_shard.models.checkpoint.catalog import home, resolve
+from llm_shard.models.checkpoint.store import StoreError
 
 from .pipeline import Pipeline
 from .planner import DEFAULT_HOP_SECONDS, PlanReport, format_plan

@@ -22,7 +22,7 @@ from llm_shard.cluster import ray_glue
 from llm_shard.cluster.links import LinkKeys
 from llm_shard.cluster.transfer import StoreSource
 from llm_shard.cluster.types import Capacity, Plan, Tier
-from llm_shard.models.store import Store
+from llm_shard.models.checkpoint.store import Store
 from llm_shard.worker.actor import Worker
 from llm_shard.worker.stage import block_cache_budget
 

@@ -39,8 +39,8 @@ import zmq
 
 from llm_shard.cluster import links, wire
 from llm_shard.cluster.types import Completion, SamplingParams
-from llm_shard.models.sampling import finish_reason, truncate_at_stop
-from llm_shard.models.tokenizer import StreamDecoder, Tokenizer
+from llm_shard.models.text.sampling import finish_reason, truncate_at_stop
+from llm_shard.models.text.tokenizer import StreamDecoder, Tokenizer
 from llm_shard.worker.actor import ERROR
 from llm_shard.worker.stage import FREE, RESULT, STEP, sequence_bytes
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import UnknownArch
+from llm_shard.models.errors import UnknownArch
 
 if TYPE_CHECKING:
-    from .base import Arch
+    from llm_shard.models.base import Arch
 
-_ARCH_MODULES = {"llama": "llama", "pangu-alpha": "pangu", "moss": "moss", "chatglm": "chatglm",
-                 "rwkv": "rwkv", "cpm2": "cpm2"}
+_ARCH_MODULES = {"llama": "archs.llama", "pangu-alpha": "archs.pangu", "moss": "archs.moss",
+                 "chatglm": "archs.chatglm", "rwkv": "archs.rwkv", "cpm2": "archs.cpm2"}
 PLANNED: tuple[str, ...] = ()  # architectures of the seed not yet written
 
 

@@ -4,7 +4,7 @@ line imports these to parse its options and print one-line errors, and stays fas
 
 from __future__ import annotations
 
-# a store's dtypes (models/store.py maps each to the torch dtype its float parts run in)
+# a store's dtypes (models/checkpoint/store.py maps each to the torch dtype its float parts run in)
 DTYPE_NAMES = ("int8", "fp32", "bf16", "fp16")
 
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import w8a16
-from .cache import Batch
-from .quant import fused_of
+from llm_shard.models.cache import Batch
+from llm_shard.models.kernels import w8a16
+from llm_shard.models.quant import fused_of
 
 
 def no_graph(*tensors: torch.Tensor) -> bool:
@@ -44,7 +44,7 @@ class RMSNorm(nn.Module):
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm, computed by one C call (w8a16.layer_norm) on float32 CPU rows: the
-    bits of models/decode.py's block, which computes it the same way."""
+    bits of models/kernels/decode.py's block, which computes it the same way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (no_graph(x, self.weight, self.bias)
@@ -205,7 +205,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: B
 # A sequence's new rows up to this many attend one by one, each as its decode step would
 # (w8a16.append_attend: its k, v written, then its query against every row up to it), on
 # the CPU in float32: the rows of a short prompt then get the bits of decoding it token by
-# token, in the modules and in models/decode.py's one C call per block alike (which take
+# token, in the modules and in models/kernels/decode.py's one C call per block alike (which take
 # such rows too). Longer prompts run SDPA. SmolLM2-135M's prompt of one sequence on 2
 # cores of a Xeon (SDPA against the one C call a block): 16 rows 48 -> 37 ms, 64 rows
 # 155 -> 136, 128 rows 302 -> 271, 256 rows 638 -> 650; 16 prompts of 64 rows 3453 ->
@@ -303,7 +303,7 @@ def mlp(x: torch.Tensor, up: tuple[nn.Module, ...], down: nn.Module,
         gelu: bool) -> torch.Tensor:
     """GeluMLP's down(gelu(fc(x))) (up: (fc,)) or SwiGLU's down(silu(gate(x)) * up(x))
     (up: (gate, up), one int8 call where fused). On float32 CPU rows the elementwise step
-    is one C call: decode.block's bits. A CUDA graph's MLP too (models/cuda_graphs.py)."""
+    is one C call: decode.block's bits. A CUDA graph's MLP too (models/kernels/cuda_graphs.py)."""
     if gelu:
         h = up[0](x)
         c = no_graph(h) and w8a16.can_elementwise(h)

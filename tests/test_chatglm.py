@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_shard.models import chat
+from llm_shard.models.archs.chatglm import prefix_of
 from llm_shard.models.cache import Batch, Prefix, SequenceCache
-from llm_shard.models.chatglm import prefix_of
-from llm_shard.models.convert import convert
+from llm_shard.models.checkpoint.convert import convert
 from llm_shard.models.runner import LocalModel, StageModel
+from llm_shard.models.text import chat
 
 SOP, EOP, MASK, GMASK = 110, 111, 112, 113
 CFG = dict(vocab_size=120, hidden_size=64, inner_hidden_size=96, num_layers=3,
@@ -147,7 +147,7 @@ def test_logits_match_reference(glm, name):
 def test_prefix_of_follows_the_original_rules():
     cfg = dict(CFG)
     cfg.pop("model_type")
-    from llm_shard.models.chatglm import ChatGLMConfig
+    from llm_shard.models.archs.chatglm import ChatGLMConfig
 
     c = ChatGLMConfig(**cfg)
     assert prefix_of(c, PROMPTS["gmask"]) == Prefix(length=10, mask_pos=9)
@@ -226,7 +226,7 @@ def test_glm2_config_is_refused(tmp_path):
 def train_ice_text(path):
     """A tiny SentencePiece model with ChatGLM's pieces (<n>, <|tab|>, blanks, GLM specials)."""
     spm = pytest.importorskip("sentencepiece")
-    from llm_shard.models.tokenizer import ChatGLMTokenizer
+    from llm_shard.models.text.tokenizer import ChatGLMTokenizer
 
     specials = (["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)]
                 + list(ChatGLMTokenizer.SPECIALS))
@@ -241,7 +241,11 @@ def train_ice_text(path):
 
 
 def test_tokenizer_preprocessing_and_suffix(tmp_path):
-    from llm_shard.models.tokenizer import ChatGLMTokenizer, load_tokenizer, tokenizer_from_folder
+    from llm_shard.models.text.tokenizer import (
+        ChatGLMTokenizer,
+        load_tokenizer,
+        tokenizer_from_folder,
+    )
 
     model = train_ice_text(tmp_path / "ice_text")
     folder = tmp_path / "hf"

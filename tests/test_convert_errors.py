@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from llm_shard.coordinator.cli import cli
 from llm_shard.models.base import Part
-from llm_shard.models.convert import ConvertError, convert
-from llm_shard.models.store import Store, StoreError
+from llm_shard.models.checkpoint.convert import ConvertError, convert
+from llm_shard.models.checkpoint.store import Store, StoreError
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,15 +13,15 @@ import torch
 from safetensors.torch import save_file
 
 from llm_shard.models import get_arch
+from llm_shard.models.archs.cpm2.model import CPM2Config, relative_bucket
+from llm_shard.models.archs.cpm2.tokenizer import CPM2Tokenizer, half_width
 from llm_shard.models.base import Part
 from llm_shard.models.cache import Batch, Prefix, SequenceCache
-from llm_shard.models.catalog import CATALOG, resolve
-from llm_shard.models.convert import convert
-from llm_shard.models.cpm2 import CPM2Config, relative_bucket
-from llm_shard.models.cpm2_tokenizer import CPM2Tokenizer, half_width
+from llm_shard.models.checkpoint.catalog import CATALOG, resolve
+from llm_shard.models.checkpoint.convert import convert
+from llm_shard.models.checkpoint.store import Store, StoreError
 from llm_shard.models.runner import LocalModel, StageModel
-from llm_shard.models.store import Store, StoreError
-from llm_shard.models.tokenizer import load_tokenizer, tokenizer_from_folder
+from llm_shard.models.text.tokenizer import load_tokenizer, tokenizer_from_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -345,7 +345,7 @@ def test_bminf_checkpoint_gives_the_same_store(tmp_path):
 
 
 def test_a_damaged_bminf_file_is_named(tmp_path):
-    from llm_shard.models.sources import SourceError, open_source
+    from llm_shard.models.checkpoint.sources import SourceError, open_source
 
     path = tmp_path / "checkpoint.pt"
     write_bminf(path, {"enc_layers.0.ln_attn.weight": torch.ones(4).half(),

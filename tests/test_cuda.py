@@ -1,5 +1,5 @@
 """The GPU paths on random weights, so that they run on a bare GPU machine (no real
-weights, no Ray): our CUDA int8 kernel (models/cuda_int8.py) against float64, and a GPU
+weights, no Ray): our CUDA int8 kernel (models/kernels/cuda_int8.py) against float64, and a GPU
 worker's stage (blocks resident on the GPU, and RAM and disk blocks streamed through its
 two device slots) against the same store on the CPU, and the CUDA graphs of resident
 blocks' decode steps against their modules. Without a GPU they skip; the
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from llm_shard.cluster.types import Tier
-from llm_shard.models import cuda_int8
 from llm_shard.models.cache import Batch, SequenceCache
+from llm_shard.models.kernels import cuda_int8
 from llm_shard.models.quant import Int8Linear
 
 CUDA = torch.cuda.is_available()
@@ -125,8 +125,8 @@ def test_a_cuda_int8_layer_runs_the_kernel():
 
 def tiny_store(root, arch: str):
     from llm_shard.benchmarks.swap import random_store
-    from llm_shard.models.llama import LlamaConfig
-    from llm_shard.models.pangu import PanGuConfig
+    from llm_shard.models.archs.llama import LlamaConfig
+    from llm_shard.models.archs.pangu import PanGuConfig
 
     cfg = (LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=640,
                        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2)
@@ -188,10 +188,10 @@ def test_a_gpu_stage_streams_its_tiers_and_matches_the_cpu(tmp_path_factory, arc
 @pytest.mark.parametrize("arch", ["llama", "pangu-alpha"])
 def test_cuda_graphs_replay_the_modules_bits(tmp_path_factory, arch):
     """GPU-resident blocks replay CUDA graphs around the attention from a row count's
-    second decode step (models/cuda_graphs.py): two sequences, then one, give the
+    second decode step (models/kernels/cuda_graphs.py): two sequences, then one, give the
     modules' exact logits; every block but PanGu-α's query layer has its graphs; a block
     moved off the GPU and back gets new ones, with the same bits."""
-    from llm_shard.models import cuda_graphs, decode
+    from llm_shard.models.kernels import cuda_graphs, decode
     from llm_shard.worker.stage import StageRunner
 
     store = tiny_store(tmp_path_factory.mktemp("stores"), arch)

@@ -1,4 +1,4 @@
-"""models/decode.py: a decode step's block in one C call gives the modules' bits."""
+"""models/kernels/decode.py: a decode step's block in one C call gives the modules' bits."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from llm_shard.models import decode, llama, pangu, w8a16
+from llm_shard.models.archs import llama, pangu
 from llm_shard.models.cache import Batch, SequenceCache
+from llm_shard.models.kernels import decode, w8a16
 from llm_shard.models.quant import Int8Linear, prepare_int8, quantize
 
 pytestmark = pytest.mark.skipif(w8a16.problem() is not None,
@@ -251,7 +252,7 @@ def test_pangu_stages_run_their_blocks_in_one_call(tmp_path, monkeypatch):
     from test_pangu import random_hf_state, write_hf_port
 
     from llm_shard.cluster.types import Tier
-    from llm_shard.models.convert import convert
+    from llm_shard.models.checkpoint.convert import convert
     from llm_shard.models.runner import StageModel
     from llm_shard.worker.tiers import TieredBlocks
 

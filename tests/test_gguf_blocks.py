@@ -1,4 +1,4 @@
-"""A GGUF's block-quantized weights read back as int8 blocks exactly (models/sources.py),
+"""A GGUF's block-quantized weights read back as int8 blocks exactly (models/checkpoint/sources.py),
 for every block type int8 can hold; other types are left to per-channel rounding."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from llm_shard.models.sources import GGUFFile  # noqa: E402
+from llm_shard.models.checkpoint.sources import GGUFFile  # noqa: E402
 
 KINDS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
+from llm_shard.models.archs.llama import interleaved_to_half
 from llm_shard.models.cache import Batch, SequenceCache
-from llm_shard.models.convert import convert
-from llm_shard.models.llama import interleaved_to_half
+from llm_shard.models.checkpoint.convert import convert
 from llm_shard.models.runner import LocalModel, StageModel
 
 transformers = pytest.importorskip("transformers")

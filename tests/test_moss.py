@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from llm_shard.models import chat
 from llm_shard.models.cache import Batch, SequenceCache
-from llm_shard.models.convert import convert
+from llm_shard.models.checkpoint.convert import convert
 from llm_shard.models.runner import LocalModel, StageModel
-from llm_shard.models.tokenizer import load_tokenizer, tokenizer_from_folder
+from llm_shard.models.text import chat
+from llm_shard.models.text.tokenizer import load_tokenizer, tokenizer_from_folder
 
 transformers = pytest.importorskip("transformers")
 

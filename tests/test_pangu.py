@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llm_shard.models.convert import convert
-from llm_shard.models.pangu import config_from_megatron
+from llm_shard.models.archs.pangu import config_from_megatron
+from llm_shard.models.checkpoint.convert import convert
 from llm_shard.models.runner import LocalModel
 
 CFG = dict(vocab_size=101, hidden_size=48, num_layers=4, num_heads=4,

@@ -18,7 +18,7 @@ import test_pangu
 import test_rwkv
 
 from llm_shard import LLM, SamplingParams
-from llm_shard.models.convert import convert
+from llm_shard.models.checkpoint.convert import convert
 from llm_shard.models.runner import LocalModel
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from llm_shard.models import get_arch
+from llm_shard.models.archs.llama import LlamaConfig
+from llm_shard.models.archs.pangu import PRESETS
 from llm_shard.models.base import parts_of
-from llm_shard.models.llama import LlamaConfig
-from llm_shard.models.pangu import PRESETS
 
 
 def n_params(arch_name, cfg, tied: bool) -> int:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_shard.models import quant, w8a16
+from llm_shard.models import quant
+from llm_shard.models.kernels import w8a16
 from llm_shard.models.quant import (
     KERNELS,
     Int8Linear,
@@ -593,7 +594,7 @@ def test_store_files_keep_every_tensor_aligned(tmp_path):
     has 4+ rows; a store file keeps each tensor 64-byte aligned, with fillers when needed."""
     from safetensors.torch import load_file
 
-    from llm_shard.models.store import ALIGN, PAD, save_aligned, without_padding
+    from llm_shard.models.checkpoint.store import ALIGN, PAD, save_aligned, without_padding
 
     tensors = {"a.weight": torch.randint(-127, 127, (48, 32), dtype=torch.int8),
                "b": torch.randn(3), "c": torch.randn(5, dtype=torch.float64),
@@ -708,9 +709,9 @@ def test_store_load_releases_mapped_weights_only_where_a_copy_runs(tmp_path, mon
     mapped pages go; w8a16 reads the mapping, which stays."""
     import test_pangu
 
-    from llm_shard.models import store as store_mod
     from llm_shard.models.base import Part
-    from llm_shard.models.convert import convert
+    from llm_shard.models.checkpoint import store as store_mod
+    from llm_shard.models.checkpoint.convert import convert
 
     test_pangu.write_hf_port(tmp_path / "hf", test_pangu.random_hf_state())
     store = convert(tmp_path / "hf", tmp_path / "store", dtype="int8", progress=False)
@@ -751,9 +752,9 @@ def test_store_load_moves_what_w8a16_streams_into_huge_pages(smollm2_stores, mon
     MADV_HUGEPAGE (the tail past them is not: it would be resident beyond the part's
     bytes). Without them the nibbles still lie in one mapping of their own, not advised.
     The outputs are the same either way, and the same as the int8 weights' own."""
-    from llm_shard.models import store as store_mod
     from llm_shard.models.base import Part
     from llm_shard.models.cache import Batch, SequenceCache
+    from llm_shard.models.checkpoint import store as store_mod
 
     if store_mod.huge_pages_problem() is not None:
         pytest.skip(store_mod.huge_pages_problem())
@@ -824,7 +825,7 @@ def test_store_load_fuses_llama_and_pangu_blocks_to_the_same_outputs(tmp_path):
 
     from llm_shard.models.base import Part
     from llm_shard.models.cache import Batch, SequenceCache
-    from llm_shard.models.convert import convert
+    from llm_shard.models.checkpoint.convert import convert
 
     test_llama.hf_llama().save_pretrained(tmp_path / "llama" / "hf")
     (tmp_path / "pangu").mkdir()
@@ -848,7 +849,7 @@ def test_store_load_fuses_llama_and_pangu_blocks_to_the_same_outputs(tmp_path):
             assert torch.equal(got, plain(x, Batch.of([5], caches[1:])))
 
 
-# --- GPTQ rounding (models/calibrate.py) --------------------------------------------------
+# --- GPTQ rounding (models/quant/calibrate.py) --------------------------------------------------
 
 def _gptq_by_columns(w, hessian, damp=0.01, block=128):
     """GPTQ as the paper's reference code writes it (columns of w, not rows of w^T)."""
@@ -881,8 +882,8 @@ def test_gptq_rounds_as_the_reference_and_beats_nearest_on_its_inputs(out, inp):
     one step apart, from float32 rounding), the scales of plain rounding, an input never seen
     in calibration allowed for, and a smaller output error on the calibration inputs than
     rounding to nearest."""
-    from llm_shard.models.calibrate import gptq_quantize
     from llm_shard.models.quant import quantize_weight
+    from llm_shard.models.quant.calibrate import gptq_quantize
 
     g = torch.Generator().manual_seed(out)
     w = torch.randn(out, inp, generator=g) * 0.05

@@ -291,7 +291,7 @@ def launcher_config(host: Host, store: Path) -> dict:
 def store(smollm2_path, tmp_path_factory):
     """SmolLM2 as an fp32 store (what the head gets through file_mounts): converted here,
     ~20 s, not inside the test's time budget."""
-    from llm_shard.models.convert import convert
+    from llm_shard.models.checkpoint.convert import convert
 
     return convert(smollm2_path, tmp_path_factory.mktemp("rayup") / "fp32", dtype="fp32",
                    progress=False)

@@ -9,11 +9,11 @@ import re
 import pytest
 import torch
 
-from llm_shard.models import chat
+from llm_shard.models.archs.rwkv import STATE_SLOTS, config_from_pth
 from llm_shard.models.cache import Batch, SequenceCache
-from llm_shard.models.convert import convert
+from llm_shard.models.checkpoint.convert import convert
 from llm_shard.models.runner import LocalModel, StageModel
-from llm_shard.models.rwkv import STATE_SLOTS, config_from_pth
+from llm_shard.models.text import chat
 
 transformers = pytest.importorskip("transformers")
 

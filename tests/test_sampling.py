@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llm_shard.cluster.types import SamplingParams
-from llm_shard.models.sampling import (
+from llm_shard.models.text.sampling import (
     Sampled,
     _candidates,
     _penalize,
@@ -210,7 +210,7 @@ def test_seeded_tokens_survive_a_new_process():
         "import torch\n"
         "torch.set_num_threads(1)\n"  # another worker, other threads
         "from llm_shard.cluster.types import SamplingParams\n"
-        "from llm_shard.models.sampling import sample\n"
+        "from llm_shard.models.text.sampling import sample\n"
         "g = torch.Generator().manual_seed(7)\n"
         "logits = torch.randn(4, 1000, generator=g) * 3\n"
         "p = SamplingParams(temperature=1.1, top_p=0.8, seed=2024)\n"

@@ -40,7 +40,8 @@ def teacher_forced(store, ids):
 def test_int8_quality_bar(smollm2_stores):
     """The project's bar: greedy top-1 agreement with fp32 >= 99% over >= 500 tokens of a
     fixed text, perplexity within 1%. The GGUF is Q4_1, and the default int8 store keeps
-    its blocks exactly (rounding "gguf", models/convert.py): measured 1.000 and 1.0003 (the
+    its blocks exactly (rounding "gguf", models/checkpoint/convert.py): measured 1.000 and
+    1.0003 (the
     rest is w8a16's int16 activations). Rounded again per output channel (`--rounding
     nearest`) the same weights give 0.970: test_gptq_rounding_converts_and_keeps_the_bar."""
     tok = smollm2_stores["fp32"].tokenizer()
@@ -59,7 +60,7 @@ def test_int8_quality_bar(smollm2_stores):
 def test_int8_store_keeps_the_gguf_blocks_exactly(smollm2_stores):
     """Every int8 weight stands for exactly the float weight the fp32 store holds, Q/K row
     permutation included, and runs on w8a16 where it can."""
-    from llm_shard.models import w8a16
+    from llm_shard.models.kernels import w8a16
 
     fp32 = smollm2_stores["fp32"].load(Part("block", 7))
     int8 = smollm2_stores["int8"].load(Part("block", 7))
@@ -139,7 +140,7 @@ def test_gptq_rounding_converts_and_keeps_the_bar(smollm2_path, smollm2_stores, 
     """`convert --rounding gptq` and `--rounding nearest`: per-output-channel int8 rounded
     again from the float weights, recorded in the manifest; GPTQ at least as close to fp32
     as round-to-nearest in top-1 (0.975 vs 0.970 measured), both within 1% perplexity."""
-    from llm_shard.models.convert import convert
+    from llm_shard.models.checkpoint.convert import convert
 
     gptq = convert(smollm2_path, tmp_path / "gptq", dtype="int8", rounding="gptq",
                    progress=False)

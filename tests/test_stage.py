@@ -55,7 +55,7 @@ def greedy_through(stages, prompts, n):
 
 @pytest.fixture(scope="module")
 def pangu_store(tmp_path_factory):
-    from llm_shard.models.convert import convert
+    from llm_shard.models.checkpoint.convert import convert
 
     root = tmp_path_factory.mktemp("pangu")
     write_hf_port(root / "hf", random_hf_state(seed=11))

@@ -1,4 +1,5 @@
-"""sha256 checks of store files on load (models/store.py), recorded like git's stat cache:
+"""sha256 checks of store files on load (models/checkpoint/store.py), recorded like git's
+stat cache:
 a fresh convert or a fetched file is not hashed again, a copied or changed file is hashed
 once, a corrupt one is refused by name, and a read-only store is still checked."""
 
@@ -19,10 +20,10 @@ import pytest
 import torch
 
 from llm_shard.cluster.transfer import StoreServer, fetch
-from llm_shard.models import store as store_mod
 from llm_shard.models.base import Part, parts_of
-from llm_shard.models.convert import convert
-from llm_shard.models.store import VERIFIED, Store, StoreError, record_verified
+from llm_shard.models.checkpoint import store as store_mod
+from llm_shard.models.checkpoint.convert import convert
+from llm_shard.models.checkpoint.store import VERIFIED, Store, StoreError, record_verified
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llm_shard.models import chat
-from llm_shard.models.sources import gguf_reader
-from llm_shard.models.tokenizer import (
+from llm_shard.models.checkpoint.sources import gguf_reader
+from llm_shard.models.text import chat
+from llm_shard.models.text.tokenizer import (
     PanGuTokenizer,
     SentencePieceTokenizer,
     StreamDecoder,
@@ -271,7 +271,7 @@ def test_smollm2_splits_digits_like_llama_cpp(smol):
 def test_smollm2_chat_template_matches_gguf_jinja(smol, smol_reader):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from llm_shard.models.tokenizer import _gguf_value
+    from llm_shard.models.text.tokenizer import _gguf_value
 
     source = _gguf_value(smol_reader, "tokenizer.chat_template")
     assert chat.SMOLLM_SYSTEM in source and smol.chat_template == "smollm2"

@@ -30,7 +30,8 @@ CHUNK = 64 * 1024
 
 
 def make_store(root: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, bytes]:
-    """A folder with random files and a manifest listing them, as models/store.py writes."""
+    """A folder with random files and a manifest listing them, as models/checkpoint/store.py
+    writes."""
     root.mkdir(parents=True, exist_ok=True)
     rng = __import__("random").Random(seed)
     data, files = {}, []
@@ -323,8 +324,8 @@ def test_a_node_with_an_empty_store_fetches_what_it_runs(ray_cluster, smollm2_st
     import ray
 
     from llm_shard import LLM, SamplingParams
+    from llm_shard.models.checkpoint.store import VERIFIED, VERIFIED_LOCK
     from llm_shard.models.runner import LocalModel
-    from llm_shard.models.store import VERIFIED, VERIFIED_LOCK
 
     store = smollm2_stores["fp32"]
     prompts = ["The capital of France is", "def fibonacci(n):"]
@@ -332,7 +333,7 @@ def test_a_node_with_an_empty_store_fetches_what_it_runs(ray_cluster, smollm2_st
     tok, local = store.tokenizer(), LocalModel(store)
     reference = [local.greedy(tok.encode(p), greedy.max_tokens, tok.eos_ids) for p in prompts]
     del local
-    from llm_shard.models.catalog import home
+    from llm_shard.models.checkpoint.catalog import home
 
     full, empty = tmp_path / "home-a", tmp_path / "home-b"
     copy = local_store_path(store.path, home(), full)  # where node a looks for it

@@ -1,4 +1,4 @@
-"""The w8a16 CPU kernel (models/w8a16.py), per-channel scales and blocks of 32: exact to its
+"""The w8a16 CPU kernel (models/kernels/w8a16.py), per-channel scales and blocks of 32: exact to its
 int16 activation rounding, the same bits in every batch, thread count and instruction-set
 variant, built once and cached."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_shard.models import w8a16
+from llm_shard.models.kernels import w8a16
 
 pytestmark = pytest.mark.skipif(w8a16.problem() is not None,
                                 reason=f"w8a16 cannot run here: {w8a16.problem()}")

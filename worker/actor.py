@@ -32,11 +32,11 @@ import zmq
 
 from llm_shard.cluster import links, ray_glue, transfer, wire
 from llm_shard.cluster.types import Tier
-from llm_shard.models import w8a16
 from llm_shard.models.base import Part, on_meta
 from llm_shard.models.cache import Batch, Prefix, SequenceCache
-from llm_shard.models.catalog import home
-from llm_shard.models.store import Store
+from llm_shard.models.checkpoint.catalog import home
+from llm_shard.models.checkpoint.store import Store
+from llm_shard.models.kernels import w8a16
 
 from .stage import FREE, STEP, StageError, StageRunner
 from .tiers import Streamer, read_file

@@ -20,9 +20,9 @@ import torch
 from llm_shard.cluster import wire
 from llm_shard.cluster.types import SamplingParams, Tier
 from llm_shard.models.cache import CHUNK, Batch, Prefix, SequenceCache
+from llm_shard.models.checkpoint.store import Store
 from llm_shard.models.runner import StageModel
-from llm_shard.models.sampling import sample
-from llm_shard.models.store import Store
+from llm_shard.models.text.sampling import sample
 
 from .tiers import TieredBlocks
 

@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from llm_shard.cluster.types import Tier
-from llm_shard.models import decode, w8a16
 from llm_shard.models.base import Part, on_meta
+from llm_shard.models.checkpoint.store import PAD, SAFETENSORS_DTYPES, Store
+from llm_shard.models.kernels import decode, w8a16
 from llm_shard.models.quant import int8_formats, keeps_dtype, prepare_int8, swap_int8
-from llm_shard.models.store import PAD, SAFETENSORS_DTYPES, Store
 
 log = logging.getLogger("llm_shard.worker")
 

@@ -50,9 +50,9 @@ import torch
 from torch import nn
 
 from llm_shard.cluster.types import Memory, Tier
+from llm_shard.models.checkpoint.store import ALIGN, release_mapped, save_aligned
 from llm_shard.models.quant import Int8Linear, Predicate
 from llm_shard.models.quant import quantize as _quantize_all
-from llm_shard.models.store import ALIGN, release_mapped, save_aligned
 
 from .tiers import Streamer, stream_kernel
 

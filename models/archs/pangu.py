@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import decode
-from .base import Arch, ArchConfig, Rule
-from .cache import Batch
-from .layers import GeluMLP, LayerNorm, cached_attention, default_scale, project
+from llm_shard.models.base import Arch, ArchConfig, Rule
+from llm_shard.models.cache import Batch
+from llm_shard.models.kernels import decode
+from llm_shard.models.layers import GeluMLP, LayerNorm, cached_attention, default_scale, project
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Block(nn.Module):
         self.mlp = GeluMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def decode_args(self) -> tuple | None:
-        """This block's parts for models/decode.py's one C call (read from `_modules`,
+        """This block's parts for models/kernels/decode.py's one C call (read from `_modules`,
         not through nn.Module.__getattr__)."""
         own = self._modules
         at, mlp = own["attn"], own["mlp"]._modules

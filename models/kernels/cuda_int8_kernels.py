@@ -1,4 +1,4 @@
-"""The Triton kernels of models/cuda_int8.py (which says what they compute, and why).
+"""The Triton kernels of models/kernels/cuda_int8.py (which says what they compute, and why).
 Imported only where Triton is installed."""
 
 import triton

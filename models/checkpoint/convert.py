@@ -15,13 +15,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import get_arch
-from .base import Arch, ArchConfig, Part, Rule, on_meta, parts_of
-from .calibrate import Calibrator, calibration_ids
-from .errors import ConvertError
-from .quant import quantize_weight
-from .sources import Blocks, Source, open_source
-from .store import DTYPES, Store, StoreWriter
+from llm_shard.models import get_arch
+from llm_shard.models.base import Arch, ArchConfig, Part, Rule, on_meta, parts_of
+from llm_shard.models.checkpoint.sources import Blocks, Source, open_source
+from llm_shard.models.checkpoint.store import DTYPES, Store, StoreWriter
+from llm_shard.models.errors import ConvertError
+from llm_shard.models.quant import quantize_weight
+from llm_shard.models.quant.calibrate import Calibrator, calibration_ids
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
                 "kept": kept})
         writer.manifest["quantization"].update({
             "rounding": rounding,
-            "calibration": ({"text": "built-in (models/calibrate.py), English and Chinese",
+            "calibration": ({"text": "built-in (models/quant/calibrate.py), English and Chinese",
                              "tokens": calibrator.tokens} if calibrator is not None else None),
             # Which Linears are int8, per part kind (blocks: every block alike); every
             # other tensor (embedding, norms, biases, a tied LM head) is float32.

@@ -15,7 +15,7 @@ float32), which a 6 GB card has not. These kernels read each int8 weight into re
 dequantize it there, and keep float32 sums: no float copy, and a decode step reads the
 bytes the roofline counts.
 
-Two kernels (models/cuda_int8_kernels.py), chosen by the call's row count:
+Two kernels (models/kernels/cuda_int8_kernels.py), chosen by the call's row count:
 - "row" (up to ROW_KERNEL_MAX_ROWS rows: decode): one program computes BLOCK_N outputs of
   one row, looping over the inputs BLOCK_K at a time into a (BLOCK_N, BLOCK_K) tile of
   float32 partial sums reduced once at the end. Rows are the grid's fastest axis, so the
@@ -62,7 +62,7 @@ ROW_KERNEL_MAX_ROWS = 4
 def _triton():
     """The triton module and our jitted kernels, or the reason they are not there."""
     try:
-        from . import cuda_int8_kernels as k
+        from llm_shard.models.kernels import cuda_int8_kernels as k
     except ImportError as e:  # torch's CUDA wheels depend on triton; CPU builds do not
         return None, f"Triton is not installed ({e})"
     return (k.row_kernel, k.tile_kernel), None

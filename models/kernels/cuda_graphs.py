@@ -28,9 +28,9 @@ import weakref
 import torch
 from torch import nn
 
-from .cache import Batch
-from .layers import _decode_row, mlp, no_graph, project, rope_tables, rotate
-from .quant import Int8Linear, plan_epoch, plan_serials
+from llm_shard.models.cache import Batch
+from llm_shard.models.layers import _decode_row, mlp, no_graph, project, rope_tables, rotate
+from llm_shard.models.quant import Int8Linear, plan_epoch, plan_serials
 
 ENABLED = os.environ.get("LLM_SHARD_CUDA_GRAPHS", "1") != "0"
 KEEP = 16  # row counts a block keeps graphs for (continuous batching changes it)

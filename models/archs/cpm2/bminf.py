@@ -1,5 +1,6 @@
 """BMInf's own checkpoint format for CPM-2 (`checkpoint.pt` + `vocab.txt` of "cpm2.1-new";
-MODELS.md §7), read as a checkpoint source for `convert` (layout "bminf" in models/cpm2.py).
+MODELS.md §7), read as a checkpoint source for `convert` (layout "bminf" in
+models/archs/cpm2/model.py).
 
 The file is no torch file: BMInf's `Layer.dump` writes, per layer, a (n_params,
 n_sublayers) header of two uint32, then each parameter (name, shape as a uint8 rank and
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sources import Source, SourceError
+from llm_shard.models.checkpoint.sources import Source, SourceError
 
 _BMINF_DTYPES = {0: (torch.int8, 1), 1: (torch.float16, 2)}  # dtype byte -> (dtype, bytes)
 
@@ -111,7 +112,7 @@ class BMInfFile(Source):
         if not vocab.is_file():
             raise SourceError(f"{self.path}: BMInf's checkpoint records no token ids; put its "
                               f"vocab.txt beside it (the decoder starts from <s>)")
-        from .cpm2_tokenizer import START, read_vocab
+        from llm_shard.models.archs.cpm2.tokenizer import START, read_vocab
 
         pieces = read_vocab(vocab.read_text(encoding="utf-8"))
         if START not in pieces:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Arch, ArchConfig, Rule
-from .cache import Batch
-from .layers import Rotary, cached_attention
+from llm_shard.models.base import Arch, ArchConfig, Rule
+from llm_shard.models.cache import Batch
+from llm_shard.models.layers import Rotary, cached_attention
 
 MP_NUM = 4  # CodeGen's fixed model-parallel chunking of qkv_proj (not in the config)
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import decode
-from .base import Arch, ArchConfig, Rule
-from .cache import Batch
-from .layers import (
+from llm_shard.models.base import Arch, ArchConfig, Rule
+from llm_shard.models.cache import Batch
+from llm_shard.models.kernels import decode
+from llm_shard.models.layers import (
     RMSNorm,
     Rotary,
     SwiGLU,
@@ -118,7 +118,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def decode_args(self) -> tuple:
-        """This block's parts for models/decode.py's one C call (read from `_modules`:
+        """This block's parts for models/kernels/decode.py's one C call (read from `_modules`:
         nn.Module.__getattr__ cost a SmolLM2 step ~0.3 ms)."""
         own = self._modules
         at, mlp = own["self_attn"], own["mlp"]

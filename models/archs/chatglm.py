@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Arch, ArchConfig, Rule
-from .cache import Batch, Prefix
-from .layers import Rotary, cached_attention
+from llm_shard.models.base import Arch, ArchConfig, Rule
+from llm_shard.models.cache import Batch, Prefix
+from llm_shard.models.layers import Rotary, cached_attention
 
 
 @dataclass

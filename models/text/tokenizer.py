@@ -15,8 +15,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import chat
-from .errors import TokenizerError
+from llm_shard.models.errors import TokenizerError
+from llm_shard.models.text import chat
 
 
 class Tokenizer:
@@ -232,10 +232,10 @@ KINDS = {c.kind: c for c in (SentencePieceTokenizer, PanGuTokenizer, BPETokenize
                              ChatGLMTokenizer)}
 
 
-# --- CPM-2 (models/cpm2_tokenizer.py, which imports this module: found lazily) -----------
+# --- CPM-2 (models/archs/cpm2/tokenizer.py, which imports this module: found lazily) -----------
 
 def _cpm2_tokenizer():
-    from .cpm2_tokenizer import CPM2Tokenizer
+    from llm_shard.models.archs.cpm2.tokenizer import CPM2Tokenizer
 
     return CPM2Tokenizer
 
@@ -400,7 +400,7 @@ def _bpe_from_folder(folder: Path, default_template: str, tok=None) -> BPETokeni
 def tokenizer_from_folder(folder: Path, arch: str) -> Tokenizer:
     """The tokenizer of an HF or Meta checkpoint folder. The original SentencePiece model is
     preferred to a tokenizer.json converted from it."""
-    from . import get_arch
+    from llm_shard.models import get_arch
 
     folder, arch_ = Path(folder), get_arch(arch)
     if arch_.name == "pangu-alpha":

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import StoreError
+from llm_shard.models.errors import StoreError
 
 if TYPE_CHECKING:
-    from .store import Store
+    from llm_shard.models.checkpoint.store import Store
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ def smollm2_gguf() -> Path | None:
 
 def resolve(name_or_path: str, dtype: str = "int8", progress: bool = True) -> Store:
     """A store for a model name or path, converting a local source once when needed."""
-    from .convert import convert
-    from .store import Store
+    from llm_shard.models.checkpoint.convert import convert
+    from llm_shard.models.checkpoint.store import Store
 
     path = Path(name_or_path).expanduser()
     if (path / "manifest.json").is_file():
@@ -71,7 +71,7 @@ def resolve(name_or_path: str, dtype: str = "int8", progress: bool = True) -> St
     if info is None:
         raise StoreError(f"unknown model {name_or_path!r}: not a path, and not one of "
                          f"{', '.join(CATALOG)}")
-    from . import get_arch
+    from llm_shard.models import get_arch
 
     get_arch(info.arch)  # a planned architecture says so plainly
     target = home() / (info.name if dtype == "int8" else f"{info.name}-{dtype}")

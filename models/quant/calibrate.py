@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Arch, ArchConfig, Part, on_meta
-from .cache import Batch, SequenceCache
-from .quant import QMAX, quantize_weight
+from llm_shard.models.base import Arch, ArchConfig, Part, on_meta
+from llm_shard.models.cache import Batch, SequenceCache
+from llm_shard.models.quant import QMAX, quantize_weight
 
 # GPTQ's settings as in the paper's reference code: 1% of the mean diagonal added to H,
 # columns in blocks of 128, and "act order" (columns with the largest activations first),

@@ -30,7 +30,7 @@ from the device's preference list (`PREFERENCE`), each kernel saying when it is 
   per-channel weight. Activations go in as two 7-bit levels per token (the value on a
   per-token grid, then its rounding residual), ~14 bits: weight-only accuracy at int8
   GEMM speed. See the comment above `_fbgemm_run`.
-- "w8a16" (CPU with AVX2 or AVX512-VNNI and a C compiler): our kernel (models/w8a16.py),
+- "w8a16" (CPU with AVX2 or AVX512-VNNI and a C compiler): our kernel (models/kernels/w8a16.py),
   compiled for the machine on first use. Activations rounded to int16 per row, products
   summed exactly in integers; it reads the stored int8 weight as it is (no packing).
 - "int8pack" (CPU): `aten._weight_int8pack_mm`, weight-only int8 with bf16 activations.
@@ -40,7 +40,7 @@ from the device's preference list (`PREFERENCE`), each kernel saying when it is 
   where it keeps up with fbgemm (`w8a16.keeps_up()`: AVX512-VNNI, or AVX2 on a CPU
   without AVX512), else "fbgemm". The choice is the layer's, never the call's: see below.
 - "triton" (CUDA, compute capability 7.5+, Triton installed: torch's CUDA wheels bring
-  it): our GPU kernels (models/cuda_int8.py), a row kernel for decode and a tiled one
+  it): our GPU kernels (models/kernels/cuda_int8.py), a row kernel for decode and a tiled one
   for more rows. They dequantize each int8 weight in registers, per-channel and GGUF
   blocks alike, with float32 sums: no float copy of the weight.
 - "dequant" (any device): `F.linear(x, weight.to(x.dtype)) * scales`, weight-only, as
@@ -99,7 +99,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cuda_int8, w8a16
+from llm_shard.models.kernels import cuda_int8, w8a16
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def _int8pack_run(layer: Int8Linear, scales: object, x: torch.Tensor) -> torch.T
     return _add_bias(y.to(x.dtype), layer.bias)
 
 
-# --- w8a16: int8 weights, int16 activations (models/w8a16.py) -----------------------
+# --- w8a16: int8 weights, int16 activations (models/kernels/w8a16.py) -----------------------
 
 def _w8a16_invalid(layer: Int8Linear) -> str | None:
     if layer.nibbles_now() is None:
@@ -379,7 +379,7 @@ def _auto_run(layer: Int8Linear, state: object, x: torch.Tensor) -> torch.Tensor
     return kernel.run(layer, packed, x)
 
 
-# --- triton: our CUDA kernel (models/cuda_int8.py) -----------------------------------
+# --- triton: our CUDA kernel (models/kernels/cuda_int8.py) -----------------------------------
 
 def _triton_invalid(layer: Int8Linear) -> str | None:
     if not layer.weight.is_contiguous():
@@ -1027,7 +1027,7 @@ def w8a16_calls(layers) -> list[tuple] | None:
     """The w8a16 kernel calls that `project(x, *layers)` makes: one (weight, scales, mins,
     bias, group, lo) per call (one for a fused group, else one per layer), or None where a
     layer would run another kernel, or is not prepared yet. With lo (not None) the weight
-    is the layer's packed nibbles (`Nibbles`). models/decode.py makes them from C."""
+    is the layer's packed nibbles (`Nibbles`). models/kernels/decode.py makes them from C."""
     fused = fused_of(layers)
     calls = []
     for m in (fused,) if fused is not None else layers:

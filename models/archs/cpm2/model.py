@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Arch, ArchConfig, Rule
-from .cache import Batch, Prefix
-from .layers import RMSNorm
+from llm_shard.models.base import Arch, ArchConfig, Rule
+from llm_shard.models.cache import Batch, Prefix
+from llm_shard.models.layers import RMSNorm
 
 
 @dataclass
@@ -436,7 +436,7 @@ def _bminf_block(cfg: CPM2Config, index: int) -> dict[str, Rule]:
 
 
 def layout_bminf(cfg: CPM2Config) -> dict:
-    """BMInf's checkpoint.pt, as models/cpm2_bminf.py presents it (Linear weights
+    """BMInf's checkpoint.pt, as models/archs/cpm2/bminf.py presents it (Linear weights
     dequantized)."""
     return {f"block {i}": _bminf_block(cfg, i) for i in range(cfg.n_blocks)} | {
         "block": {},

@@ -6,7 +6,7 @@ the text, each word has ' ' and '\\n' written as U+2582 / U+2583, then greedy lo
 pieces (no "##" continuation marks; an unmatched character is <unk>). Decoding joins the
 pieces and maps U+2582 / U+2583 back.
 
-A CPM-2 prompt is the encoder input followed by the decoder prompt (see models/cpm2.py):
+A CPM-2 prompt is the encoder input followed by the decoder prompt (see models/archs/cpm2/model.py):
 - generation (BMInf `generate`): `text <s_189>` then `<s> <s_189>`; stop at <eod>;
 - blank filling (BMInf `fill_blank`): each "<span>" in the text becomes the next sentinel
   <s_0>, <s_1>, ...; the decoder prompt is `<s> <s_0>`; the answer is the blanks in order,
@@ -22,7 +22,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .tokenizer import PanGuTokenizer, Tokenizer, TokenizerError
+from llm_shard.models.text.tokenizer import PanGuTokenizer, Tokenizer, TokenizerError
 
 SPAN = "<span>"  # BMInf's blank marker in fill_blank input
 SENTINELS = 190  # <s_0> ... <s_189>

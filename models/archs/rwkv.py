@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Arch, ArchConfig, Rule
-from .cache import Batch
+from llm_shard.models.base import Arch, ArchConfig, Rule
+from llm_shard.models.cache import Batch
 
 STATE_SLOTS = 5  # att shift, aa, bb, pp, ffn shift
 ATT_SHIFT, AA, BB, PP, FFN_SHIFT = range(STATE_SLOTS)

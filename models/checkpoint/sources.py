@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import SourceError
+from llm_shard.models.errors import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Source:
 
     def tokenizer(self, arch: str):
         """The source's tokenizer, or None when it carries none."""
-        from .tokenizer import TokenizerError, tokenizer_from_folder
+        from llm_shard.models.text.tokenizer import TokenizerError, tokenizer_from_folder
 
         try:
             return tokenizer_from_folder(self.path if self.path.is_dir() else self.path.parent,
@@ -149,7 +149,7 @@ class MetaFolder(TensorFiles):
         super().__init__(path, shards, "meta", "llama")
 
     def config(self, arch: str) -> dict:
-        from .llama import config_from_meta
+        from llm_shard.models.archs.llama import config_from_meta
 
         return config_from_meta(self._params, {k: self.shape(k) for k in self.keys()})
 
@@ -168,7 +168,7 @@ class MegatronFile(TensorFiles):
         cfg_file = self.path.parent / "config.json"
         if cfg_file.is_file():
             return json.loads(cfg_file.read_text())
-        from .pangu import config_from_megatron
+        from llm_shard.models.archs.pangu import config_from_megatron
 
         return config_from_megatron({k: self.shape(k) for k in self.keys()})
 
@@ -181,15 +181,15 @@ class RWKVFile(TensorFiles):
         super().__init__(path, [path], "pth", "rwkv")
 
     def config(self, arch: str) -> dict:
-        from .rwkv import config_from_pth
+        from llm_shard.models.archs.rwkv import config_from_pth
 
         return config_from_pth({k: self.shape(k) for k in self.keys()})
 
 
 def _torch_file(path: Path) -> Source:
     """A single torch file: ChatRWKV's RWKV-4 .pth, else a Megatron PanGu-α file; or
-    BMInf's CPM-2 checkpoint.pt, which is no torch file (models/cpm2_bminf.py)."""
-    from .cpm2_bminf import BMInfFile
+    BMInf's CPM-2 checkpoint.pt, which is no torch file (models/archs/cpm2/bminf.py)."""
+    from llm_shard.models.archs.cpm2.bminf import BMInfFile
 
     if BMInfFile.recognise(path):
         return BMInfFile(path)
@@ -284,7 +284,7 @@ class GGUFFile(Source):
                       None if mins is None else torch.from_numpy(mins.copy()), kind)
 
     def config(self, arch: str) -> dict:
-        from .llama import config_from_gguf
+        from llm_shard.models.archs.llama import config_from_gguf
 
         meta = dict(self.meta)
         meta["tensor_names"] = set(self._by_name)
@@ -292,7 +292,7 @@ class GGUFFile(Source):
         return config_from_gguf(meta)
 
     def tokenizer(self, arch: str):
-        from .tokenizer import tokenizer_from_gguf
+        from llm_shard.models.text.tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(self.reader)
 

@@ -42,7 +42,7 @@ than their work: `attend` (one query row against a KV cache, grouped query heads
 `rotate` (rotate_half rotary, torch's bits), `rms_norm`, `layer_norm`, `silu_mul` and
 `gelu`; and a screened LM head's candidate pass (`screen`). models/layers.py calls them
 where `can_*` say they run, and torch's ops otherwise; `w8a16_block` runs a whole
-pre-norm block of them and the int8 layers in one call (models/decode.py).
+pre-norm block of them and the int8 layers in one call (models/kernels/decode.py).
 
 Build: the C source below, `cc -O3 -march=native -fopenmp`, linked to the libgomp that
 torch ships so that torch and the kernel share one OpenMP runtime and thread pool. The
@@ -962,7 +962,7 @@ void w8a16_screen(float* logits, const float* pr, const float* s, const float* W
 /* ---- one decoder block, in one call, for rows that are each one sequence's decode step
    (or a short prompt's rows in order: one cache, each row seeing the rows up to it).
    The same C functions, in the same order, as the block's modules call one by one
-   (models/decode.py): the same bits, without ~20 torch ops and Python calls a block. */
+   (models/kernels/decode.py): the same bits, without ~20 torch ops and Python calls a block. */
 
 /* An int8 layer as w8a16_linear (group 0: scales float32 per row, the bias added in the
    kernel) or w8a16_blocks (group 32: scales float16 (O, I / 32), mins float16 (I / 32, O)

@@ -39,10 +39,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import get_arch, w8a16
-from .base import Arch, ArchConfig, Part, on_meta, parts_of
-from .errors import StoreError
-from .quant import (
+from llm_shard.models import get_arch
+from llm_shard.models.base import Arch, ArchConfig, Part, on_meta, parts_of
+from llm_shard.models.errors import StoreError
+from llm_shard.models.kernels import w8a16
+from llm_shard.models.quant import (
     Int8Linear,
     Nibbles,
     int8_formats,
@@ -551,7 +552,7 @@ class Store:
         return module.eval().requires_grad_(False)
 
     def tokenizer(self):
-        from .tokenizer import load_tokenizer
+        from llm_shard.models.text.tokenizer import load_tokenizer
 
         spec = self.manifest.get("tokenizer")
         if spec is None:

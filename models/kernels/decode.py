@@ -1,4 +1,4 @@
-"""One C call per block for the rows of a decode step or a short prompt (models/w8a16.py:
+"""One C call per block for the rows of a decode step or a short prompt (models/kernels/w8a16.py:
 w8a16_block).
 
 A pre-norm block (norm, attention with its KV cache, residual; norm, MLP, residual) runs
@@ -31,10 +31,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import cuda_graphs, w8a16
-from .cache import Batch
-from .layers import ROW_BY_ROW_ROWS, RMSNorm, no_graph, rope_tables
-from .quant import plan_epoch, plan_serials, w8a16_calls
+from llm_shard.models.cache import Batch
+from llm_shard.models.kernels import cuda_graphs, w8a16
+from llm_shard.models.layers import ROW_BY_ROW_ROWS, RMSNorm, no_graph, rope_tables
+from llm_shard.models.quant import plan_epoch, plan_serials, w8a16_calls
 
 ENABLED = os.environ.get("LLM_SHARD_FUSED_BLOCKS", "1") != "0"
 PARTS = 3  # layers one projection may have (the C code's PARTS)

@@ -1,0 +1,1 @@
+"""Architectures, one module each; CPM-2 with its BMInf reader and tokenizer as a subpackage."""
