@@ -3,9 +3,10 @@
 This module owns the plain values that cross the coordinator/worker boundary:
 byte amounts (`Memory`), a worker's budget (`Capacity`, parsed from the CLI's
 `--worker SPEC`), memory tiers (`Tier`), the block ranges of a pipeline
-(`StageAssignment`, `Plan`) and the public `SamplingParams`. Everything here is
-immutable, validated on construction, and converts to/from JSON-able dicts.
-Pure Python: no torch, Ray or ZeroMQ.
+(`StageAssignment`, `Plan`), the public `SamplingParams`, and the cache accounting
+that planner, scheduler and stages share (`sequence_bytes`, `block_cache_budget`).
+Everything here is immutable, validated on construction, and converts to/from
+JSON-able dicts. Pure Python: no torch, Ray or ZeroMQ.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 __all__ = [
     "KiB", "MiB", "GiB", "TiB", "Memory", "Capacity", "Tier", "StageAssignment", "Plan",
-    "SamplingParams",
+    "SamplingParams", "CACHE_CHUNK", "reserved_tokens", "sequence_bytes",
+    "block_cache_budget",
 ]
 
 # Unit suffixes, matched case-insensitively. Binary: KiB/MiB/GiB/TiB, the Kubernetes
@@ -481,6 +483,31 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
         return cls(**_check_keys(cls, d))
+
+
+# Cache rows grow in steps of this many tokens: models/cache.py's CHUNK (a test pins it).
+CACHE_CHUNK = 256
+
+
+def reserved_tokens(n: int) -> int:
+    """Cache rows a sequence of n tokens occupies: caches grow in CACHE_CHUNK-row steps."""
+    return -(-n // CACHE_CHUNK) * CACHE_CHUNK
+
+
+# Cache accounting is in float32 bytes per block (a bf16 cache takes half: conservative),
+# the same unit for the planner, the scheduler's admission and each stage's budget.
+def sequence_bytes(cfg, n_tokens: int) -> int:
+    """What one sequence of n tokens holds in one block of a model of config `cfg`: K/V
+    rows (in CACHE_CHUNK steps) and, for a recurrent model (RWKV), its fixed-size state."""
+    return (reserved_tokens(n_tokens) * cfg.cache_bytes_per_token
+            + getattr(cfg, "state_bytes_per_sequence", 0))
+
+
+def block_cache_budget(cfg, cache_tokens: int) -> int:
+    """The per-block budget for `cache_tokens` rows of K/V, all sequences together; a
+    recurrent model gets one sequence state per CACHE_CHUNK of those tokens instead."""
+    return (cache_tokens * cfg.cache_bytes_per_token
+            + cache_tokens // CACHE_CHUNK * getattr(cfg, "state_bytes_per_sequence", 0))
 
 
 @dataclass

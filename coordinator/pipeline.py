@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from llm_shard.cluster import ray_glue
 from llm_shard.cluster.links import LinkKeys
 from llm_shard.cluster.transfer import StoreSource
-from llm_shard.cluster.types import Capacity, Plan, Tier
+from llm_shard.cluster.types import Capacity, Plan, Tier, block_cache_budget
 from llm_shard.models.checkpoint.store import Store
 from llm_shard.worker.actor import Worker
-from llm_shard.worker.stage import block_cache_budget
 
 from .planner import (
     DEFAULT_HOP_SECONDS,
@@ -111,7 +110,7 @@ class Pipeline:
         self.hop_seconds, self.cache_tokens = hop_seconds, cache_tokens
         self.result_address = result_address
         self.keys = link_keys  # CURVE on every ZeroMQ link (cluster/links.py); None: plain
-        # per block, float32 bytes (stage.block_cache_budget): K/V rows, or RWKV states
+        # per block, float32 bytes (types.block_cache_budget): K/V rows, or RWKV states
         self.cache_budget = block_cache_budget(store.config, cache_tokens)
         self.cost = ModelCost.from_manifest(store.manifest, cache_tokens,
                                             -(-self.cache_budget // max(1, cache_tokens)))

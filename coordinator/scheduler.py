@@ -38,11 +38,11 @@ import torch
 import zmq
 
 from llm_shard.cluster import links, wire
-from llm_shard.cluster.types import Completion, SamplingParams
+from llm_shard.cluster.types import Completion, SamplingParams, sequence_bytes
 from llm_shard.models.text.sampling import finish_reason, truncate_at_stop
 from llm_shard.models.text.tokenizer import StreamDecoder, Tokenizer
 from llm_shard.worker.actor import ERROR
-from llm_shard.worker.stage import FREE, RESULT, STEP, sequence_bytes
+from llm_shard.worker.stage import FREE, RESULT, STEP
 
 from .pipeline import Pipeline
 from .planner import PlanError
@@ -70,7 +70,7 @@ class Sequence:
     fresh: bool = True  # its next step is a prefill of its prompt (new or replayed)
     fed: int = 0  # tokens of `generated` whose K/V the caches hold (fed as decode rows)
     sent_step: int = 0  # the `steps` index of its step in flight: < len(generated): replay
-    reserved: int = 0  # cache bytes per block (stage.sequence_bytes)
+    reserved: int = 0  # cache bytes per block (types.sequence_bytes)
     waited: bool = False  # it waited in the queue for cache room
 
 

@@ -3,10 +3,12 @@
 import dataclasses
 import json
 import pickle
+from types import SimpleNamespace
 
 import pytest
 
 from llm_shard.cluster.types import (
+    CACHE_CHUNK,
     Capacity,
     GiB,
     KiB,
@@ -16,6 +18,8 @@ from llm_shard.cluster.types import (
     SamplingParams,
     StageAssignment,
     Tier,
+    block_cache_budget,
+    sequence_bytes,
 )
 
 # ---------------------------------------------------------------- Memory
@@ -268,3 +272,22 @@ def test_sampling_coercions_and_round_trip():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.max_tokens = 3
     assert dataclasses.replace(p, max_tokens=3).max_tokens == 3
+
+
+# ---------------------------------------------------------------- cache accounting
+
+
+def test_cache_chunk_is_the_caches_growth_step():
+    from llm_shard.models.cache import CHUNK
+
+    assert CACHE_CHUNK == CHUNK
+
+
+def test_sequence_bytes_counts_rows_in_chunks_and_states():
+    attention = SimpleNamespace(cache_bytes_per_token=10)
+    assert sequence_bytes(attention, 1) == CACHE_CHUNK * 10
+    assert sequence_bytes(attention, CACHE_CHUNK + 1) == 2 * CACHE_CHUNK * 10
+    recurrent = SimpleNamespace(cache_bytes_per_token=0, state_bytes_per_sequence=7)
+    assert sequence_bytes(recurrent, 5000) == 7
+    assert block_cache_budget(attention, 1000) == 10_000
+    assert block_cache_budget(recurrent, 4 * CACHE_CHUNK) == 4 * 7

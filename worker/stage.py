@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from llm_shard.cluster import wire
-from llm_shard.cluster.types import SamplingParams, Tier
-from llm_shard.models.cache import CHUNK, Batch, Prefix, SequenceCache
+from llm_shard.cluster.types import SamplingParams, Tier, sequence_bytes
+from llm_shard.models.cache import Batch, Prefix, SequenceCache
 from llm_shard.models.checkpoint.store import Store
 from llm_shard.models.runner import StageModel
 from llm_shard.models.text.sampling import sample
@@ -42,27 +42,6 @@ class _Sequence:
     tokens: int = 0  # tokens held in the cache
     params: SamplingParams | None = None  # last stage only
     history: list[int] = field(default_factory=list)  # last stage only
-
-
-def reserved_tokens(n: int) -> int:
-    """Cache rows a sequence of n tokens occupies: caches grow in CHUNK-row steps."""
-    return -(-n // CHUNK) * CHUNK
-
-
-# Cache accounting is in float32 bytes per block (a bf16 cache takes half: conservative),
-# the same unit for the planner, the scheduler's admission and each stage's budget.
-def sequence_bytes(cfg, n_tokens: int) -> int:
-    """What one sequence of n tokens holds in one block: K/V rows (in CHUNK steps) and,
-    for a recurrent model (RWKV), its fixed-size state."""
-    return (reserved_tokens(n_tokens) * cfg.cache_bytes_per_token
-            + getattr(cfg, "state_bytes_per_sequence", 0))
-
-
-def block_cache_budget(cfg, cache_tokens: int) -> int:
-    """The per-block budget for `cache_tokens` rows of K/V, all sequences together; a
-    recurrent model gets one sequence state per CHUNK of those tokens instead."""
-    return (cache_tokens * cfg.cache_bytes_per_token
-            + cache_tokens // CHUNK * getattr(cfg, "state_bytes_per_sequence", 0))
 
 
 class StageRunner:
