@@ -1,11 +1,13 @@
 """The `ray up` configs under cluster/: Ray's own schema accepts them, and their start
-commands, run through bash, hand `ray start` the budget JSON of `llm-shard node-resources`.
+commands, run through bash, hand `ray start` the budget JSON of `llm-shard node-resources`
+and run it with Ray's token auth, the token shipped to every node by file_mounts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,14 +80,15 @@ head_start_ray_commands:
 
 
 # `llm-shard` stands in for the console script (registered by the CLI module) and `ray`
-# prints its arguments one per line instead of starting anything.
+# prints its arguments one per line, then the RAY_AUTH_MODE it sees, instead of starting
+# anything.
 SHIMS = f"""
 llm-shard() {{
   [ "$1" = node-resources ] || return 99; shift
   {sys.executable} -c 'import sys; from llm_shard.cluster.resources import node_resources
 node_resources(sys.argv[1:], prog_name="llm-shard node-resources")' "$@"
 }}
-ray() {{ printf '%s\\n' "$@"; }}
+ray() {{ printf '%s\\n' "$@" "auth=${{RAY_AUTH_MODE-}}"; }}
 """
 
 
@@ -95,13 +98,15 @@ def test_start_commands_give_ray_start_the_budget_json(path, tmp_path):
     kinds = ["head_start_ray_commands"] + (["worker_start_ray_commands"]
                                            if cfg["provider"]["worker_ips"] else [])
     env = {**os.environ, "RAY_HEAD_IP": "10.0.0.1", "LLM_SHARD_HOME": str(tmp_path),
-           "LLM_SHARD_RAM": "3GiB", "LLM_SHARD_GPU_MEM": "0"}
+           "LLM_SHARD_RAM": "3GiB", "LLM_SHARD_GPU_MEM": "0",
+           "RAY_AUTH_MODE": "disabled"}  # the command itself must turn token auth on
     for kind in kinds:
         [start] = [c for c in cfg[kind] if "ray start" in c]
         out = subprocess.run(["bash", "-c", SHIMS + start], env=env, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-        args = out.stdout.splitlines()
+        *args, auth = out.stdout.splitlines()
+        assert auth == "auth=token", f"{kind}: `ray start` runs without token auth"
         assert args[0] == "start"
         [given] = [a for a in args if a.startswith("--resources=")]
         budget = json.loads(given.removeprefix("--resources="))
@@ -110,3 +115,43 @@ def test_start_commands_give_ray_start_the_budget_json(path, tmp_path):
         assert isinstance(budget["llm_shard_disk"], int)
         if kind == "worker_start_ray_commands":
             assert "--address=10.0.0.1:6379" in args
+
+
+TOKEN_FILE = "~/.ray/auth_token"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_ray_start_and_serve_runs_with_token_auth(path):
+    cfg, text = load(path), path.read_text()
+    starts = [c for kind in ("head_start_ray_commands", "worker_start_ray_commands")
+              for c in cfg.get(kind) or [] if "ray start" in c]
+    assert starts
+    for command in starts:
+        assert re.search(r"(^|[;\s])RAY_AUTH_MODE=token ray start ", command), command
+        assert "dashboard-host=0.0.0.0" not in command
+    # the serve lines the comments give (joining the cluster) carry the mode too
+    serves = [line for line in text.splitlines() if "llm-shard serve" in line
+              and "--address auto" in line]
+    assert serves and all("RAY_AUTH_MODE=token llm-shard serve" in s for s in serves), serves
+    # and `ray attach`/`ray exec` shells get it from ~/.bashrc
+    assert any("export RAY_AUTH_MODE=token" in c and ".bashrc" in c
+               for c in cfg["setup_commands"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_token_is_made_first_and_shipped_to_every_node(path):
+    from ray._private.authentication.authentication_token_setup import (
+        _get_default_token_path,
+    )
+
+    cfg = load(path)
+    # the path `ray get-auth-token --generate` writes and `ray start` reads (no
+    # RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH set), on the launching side and on each node
+    assert Path(os.path.expanduser(TOKEN_FILE)) == _get_default_token_path()
+    assert cfg["file_mounts"][TOKEN_FILE] == TOKEN_FILE
+    assert "chmod 600 ~/.ray/auth_token" in cfg["setup_commands"][0]
+    header = path.read_text().split("\n\n", 1)[0]
+    [first] = [line for line in header.splitlines() if "ray " in line and "#   " in line][:1]
+    assert "ray get-auth-token --generate" in first, "the header's first command"
+    # Ray's schema, as `ray up` reads it, keeps the mount
+    assert ray_validate(cfg)["file_mounts"][TOKEN_FILE] == TOKEN_FILE

@@ -1,7 +1,9 @@
 """The Helm chart under helm/: it lints, renders for several value sets, every RayCluster
 it renders passes KubeRay's CRD schema (strict: unknown fields are errors, as the API
 server's strict field validation makes them) and every other object passes Kubernetes'
-own schema (kubernetes-validate, strict); budgets reach `ray start` and the pods' requests.
+own schema (kubernetes-validate, strict); budgets reach `ray start` and the pods' requests;
+every Ray container and serve run with Ray's token auth, the dashboard stays on loopback,
+and NetworkPolicies keep Ray's ports to the release's own pods.
 
 Needs the `deploy` extra (helm-python-sdk, kubernetes-validate) and ../shared/data.
 """
@@ -43,6 +45,13 @@ VALUE_SETS = {
         "workerGroups": {"gpu": {"enabled": False}},
         "service": {"type": "LoadBalancer"},
         "serve": {"extraArgs": ["--dtype", "int8"]}, "model": "smollm2-135m"},
+    "own-ray-token-open-dashboard": {
+        "rayAuth": {"existingSecret": "lab-ray", "secretKey": "token"},
+        "head": {"rayStartParams": {"dashboard-host": "0.0.0.0"}},
+        "networkPolicy": {"extraFrom": [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "monitoring"}}}]}},
+    "no-network-policy": {"networkPolicy": {"enabled": False},
+                          "rayAuth": {"token": "t0ken"}},
 }
 
 
@@ -57,6 +66,11 @@ def render(values: dict, name: str = "rel") -> list[dict]:
 
 def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def secret(docs: list[dict], suffix: str) -> dict:
+    [found] = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith(suffix)]
+    return found
 
 
 def _strict(schema):
@@ -150,7 +164,8 @@ def test_budgets_reach_ray_start_and_pod_requests():
         assert quantity(req["memory"]) == quantity(lim["memory"]) == ram
         assert quantity(req["ephemeral-storage"]) == Memory.parse(v["budget"]["disk"])
         assert req.get("nvidia.com/gpu", 0) == lim.get("nvidia.com/gpu", 0) == v["gpus"]
-        assert ray["env"] == [{"name": "LLM_SHARD_HOME", "value": values["store"]["mountPath"]}]
+        [home] = [e for e in ray["env"] if e["name"] == "LLM_SHARD_HOME"]
+        assert home["value"] == values["store"]["mountPath"]
     assert workers["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"][
         "nvidia.com/gpu"] == 1
     assert ray_start_resources(workers["gpu"])["llm_shard_gpu_mem"] == 5 * 1024**3
@@ -158,7 +173,8 @@ def test_budgets_reach_ray_start_and_pod_requests():
 
 def test_serve_runs_next_to_the_head_behind_the_service_with_the_api_key():
     docs = render({"apiKey": {"value": "s3cret"}})
-    [rc], [svc], [secret] = (by_kind(docs, k) for k in ("RayCluster", "Service", "Secret"))
+    [rc], [svc] = (by_kind(docs, k) for k in ("RayCluster", "Service"))
+    api_key = secret(docs, "-api-key")
     pod = rc["spec"]["headGroupSpec"]["template"]
     ray, serve = pod["spec"]["containers"]
     assert ray["name"] == "ray"  # KubeRay runs `ray start` in the first container
@@ -168,8 +184,8 @@ def test_serve_runs_next_to_the_head_behind_the_service_with_the_api_key():
     env = {e["name"]: e for e in serve["env"]}
     assert env["LLM_SHARD_MODEL"]["value"] == "pangualpha"
     ref = env["LLM_SHARD_API_KEY"]["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == secret["metadata"]["name"]
-    assert base64.b64decode(secret["data"][ref["key"]]).decode() == "s3cret"
+    assert ref["name"] == api_key["metadata"]["name"]
+    assert base64.b64decode(api_key["data"][ref["key"]]).decode() == "s3cret"
     # the serve container sees the head's /tmp/ray, so `--address auto` finds it
     shared = {m["name"] for m in ray["volumeMounts"]} & {m["name"] for m in serve["volumeMounts"]}
     assert "ray-tmp" in shared
@@ -182,10 +198,10 @@ def test_serve_runs_next_to_the_head_behind_the_service_with_the_api_key():
 
 
 def test_generated_api_key_and_existing_secret():
-    [secret] = by_kind(render({}), "Secret")
-    assert len(base64.b64decode(secret["data"]["api-key"])) == 32
+    assert len(base64.b64decode(secret(render({}), "-api-key")["data"]["api-key"])) == 32
     docs = render(VALUE_SETS["existing-claim-and-secret"])
-    assert by_kind(docs, "Secret") == [] and by_kind(docs, "PersistentVolumeClaim") == []
+    assert [s["metadata"]["name"] for s in by_kind(docs, "Secret")] == ["rel-llm-shard-ray-auth"]
+    assert by_kind(docs, "PersistentVolumeClaim") == []
     [rc] = by_kind(docs, "RayCluster")
     serve = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][1]
     [key] = [e for e in serve["env"] if e["name"] == "LLM_SHARD_API_KEY"]
@@ -212,3 +228,95 @@ def test_persistent_store_is_one_claim_mounted_everywhere():
 def test_bad_budget_fails_with_a_message():
     with pytest.raises(Exception, match="4GB.*Gi"):
         render({"workerGroups": {"cpu": {"budget": {"ram": "4GB"}}}})
+
+
+def ray_auth_env(container: dict) -> tuple[str, dict]:
+    """(RAY_AUTH_MODE, the secretKeyRef of RAY_AUTH_TOKEN) of a container."""
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert "RAY_AUTH_MODE" in env and "RAY_AUTH_TOKEN" in env, \
+        f"container {container['name']}: no Ray token auth in its env"
+    return env["RAY_AUTH_MODE"]["value"], env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+
+
+@pytest.mark.parametrize("values, ref, token", [
+    ({}, {"name": "rel-llm-shard-ray-auth", "key": "auth_token"}, None),
+    ({"rayAuth": {"token": "t0ken"}}, {"name": "rel-llm-shard-ray-auth", "key": "auth_token"},
+     "t0ken"),
+    (VALUE_SETS["own-ray-token-open-dashboard"], {"name": "lab-ray", "key": "token"}, None),
+], ids=["generated", "given", "existing-secret"])
+def test_every_ray_container_and_serve_get_the_ray_token(values, ref, token):
+    docs = render(values)
+    [rc] = by_kind(docs, "RayCluster")
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in head] == ["ray", "serve"]
+    workers = [g["template"]["spec"]["containers"] for g in rc["spec"]["workerGroupSpecs"]]
+    assert len(workers) == 2 and all(len(c) == 1 for c in workers)
+    for container in [*head, *(c for group in workers for c in group)]:
+        assert ray_auth_env(container) == ("token", ref)
+    if ref["name"] == "lab-ray":  # the user's Secret: none made
+        assert [s["metadata"]["name"] for s in by_kind(docs, "Secret")] == [
+            "rel-llm-shard-api-key"]
+        return
+    stored = base64.b64decode(secret(docs, "-ray-auth")["data"][ref["key"]]).decode()
+    if token is None:
+        assert len(stored) == 64 and stored.isalnum()
+        assert stored != base64.b64decode(secret(render(values), "-ray-auth")["data"][
+            ref["key"]]).decode(), "not random"
+    else:
+        assert stored == token
+
+
+@pytest.mark.parametrize("params, host", [
+    (None, "127.0.0.1"),  # values.yaml as shipped
+    ({"num-cpus": "1"}, "127.0.0.1"),
+    ({"dashboard-host": None}, "127.0.0.1"),  # unset: KubeRay's default would be 0.0.0.0
+    ({"dashboard-host": "0.0.0.0"}, "0.0.0.0"),  # asked for
+], ids=["shipped", "other-params", "unset", "asked-open"])
+def test_dashboard_stays_on_loopback_unless_asked(params, host):
+    values = {} if params is None else {"head": {"rayStartParams": params}}
+    [rc] = by_kind(render(values), "RayCluster")
+    assert rc["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == host
+    assert chart_values()["head"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+
+
+def selects(policy: dict, labels: dict) -> bool:
+    return policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_network_policies_keep_ray_ports_to_the_release():
+    docs = render({})
+    [rc] = by_kind(docs, "RayCluster")
+    pods = {"head": rc["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]}
+    pods |= {g["groupName"]: g["template"]["metadata"]["labels"]
+             for g in rc["spec"]["workerGroupSpecs"]}
+    policies = {p["metadata"]["name"].removeprefix("rel-llm-shard-"): p
+                for p in by_kind(docs, "NetworkPolicy")}
+    assert set(policies) == {"ray", "http"}
+    ray, http = policies["ray"], policies["http"]
+    assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies.values())
+    # every Ray pod is isolated, and admits any port from the release's pods alone
+    assert all(selects(ray, labels) for labels in pods.values())
+    [rule] = ray["spec"]["ingress"]
+    assert "ports" not in rule
+    [peer] = rule["from"]
+    assert set(peer) == {"podSelector"}
+    assert all(peer["podSelector"]["matchLabels"].items() <= labels.items()
+               for labels in pods.values())
+    assert not peer["podSelector"]["matchLabels"].items() <= {
+        **pods["head"], "app.kubernetes.io/instance": "other"}.items()
+    # the serve port on the head only, from anywhere
+    assert [name for name, labels in pods.items() if selects(http, labels)] == ["head"]
+    [rule] = http["spec"]["ingress"]
+    assert "from" not in rule and rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    [svc] = by_kind(docs, "Service")
+    serve = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][1]
+    assert [p["containerPort"] for p in serve["ports"]] == [8000]
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_network_policy_extra_peers_and_off():
+    extra = VALUE_SETS["own-ray-token-open-dashboard"]["networkPolicy"]["extraFrom"]
+    ray = next(p for p in by_kind(render(VALUE_SETS["own-ray-token-open-dashboard"]),
+                                  "NetworkPolicy") if p["metadata"]["name"].endswith("-ray"))
+    assert ray["spec"]["ingress"][0]["from"][1:] == extra
+    assert by_kind(render(VALUE_SETS["no-network-policy"]), "NetworkPolicy") == []

@@ -27,6 +27,51 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- .Values.apiKey.existingSecret | default (printf "%s-api-key" (include "llm-shard.fullname" .)) -}}
 {{- end -}}
 
+{{- define "llm-shard.rayAuthSecret" -}}
+{{- .Values.rayAuth.existingSecret | default (printf "%s-ray-auth" (include "llm-shard.fullname" .)) -}}
+{{- end -}}
+
+{{/*
+Ray's token auth for a container that runs Ray or talks to it: the mode, and the token
+from the release's Secret (Ray reads RAY_AUTH_TOKEN before any token file).
+*/}}
+{{- define "llm-shard.rayAuthEnv" -}}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "llm-shard.rayAuthSecret" . }}
+      key: {{ .Values.rayAuth.secretKey }}
+{{- end -}}
+
+{{/*
+A generated Secret holding one value: `value` if given, else the one a previous release
+stored under `key`, else `length` random characters. Argument: dict "root" $ "name" NAME
+"key" KEY "value" VALUE "length" N.
+*/}}
+{{- define "llm-shard.generatedSecret" -}}
+{{- $value := .value -}}
+{{- if not $value -}}
+{{- /* `helm template` has no cluster to ask, so there it is always a fresh one. */ -}}
+{{- $old := lookup "v1" "Secret" .root.Release.Namespace .name -}}
+{{- $oldValue := "" -}}
+{{- if and $old $old.data -}}
+{{- $oldValue = get $old.data .key | b64dec -}}
+{{- end -}}
+{{- $value = $oldValue | default (randAlphaNum (int .length)) -}}
+{{- end -}}
+apiVersion: v1
+kind: Secret
+metadata:
+  name: {{ .name }}
+  labels:
+    {{- include "llm-shard.labels" .root | nindent 4 }}
+type: Opaque
+data:
+  {{ .key }}: {{ $value | b64enc | quote }}
+{{- end -}}
+
 {{- define "llm-shard.storeClaim" -}}
 {{- .Values.store.persistence.existingClaim | default (printf "%s-store" (include "llm-shard.fullname" .)) -}}
 {{- end -}}
@@ -59,10 +104,10 @@ Whole numbers only, as Ray's resource quantities are.
 {{- end -}}
 
 {{/*
-rayStartParams for a group: its own params plus `resources`, the budget as the JSON of
-`llm-shard node-resources` (bytes), written the way KubeRay documents it: a double-quoted,
-escaped JSON string that the generated `ray start --resources=...` line unquotes.
-Argument: the group's values.
+rayStartParams for a group: its own params (over `rayStartDefaults`, if any) plus
+`resources`, the budget as the JSON of `llm-shard node-resources` (bytes), written the way
+KubeRay documents it: a double-quoted, escaped JSON string that the generated
+`ray start --resources=...` line unquotes. Argument: the group's values.
 */}}
 {{- define "llm-shard.rayStartParams" -}}
 {{- $budget := .budget -}}
@@ -71,7 +116,7 @@ Argument: the group's values.
       "llm_shard_disk" (include "llm-shard.bytes" $budget.disk | int64)
       "llm_shard_gpu_mem" (include "llm-shard.bytes" $budget.gpuMem | int64)
     | toJson -}}
-{{- $params := merge (dict "resources" (printf "%q" $json)) (.rayStartParams | default dict) -}}
+{{- $params := merge (dict "resources" (printf "%q" $json)) (.rayStartParams | default dict) (.rayStartDefaults | default dict) -}}
 {{- range $k, $v := $params }}
 {{ $k }}: {{ toString $v | quote }}
 {{- end -}}
@@ -126,6 +171,7 @@ limits:
   env:
     - name: LLM_SHARD_HOME
       value: {{ .root.Values.store.mountPath | quote }}
+    {{- include "llm-shard.rayAuthEnv" .root | nindent 4 }}
   resources:
     {{- include "llm-shard.groupResources" (dict "group" .group "emptyDir" (not .root.Values.store.persistence.enabled)) | nindent 4 }}
   volumeMounts:
