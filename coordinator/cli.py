@@ -1,17 +1,22 @@
 """The `llm-shard` command line. Each verb is thin: it parses, calls the library, prints.
 
-Expected failures (bad paths, unknown names, corrupt stores) print one line, never a
-traceback; `--debug` shows the traceback for bug reports.
+Every failure, of any verb, is one `error: <message>` on stderr and a non-zero exit, never
+a traceback; `--debug` shows the traceback of expected errors for bug reports. The flags
+that build an `LLM` (serve, chat) are EngineConfig's fields (ENGINE_FLAGS).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import sys
+from typing import NoReturn
 
 import click
 
 from llm_shard.cluster.resources import node_resources
+from llm_shard.coordinator.config import EngineConfig
 from llm_shard.models import arch_names
 from llm_shard.models.errors import (
     DTYPE_NAMES,
@@ -25,15 +30,49 @@ from llm_shard.models.errors import (
 EXPECTED = (ConvertError, SourceError, StoreError, UnknownArch, TokenizerError, FileExistsError)
 
 
+def _fail(message: str, code: int, hint: str | None = None) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(hint, err=True)
+    sys.exit(code)
+
+
+def _fail_click(e: click.ClickException) -> NoReturn:
+    """click's own errors (a bad flag, a refused value) in this CLI's one style."""
+    ctx = getattr(e, "ctx", None)
+    hint = (f"Try '{ctx.command_path} -h' for help."
+            if isinstance(e, click.UsageError) and ctx is not None else None)
+    _fail(e.format_message(), e.exit_code, hint)
+
+
 class Group(click.Group):
+    """The top-level group: every failure of every verb prints `error: <message>` on
+    stderr, never a traceback (`--debug` shows the traceback of expected errors), and
+    exits non-zero (2 for expected errors and bad usage, 1 for others)."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as e:
+            _fail_click(e)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except EXPECTED as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e), 2)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as e:
+            _fail_click(e)
+        except SystemExit as e:  # a benchmark's SystemExit("why")
+            if isinstance(e.code, str):
+                _fail(e.code, 1)
+            raise
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,12 +108,13 @@ def convert(src: str, arch: str | None, dtype: str, out: str, overwrite: bool,
 
 
 @cli.command()
-@click.argument("store")
-def verify(store: str) -> None:
-    """Check every file of a store against the sha256 in its manifest."""
-    from llm_shard.models.checkpoint.store import Store
+@click.argument("model")
+@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="int8", show_default=True)
+def verify(model: str, dtype: str) -> None:
+    """Check every file of MODEL's store (a name or a path) against its manifest's sha256."""
+    from llm_shard.models.checkpoint.catalog import resolve
 
-    s = Store.open(store)
+    s = resolve(model, dtype=dtype)
     s.verify()
     click.echo(f"{s.path}: {len(s.manifest['files'])} files OK")
 
@@ -205,53 +245,34 @@ def bench() -> None:
     """Benchmarks that print figures and ratios to physical limits."""
 
 
-@bench.command("kernels", context_settings=_PASS_THROUGH)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_kernels(args: tuple[str, ...]) -> None:
-    """GB/s of weight bytes for fp32, bf16 and int8 linear kernels vs memory bandwidth."""
-    from llm_shard.benchmarks.kernels import main as kernels_main
-
-    kernels_main(list(args))
-
-
-@bench.command("swap", context_settings=_PASS_THROUGH)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_swap(args: tuple[str, ...]) -> None:
-    """Disk-tier decode of a random PanGu-α-2.6B int8 far over its RAM budget: cold disk
-    bandwidth, tok/s with prefetch on and off, disk throughput achieved (--help)."""
-    from llm_shard.benchmarks.swap import main as swap_main
-
-    swap_main(list(args))
-
-
-@bench.command("pipeline", context_settings=_PASS_THROUGH)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_pipeline(args: tuple[str, ...]) -> None:
-    """Decode unsplit vs split over 2 and 3 local Ray workers, per-hop cost, concurrent
-    sequences with and without micro-batches (--help)."""
-    from llm_shard.benchmarks.pipeline import main as pipeline_main
-
-    pipeline_main(list(args))
+# name -> what it measures; each runs llm_shard.benchmarks.<name>.main on its arguments
+BENCHMARKS = {
+    "kernels": "GB/s of weight bytes for fp32, bf16 and int8 linear kernels vs memory "
+               "bandwidth.",
+    "swap": "Disk-tier decode of a random PanGu-α-2.6B int8 far over its RAM budget: cold "
+            "disk bandwidth, tok/s with prefetch on and off, disk throughput achieved "
+            "(--help).",
+    "pipeline": "Decode unsplit vs split over 2 and 3 local Ray workers, per-hop cost, "
+                "concurrent sequences with and without micro-batches (--help).",
+    "gpu": "The GPU tier: int8 kernels per layer against the GPU's read bandwidth, and "
+           "decode of a random PanGu-α-2.6B resident on the GPU or streamed from pinned RAM "
+           "(--help).",
+    "suite": "The whole suite (decode, versus transformers, load, split, throughput, swap) "
+             "with the machine's bandwidths: writes DIR/bench.json, bench.md and PNG plots "
+             "(--help).",
+}
 
 
-@bench.command("gpu", context_settings=_PASS_THROUGH)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_gpu(args: tuple[str, ...]) -> None:
-    """The GPU tier: int8 kernels per layer against the GPU's read bandwidth, and decode of
-    a random PanGu-α-2.6B resident on the GPU or streamed from pinned RAM (--help)."""
-    from llm_shard.benchmarks.gpu import main as gpu_main
+def _benchmark(name: str):
+    def run(args: tuple[str, ...]) -> None:
+        importlib.import_module(f"llm_shard.benchmarks.{name}").main(list(args))
 
-    gpu_main(list(args))
+    return run
 
 
-@bench.command("suite", context_settings=_PASS_THROUGH)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_suite(args: tuple[str, ...]) -> None:
-    """The whole suite (decode, versus transformers, load, split, throughput, swap) with
-    the machine's bandwidths: writes DIR/bench.json, bench.md and PNG plots (--help)."""
-    from llm_shard.benchmarks.suite import main as suite_main
-
-    suite_main(list(args))
+for _name, _about in BENCHMARKS.items():
+    bench.command(_name, help=_about, context_settings=_PASS_THROUGH)(
+        click.argument("args", nargs=-1, type=click.UNPROCESSED)(_benchmark(_name)))
 
 
 SERVE_HELP = """Plan, start workers, load MODEL and serve it over HTTP.
@@ -261,48 +282,60 @@ began on this machine), else starts a local Ray that it stops on exit. Binds 127
 unless --host says otherwise. Ctrl-C (SIGINT) or SIGTERM stops it cleanly."""
 
 
-def _llm_options(f):
-    """The options that build an LLM, shared by serve and chat."""
-    for option in reversed([
-        click.option("--address", default=None,
-                     help="Ray cluster address (HOST:PORT, ray://…, auto); default: the "
-                          "running cluster, else a new local one."),
-        click.option("--worker", "workers", multiple=True, metavar="SPEC",
-                     help="A worker's budget, e.g. ram=1GiB,disk=8GiB (repeat per worker); "
-                          "default: every node's advertised budget."),
-        click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="int8",
-                     show_default=True, help="Weights of the store."),
-        click.option("--cache-tokens", default=4096, show_default=True,
-                     type=click.IntRange(16, None),
-                     help="KV-cache tokens each stage keeps for all sequences together."),
-        click.option("--micro-batches", default=None, type=click.IntRange(1, None),
-                     help="Micro-batches in flight (default: one per stage)."),
-        click.option("--wire-dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
-                     default="bf16", show_default=True,
-                     help="Activations between stages."),
-        click.option("--no-encrypt", "no_encrypt", is_flag=True,
-                     help="Plain TCP between coordinator and workers instead of CURVE "
-                          "(encrypted, authenticated): only on a trusted single machine."),
-        click.option("--max-restarts", default=3, show_default=True,
-                     type=click.IntRange(-1, None),
-                     help="Times a lost worker is replaced (same node, same budget) within "
-                          "10 minutes; -1: no limit, 0: never (re-plan over the rest)."),
-    ]):
-        f = option(f)
-    return f
+def _engine_flag(name: str, *decls: str, **kwargs):
+    """A serve/chat flag that sets EngineConfig's field `name`, with the field's default."""
+    kwargs.setdefault("default", EngineConfig.default(name))
+    return name, click.option(*decls, name, **kwargs)
 
 
-def _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype,
-              no_encrypt=False, max_restarts=3):
+# The flags that build an LLM, shared by serve and chat: field name -> click option.
+ENGINE_FLAGS = dict([
+    _engine_flag("address", "--address",
+                 help="Ray cluster address (HOST:PORT, ray://…, auto); default: the running "
+                      "cluster, else a new local one."),
+    _engine_flag("workers", "--worker", multiple=True, metavar="SPEC", default=(),
+                 callback=lambda ctx, param, specs: list(specs) or None,
+                 help="A worker's budget, e.g. ram=1GiB,disk=8GiB (repeat per worker); "
+                      "default: every node's advertised budget."),
+    _engine_flag("dtype", "--dtype", type=click.Choice(list(DTYPE_NAMES)), show_default=True,
+                 help="Weights of the store."),
+    _engine_flag("cache_tokens", "--cache-tokens", show_default=True,
+                 type=click.IntRange(16, None),
+                 help="KV-cache tokens each stage keeps for all sequences together."),
+    _engine_flag("micro_batches", "--micro-batches", type=click.IntRange(1, None),
+                 help="Micro-batches in flight (default: one per stage)."),
+    _engine_flag("wire_dtype", "--wire-dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+                 show_default=True, help="Activations between stages."),
+    _engine_flag("encrypt", "--no-encrypt", is_flag=True, flag_value=False,
+                 help="Plain TCP between coordinator and workers instead of CURVE "
+                      "(encrypted, authenticated): only on a trusted single machine."),
+    _engine_flag("max_restarts", "--max-restarts", show_default=True,
+                 type=click.IntRange(-1, None),
+                 help="Times a lost worker is replaced (same node, same budget) within 10 "
+                      "minutes; -1: no limit, 0: never (re-plan over the rest)."),
+])
+
+
+def engine_options(f):
+    """Adds ENGINE_FLAGS to a verb, which receives them as one `engine` (EngineConfig)."""
+
+    @functools.wraps(f)
+    def verb(**kwargs):
+        engine = EngineConfig(**{name: kwargs.pop(name) for name in ENGINE_FLAGS})
+        return f(engine=engine, **kwargs)
+
+    for option in reversed(ENGINE_FLAGS.values()):
+        verb = option(verb)
+    return verb
+
+
+def _open_llm(model: str, engine: EngineConfig):
     from llm_shard.cluster.ray_glue import ClusterError
     from llm_shard.coordinator.llm import LLM
     from llm_shard.coordinator.planner import PlanError
 
     try:
-        return LLM(model, workers=list(workers) or None, address=address, dtype=dtype,
-                   cache_tokens=cache_tokens, micro_batches=micro_batches,
-                   wire_dtype=wire_dtype, encrypt=not no_encrypt,
-                   max_restarts=max_restarts)
+        return LLM(model, config=engine)
     except EXPECTED:
         raise
     except (PlanError, ClusterError, ValueError) as e:
@@ -319,7 +352,7 @@ def _stop_ray() -> None:
 
 @cli.command(help=SERVE_HELP)
 @click.argument("model")
-@_llm_options
+@engine_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", envvar="LLM_SHARD_API_KEY", default=None,
@@ -329,9 +362,8 @@ def _stop_ray() -> None:
               help="The model's name in the API (default: MODEL as given).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype, no_encrypt,
-          max_restarts, host, port, api_key, served_model_name, log_level) -> None:
-    from llm_shard.coordinator.server import bind, create_app, run
+def serve(model, engine, host, port, api_key, served_model_name, log_level) -> None:
+    from llm_shard.coordinator.http import bind, create_app, run
 
     try:
         sock = bind(host, port)
@@ -340,8 +372,7 @@ def serve(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtyp
     port = sock.getsockname()[1]
     llm = None
     try:
-        llm = _open_llm(model, address, workers, dtype, cache_tokens, micro_batches, wire_dtype,
-                        no_encrypt, max_restarts)
+        llm = _open_llm(model, engine)
         click.echo(llm.describe_plan())
         name = served_model_name or model
         app = create_app(llm, model_name=name, api_key=api_key)
@@ -366,99 +397,33 @@ model's chat template. Type /clear to forget the conversation, /quit (or Ctrl-D)
 
 @cli.command(help=CHAT_HELP)
 @click.argument("target", metavar="MODEL|URL")
-@_llm_options
+@engine_options
 @click.option("--api-key", envvar="LLM_SHARD_API_KEY", default=None,
               help="For a URL that demands one (env LLM_SHARD_API_KEY).")
 @click.option("--system", default=None, help="A system message to start the conversation.")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, None))
 @click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0))
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
-def chat(target, address, workers, dtype, cache_tokens, micro_batches, wire_dtype, no_encrypt,
-         max_restarts, api_key, system, max_tokens, temperature, top_p) -> None:
+def chat(target, engine, api_key, system, max_tokens, temperature, top_p) -> None:
+    from llm_shard.coordinator.chat import chat_loop, local_reply, remote_reply
+
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
     if target.startswith(("http://", "https://")):
-        import httpx
-
-        from llm_shard.coordinator.client import Client, ClientError
+        from llm_shard.coordinator.client import Client
 
         with Client(target, api_key=api_key, retries=2) as client:
-            def reply(messages):
-                try:
-                    yield from client.chat_stream(messages, **sampling)
-                except (ClientError, httpx.TransportError) as e:
-                    click.echo(f"\nerror: {e}", err=True)
-
-            _chat_loop(reply, system)
+            chat_loop(lambda messages: remote_reply(client, messages, sampling), system)
         return
     llm = None
     try:
-        llm = _open_llm(target, address, workers, dtype, cache_tokens, micro_batches,
-                        wire_dtype, no_encrypt, max_restarts)
+        llm = _open_llm(target, engine)
         if llm.tokenizer is None:
             raise click.ClickException(f"{llm.store.path} has no tokenizer to chat with")
-        _chat_loop(lambda messages: _local_reply(llm, messages, sampling), system)
+        chat_loop(lambda messages: local_reply(llm, messages, sampling), system)
     finally:
         if llm is not None:
             llm.shutdown()
         _stop_ray()
-
-
-def _local_reply(llm, messages, sampling):
-    """Stream one reply of an in-process LLM: on_text (the scheduler thread) feeds a queue."""
-    import queue
-
-    from llm_shard.cluster.types import SamplingParams
-
-    tok, pieces = llm.tokenizer, queue.Queue()
-    ids = tok.encode(tok.render_chat(messages, add_generation_prompt=True))
-    try:
-        future = llm.submit(ids, SamplingParams(**sampling), on_text=pieces.put)
-    except ValueError as e:  # the conversation no longer fits the context
-        click.echo(f"error: {e}; /clear starts afresh", err=True)
-        return
-    future.add_done_callback(lambda f: pieces.put(None))
-    try:
-        while (piece := pieces.get()) is not None:
-            yield piece
-        if not future.cancelled() and future.exception() is not None:
-            click.echo(f"\nerror: {future.exception()}", err=True)
-    finally:
-        if not future.done():
-            llm.cancel(future)
-
-
-def _chat_loop(reply, system: str | None) -> None:
-    start = [{"role": "system", "content": system}] if system else []
-    messages = list(start)
-    click.echo("chat: /clear forgets the conversation, /quit leaves")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            click.echo()
-            return
-        except KeyboardInterrupt:
-            click.echo()
-            return
-        if line in ("/quit", "/exit"):
-            return
-        if line == "/clear":
-            messages = list(start)
-            click.echo("(conversation cleared)")
-            continue
-        if not line:
-            continue
-        messages.append({"role": "user", "content": line})
-        click.echo("bot> ", nl=False)
-        text = ""
-        try:
-            for piece in reply(messages):
-                text += piece
-                click.echo(piece, nl=False)
-        except KeyboardInterrupt:
-            click.echo(" [stopped]", nl=False)
-        click.echo()
-        messages.append({"role": "assistant", "content": text})
 
 
 cli.add_command(node_resources)

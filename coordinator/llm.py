@@ -16,18 +16,27 @@ from llm_shard.cluster import ray_glue
 from llm_shard.cluster.links import Guard, LinkKeys
 from llm_shard.cluster.resources import budgets_from_ray_nodes
 from llm_shard.cluster.transfer import StoreServer
-from llm_shard.cluster.types import Capacity, Completion, Memory, Plan, SamplingParams
+from llm_shard.cluster.types import (
+    Capacity,
+    Completion,
+    Memory,
+    Plan,
+    SamplingParams,
+    sequence_bytes,
+)
 from llm_shard.models.checkpoint.catalog import home, resolve
 from llm_shard.models.checkpoint.store import StoreError
 
+from .config import EngineConfig
 from .pipeline import Pipeline
-from .planner import DEFAULT_HOP_SECONDS, PlanReport, format_plan
+from .planner import PlanReport, format_plan
 from .scheduler import RequestError, Scheduler
 
 log = logging.getLogger("llm_shard.coordinator")
 
 # Share of this machine's available memory that `workers=N` divides between N workers.
 LOCAL_RAM_SHARE = 0.8
+UNBOUNDED_CONTEXT = 1 << 20  # a recurrent model (RWKV): nothing bounds a sequence
 
 
 def _available_ram() -> int:
@@ -89,62 +98,50 @@ def _threads(caps: list[Capacity], nodes: list[ray_glue.Node]) -> list[int]:
 class LLM:
     """A model served by a pipeline of Ray workers, with continuous batching.
 
-    `model`: a catalog name, a store path or a checkpoint path. `workers`: see
-    `worker_capacities`. `address`: the Ray cluster (None: the running one, else a new
-    local one). `dtype`: the store's weights; `compute_dtype`/`wire_dtype`: what stages
-    compute in and send between them. `cache_tokens`: KV-cache tokens every stage keeps
-    for all sequences together. `micro_batches`: groups in flight (default: one per
-    stage). `use_all_workers`: give every worker a stage even where fewer would be faster.
-    `encrypt`: CURVE-encrypt and authenticate every ZeroMQ link with keys made here and
-    handed to the workers (cluster/links.py); False only on a trusted single machine.
-    `max_restarts`: how many times a lost worker is replaced by a fresh one (same node,
-    same budget) within 10 minutes; -1 without limit, 0 never (the re-plan then runs over
-    the workers left). `step_timeout`: seconds a step may take before the workers are
-    probed; `control_timeout`: seconds a probed worker has to answer before it counts as
-    dead.
+    `model`: a catalog name, a store path or a checkpoint path. The engine's settings
+    are an `EngineConfig` (config.py): `config=`, or its fields as keywords (`workers`
+    may come second, positionally); keywords given with `config=` replace its fields.
     """
 
-    def __init__(self, model: str, workers=None, *, address: str | None = None,
-                 dtype: str = "int8", compute_dtype: str = "fp32", wire_dtype: str = "bf16",
-                 objective: str = "latency", cache_tokens: int = 4096,
-                 micro_batches: int | None = None, use_all_workers: bool = False,
-                 hop_seconds: float = DEFAULT_HOP_SECONDS, step_timeout: float = 120.0,
-                 host: str | None = None, encrypt: bool = True, max_restarts: int = 3,
-                 control_timeout: float = 30.0) -> None:
+    def __init__(self, model: str, workers=None, *, config: EngineConfig | None = None,
+                 **settings) -> None:
+        if workers is not None:
+            settings["workers"] = workers
+        self.config = cfg = (config or EngineConfig()).replace(**settings)
         self.pipeline = self.scheduler = self._guard = None
         self.store_server = None  # store transfer
-        self.store = resolve(model, dtype=dtype)
+        self.store = resolve(model, dtype=cfg.dtype)
         try:
             self.tokenizer = self.store.tokenizer()
         except StoreError:  # token ids in, token ids out
             self.tokenizer = None
-        ray_glue.connect(address)
-        caps = worker_capacities(workers)
+        ray_glue.connect(cfg.address)
+        caps = worker_capacities(cfg.workers)
         nodes = ray_glue.worker_nodes(caps)
         self._ctx = zmq.Context()
         self._results = self._ctx.socket(zmq.PULL)
         self._results.setsockopt(zmq.LINGER, 0)
         # CURVE on every ZeroMQ link, keys handed to the workers over Ray (cluster/links.py)
-        self.keys = LinkKeys.generate() if encrypt else None
+        self.keys = LinkKeys.generate() if cfg.encrypt else None
         self._guard = Guard(self._ctx, self.keys, "coordinator")
         self._guard.server(self._results)
-        host = host or ray_glue.this_node().ip
+        host = cfg.host or ray_glue.this_node().ip
         port = self._results.bind_to_random_port(f"tcp://{host}")
         try:
             # store transfer: workers on nodes without this store fetch its files from here
             self.store_server = StoreServer(self.store.path, host, keys=self.keys)
             self.pipeline = Pipeline(
-                self.store, caps, threads=_threads(caps, nodes), compute_dtype=compute_dtype,
-                wire_dtype=wire_dtype, objective=objective, cache_tokens=cache_tokens,
-                use_all_workers=use_all_workers, hop_seconds=hop_seconds,
+                self.store, caps, threads=_threads(caps, nodes),
+                compute_dtype=cfg.compute_dtype, wire_dtype=cfg.wire_dtype,
+                objective=cfg.objective, cache_tokens=cfg.cache_tokens,
+                use_all_workers=cfg.use_all_workers, hop_seconds=cfg.hop_seconds,
                 result_address=f"tcp://{host}:{port}",
                 store_source=self.store_server.source(home()), link_keys=self.keys,
-                max_restarts=max_restarts, control_timeout=control_timeout)
-            cfg = self.store.config
+                max_restarts=cfg.max_restarts, control_timeout=cfg.control_timeout)
             self.scheduler = Scheduler(self.pipeline, self.tokenizer, self._results,
-                                       micro_batches=micro_batches,
-                                       max_len=cfg.max_context,
-                                       step_timeout=step_timeout)
+                                       micro_batches=cfg.micro_batches,
+                                       max_len=self.store.config.max_context,
+                                       step_timeout=cfg.step_timeout)
         except BaseException:
             self.shutdown()
             raise
@@ -172,6 +169,42 @@ class LLM:
 
     def metrics(self) -> dict:
         return self.scheduler.metrics()
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence served: the model's context, else what a stage's cache
+        holds (an encoder-decoder, or a model with no position limit), else
+        UNBOUNDED_CONTEXT."""
+        cfg = self.store.config
+        if cfg.max_context is not None:
+            return cfg.max_context
+        per_token = cfg.cache_bytes_per_token
+        return self.pipeline.cache_capacity // per_token if per_token else UNBOUNDED_CONTEXT
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        """A ValueError for a request no stage's cache can ever hold (the scheduler would
+        fail it after queueing), and for one longer than the model's context."""
+        context = self.max_model_len
+        if prompt_len + max_tokens > context or max_tokens < 1:
+            raise ValueError(f"prompt of {prompt_len} tokens + max_tokens {max_tokens} is "
+                             f"longer than the model's {context}-token context")
+        capacity = self.pipeline.cache_capacity  # bytes per block, all sequences together
+        if sequence_bytes(self.store.config, prompt_len + max_tokens) > capacity:
+            per_token = self.store.config.cache_bytes_per_token
+            held = f" ({capacity // per_token} tokens)" if per_token else ""
+            raise ValueError(f"prompt of {prompt_len} tokens + max_tokens {max_tokens} needs "
+                             f"more cache than a stage holds{held}: ask for fewer tokens")
+
+    def not_ready(self) -> str | None:
+        """Why this engine cannot serve now (shut down, no plan fits, a worker of the plan
+        dead); None when it can."""
+        if self.scheduler is None:
+            return "the model is shut down"
+        if self.scheduler.failed:
+            return self.scheduler.failed
+        workers = {w["index"]: w for w in self.stats()["workers"]}
+        dead = [i for i in self.plan.workers if not workers[i]["alive"]]
+        return f"workers {dead} of the plan are not alive" if dead else None
 
     def generate(self, prompts: str | Sequence[str] | None = None,
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -250,4 +283,4 @@ class LLM:
         self.shutdown()
 
 
-__all__ = ["LLM", "RequestError", "worker_capacities"]
+__all__ = ["LLM", "EngineConfig", "RequestError", "worker_capacities"]

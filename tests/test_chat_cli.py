@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_shard.coordinator.server import BackgroundServer, create_app
+from llm_shard.coordinator.http import BackgroundServer, create_app
 
 pexpect = pytest.importorskip("pexpect")
 LLM_SHARD = str(Path(sys.executable).with_name("llm-shard"))
@@ -29,10 +29,11 @@ class Recording:
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, smollm2_stores):
-    from llm_shard import LLM
+    from llm_shard import LLM, EngineConfig
 
-    with LLM(str(smollm2_stores["int8"].path), workers=["ram=1GiB", "ram=1GiB"],
-             cache_tokens=1024) as llm:
+    config = EngineConfig(workers=["ram=1GiB", "ram=1GiB"], cache_tokens=1024)
+    with LLM(str(smollm2_stores["int8"].path), config=config) as llm:
+        assert llm.config == config and llm.pipeline.cache_tokens == 1024
         recording = Recording(llm)
         s = BackgroundServer(create_app(recording, model_name="smollm2-135m"))
         yield s, recording

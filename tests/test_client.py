@@ -12,7 +12,7 @@ import pytest
 
 from llm_shard import AsyncClient, Client
 from llm_shard.coordinator.client import ClientError
-from llm_shard.coordinator.server import BackgroundServer, create_app
+from llm_shard.coordinator.http import BackgroundServer, create_app
 
 PROMPTS = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(16)]
 

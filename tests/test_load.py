@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from llm_shard.coordinator.server import BackgroundServer, create_app
+from llm_shard.coordinator.http import BackgroundServer, create_app
 
 MODEL = "smollm2-135m"
 N_REQUESTS = 200

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from llm_shard.coordinator.server import BackgroundServer, bind, create_app
+from llm_shard.coordinator.http import BackgroundServer, bind, create_app
 
 MODEL = "smollm2-135m"
 KEY = "sesame"
@@ -264,7 +264,7 @@ def test_a_client_that_disconnects_cancels_its_generation(server, recording, llm
 
 
 def test_a_body_over_the_limit_gets_413(server):
-    from llm_shard.coordinator.server import MAX_BODY_BYTES
+    from llm_shard.coordinator.http import MAX_BODY_BYTES
 
     big = b'{"prompt": "' + b"a" * (MAX_BODY_BYTES + 10) + b'"}'
     r = httpx.post(server.url + "/v1/completions", content=big, timeout=60,

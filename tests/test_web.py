@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from llm_shard.coordinator.server import BackgroundServer, create_app
+from llm_shard.coordinator.http import BackgroundServer, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -19,6 +19,7 @@ if "RAY_RAYLET_PID" in _os.environ:  # a Ray worker process (never set in a driv
 
 _EXPORTS = {
     "LLM": "llm_shard.coordinator.llm",
+    "EngineConfig": "llm_shard.coordinator.config",
     "RequestError": "llm_shard.coordinator.scheduler",
     "SamplingParams": "llm_shard.cluster.types",
     "Completion": "llm_shard.cluster.types",
