@@ -1,6 +1,8 @@
 """`ray up` end to end on this machine: the shipped cluster/single-node.yaml, pointed at an
-sshd of the test's own on a spare loopback port, brings up a Ray head; `llm-shard serve
-smollm2-135m` runs on it (through `ray exec`) and answers one request; `ray down`.
+sshd of the test's own on a spare loopback port, brings up a Ray head with token auth (the
+token made by `ray get-auth-token --generate` on the launching side and copied by the
+config's file_mounts); `llm-shard serve smollm2-135m` runs on it (through `ray exec`) and
+answers one request, while a Ray client with a wrong token or none is refused; `ray down`.
 
 Everything runs as a throwaway user whose home is a temp folder, so that nothing the
 launcher writes (~/.bashrc, ~/ray_bootstrap_*, the store, Ray's session files) touches
@@ -8,7 +10,7 @@ this machine's own, and so that `ray stop` on the "remote" side cannot reach ano
 Ray on this machine; at the end every process of that user, the sshd and the launcher's
 ssh control masters are gone, and the user is deleted. Needs root and Debian's
 openssh-server, openssh-client and rsync (.ci/run installs them); skips, saying which is
-absent, otherwise. The store goes over with the config's `file_mounts` (rsync): the
+absent, otherwise. The store goes over with the config's `file_mounts` (rsync) too: the
 test downloads nothing and installs nothing (setup reuses this venv).
 """
 
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -244,9 +247,11 @@ def reuse_venv(home: Path, uid: int, gid: int) -> Path | None:
 
 def forget_launcher_state(name: str, before: set[Path]) -> None:
     """What `ray up/exec/down` of cluster `name` left on this (the launching) side: its ssh
-    control masters (ControlPersist), their sockets, its local-provider state and config
-    cache; `before`: the /tmp entries that were there before the test."""
+    control masters (ControlPersist) and their sockets (under /tmp), its local-provider
+    state (Ray's temp dir: $RAY_TMPDIR or $TMPDIR or /tmp, then ray/) and config cache
+    ($TMPDIR); `before`: the entries that were there before the test."""
     import psutil
+    from ray._common.utils import get_default_ray_temp_dir
 
     control = hashlib.sha256(name.encode()).hexdigest()[:10]
     kill_all([p for p in psutil.process_iter(["cmdline"])
@@ -256,35 +261,64 @@ def forget_launcher_state(name: str, before: set[Path]) -> None:
         if path.parent not in before:
             with contextlib.suppress(OSError):
                 path.parent.rmdir()
-    for path in (Path(f"/tmp/cluster-{name}.state"), Path(f"/tmp/cluster-{name}.lock")):
-        path.unlink(missing_ok=True)
-    for path in set(Path("/tmp").glob("ray-config-*")) - before:
+    for suffix in ("state", "lock"):
+        (Path(get_default_ray_temp_dir()) / f"cluster-{name}.{suffix}").unlink(missing_ok=True)
+    for path in set(Path(tempfile.gettempdir()).glob("ray-config-*")) - before:
         with contextlib.suppress(OSError):
             if name in path.read_text():
                 path.unlink()
 
 
-def launcher_config(host: Host, store: Path) -> dict:
+TOKEN_FILE = "~/.ray/auth_token"  # where `ray get-auth-token --generate` writes, and Ray reads
+
+
+def launcher_config(host: Host, store: Path, token: Path) -> tuple[dict, dict[str, int]]:
     """cluster/single-node.yaml as shipped, pointed at `host`: the EDIT lines filled in,
-    the store copied by file_mounts, pip replaced by this venv (no downloads), and the
-    fixed ports of `ray start` (6379, 10001, 8265, 52365) replaced by free ones, as other
-    Rays may run on this machine."""
+    the token copied from `token` (not this machine's ~/.ray) and the store by file_mounts,
+    pip replaced by this venv (no downloads), and the fixed ports of `ray start` (6379,
+    10001, 8265, 52365) replaced by free ones, as other Rays may run on this machine.
+    Returns the config and {"gcs": port, "dashboard": port}."""
     cfg = yaml.safe_load((REPO / "cluster" / "single-node.yaml").read_text())
     cfg["cluster_name"] = f"llm-shard-e2e-{host.user}"
     cfg["provider"] = {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
     cfg["auth"] = {"ssh_user": host.user, "ssh_private_key": str(host.key),
                    "ssh_proxy_command": host.proxy}
-    cfg["file_mounts"] = {f"~/.cache/llm-shard/{MODEL}-fp32": str(store)}
+    assert cfg["file_mounts"] == {TOKEN_FILE: TOKEN_FILE}, "the shipped file_mounts changed"
+    cfg["file_mounts"] = {TOKEN_FILE: str(token),
+                          f"~/.cache/llm-shard/{MODEL}-fp32": str(store)}
     setup = [c for c in cfg["setup_commands"] if "pip install" not in c]
     assert len(setup) == len(cfg["setup_commands"]) - 1, "the shipped setup changed"
     cfg["setup_commands"] = setup + [
         "~/llm-shard-env/bin/python -c 'import llm_shard, ray, torch'"]
-    ports = (f"--port={free_port()} --ray-client-server-port={free_port()} "
-             f"--dashboard-port={free_port()} --dashboard-agent-listen-port={free_port()}")
+    port = {"gcs": free_port(), "dashboard": free_port()}
+    ports = (f"--port={port['gcs']} --ray-client-server-port={free_port()} "
+             f"--dashboard-port={port['dashboard']} "
+             f"--dashboard-agent-listen-port={free_port()}")
     start = [c.replace("--port=6379", ports) for c in cfg["head_start_ray_commands"]]
     assert any(ports in c for c in start), "the shipped head start command changed"
     cfg["head_start_ray_commands"] = start
-    return cfg
+    return cfg, port
+
+
+def ray_clients(gcs: str, tokens: dict[str, str | None], root: Path) -> dict[str, subprocess.Popen]:
+    """`ray status --address gcs` from this (the launching) side, one process per entry of
+    `tokens` (name: RAY_AUTH_TOKEN, or None for a client with auth off), started at once
+    and left running (they overlap serve's start). Their HOME holds no token file, so each
+    has only the token it is given; output to root/client-NAME.txt."""
+    home = root / "client-home"
+    home.mkdir(exist_ok=True)
+    procs = {}
+    for name, token in tokens.items():
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+        env |= {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_AUTH_MODE": "disabled" if token is None else "token"}
+        if token is not None:
+            env["RAY_AUTH_TOKEN"] = token
+        with open(root / f"client-{name}.txt", "wb") as out:
+            procs[name] = subprocess.Popen([str(VENV_BIN / "ray"), "status", "--address", gcs],
+                                           stdout=out, stderr=subprocess.STDOUT, env=env)
+    return procs
 
 
 @pytest.fixture(scope="module")
@@ -305,8 +339,9 @@ def test_ray_up_serve_one_request_ray_down(store, tmp_path, capsys):
     root = Path(tempfile.mkdtemp(prefix="lsr-"))  # short: Ray's socket paths live under it
     root.chmod(0o755)
     log = root / "log.txt"
-    host, serve, t0 = None, None, time.perf_counter()
-    before = set(Path("/tmp").glob("ray_ssh_*")) | set(Path("/tmp").glob("ray-config-*"))
+    host, serve, clients, t0 = None, None, {}, time.perf_counter()
+    before = (set(Path("/tmp").glob("ray_ssh_*"))
+              | set(Path(tempfile.gettempdir()).glob("ray-config-*")))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     times: dict[str, float] = {}
@@ -317,30 +352,43 @@ def test_ray_up_serve_one_request_ray_down(store, tmp_path, capsys):
         tmp.mkdir()
         os.chown(tmp, host.uid, host.gid)
         # the login's environment, as a user would set it in ~/.bashrc; the config's setup
-        # commands add the venv's activation
+        # commands add the venv's activation and RAY_AUTH_MODE=token
         with open(host.home / ".bashrc", "a") as f:
-            f.write(f"export TMPDIR={tmp} RAY_TMPDIR={tmp} RAY_AUTH_MODE=disabled "
-                    "RAY_USAGE_STATS_ENABLED=0\n")
+            f.write(f"export TMPDIR={tmp} RAY_TMPDIR={tmp} RAY_USAGE_STATS_ENABLED=0\n")
         if reuse_venv(host.home, host.uid, host.gid) is None:
             pytest.skip(f"no Python {sys.version_info.major}.{sys.version_info.minor} that "
                         "an unprivileged user may run (this venv's is out of its reach)")
-        cfg = launcher_config(host, store.path)
+        ray = str(VENV_BIN / "ray")
+        # the config's first step, run as its comment says, in a HOME of the test's own
+        launcher_home = root / "launcher"
+        launcher_home.mkdir()
+        made = run([ray, "get-auth-token", "--generate"], deadline, 60, log,
+                   env={**env, "HOME": str(launcher_home)})
+        assert made.returncode == 0, f"ray get-auth-token failed; see {tmp_path}/log.txt"
+        token_path = launcher_home / ".ray" / "auth_token"
+        token = token_path.read_text().strip()
+        assert len(token) >= 32
+        cfg, port = launcher_config(host, store.path, token_path)
         cfg_path = root / "cluster.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
-        ray = str(VENV_BIN / "ray")
 
         t = time.perf_counter()
         up = run([ray, "up", "-y", "--no-config-cache", str(cfg_path)], deadline, 120, log,
                  env=env)
         times["ray up"] = time.perf_counter() - t
         assert up.returncode == 0, f"ray up failed; see {tmp_path}/log.txt"
+        # Ray clients of the head's GCS: with the token, with a wrong one, with none
+        clients = ray_clients(f"127.0.0.1:{port['gcs']}",
+                              {"right": token, "wrong": "0" * 64, "none": None}, root)
 
         t = time.perf_counter()
-        with open(root / "serve.txt", "ab") as out:  # port 0: serve takes one, and says it
+        # port 0: serve takes one, and says it; the head's address named, not `auto`
+        # (which may pick another Ray this machine runs)
+        with open(root / "serve.txt", "ab") as out:
             serve = subprocess.Popen(
                 [ray, "exec", "--no-config-cache", str(cfg_path),
-                 f"echo $BASHPID > ~/serve.pid; exec llm-shard serve {MODEL} --dtype fp32 "
-                 "--address auto --port 0"],
+                 f"echo $BASHPID > ~/serve.pid; exec env RAY_AUTH_MODE=token llm-shard "
+                 f"serve {MODEL} --dtype fp32 --address 127.0.0.1:{port['gcs']} --port 0"],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         while True:
             said = re.search(r"^serving \S+ on (http://\S+) ",
@@ -375,6 +423,27 @@ def test_ray_up_serve_one_request_ray_down(store, tmp_path, capsys):
         copied = host.home / ".cache" / "llm-shard" / f"{MODEL}-fp32" / "manifest.json"
         assert copied.read_bytes() == (store.path / "manifest.json").read_bytes()
 
+        # the control plane: the head holds the copied token, privately, and refuses a
+        # client without it (a wrong one, or none) while one with it gets in
+        t = time.perf_counter()
+        held = host.home / ".ray" / "auth_token"
+        assert held.read_text().strip() == token and held.stat().st_mode & 0o077 == 0
+        answers = {}
+        for name, proc in clients.items():
+            proc.wait(timeout=deadline.left(60))
+            answers[name] = (root / f"client-{name}.txt").read_text(errors="replace")
+        assert clients["right"].returncode == 0, answers["right"][-2000:]
+        for name in ("wrong", "none"):
+            assert clients[name].returncode != 0, f"a client with {name} token got in"
+            assert "Authentication token is missing or incorrect" in answers[name], \
+                answers[name][-2000:]
+        # the dashboard (its job API runs code) wants the token too
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port['dashboard']}/api/version",
+                                   timeout=deadline.left(10))
+        assert refused.value.code == 401
+        times["auth wait"] = time.perf_counter() - t
+
         t = time.perf_counter()
         # Ctrl-C to serve (it stops its workers), then its `ray exec` returns
         pid = int((host.home / "serve.pid").read_text())
@@ -393,6 +462,10 @@ def test_ray_up_serve_one_request_ray_down(store, tmp_path, capsys):
         leftovers["after ray stop"] = ray_processes(host.uid)
         times["ray down + stop"] = time.perf_counter() - t
     finally:
+        for proc in clients.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
         if serve is not None and serve.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(serve.pid, signal.SIGKILL)
@@ -406,7 +479,8 @@ def test_ray_up_serve_one_request_ray_down(store, tmp_path, capsys):
                   f"left after ray down: {leftovers.get('after ray down')}, after ray stop: "
                   f"{leftovers.get('after ray stop')}; killed at the end: {killed}")
         survivors = processes_of(host.uid) if host is not None and host.uid else []
-        for name in ("log.txt", "serve.txt"):  # kept by pytest, for a failure's story
+        # kept by pytest, for a failure's story
+        for name in ("log.txt", "serve.txt", *(f"client-{n}.txt" for n in clients)):
             with contextlib.suppress(OSError):
                 shutil.copy(root / name, tmp_path / name)
         shutil.rmtree(root, ignore_errors=True)
