@@ -1,16 +1,10 @@
 """Encrypted, authenticated ZeroMQ links between the nodes of one cluster (CURVE).
 
-The coordinator generates one CURVE key pair when it starts (`LinkKeys.generate`) and
-hands it to its workers over Ray, with their other constructor arguments. Every socket
-that binds (a worker's stage input, the coordinator's results, the store server) is a
-CURVE server with that key, and its process runs a ZAP handler that admits only clients
-presenting the cluster's public key; every socket that connects is a CURVE client with
-the same pair. A peer without the key (a plain socket, or CURVE with a key of its own)
-never completes the handshake, so nothing it sends reaches the stage loop; each refused
-handshake is counted and logged (`Guard.refused`).
-
-`keys=None` everywhere turns this off: plain TCP, for a trusted single machine
-(`llm-shard serve --no-encrypt`, `LLM(encrypt=False)`).
+The coordinator makes one key pair (`LinkKeys.generate`) and hands it to its workers over
+Ray. Every socket that binds is a CURVE server with it, behind a ZAP handler that admits
+only that public key (`Guard`, which counts and logs refused handshakes); every socket that
+connects is a CURVE client with the same pair (`client`). `keys=None` is plain TCP, for a
+trusted single machine (`llm-shard serve --no-encrypt`, `LLM(encrypt=False)`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""Ray glue: connect to (or start) a cluster, find its nodes, place worker actors.
-
-Only the coordinator calls this; workers are plain classes that Ray hosts.
+"""Ray glue: connect to (or start) a cluster, find its nodes, place worker actors, and set
+a worker process's environment before torch loads.
 """
 
 from __future__ import annotations
@@ -74,14 +73,10 @@ def find_node(name: str) -> Node:
     return hits[0]
 
 
-# libgomp's busy-wait after each parallel region, in spins: its default (300000, several
-# ms here) keeps a stage's idle threads on the cores that the next stage on the same
-# machine needs. 20000 keeps them spinning between the ops of one step but not after:
-# SmolLM2 over 2 local workers went from 0.52x to 0.97x unsplit decode (`llm-shard bench
-# pipeline`; 8000-60000 measured). libgomp reads it once, as torch loads it, so a worker
-# process sets it on `import llm_shard`, before torch (`worker_process_env`). A
-# GOMP_SPINCOUNT in the environment of `ray start` (or of the process that starts a local
-# Ray) wins.
+# libgomp's busy-wait after each parallel region, in spins: its default (300000) keeps a
+# stage's idle threads on the cores that the next stage on the same machine needs; 20000
+# keeps them spinning between the ops of one step but not after. libgomp reads it once, as
+# torch loads it; a GOMP_SPINCOUNT in the environment of `ray start` wins.
 GOMP_SPINCOUNT = "20000"
 _worker_env: dict | None = None
 
@@ -90,9 +85,8 @@ def worker_process_env() -> dict:
     """In a Ray worker process, before anything loads torch (`import llm_shard` calls it
     there): GOMP_SPINCOUNT unless the environment sets one. Returns {"GOMP_SPINCOUNT":
     value, "applied": whether libgomp read it (set before torch loaded libgomp, or given
-    by the environment)}. Not a Ray runtime_env: one of those costs every worker start
-    ~1.2 s (a fresh process instead of one of Ray's idle ones: 3.0-4.0 s against 2.1 s to
-    a first call, measured here)."""
+    by the environment)}. Not a Ray runtime_env: one of those makes every worker start a
+    fresh process instead of taking one of Ray's idle ones."""
     global _worker_env
     if _worker_env is None:
         import sys

@@ -1,30 +1,9 @@
 """A node's budget as Ray custom resources, both ways.
 
-`llm-shard node-resources` (the click command `node_resources`) measures what this node
-can give llm-shard and prints the JSON that `ray start --resources` takes:
-
-    ray start --head --resources="$(llm-shard node-resources)"
-    → {"llm_shard_ram":6442450944,"llm_shard_disk":107374182400,"llm_shard_gpu_mem":0}
-
-`budgets_from_ray_nodes(ray.nodes())` reads those resources back into `Capacity` values.
-
-Units: **bytes**, as whole numbers, the unit of Ray's own `memory` resource. Ray stores a
-resource quantity as a fixed-point integer (granularity 1e-4) and accepts whole numbers
-up to `ray_constants.MAX_RESOURCE_QUANTITY` (1e14, ~90 TiB); a byte count is whole, and
-16 GiB or 1e10 were checked to advertise and to be requested exactly (tests pin it). A
-disk larger than that limit is advertised as the limit. Ray drops zero quantities, so
-an absent key reads back as 0.
-
-Detection rules (each overridden by its flag or environment variable, taken as given):
-- ram: the OS's available memory (MemAvailable: free plus reclaimable cache) minus a
-  headroom of max(1 GiB, 10 % of total RAM) for the OS, Ray's own daemons (~0.3–0.7 GB)
-  and the worker's fixed overhead.
-- disk: free bytes on the file system that holds the store folder (`--store`, else
-  $LLM_SHARD_HOME, else ~/.cache/llm-shard; its nearest existing parent if it does not
-  exist yet) minus 1 GiB, so the node never fills its disk.
-- gpu_mem: free memory of the first CUDA device torch sees (CUDA_VISIBLE_DEVICES picks
-  it) minus 512 MiB for the worker's CUDA context; 0 when torch has no CUDA.
-Every figure is floored at 0.
+`llm-shard node-resources` measures what this node can give llm-shard and prints the JSON
+that `ray start --resources` takes (`ray start --head --resources="$(llm-shard
+node-resources)"`); `budgets_from_ray_nodes(ray.nodes())` reads it back as `Capacity`
+values. Amounts are whole bytes, the unit of Ray's own `memory` resource.
 """
 
 from __future__ import annotations
@@ -48,7 +27,9 @@ __all__ = [
 
 # Capacity field → Ray custom resource name.
 RESOURCE_NAMES = {"ram": "llm_shard_ram", "disk": "llm_shard_disk", "gpu_mem": "llm_shard_gpu_mem"}
-MAX_QUANTITY = Memory(10**14)  # ray._private.ray_constants.MAX_RESOURCE_QUANTITY
+# ray._private.ray_constants.MAX_RESOURCE_QUANTITY: Ray keeps quantities in fixed point
+# (1e-4), exact for whole numbers up to this; a larger disk is advertised as this.
+MAX_QUANTITY = Memory(10**14)
 
 RAM_HEADROOM_MIN = GiB
 RAM_HEADROOM_FRACTION = 0.10
@@ -61,17 +42,18 @@ def _minus(amount: int, headroom: int) -> Memory:
 
 
 def ram_budget(total: int, available: int) -> Memory:
-    """available − max(1 GiB, 10 % of total), at least 0."""
+    """available − max(1 GiB, 10 % of total), at least 0: room for the OS, Ray's daemons
+    and the worker's fixed overhead."""
     return _minus(available, max(RAM_HEADROOM_MIN, int(total * RAM_HEADROOM_FRACTION)))
 
 
 def disk_budget(free: int) -> Memory:
-    """free − 1 GiB, at least 0."""
+    """free − 1 GiB, at least 0, so the node never fills its disk."""
     return _minus(free, DISK_HEADROOM)
 
 
 def gpu_budget(free: int) -> Memory:
-    """free − 512 MiB, at least 0 (0 stays 0: no GPU)."""
+    """free − 512 MiB (the worker's CUDA context), at least 0 (0 stays 0: no GPU)."""
     return _minus(free, GPU_HEADROOM)
 
 
@@ -99,7 +81,8 @@ def detect_disk(path: Path) -> Memory:
 
 
 def detect_gpu_mem() -> Memory:
-    """Free bytes on the first CUDA device, 0 when torch sees none."""
+    """Free bytes on the first CUDA device torch sees (CUDA_VISIBLE_DEVICES picks it), 0
+    when it sees none."""
     import torch
 
     if not torch.cuda.is_available():
@@ -111,7 +94,8 @@ def detect_gpu_mem() -> Memory:
 def to_ray_resources(capacity: Capacity) -> dict[str, int]:
     """{"llm_shard_ram": bytes, "llm_shard_disk": bytes, "llm_shard_gpu_mem": bytes}.
 
-    Whole numbers of bytes, each clamped to Ray's largest resource quantity.
+    Whole numbers of bytes, each clamped to Ray's largest resource quantity. Ray drops
+    zero quantities, so an absent key reads back as 0.
     """
     return {name: min(int(getattr(capacity, field)), int(MAX_QUANTITY))
             for field, name in RESOURCE_NAMES.items()}

@@ -1,50 +1,26 @@
 """The planner: which worker hosts which contiguous block range, and in which memory tier.
 
-A pure function (no Ray, torch or I/O) from a model's per-part byte costs (`ModelCost`)
-and the workers' budgets and measured speeds (`WorkerSpec`) to a `Plan` plus the
-`PlanReport` of estimates behind it. The cost model, for a worker hosting blocks [s, e):
-
-- The embedding (stage 0) and head (last stage) are in RAM, where the worker computes
-  them. Blocks s..e-1 fill a GPU prefix while GPU memory lasts, then RAM as far as it
-  goes, the remaining blocks on DISK. A tier with no measured speed holds no blocks; a
-  RAM or disk block's speed on a GPU worker is its streaming speed.
-- A block's KV cache (cache_bytes_per_token x cache_tokens) sits where the block
-  computes. Disk blocks stream through a RAM staging buffer of DISK_STAGING_SLOTS x the
-  largest disk block.
-- A worker with a GPU (a measured GPU speed and a GPU budget, `streams_to_gpu`) computes
-  every block there: RAM and disk blocks stream to the GPU through STREAM_SLOTS device
-  buffers the size of the largest block of the range, and every block's KV cache is in
-  GPU memory. The GPU-resident prefix is what is left after the caches (and, when not
-  every block fits, the stream buffers). Any other worker computes on the CPU, with its
-  caches in RAM.
-- Stage seconds = sum of block_bytes / speed[tier], plus head_bytes / the RAM speed;
-  the embedding is a gather and costs nothing.
-- "latency": minimise the sum of stage seconds + hop_seconds per hop (one sequence's
-  seconds per token); "throughput": minimise the slowest stage, ties broken by latency.
-
-Dynamic programming over (worker, first block) finds the exact optimum in O(W·N²). As the
-fill only appends, a range that misfits makes every longer one misfit, which ends each
-scan early. Workers keep the caller's order; one that does not help gets no blocks and no
-stage (unless `use_all_workers`). Stage `worker` ids index the `workers` sequence.
+`plan` is a pure function (no Ray, torch or I/O) from a model's byte costs (`ModelCost`)
+and the workers' budgets and measured speeds (`WorkerSpec`) to a `Plan` and the
+`PlanReport` of estimates behind it; `format_plan` prints the two as a table.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import NamedTuple
 
+from llm_shard.cluster.placement import STAGING_SLOTS, disk_fill, gpu_end
 from llm_shard.cluster.types import Capacity, Memory, Plan, StageAssignment, Tier
 
 __all__ = ["DEFAULT_HOP_SECONDS", "DISK_STAGING_SLOTS", "STREAM_SLOTS", "ModelCost", "PlanError",
            "PlanReport", "StageReport", "WorkerSpec", "format_plan", "plan", "streams_to_gpu"]
 
-# A disk-tier worker keeps two blocks in RAM: the one computing and the one prefetching.
-DISK_STAGING_SLOTS = 2
+DISK_STAGING_SLOTS = STAGING_SLOTS  # disk blocks staged in RAM: computing and prefetching
 # A GPU worker keeps two streamed blocks on the GPU: the one computing and the one copying.
 STREAM_SLOTS = 2
 # Per-hop cost of handing activations to the next stage (ZeroMQ on a LAN), latency objective.
@@ -209,21 +185,19 @@ def _stages_from(m: _Model, w: WorkerSpec, s: int):
     """Yield (end, seconds, gpu_end, ram_end, gpu_resident, ram_resident, buffers,
     stream_buffers) for `w` hosting blocks [s, end), end = s+1, s+2, ... while it fits.
 
-    Blocks [s, gpu_end) sit on GPU, [gpu_end, ram_end) in RAM, [ram_end, end) on DISK.
-    A longer range only adds to what each tier holds, so once a range misfits every longer
-    one does, and the RAM/DISK boundary only moves down: O(1) amortised per range (plus a
-    bisection of the GPU prefix on a GPU worker).
+    Blocks [s, gpu_end) sit on GPU, [gpu_end, ram_end) in RAM, [ram_end, end) on DISK
+    (cluster.placement's rule). Once a range misfits every longer one does.
     """
     cost, P, C = m.cost, m.weights, m.cache
-    n, blocks, slots = cost.n_blocks, cost.block_bytes, DISK_STAGING_SLOTS
+    n, blocks = cost.n_blocks, cost.block_bytes
     speed, disk = w.speed, int(w.capacity.disk)
     i_gpu, i_ram, i_disk = (1 / speed[t] if t in speed else 0.0 for t in Tier)  # s/byte
     i_head_ram = 1 / speed.get(Tier.RAM, min(speed.values(), default=1.0))
-    ram_ok, disk_ok, stream = Tier.RAM in speed, Tier.DISK in speed, streams_to_gpu(w)
+    stream = streams_to_gpu(w)
+    fill = disk_fill(P, blocks, s, ram_ok=Tier.RAM in speed, disk_ok=Tier.DISK in speed)
     gpu = int(w.capacity.gpu_mem) if Tier.GPU in speed else 0
     embed = cost.embed_bytes if s == 0 else 0
     ram = int(w.capacity.ram) - embed
-    r, biggest = s, 0  # RAM/DISK boundary; largest disk block (sizes the staging buffer)
     largest = streamed = 0  # largest block of the range (sizes the stream slots)
     for e in range(s + 1, n + 1):
         head = cost.head_bytes if e == n else 0
@@ -236,25 +210,17 @@ def _stages_from(m: _Model, w: WorkerSpec, s: int):
                 streamed = STREAM_SLOTS * largest
                 if room_gpu < streamed:
                     return
-                g = bisect_right(P, P[s] + room_gpu - streamed, s, e) - 1
+                g = gpu_end(P, s, e, room_gpu - streamed)
             cache_gpu, cache_ram = C[e] - C[s], 0
         else:  # no GPU budget: everything computes on the CPU
             g, cache_gpu, cache_ram = s, 0, C[e] - C[s]
-        room = ram - head - cache_ram  # for RAM weights + staging buffer
-        if r == e - 1:  # nothing on disk yet: the new block may go to RAM (or GPU) too
-            r, biggest = e, 0
-        elif blocks[e - 1] > biggest:
-            biggest = blocks[e - 1]
-        while P[r] - P[g] + slots * biggest > room or (r > g and not ram_ok):
-            if r == g or not disk_ok:
-                return
-            r -= 1
-            biggest = max(biggest, blocks[r])
-        if P[e] - P[r] > disk:
+        placed = fill(g, ram - head - cache_ram)  # RAM weights + staging buffers
+        if placed is None or P[e] - P[placed[0]] > disk:
             return
+        r, staging = placed
         seconds = ((P[g] - P[s]) * i_gpu + (P[r] - P[g]) * i_ram + (P[e] - P[r]) * i_disk
                    + head * i_head_ram)
-        yield (e, seconds, g, r, cache_gpu, embed + head + cache_ram, slots * biggest, streamed)
+        yield (e, seconds, g, r, cache_gpu, embed + head + cache_ram, staging, streamed)
 
 
 def _wins(x0: float, x1: float, lo: float, hi: float, c1: float) -> bool:
@@ -265,7 +231,28 @@ def _wins(x0: float, x1: float, lo: float, hi: float, c1: float) -> bool:
 def plan(model: ModelCost, workers: Sequence[WorkerSpec], *, objective: str = "latency",
          hop_seconds: float = DEFAULT_HOP_SECONDS,
          use_all_workers: bool = False) -> tuple[Plan, PlanReport]:
-    """The optimal contiguous plan under the cost model; raises PlanError if none fits."""
+    """The optimal contiguous plan under this cost model; raises PlanError if none fits.
+
+    For a worker hosting blocks [s, e):
+    - The embedding (stage 0) and head (last stage) are in RAM, where the worker computes
+      them. The blocks take a GPU prefix, then RAM, the rest disk (cluster.placement); a
+      tier with no measured speed holds no blocks. Disk blocks stream through
+      DISK_STAGING_SLOTS RAM buffers the size of the largest disk block.
+    - A block's KV cache (cache_bytes_per_token x cache_tokens) sits where it computes. A
+      worker with a GPU (`streams_to_gpu`) computes every block there: RAM and disk blocks
+      stream through STREAM_SLOTS device buffers the size of the range's largest block
+      (their speed is the streaming speed), every KV cache is in GPU memory, and the
+      GPU-resident prefix gets what is left. Any other worker computes on the CPU.
+    - Stage seconds = sum of block_bytes / speed[tier], plus head_bytes / the RAM speed;
+      the embedding is a gather and costs nothing.
+    - "latency" minimises the sum of stage seconds + hop_seconds per hop (one sequence's
+      seconds per token); "throughput" the slowest stage, ties broken by latency.
+
+    Dynamic programming over (worker, first block): the exact optimum in O(W·N²), each
+    scan ending at the first range that misfits. Workers keep the caller's order; one that
+    does not help gets no stage (unless `use_all_workers`). Stage `worker` ids index
+    `workers`.
+    """
     if objective not in _OBJECTIVES:
         raise ValueError(f"objective must be one of {_OBJECTIVES}, got {objective!r}")
     if not (math.isfinite(hop_seconds) and hop_seconds >= 0):

@@ -247,7 +247,7 @@ def test_plans_respect_every_budget():
 
 
 def reference_stage(model: ModelCost, w: WorkerSpec, s: int, e: int) -> float | None:
-    """The module docstring's rules, by exhaustive scan: seconds, or None if it can't fit."""
+    """plan()'s cost model, by exhaustive scan: seconds, or None if it can't fit."""
     blocks, speed, n = model.block_bytes, w.speed, model.n_blocks
     cache = [model.cache_bytes(b) for b in range(n)]
     gpu = int(w.capacity.gpu_mem) if GPU in speed else 0

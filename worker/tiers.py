@@ -1,25 +1,9 @@
 """A stage's blocks in memory tiers: on the GPU, in RAM, or on disk, streamed.
 
-Disk-tier blocks stay in the worker's local store. Two staging buffers, each the size of
-the largest of them, take turns: while one block computes from one buffer, a background
-thread reads the next disk block into the other (`readinto`, no mmap), then tells the
-kernel to drop those file pages from its cache (POSIX_FADV_DONTNEED). A block's module is
-built once on the meta device; each use assigns it tensors that are views into its
-buffer, so streaming allocates nothing. int8 layers of a block streamed on the CPU run a
-kernel that reads the stored int8 weights as they are (w8a16): fbgemm would copy them into
-a packed form on every pass.
-
-On a CPU worker, RAM-tier blocks are loaded once (memory-mapped, then kernel-packed;
-Store.load releases the mapped int8 bytes that a packed copy replaced, so a block costs
-its bytes once) and compute there.
-
-On a GPU worker (`stream_to`, see coordinator/planner.py `streams_to_gpu`) every block
-computes on the GPU. GPU-tier blocks are copied there once. A RAM-tier block keeps its
-file's bytes in pinned RAM; those bytes, or a disk block's from its (pinned) staging
-buffer, are copied into one of two device slots on a copy stream, the next block's copy
-running while the current one computes; CUDA events keep a slot from being overwritten
-before the block that used it is done, and a staging buffer from being refilled before its
-copy is done. The KV caches are on the GPU too (they live where their block computes).
+`TieredBlocks` holds a stage's blocks [start, end) by the plan's tiers and runs them;
+`Streamer` brings streamed blocks, one at a time, to where they compute: disk blocks
+through two RAM staging buffers with a prefetch thread, and on a GPU worker every
+non-resident block through two device slots.
 """
 
 from __future__ import annotations
@@ -103,6 +87,13 @@ class Streamer:
     """Blocks brought, one at a time, to where they compute: meta skeletons, two host
     staging buffers for disk blocks (one prefetch thread), and with `device` two device
     slots that every block passes through.
+
+    While one block computes from one buffer, the thread reads the next disk block into
+    the other (`readinto`, no mmap, then POSIX_FADV_DONTNEED: the file's pages leave the
+    page cache). Each use assigns the skeleton views into its buffer: streaming allocates
+    nothing. On CUDA the copies run on a copy stream, the next block's while the current
+    one computes; events keep a slot from being overwritten before its block is done, and
+    a staging buffer from being refilled before its copy is done.
 
     `paths` maps each streamed block's global index to its safetensors file (written by
     `save_aligned`); `skeleton(i)` builds block i with its file's tensors on the meta
@@ -259,7 +250,7 @@ class Streamer:
         """Block i's forward: fetched, the next disk block's read started, slot released."""
         block = self.get(i)
         self.prefetch(self.next_after(i))
-        x = block(x, batch)
+        x = decode.run_block(block, x, batch)
         self.release()
         return x
 
@@ -283,8 +274,11 @@ class Streamer:
 class TieredBlocks:
     """Blocks [start, end) by tier; `run(x, batch)` runs them in order.
 
-    `stream_to`: the device every block computes on, a GPU worker's (None: GPU-tier
-    blocks on `gpu`, the others on the CPU). Its RAM and disk blocks stream there.
+    `stream_to`: the device every block computes on, a GPU worker's (coordinator.planner's
+    `streams_to_gpu`): GPU-tier blocks are copied there once, a RAM-tier block keeps its
+    file's bytes in pinned RAM, and RAM and disk blocks stream there. None: GPU-tier blocks
+    on `gpu`; RAM-tier ones loaded once (memory-mapped, then kernel-packed) and computed
+    on the CPU, disk ones streamed to it. The KV caches live where their block computes.
     """
 
     def __init__(self, store: Store, start: int, end: int, tiers: list[Tier], *,

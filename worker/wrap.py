@@ -1,36 +1,11 @@
 """Library use: int8 and streamed blocks for a PyTorch model you already have.
 
-BMInf's route, on one machine, with the pieces the distributed path uses:
-
     model = wrap(model, ram="1GiB")          # a transformers causal LM, or any model with a
     model.generate(...)                      #   ModuleList of blocks; forward is unchanged
 
-or by hand:
-
-    quantize(model, predicate)               # chosen nn.Linears -> Int8Linear (models/quant.py)
-    model.model.layers = BlockList(model.model.layers, ram="512MiB")
-
-`wrap` finds the block list (the largest ModuleList of same-class children, or the one
-`blocks=` names), swaps Linear layers for `Int8Linear` (all but a tied LM head, which
-would lose its tie and save nothing), and replaces the list by a `BlockList` that keeps
-each block in GPU memory, RAM or on disk within the budgets. The budgets count weights:
-`wrap`'s count the whole model (the parts outside the block list first: embedding, final
-norm, LM head, on the GPU when `gpu` is given), a bare `BlockList`'s its blocks only; two
-staging buffers of one block each come out of the RAM budget once any block is on disk.
-Activations, the KV cache (transformers' `Cache`, which `generate` creates) and the int8
-kernels' packed copies of RAM-tier layers come on top.
-
-A `BlockList` holds the caller's own block modules, so names, hooks and `isinstance`
-checks keep working. The first blocks go to the GPU, the next to RAM, the last to disk:
-a disk-tier block is written (64-byte aligned) to a temporary folder the list owns and
-removes on `close()` or garbage collection, its tensors become meta placeholders, and a
-forward pre-hook fills it from the `Streamer` (worker/tiers.py: two staging buffers,
-the next disk block read in the background while this one runs), a forward hook empties
-it again. GPU-tier blocks compute on the GPU, RAM- and disk-tier blocks on the CPU; each
-block moves its tensor arguments to its device and its outputs back to where its input
-came from. A streamed block is reloaded on every call, so one that changes its own
-tensors in place, or keeps tensors as attributes between calls (a KV cache kept inside
-the block), cannot be streamed: that is an error naming the block, not a wrong answer.
+`wrap` finds the block list, swaps Linear layers for `Int8Linear` (`quantize`) and puts a
+`BlockList` in the list's place: the caller's own blocks, each kept in GPU memory, RAM or
+on disk within the budgets (`plan_tiers`), disk blocks streamed by worker/tiers.py.
 """
 
 from __future__ import annotations
@@ -38,17 +13,20 @@ from __future__ import annotations
 import bisect
 import ctypes
 import logging
+import math
 import mmap
 import os
 import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable
+from itertools import accumulate
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from llm_shard.cluster.placement import disk_fill, gpu_end
 from llm_shard.cluster.types import Memory, Tier
 from llm_shard.models.checkpoint.store import ALIGN, release_mapped, save_aligned
 from llm_shard.models.quant import Int8Linear, Predicate
@@ -87,7 +65,7 @@ def _untied(model: nn.Module) -> Predicate:
 def quantize(model: nn.Module, predicate: Predicate | None = None,
              kernel: str | None = None) -> nn.Module:
     """Swaps, in place, each nn.Linear of `model` with predicate(name, linear) true for an
-    Int8Linear (per-output-channel int8, models/quant.py); returns `model`.
+    Int8Linear (per-output-channel int8, models/quant); returns `model`.
 
     The default predicate takes every Linear whose weight is not tied to another
     parameter (a tied LM head stays float). `kernel` names the preferred int8 kernel
@@ -141,46 +119,39 @@ def plan_tiers(sizes: list[int], *, gpu: int = 0, ram: int | None = None,
                disk: int | None = None, files: list[int] | None = None,
                outside_gpu: int = 0, outside_ram: int = 0, what: str = "blocks") -> list[Tier]:
     """Tiers for blocks of `sizes` bytes, in order: GPU while they fit, then RAM, the
-    rest on disk. `ram=None` or `disk=None` is no limit. `files` are the blocks' sizes on
-    disk (default: `sizes`); two staging buffers of the largest disk file come out of the
-    RAM budget once a block is on disk. `outside_*` are bytes already taken there."""
+    rest on disk (cluster.placement's rule). `ram=None` or `disk=None` is no limit.
+    `files` are the blocks' sizes on disk (default: `sizes`); two staging buffers of the
+    largest disk file come out of the RAM budget once a block is on disk. `outside_*` are
+    bytes already taken there."""
     files = list(sizes) if files is None else files
+    n, P = len(sizes), list(accumulate(sizes, initial=0))
     gpu = int(gpu)
-    ram, disk = (None if v is None else int(v) for v in (ram, disk))
-    tiers: list[Tier] = []
+    g = 0
     if gpu:
-        left = gpu - outside_gpu
-        if left < 0:
+        if gpu < outside_gpu:
             raise WrapError(f"gpu={Memory(gpu).to_spec()} is short: the model's parts outside "
                             f"{what} need {Memory(outside_gpu)} of GPU memory")
-        while len(tiers) < len(sizes) and sizes[len(tiers)] <= left:
-            left -= sizes[len(tiers)]
-            tiers.append(Tier.GPU)
-    k = len(tiers)
-    if ram is None:
-        return tiers + [Tier.RAM] * (len(sizes) - k)
-    left = ram - outside_ram
-    if left < 0:
+        g = gpu_end(P, 0, n, gpu - outside_gpu)
+    if ram is not None and int(ram) < outside_ram:
         raise WrapError(f"ram={Memory(ram).to_spec()} is short: the model's parts outside "
                         f"{what} need {Memory(outside_ram)} of RAM")
-    if sum(sizes[k:]) <= left:
-        return tiers + [Tier.RAM] * (len(sizes) - k)
-    staging = 2 * max(files[k:])
-    if left < staging:
-        raise WrapError(
-            f"ram={Memory(ram).to_spec()} is short: streaming {what} from disk needs two "
-            f"staging buffers of {Memory(staging // 2)}"
-            + (f" on top of {Memory(outside_ram)} for the parts outside {what}"
-               if outside_ram else ""))
-    left -= staging
-    while len(tiers) < len(sizes) and sizes[len(tiers)] <= left:
-        left -= sizes[len(tiers)]
-        tiers.append(Tier.RAM)
-    on_disk = sum(files[len(tiers):])
-    if disk is not None and on_disk > disk:
-        raise WrapError(f"disk={Memory(disk).to_spec()} is short: {len(sizes) - len(tiers)} "
+    room = math.inf if ram is None else int(ram) - outside_ram
+    add, r = disk_fill(P, files, 0), 0
+    for e in range(1, n + 1):
+        placed = add(min(g, e), room)
+        if placed is None:
+            staging = max(files[g:])
+            raise WrapError(
+                f"ram={Memory(ram).to_spec()} is short: streaming {what} from disk needs "
+                f"two staging buffers of {Memory(staging)}"
+                + (f" on top of {Memory(outside_ram)} for the parts outside {what}"
+                   if outside_ram else ""))
+        r = placed[0]
+    on_disk = sum(files[r:])
+    if disk is not None and on_disk > int(disk):
+        raise WrapError(f"disk={Memory(disk).to_spec()} is short: {n - r} "
                         f"{what} that do not fit the GPU and RAM budgets need {Memory(on_disk)}")
-    return tiers + [Tier.DISK] * (len(sizes) - len(tiers))
+    return [Tier.GPU] * g + [Tier.RAM] * (r - g) + [Tier.DISK] * (n - r)
 
 
 def _memory(name: str, value: int | str | None) -> Memory | None:
@@ -193,11 +164,8 @@ def _memory(name: str, value: int | str | None) -> Memory | None:
 
 
 # --- giving memory back ------------------------------------------------------------------
-# transformers (5.x) memory-maps safetensors checkpoints: the float weights that int8 or the
-# disk tier replace are file pages that stay in the process's RSS as long as the file's
-# one mapping lives (the embedding keeps it). Their pages are dropped (MADV_DONTNEED) when
-# they are all file pages still: a page that was written to is the process's own copy and
-# dropping it would lose the write, so a tensor with one is left alone.
+# Replaced float weights may be pages of a memory-mapped checkpoint that stay in RSS while
+# the mapping lives; clean file pages are dropped (MADV_DONTNEED), written ones kept.
 
 _PAGEMAP_PRESENT, _PAGEMAP_FILE = 1 << 63, 1 << 61
 
@@ -408,8 +376,17 @@ class BlockList(nn.ModuleList):
     """A drop-in for a ModuleList of blocks that keeps each block in GPU memory, RAM or on
     disk within budgets, prefetching the next disk block while the current one runs.
 
+    The caller's own block modules stay in it, so names, hooks and `isinstance` checks
+    keep working. A disk-tier block is written (64-byte aligned) to a temporary folder the
+    list removes on `close()` or garbage collection; its tensors become meta placeholders
+    that a forward pre-hook fills from the `Streamer` and a forward hook empties again.
+    GPU-tier blocks compute on the GPU, the others on the CPU; each block moves its tensor
+    arguments to its device and its outputs back. A streamed block that changes its own
+    tensors in place or keeps tensors as attributes between calls (a KV cache inside the
+    block) raises a WrapError naming it.
+
     `blocks`: the block modules (a ModuleList, taken over: its blocks are moved, and
-    disk-tier ones emptied). `gpu`, `ram`, `disk`: budgets for the blocks' weights, as
+    disk-tier ones emptied). `gpu`, `ram`, `disk`: budgets for the blocks' weights only, as
     bytes or "2GiB" (gpu: 0 by default; ram, disk: no limit by default); or `tiers`, one
     `Tier` per block. `int8` quantizes each block's Linears first (`predicate(name,
     linear)` picks them, names as `{name}.{i}.{sub}`; `kernel` the int8 kernel).
@@ -592,12 +569,15 @@ def wrap(model: nn.Module, *, ram: int | str | None = None, gpu: int | str | Non
     """Fits `model` into budgets, in place; returns it with its forward unchanged.
 
     `ram`, `gpu`, `disk`: budgets for the whole model's weights, as bytes or "2GiB" (ram,
-    disk: no limit by default; gpu: none used by default). With `gpu`, the parts outside
-    the block list go to `device` first, then as many blocks as fit; the next blocks stay
-    in RAM and the last ones on disk, streamed. `int8`: swap Linear layers for Int8Linear
-    (`predicate(name, linear)` picks them; default: all but a tied LM head; `kernel`: the
-    int8 kernel). `blocks`: the block list's path (default: found). Raises WrapError,
-    before changing anything, when the model cannot be wrapped within the budgets.
+    disk: no limit by default; gpu: none used by default); activations, the KV cache and
+    the int8 kernels' packed copies come on top. With `gpu`, the parts outside the block
+    list (embedding, final norm, LM head) go to `device` first, then as many blocks as
+    fit; the next blocks stay in RAM and the last ones on disk, streamed. `int8`: swap
+    Linear layers for Int8Linear (`predicate(name, linear)` picks them; default: all but a
+    tied LM head, which would lose its tie and save nothing; `kernel`: the int8 kernel).
+    `blocks`: the block list's path (default: the largest ModuleList of same-class
+    children). Raises WrapError, before changing anything, when the model cannot be
+    wrapped within the budgets.
     """
     path = find_blocks(model, blocks)
     original = model.get_submodule(path)
