@@ -6,11 +6,12 @@ generation and blank-filling prompts."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import CPM2_DEC as DEC
+from conftest import CPM2_ENC as ENC
+from conftest import CPM2_VOCAB as VOCAB
+from conftest import START, chain, greedy_through, hf_t5, random_ids, save_untied
 
 from llm_shard.models import get_arch
 from llm_shard.models.archs.cpm2.model import CPM2Config, relative_bucket
@@ -25,47 +26,9 @@ from llm_shard.models.text.tokenizer import load_tokenizer, tokenizer_from_folde
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB, ENC, DEC = 101, 3, 2
-START = 0  # T5's decoder start token (pad)
-
-
-def hf_t5(seed: int = 0, untied: bool = True, scaled: bool = False):
-    """A tiny T5 v1.1; small bucket settings so that short sequences reach the log buckets
-    and the max_distance clamp. untied: a separate random lm_head (transformers v5 ties
-    T5 always, so it is swapped in after construction; forward uses it)."""
-    torch.manual_seed(seed)
-    cfg = transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=ENC, num_decoder_layers=DEC,
-        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=12,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=scaled, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1)
-    model = transformers.T5ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # random norms and bias tables: no mapping mistake hides behind 1s
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif "relative_attention_bias" in name:
-                p.normal_(0, 1.0)
-        if untied:
-            model.lm_head = torch.nn.Linear(32, VOCAB, bias=False)
-            model.lm_head.weight.normal_(0, 0.2)
-    return model
-
-
-def save_untied(model, folder):
-    """A folder as a v4 save of an untied checkpoint (CPM-2's case): config with
-    tie_word_embeddings false, every tensor including lm_head and the embed_tokens copies."""
-    folder.mkdir()
-    cfg = model.config.to_dict()
-    cfg.pop("scale_decoder_outputs")
-    cfg["tie_word_embeddings"] = False
-    (folder / "config.json").write_text(json.dumps(cfg))
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-              folder / "model.safetensors")
-
 
 def ids(n: int, seed: int = 1) -> list[int]:  # never 0 (the decoder start) nor 1 (eos)
-    return torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return random_ids(n, seed, 2, VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +170,6 @@ def test_stage_runners_give_the_unsplit_tokens(cpm2, bounds):
     """worker/stage.py's StageRunner as it is, stages chained over the wire format: the
     prefix the first stage finds travels in the step's `prefixes` field, so a CPM-2 prompt
     (encoder input + <s>) needs nothing more from the pipeline."""
-    from test_stage import chain, greedy_through
-
     _, store, _ = cpm2
     prompts = [ids(6, 50) + [START], ids(3, 51) + [START, 9], ids(13, 52) + [START]]
     want = [LocalModel(store).greedy(p, 5) for p in prompts]

@@ -16,7 +16,7 @@ import time
 
 import psutil
 import pytest
-from test_pipeline import PROMPTS  # the same eight prompts
+from conftest import PROMPTS
 
 from llm_shard import LLM, SamplingParams
 

@@ -10,13 +10,14 @@ import time
 
 import pytest
 import torch
+from conftest import hf_llama, random_ids
 
 from llm_shard.models.archs.llama import interleaved_to_half
 from llm_shard.models.cache import Batch, SequenceCache
 from llm_shard.models.checkpoint.convert import convert
 from llm_shard.models.runner import LocalModel, StageModel
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")  # the references are transformers models
 
 CONFIGS = {
     "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
@@ -27,21 +28,8 @@ CONFIGS = {
 }
 
 
-def hf_llama(seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128)
-    cfg = transformers.LlamaConfig(**(kwargs | overrides))
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # random norms too, so a mapping mistake can't hide behind ones
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
 def ids(n: int, seed: int = 1) -> list[int]:
-    return torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return random_ids(n, seed, 0, 97)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -8,6 +8,8 @@ import json
 
 import pytest
 import torch
+from conftest import MOSS_VOCAB as VOCAB
+from conftest import hf_codegen, random_ids
 
 from llm_shard.models.cache import Batch, SequenceCache
 from llm_shard.models.checkpoint.convert import convert
@@ -17,26 +19,9 @@ from llm_shard.models.text.tokenizer import load_tokenizer, tokenizer_from_folde
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 101
-
-
-def hf_codegen(seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    kwargs = dict(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=8, rotary_dim=4,
-                  n_positions=64, n_ctx=64, tie_word_embeddings=False, bos_token_id=0,
-                  eos_token_id=1)
-    model = transformers.CodeGenForCausalLM(transformers.CodeGenConfig(**(kwargs | overrides)))
-    with torch.no_grad():  # random norms and biases, so no mapping mistake hides behind 1s/0s
-        for name, p in model.named_parameters():
-            if "ln_" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model.eval()
-
 
 def ids(n: int, seed: int = 1) -> list[int]:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return random_ids(n, seed, 0, VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""PanGu-α parity against an independent reference written here from MODELS.md §1.
+"""PanGu-α parity against an independent reference written here from the published model.
 
 The reference is a plain full-sequence forward with no cache, over the HF-port keys.
 """
@@ -10,41 +10,16 @@ import math
 
 import torch
 import torch.nn.functional as F
+from conftest import PANGU_CFG, random_hf_state, write_hf_port
 
 from llm_shard.models.archs.pangu import config_from_megatron
 from llm_shard.models.checkpoint.convert import convert
 from llm_shard.models.runner import LocalModel
 
-CFG = dict(vocab_size=101, hidden_size=48, num_layers=4, num_heads=4,
-           max_position_embeddings=64, layer_norm_epsilon=1e-5)
-
-
-def random_hf_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    h, v, p, n = CFG["hidden_size"], CFG["vocab_size"], CFG["max_position_embeddings"], \
-        CFG["num_layers"]
-
-    def r(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    sd = {"transformer.wte.weight": r(v, h), "transformer.wpe.weight": r(p, h),
-          "transformer.wqe.weight": r(p, h),
-          "transformer.ln_f.weight": 1 + r(h), "transformer.ln_f.bias": r(h)}
-    for i in range(n):
-        b = f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            sd[b + ln + ".weight"], sd[b + ln + ".bias"] = 1 + r(h), r(h)
-        for proj in ("q_proj", "k_proj", "v_proj", "c_proj"):
-            sd[b + f"attn.{proj}.weight"], sd[b + f"attn.{proj}.bias"] = r(h, h), r(h)
-        sd[b + "mlp.c_fc.weight"], sd[b + "mlp.c_fc.bias"] = r(4 * h, h), r(4 * h)
-        sd[b + "mlp.c_proj.weight"], sd[b + "mlp.c_proj.bias"] = r(h, 4 * h), r(h)
-    sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    return sd
-
 
 def reference_logits(sd: dict, ids: list[int]) -> torch.Tensor:
-    """MODELS.md §1, literally: pre-LN GPT-2 blocks, then the query layer, tied logits."""
-    h_dim, heads, n = CFG["hidden_size"], CFG["num_heads"], CFG["num_layers"]
+    """Pre-LN GPT-2 blocks, then the query layer (its query from wqe), tied logits."""
+    h_dim, heads, n = PANGU_CFG["hidden_size"], PANGU_CFG["num_heads"], PANGU_CFG["num_layers"]
     d = h_dim // heads
     t = len(ids)
     pos = torch.arange(t)
@@ -81,15 +56,9 @@ def reference_logits(sd: dict, ids: list[int]) -> torch.Tensor:
     return out @ sd["transformer.wte.weight"].T
 
 
-def write_hf_port(folder, sd):
-    folder.mkdir()
-    torch.save(sd, folder / "pytorch_model.bin")
-    (folder / "config.json").write_text(json.dumps(CFG | {"model_type": "gpt_pangu"}))
-
-
 def megatron_state(sd: dict) -> dict:
     """The same weights in the Megatron port's nested layout."""
-    n = CFG["num_layers"]
+    n = PANGU_CFG["num_layers"]
     names = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm",
              "attn.q_proj": "attention.query", "attn.k_proj": "attention.key",
              "attn.v_proj": "attention.value", "attn.c_proj": "attention.dense",
@@ -114,7 +83,7 @@ def test_pangu_matches_reference(tmp_path):
     write_hf_port(tmp_path / "hf", sd)
     store = convert(tmp_path / "hf", tmp_path / "store", dtype="fp32", progress=False)
     assert store.manifest["arch"] == "pangu-alpha"
-    ids = torch.randint(0, CFG["vocab_size"], (20,),
+    ids = torch.randint(0, PANGU_CFG["vocab_size"], (20,),
                         generator=torch.Generator().manual_seed(3)).tolist()
     torch.testing.assert_close(LocalModel(store).logits(ids), reference_logits(sd, ids),
                                atol=1e-4, rtol=0)
@@ -138,7 +107,7 @@ def test_megatron_and_hf_port_give_the_same_store(tmp_path):
     (tmp_path / "mg").mkdir()
     torch.save(megatron_state(sd), tmp_path / "mg" / "model_optim_rng.pt")
     # Megatron files record no head count: tiny configs need a config.json beside them
-    (tmp_path / "mg" / "config.json").write_text(json.dumps(CFG))
+    (tmp_path / "mg" / "config.json").write_text(json.dumps(PANGU_CFG))
     a = convert(tmp_path / "hf", tmp_path / "a", dtype="fp32", progress=False)
     b = convert(tmp_path / "mg", tmp_path / "b", dtype="fp32", progress=False)
     assert b.manifest["source"]["layout"] == "megatron"

@@ -11,11 +11,24 @@ import signal
 import time
 
 import pytest
-import test_chatglm
-import test_cpm2
-import test_moss
-import test_pangu
-import test_rwkv
+from conftest import (
+    CPM2_VOCAB,
+    GMASK,
+    MOSS_VOCAB,
+    RWKV_VOCAB,
+    SOP,
+    START,
+    hf_codegen,
+    hf_rwkv,
+    hf_t5,
+    random_hf_state,
+    random_ids,
+    random_state,
+    save_untied,
+    text_ids,
+    write_checkpoint,
+    write_hf_port,
+)
 
 from llm_shard import LLM, SamplingParams
 from llm_shard.models.checkpoint.convert import convert
@@ -23,42 +36,41 @@ from llm_shard.models.runner import LocalModel
 
 
 def _pangu(root):
-    test_pangu.write_hf_port(root / "hf", test_pangu.random_hf_state(seed=2))
+    write_hf_port(root / "hf", random_hf_state(seed=2))
     return convert(root / "hf", root / "store", dtype="fp32", progress=False)
 
 
 def _chatglm(root):
-    test_chatglm.write_checkpoint(root / "hf", test_chatglm.random_state())
+    write_checkpoint(root / "hf", random_state())
     return convert(root / "hf", root / "store", dtype="fp32", progress=False)
 
 
 def _rwkv(root):
-    test_rwkv.hf_rwkv().save_pretrained(root / "hf")
+    hf_rwkv().save_pretrained(root / "hf")
     return convert(root / "hf", root / "store", dtype="fp32", progress=False)
 
 
 def _moss(root):
-    test_moss.hf_codegen().save_pretrained(root / "hf")
+    hf_codegen().save_pretrained(root / "hf")
     return convert(root / "hf", root / "store", arch="moss", dtype="fp32", progress=False)
 
 
 def _cpm2(root):
-    test_cpm2.save_untied(test_cpm2.hf_t5(), root / "hf")
+    save_untied(hf_t5(), root / "hf")
     return convert(root / "hf", root / "store", dtype="fp32", progress=False)
 
 
 def _glm_prompt(seed):
-    g = test_chatglm
-    return g.text_ids(5 + seed, seed) + [g.GMASK, g.SOP]
+    return text_ids(5 + seed, seed) + [GMASK, SOP]
 
 
 ARCHS = {
     "pangu-alpha": (_pangu, lambda seed: [3 + seed, 14, 15, 92, 65][: 3 + seed % 3]),
     "chatglm": (_chatglm, _glm_prompt),
-    "rwkv": (_rwkv, lambda seed: test_rwkv.ids(4 + seed, seed)),
-    "moss": (_moss, lambda seed: test_moss.ids(4 + seed, seed)),
+    "rwkv": (_rwkv, lambda seed: random_ids(4 + seed, seed, 0, RWKV_VOCAB)),
+    "moss": (_moss, lambda seed: random_ids(4 + seed, seed, 0, MOSS_VOCAB)),
     # encoder input, then the decoder's start token: one stream of rows per sequence
-    "cpm2": (_cpm2, lambda seed: test_cpm2.ids(4 + seed, seed) + [test_cpm2.START]),
+    "cpm2": (_cpm2, lambda seed: random_ids(4 + seed, seed, 2, CPM2_VOCAB) + [START]),
 }
 N_PROMPTS, MAX_TOKENS = 6, 24
 

@@ -8,6 +8,10 @@ import re
 
 import pytest
 import torch
+from conftest import RWKV_HIDDEN as HIDDEN
+from conftest import RWKV_LAYERS as LAYERS
+from conftest import RWKV_VOCAB as VOCAB
+from conftest import hf_rwkv, random_ids
 
 from llm_shard.models.archs.rwkv import STATE_SLOTS, config_from_pth
 from llm_shard.models.cache import Batch, SequenceCache
@@ -17,32 +21,9 @@ from llm_shard.models.text import chat
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB, HIDDEN, LAYERS = 97, 32, 4
-
-
-def hf_rwkv(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.RwkvConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                  intermediate_size=80, rescale_every=0, context_length=128,
-                                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
-    model = transformers.RwkvForCausalLM(cfg).eval()
-    with torch.no_grad():  # everything random, so no mapping mistake hides behind an init
-        for name, p in model.named_parameters():
-            if re.search(r"ln\w*\.weight$", name):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias") or "time_first" in name:
-                p.normal_(0, 0.3)
-            elif "time_decay" in name:
-                p.uniform_(-3, 1)
-            elif "time_mix" in name:
-                p.uniform_(0, 1)
-            else:
-                p.normal_(0, 0.3)
-    return model
-
 
 def ids(n: int, seed: int = 1) -> list[int]:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return random_ids(n, seed, 0, VOCAB)
 
 
 def to_pth(sd: dict) -> dict:

@@ -131,6 +131,8 @@ def test_plan_tiers():
     assert plan_tiers([10] * 4) == [Tier.RAM] * 4
     assert plan_tiers([10] * 4, gpu=25, ram=100) == [Tier.GPU] * 2 + [Tier.RAM] * 2
     assert plan_tiers([10] * 6, ram=45) == [Tier.RAM] * 2 + [Tier.DISK] * 4
+    # staging buffers the size of the largest disk block, not of the largest block
+    assert plan_tiers([10, 1, 1, 1], ram=12) == [Tier.RAM] + [Tier.DISK] * 3
     with pytest.raises(WrapError, match=r"ram=15 is short: streaming blocks from disk needs two"):
         plan_tiers([10] * 6, ram=15)
     with pytest.raises(WrapError, match="disk=30 is short: 4 blocks"):
