@@ -13,6 +13,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CHATGLM_CFG as CFG
+from conftest import GMASK, MASK, SOP, random_state, text_ids, write_checkpoint
 
 from llm_shard.models.archs.chatglm import prefix_of
 from llm_shard.models.cache import Batch, Prefix, SequenceCache
@@ -20,37 +22,8 @@ from llm_shard.models.checkpoint.convert import convert
 from llm_shard.models.runner import LocalModel, StageModel
 from llm_shard.models.text import chat
 
-SOP, EOP, MASK, GMASK = 110, 111, 112, 113
-CFG = dict(vocab_size=120, hidden_size=64, inner_hidden_size=96, num_layers=3,
-           num_attention_heads=4, layernorm_epsilon=1e-5, max_sequence_length=256,
-           position_encoding_2d=True, bos_token_id=SOP, eos_token_id=EOP,
-           mask_token_id=MASK, gmask_token_id=GMASK, model_type="chatglm")
 BLOCK = ("input_layernorm", "attention.query_key_value", "attention.dense",
          "post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-
-
-def random_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    h, f, v = CFG["hidden_size"], CFG["inner_hidden_size"], CFG["vocab_size"]
-
-    def r(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    shapes = {"input_layernorm": (h, h), "post_attention_layernorm": (h, h),
-              "attention.query_key_value": (3 * h, h), "attention.dense": (h, h),
-              "mlp.dense_h_to_4h": (f, h), "mlp.dense_4h_to_h": (h, f)}
-    sd = {"transformer.word_embeddings.weight": r(v, h, scale=1.0),
-          "transformer.final_layernorm.weight": 1 + r(h), "transformer.final_layernorm.bias": r(h),
-          "lm_head.weight": r(v, h)}
-    for i in range(CFG["num_layers"]):
-        for name, (out, inp) in shapes.items():
-            key = f"transformer.layers.{i}.{name}"
-            if "layernorm" in name:
-                sd[key + ".weight"], sd[key + ".bias"] = 1 + r(out), r(out)
-            else:
-                sd[key + ".weight"], sd[key + ".bias"] = r(out, inp), r(out)
-        sd[f"transformer.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(8).half()
-    return sd
 
 
 def reference_logits(sd: dict, ids: list[int]) -> torch.Tensor:
@@ -109,16 +82,6 @@ def reference_logits(sd: dict, ids: list[int]) -> torch.Tensor:
                                                 * (1.0 + 0.044715 * inner * inner)))
         x = m * alpha + lin(gelu, b + "mlp.dense_4h_to_h")
     return ln(x, "transformer.final_layernorm") @ sd["lm_head.weight"].T
-
-
-def write_checkpoint(folder, sd):
-    folder.mkdir()
-    torch.save(sd, folder / "pytorch_model.bin")
-    (folder / "config.json").write_text(json.dumps(CFG))
-
-
-def text_ids(n: int, seed: int) -> list[int]:
-    return torch.randint(5, 100, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 PROMPTS = {

@@ -249,7 +249,7 @@ def test_pangu_stages_run_their_blocks_in_one_call(tmp_path, monkeypatch):
     blocks: the prompts and every decode step give the modules' logits bit for bit; the
     RAM blocks on either side of the disk block run in a call each, the last (query)
     layer, whose queries come from its position embedding after ln_f, with them."""
-    from test_pangu import random_hf_state, write_hf_port
+    from conftest import random_hf_state, write_hf_port
 
     from llm_shard.cluster.types import Tier
     from llm_shard.models.checkpoint.convert import convert

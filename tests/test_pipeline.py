@@ -12,21 +12,12 @@ import psutil
 import pytest
 import torch
 import zmq
+from conftest import PROMPTS
 
 from llm_shard import LLM, RequestError, SamplingParams
 from llm_shard.cluster.ray_glue import GOMP_SPINCOUNT
 from llm_shard.models.runner import LocalModel
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea, there lived",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "Water boils at",
-    "A haiku about autumn:",
-    "List three fruits: apples, bananas and",
-    "In 1969, the first humans to walk on the Moon were",
-]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 

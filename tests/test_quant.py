@@ -707,13 +707,13 @@ def test_layers_that_differ_are_not_fused():
 def test_store_load_releases_mapped_weights_only_where_a_copy_runs(tmp_path, monkeypatch):
     """fbgemm runs from its packed copy and a fused layer holds its members' rows: their
     mapped pages go; w8a16 reads the mapping, which stays."""
-    import test_pangu
+    from conftest import random_hf_state, write_hf_port
 
     from llm_shard.models.base import Part
     from llm_shard.models.checkpoint import store as store_mod
     from llm_shard.models.checkpoint.convert import convert
 
-    test_pangu.write_hf_port(tmp_path / "hf", test_pangu.random_hf_state())
+    write_hf_port(tmp_path / "hf", random_hf_state())
     store = convert(tmp_path / "hf", tmp_path / "store", dtype="int8", progress=False)
     released = []
     monkeypatch.setattr(store_mod, "release_mapped", lambda t: released.append(t.data_ptr()))
@@ -820,16 +820,15 @@ def test_store_load_moves_what_w8a16_streams_into_huge_pages(smollm2_stores, mon
 def test_store_load_fuses_llama_and_pangu_blocks_to_the_same_outputs(tmp_path):
     """A stored block's q/k/v and gate/up (LLaMA), q/k/v (PanGu; k/v in its query block)
     run fused after Store.load, with the unfused block's exact outputs."""
-    import test_llama
-    import test_pangu
+    from conftest import hf_llama, random_hf_state, write_hf_port
 
     from llm_shard.models.base import Part
     from llm_shard.models.cache import Batch, SequenceCache
     from llm_shard.models.checkpoint.convert import convert
 
-    test_llama.hf_llama().save_pretrained(tmp_path / "llama" / "hf")
+    hf_llama().save_pretrained(tmp_path / "llama" / "hf")
     (tmp_path / "pangu").mkdir()
-    test_pangu.write_hf_port(tmp_path / "pangu" / "hf", test_pangu.random_hf_state())
+    write_hf_port(tmp_path / "pangu" / "hf", random_hf_state())
     for arch, names in (("llama", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                    "mlp.gate_proj", "mlp.up_proj"}),
                         ("pangu", {"attn.q_proj", "attn.k_proj", "attn.v_proj"})):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_pangu import random_hf_state, write_hf_port
+from conftest import random_hf_state, write_hf_port
 
 from llm_shard.cluster import wire
 from llm_shard.cluster.types import SamplingParams
