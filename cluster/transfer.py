@@ -10,17 +10,11 @@ renames it into place. An interrupted transfer keeps its .partial and continues 
 size the next time; a file that fails its checksum is deleted and fetched again, never
 used.
 
-A message is a ZeroMQ multipart message `[msgpack header, raw bytes]`, like wire.py's:
-
-    request  {"v": 1, "op": "manifest"}
-             {"v": 1, "op": "chunk", "file": NAME, "offset": O, "size": S}
-    reply    {"v": 1, "ok": true, "op": ..., "file": NAME, "offset": O}, DATA
-             {"v": 1, "ok": false, "error": "why"}
-
-Pure transport: no Ray, and no torch at import; a store is a folder with a
-`manifest.json` whose `files` list `{name, bytes, sha256}` (models/checkpoint/store.py writes it).
-Each file whose sha256 a fetch checked is recorded with models/checkpoint/store.py's
-`record_verified` (imported when a fetch first records), so loading it hashes it no more.
+Requests and replies are cluster/messages.py's ManifestRequest, ChunkRequest, FileData
+and Refusal, packed by cluster/wire.py. Pure transport: no Ray, no models; a store is a
+folder with a `manifest.json` whose `files` list `{name, bytes, sha256}`. A fetch hands
+each file whose sha256 it checked to its `verified` callback (a worker passes the store's
+`record_verified`, so loading the file hashes it no more).
 """
 
 from __future__ import annotations
@@ -40,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import zmq
 
+from . import wire
 from .links import Guard, LinkKeys
 from .links import client as curve_client
+from .messages import ChunkRequest, FileData, ManifestRequest, Refusal
+from .wire import TRANSFER_VERSION, WireError
 
 __all__ = ["TRANSFER_VERSION", "CHUNK_BYTES", "WINDOW", "MANIFEST", "TransferError",
            "StoreSource", "StoreServer", "FetchStats", "fetch", "local_store_path",
@@ -52,11 +48,9 @@ __all__ = ["TRANSFER_VERSION", "CHUNK_BYTES", "WINDOW", "MANIFEST", "TransferErr
 
 log = logging.getLogger("llm_shard.transfer")
 
-TRANSFER_VERSION = 1
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 4 * 2**20  # bytes per chunk message
 WINDOW = 8  # chunk requests in flight per client: bounds memory and queueing at the server
-MAX_CHUNK_BYTES = 64 * 2**20  # the server refuses bigger chunk requests
 TIMEOUT = 30.0  # seconds without a reply before a fetch reconnects and resumes
 ATTEMPTS = 3  # tries per file (a timeout or a failed checksum costs one)
 LOG_EVERY = 5.0  # seconds between progress lines of one file
@@ -174,47 +168,26 @@ class StoreServer:
             frames = self._sock.recv_multipart()
             peer, body = frames[0], frames[1:]
             try:
-                header, data = self._answer(body)
-            except TransferError as e:
-                header, data = {"v": TRANSFER_VERSION, "ok": False, "error": str(e)}, b""
+                reply = self._answer(wire.decode_request(body))
+            except (WireError, TransferError) as e:
+                reply = Refusal(str(e))
             except OSError as e:  # the file vanished or cannot be read: say so, keep serving
-                header = {"v": TRANSFER_VERSION, "ok": False, "error": f"read failed: {e}"}
-                data = b""
+                reply = Refusal(f"read failed: {e}")
             except Exception as e:  # a bug: log it, answer, and keep serving the others
                 log.exception("store server failed on a request")
-                header = {"v": TRANSFER_VERSION, "ok": False,
-                          "error": f"{type(e).__name__}: {e}"}
-                data = b""
+                reply = Refusal(f"{type(e).__name__}: {e}")
             self.requests += 1
-            self.bytes_sent += len(data)
-            self._sock.send_multipart([peer, msgpack.packb(header), data], copy=False)
+            if isinstance(reply, FileData):
+                self.bytes_sent += len(reply.data)
+            self._sock.send_multipart([peer, *wire.encode_reply(reply)], copy=False)
 
-    def _answer(self, body: list[bytes]) -> tuple[dict, bytes]:
-        if len(body) != 1:
-            raise TransferError(f"a request is one header frame, got {len(body)} frames")
-        try:
-            req = msgpack.unpackb(body[0], raw=False)
-        except Exception as e:  # msgpack raises several types on garbage, all mean the same
-            raise TransferError(f"request is not msgpack ({type(e).__name__})") from None
-        if not isinstance(req, dict) or req.get("v") != TRANSFER_VERSION:
-            raise TransferError(f"request is not a version {TRANSFER_VERSION} map: the two "
-                                "nodes run different llm-shard versions")
-        op = req.get("op")
-        if op == "manifest":
-            return ({"v": TRANSFER_VERSION, "ok": True, "op": op, "file": MANIFEST,
-                     "offset": 0}, self.manifest_bytes)
-        if op != "chunk":
-            raise TransferError(f"unknown request op {op!r}")
-        name, offset, size = req.get("file"), req.get("offset"), req.get("size")
-        if name not in self.files:
-            raise TransferError(f"{name!r} is not a file of this store's manifest")
-        if not (isinstance(offset, int) and isinstance(size, int) and offset >= 0
-                and 0 < size <= MAX_CHUNK_BYTES):
-            raise TransferError(f"bad chunk request offset={offset!r} size={size!r} "
-                                f"(size at most {MAX_CHUNK_BYTES})")
-        data = os.pread(self._fd(name), size, offset)
-        return {"v": TRANSFER_VERSION, "ok": True, "op": op, "file": name,
-                "offset": offset}, data
+    def _answer(self, req: ManifestRequest | ChunkRequest) -> FileData:
+        if isinstance(req, ManifestRequest):
+            return FileData(req.OP, MANIFEST, 0, self.manifest_bytes)
+        if req.file not in self.files:
+            raise TransferError(f"{req.file!r} is not a file of this store's manifest")
+        return FileData(req.OP, req.file, req.offset,
+                        os.pread(self._fd(req.file), req.size, req.offset))
 
     def _fd(self, name: str) -> int:
         fd = self._fds.get(name)
@@ -285,27 +258,23 @@ class _Client:
         curve_client(self.sock, self.keys)
         self.sock.connect(self.address)
 
-    def send(self, header: dict) -> None:
-        self.sock.send(msgpack.packb({"v": TRANSFER_VERSION, **header}))
+    def send(self, req: ManifestRequest | ChunkRequest) -> None:
+        self.sock.send(wire.encode_request(req))
 
-    def recv(self) -> tuple[dict, zmq.Frame]:
+    def recv(self) -> FileData:
         if not self.sock.poll(int(self.timeout * 1000)):
             raise _Timeout(f"no reply from {self.address} in {self.timeout:.0f} s")
-        frames = self.sock.recv_multipart(copy=False)
         try:
-            header = msgpack.unpackb(frames[0].bytes, raw=False)
-        except Exception as e:  # garbage from a peer that is not a StoreServer
-            raise TransferError(f"{self.address} sent a reply that is not msgpack: "
-                                f"{type(e).__name__}") from None
-        if not isinstance(header, dict) or len(frames) != 2:
-            raise TransferError(f"{self.address} sent a malformed reply")
-        if not header.get("ok"):
-            raise TransferError(f"{self.address} refused: {header.get('error')}")
-        return header, frames[1]
+            reply = wire.decode_reply(self.sock.recv_multipart(copy=False))
+        except WireError as e:  # garbage from a peer that is not a StoreServer
+            raise TransferError(f"{self.address} sent a malformed reply: {e}") from None
+        if isinstance(reply, Refusal):
+            raise TransferError(f"{self.address} refused: {reply.error}")
+        return reply
 
     def manifest(self) -> bytes:
-        self.send({"op": "manifest"})
-        return self.recv()[1].bytes
+        self.send(ManifestRequest())
+        return bytes(self.recv().data)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -344,7 +313,8 @@ def fetch(store_dir: str | Path, server_address: str, files: list[str] | None = 
           chunk_bytes: int = CHUNK_BYTES, window: int = WINDOW, timeout: float = TIMEOUT,
           attempts: int = ATTEMPTS, manifest_sha256: str | None = None,
           progress: Callable[[str, int, int], None] | None = None,
-          keys: LinkKeys | None = None) -> FetchStats:
+          keys: LinkKeys | None = None,
+          verified: Callable[[Path, dict[str, str]], object] | None = None) -> FetchStats:
     """Make `store_dir` hold the server's manifest and the named `files` (None: all of
     them), fetching only those it lacks. Returns what was fetched.
 
@@ -354,8 +324,9 @@ def fetch(store_dir: str | Path, server_address: str, files: list[str] | None = 
     they differ. Every fetched file is checked before it is renamed into place.
     With `manifest_sha256` (the server's, `StoreServer.source`), a folder whose manifest
     hashes to it and holds the files is left as it is without asking the server.
-    `progress(name, done, total)` is called after each chunk. Concurrent fetches into one
-    folder (workers sharing a node) take turns on a lock file there."""
+    `progress(name, done, total)` is called after each chunk; `verified(store_dir,
+    {name: sha256})` with the files whose sha256 this fetch checked. Concurrent fetches
+    into one folder (workers sharing a node) take turns on a lock file there."""
     dest = Path(store_dir)
     stats = FetchStats()
     if manifest_sha256 is not None and _complete(dest, manifest_sha256, files):
@@ -379,13 +350,16 @@ def fetch(store_dir: str | Path, server_address: str, files: list[str] | None = 
             return stats  # nothing to do: no lock, nothing written
         dest.mkdir(parents=True, exist_ok=True)
         with _locked(dest / _LOCK):
-            _adopt(dest, manifest_bytes, entries)
+            checked = _adopt(dest, manifest_bytes, entries)
+            if checked and verified is not None:
+                verified(dest, checked)
             missing = [n for n in names if not _present(paths[n], entries[n])]
             _check_room(dest, missing, entries, paths)
             for n in missing:
                 _fetch_file(client, paths[n], entries[n], chunk_bytes, window, attempts,
                             progress, stats)
-                _verified(dest, {n: entries[n]["sha256"]})
+                if verified is not None:
+                    verified(dest, {n: entries[n]["sha256"]})
                 stats.files.append(n)
     finally:
         client.close()
@@ -423,21 +397,15 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _verified(dest: Path, files: dict[str, str]) -> None:
-    """Record files {name: sha256} whose sha256 this module checked (models/checkpoint/store.py)."""
-    from ..models.store import record_verified
-
-    record_verified(dest, files)
-
-
-def _adopt(dest: Path, manifest_bytes: bytes, entries: dict[str, dict]) -> None:
+def _adopt(dest: Path, manifest_bytes: bytes, entries: dict[str, dict]) -> dict[str, str]:
     """Install the server's manifest in `dest`. Where the local one differs (or there is
     none), present files the two do not agree on are checked by sha256 first, and those
-    that fail are deleted, so that afterwards a right-sized file is a right file."""
+    that fail are deleted, so that afterwards a right-sized file is a right file. Returns
+    {name: sha256} of the files it checked and kept."""
     local_mf = dest / MANIFEST
     old = local_mf.read_bytes() if local_mf.is_file() else None
     if old == manifest_bytes:
-        return
+        return {}
     try:
         before = _entries(old, str(local_mf)) if old is not None else {}
     except TransferError:
@@ -455,10 +423,10 @@ def _adopt(dest: Path, manifest_bytes: bytes, entries: dict[str, dict]) -> None:
             path.unlink()
         else:
             checked[name] = entry["sha256"]
-    _verified(dest, checked)
     tmp = local_mf.with_name(MANIFEST + ".partial")
     tmp.write_bytes(manifest_bytes)
     os.replace(tmp, local_mf)
+    return checked
 
 
 def _fetch_file(client: _Client, path: Path, entry: dict, chunk_bytes: int, window: int,
@@ -506,16 +474,15 @@ def _transfer(client: _Client, partial: Path, entry: dict, chunk_bytes: int, win
         while done < total:
             while len(inflight) < window and asked < total:
                 size = min(chunk_bytes, total - asked)
-                client.send({"op": "chunk", "file": name, "offset": asked, "size": size})
+                client.send(ChunkRequest(name, asked, size))
                 inflight.append((asked, size))
                 asked += size
-            header, frame = client.recv()
+            reply = client.recv()
             offset, size = inflight.popleft()
-            data = frame.buffer
-            if header.get("file") != name or header.get("offset") != offset \
-                    or len(data) != size:
+            data = reply.data
+            if reply.file != name or reply.offset != offset or len(data) != size:
                 raise TransferError(f"{client.address} sent {len(data)} bytes of "
-                                    f"{header.get('file')!r} at {header.get('offset')}, "
+                                    f"{reply.file!r} at {reply.offset}, "
                                     f"expected {size} of {name!r} at {offset}: the served "
                                     "file is shorter than its manifest says")
             f.write(data)

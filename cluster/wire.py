@@ -1,22 +1,26 @@
-"""The wire format between coordinator and workers; the only code that packs or unpacks it.
+"""The wire between coordinator and workers; the only code that packs or unpacks it.
 
-A message is a ZeroMQ multipart message `[header, frame 0, frame 1, ...]`. The header
-is a msgpack map with exactly these keys, in this order:
+A pipeline message (cluster/messages.py: Step, Result, Free, Error) is a ZeroMQ
+multipart message `[header, frame 0, frame 1, ...]`. The header is a msgpack map with
+exactly these keys, in this order:
 
     {"v": WIRE_VERSION,                 # refused when it differs
-     "kind": "step",                    # what the message is: "step", "result", "free", ...
-     "fields": {...},                   # the caller's msgpack-able values (batch layout,
-                                        #   positions, SamplingParams.to_dict(), ...)
-     "tensors": [{"name": "hidden", "dtype": "bfloat16", "shape": [4, 1, 576]}, ...]}
+     "kind": "step",                    # the message's KIND
+     "fields": {...},                   # every field but its tensors: all required
+     "tensors": [{"name": "hidden", "dtype": "bfloat16", "shape": [4, 576]}, ...]}
 
 and frame i holds the raw little-endian bytes of tensors[i], C order, nothing else.
 Tensors go out zero-copy (a buffer over the tensor's own memory) and come back
-zero-copy (`torch.frombuffer` over the received frame). Anything malformed raises
-`WireError`, and nothing else. Tuples in `fields` come back as lists.
+zero-copy (`torch.frombuffer` over the received frame). `decode` checks the envelope,
+the kind, that the fields are exactly the kind's, and builds its dataclass, which
+validates every value. Store transfer (cluster/transfer.py) has its own two frames:
+a request `{"v": TRANSFER_VERSION, "op": ...}`, a reply `[{"v", "ok", ...}, data]`.
+Anything malformed raises `WireError`, naming what is wrong, and nothing else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -25,13 +29,30 @@ from typing import Any
 import msgpack
 import torch
 
+from .messages import (
+    ChunkRequest,
+    Error,
+    FileData,
+    Free,
+    ManifestRequest,
+    PipelineMessage,
+    Refusal,
+    Result,
+    Step,
+    TransferReply,
+    TransferRequest,
+)
+from .types import SamplingParams
+
 __all__ = [
-    "WIRE_VERSION", "MAX_HEADER_BYTES", "MAX_FRAME_BYTES", "DEFAULT_ACTIVATION_DTYPE",
-    "DTYPES", "WireError", "Message", "encode", "decode", "send", "recv",
-    "activation_dtype", "to_wire", "from_wire",
+    "WIRE_VERSION", "TRANSFER_VERSION", "MAX_HEADER_BYTES", "MAX_FRAME_BYTES",
+    "DEFAULT_ACTIVATION_DTYPE", "DTYPES", "WireError", "Envelope", "pack", "unpack",
+    "encode", "decode", "send", "recv", "encode_request", "decode_request", "encode_reply",
+    "decode_reply", "activation_dtype", "to_wire", "from_wire",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: typed messages, a step's `threads`
+TRANSFER_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024**2  # default limits; decode/encode/recv take others
 MAX_FRAME_BYTES = 1024**3
 _MAX_DIMS = 32
@@ -58,9 +79,9 @@ class WireError(ValueError):
 
 
 @dataclass
-class Message:
-    """A decoded message. `tensors` share memory with the received frames: treat them
-    as read-only (clone before writing in place)."""
+class Envelope:
+    """An unpacked message, before its kind's fields are read. `tensors` share memory with
+    the received frames: treat them as read-only (clone before writing in place)."""
 
     kind: str
     fields: dict[str, Any] = field(default_factory=dict)
@@ -68,7 +89,7 @@ class Message:
     version: int = WIRE_VERSION
 
 
-def encode(
+def pack(
     kind: str,
     fields: dict[str, Any] | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
@@ -113,12 +134,12 @@ def encode(
     return [header, *frames]
 
 
-def decode(
+def unpack(
     frames: list[Any],
     *,
     max_header_bytes: int = MAX_HEADER_BYTES,
     max_frame_bytes: int = MAX_FRAME_BYTES,
-) -> Message:
+) -> Envelope:
     """Unpack `[header, frame...]` (bytes, bytearray, memoryview or zmq.Frame).
 
     Raises WireError, naming what is wrong, for any input that is not a valid message.
@@ -141,8 +162,8 @@ def decode(
         name, dtype, shape = _check_desc(i, desc, tensors)
         tensors[name] = _tensor(name, dtype, shape, _buffer(frames[i + 1], f"frame of {name!r}"),
                                 max_frame_bytes)
-    return Message(kind=header["kind"], fields=header["fields"], tensors=tensors,
-                   version=header["v"])
+    return Envelope(kind=header["kind"], fields=header["fields"], tensors=tensors,
+                    version=header["v"])
 
 
 def _buffer(frame: Any, what: str) -> memoryview:
@@ -249,14 +270,136 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
-def send(socket: Any, frames: list[bytes | memoryview]) -> None:
-    """Send `encode(...)` output on a ZeroMQ socket without copying the tensor bytes."""
-    socket.send_multipart(frames, copy=False)
+# ---------------------------------------------------------------------- pipeline messages
+_KINDS: dict[str, type] = {cls.KIND: cls for cls in (Step, Result, Free, Error)}
 
 
-def recv(socket: Any, **limits: int) -> Message:
-    """Receive and decode one message; `limits` are decode's max_header_bytes/max_frame_bytes."""
+def _plain(v: Any) -> Any:
+    """A field's value as msgpack packs it: SamplingParams as their dict."""
+    if isinstance(v, SamplingParams):
+        return v.to_dict()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def encode(msg: PipelineMessage, **limits: int) -> list[bytes | memoryview]:
+    """Pack a Step, Result, Free or Error (`limits`: pack's max_header_bytes and
+    max_frame_bytes). Its tensors go out zero-copy, as `pack` says."""
+    cls = type(msg)
+    if _KINDS.get(getattr(cls, "KIND", None)) is not cls:
+        raise WireError(f"{cls.__name__} is not a pipeline message; expected one of "
+                        f"{[c.__name__ for c in _KINDS.values()]}")
+    fields, tensors = {}, {}
+    for f in dataclasses.fields(msg):
+        v = getattr(msg, f.name)
+        if f.name in cls.TENSORS:
+            if v is not None:
+                tensors[f.name] = v
+        else:
+            fields[f.name] = _plain(v)
+    return pack(cls.KIND, fields, tensors, **limits)
+
+
+def decode(frames: list[Any], **limits: int) -> PipelineMessage:
+    """Unpack and validate a pipeline message: WireError names the field that is wrong."""
+    env = unpack(frames, **limits)
+    cls = _KINDS.get(env.kind)
+    if cls is None:
+        raise WireError(f"unknown message kind {env.kind!r}; expected one of {list(_KINDS)}")
+    declared = {f.name: f for f in dataclasses.fields(cls)}
+    want = declared.keys() - set(cls.TENSORS)
+    missing = sorted(want - env.fields.keys())
+    unknown = sorted(map(repr, env.fields.keys() - want))
+    if missing or unknown:
+        raise WireError(f"{env.kind} message fields wrong: missing {missing}, unknown "
+                        f"[{', '.join(unknown)}]")
+    stray = sorted(env.tensors.keys() - set(cls.TENSORS))
+    absent = [t for t in cls.TENSORS if t not in env.tensors
+              and declared[t].default is dataclasses.MISSING]
+    if stray or absent:
+        raise WireError(f"{env.kind} message tensors wrong: missing {absent}, unknown {stray}")
+    try:
+        return cls(**env.fields, **env.tensors)
+    except (ValueError, TypeError) as e:
+        raise WireError(f"{env.kind} message: {e}") from None
+
+
+def send(socket: Any, msg: PipelineMessage) -> None:
+    """Encode a message and send it on a ZeroMQ socket without copying its tensors' bytes."""
+    socket.send_multipart(encode(msg), copy=False)
+
+
+def recv(socket: Any, **limits: int) -> PipelineMessage:
+    """Receive and decode one message; `limits` are unpack's max_header_bytes/max_frame_bytes."""
     return decode(socket.recv_multipart(copy=False), **limits)
+
+
+# ---------------------------------------------------------------------- store transfer
+def encode_request(req: TransferRequest) -> bytes:
+    """A store-transfer request's one frame."""
+    if not isinstance(req, (ManifestRequest, ChunkRequest)):
+        raise WireError(f"{type(req).__name__} is not a store-transfer request")
+    return msgpack.packb({"v": TRANSFER_VERSION, "op": req.OP, **dataclasses.asdict(req)})
+
+
+def decode_request(frames: list[Any]) -> TransferRequest:
+    """A store-transfer request from its frames (bytes or zmq.Frame)."""
+    if len(frames) != 1:
+        raise WireError(f"a request is one header frame, got {len(frames)} frames")
+    header = _transfer_header(frames[0], "request")
+    op = header.pop("op", None)
+    cls = {ManifestRequest.OP: ManifestRequest, ChunkRequest.OP: ChunkRequest}.get(op)
+    if cls is None:
+        raise WireError(f"unknown request op {op!r}")
+    return _build(cls, header, f"{op} request")
+
+
+def encode_reply(reply: TransferReply) -> list[bytes | memoryview]:
+    """A store-transfer reply's two frames: header and data (empty for a refusal)."""
+    if isinstance(reply, FileData):
+        return [msgpack.packb({"v": TRANSFER_VERSION, "ok": True, "op": reply.op,
+                               "file": reply.file, "offset": reply.offset}), reply.data]
+    if isinstance(reply, Refusal):
+        return [msgpack.packb({"v": TRANSFER_VERSION, "ok": False, "error": reply.error}), b""]
+    raise WireError(f"{type(reply).__name__} is not a store-transfer reply")
+
+
+def decode_reply(frames: list[Any]) -> TransferReply:
+    """A store-transfer reply from its frames; FileData.data is a view of the data frame."""
+    if len(frames) != 2:
+        raise WireError(f"a reply is a header and a data frame, got {len(frames)} frames")
+    header = _transfer_header(frames[0], "reply")
+    ok = header.pop("ok", None)
+    if ok is False:
+        return _build(Refusal, header, "refusal")
+    if ok is not True:
+        raise WireError(f"reply 'ok' must be true or false, got {ok!r}")
+    return _build(FileData, {**header, "data": _buffer(frames[1], "reply data")}, "reply")
+
+
+def _transfer_header(frame: Any, what: str) -> dict:
+    try:
+        header = msgpack.unpackb(_buffer(frame, what), raw=False)
+    except WireError:
+        raise
+    except Exception as e:  # msgpack raises several types on garbage, all mean the same
+        raise WireError(f"{what} is not msgpack ({type(e).__name__})") from None
+    if not isinstance(header, dict) or header.pop("v", None) != TRANSFER_VERSION:
+        raise WireError(f"{what} is not a version {TRANSFER_VERSION} map: the two nodes run "
+                        "different llm-shard versions")
+    return header
+
+
+def _build(cls: type, fields: dict, what: str) -> Any:
+    want = {f.name for f in dataclasses.fields(cls)}
+    missing, unknown = sorted(want - fields.keys()), sorted(map(repr, fields.keys() - want))
+    if missing or unknown:
+        raise WireError(f"{what} fields wrong: missing {missing}, unknown [{', '.join(unknown)}]")
+    try:
+        return cls(**fields)
+    except (ValueError, TypeError) as e:
+        raise WireError(f"{what}: {e}") from None
 
 
 def activation_dtype(name: str | torch.dtype) -> torch.dtype:

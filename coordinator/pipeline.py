@@ -83,6 +83,20 @@ def cpu_offsets(nodes: list[ray_glue.Node], threads: list[int]) -> list[int | No
     return out
 
 
+@dataclass(frozen=True)
+class StageCores:
+    """The CPUs a stage may compute a step with (scheduler.step_threads chooses): its own
+    `share` of its machine's, or all of `machine_cpus` (the shares of every worker on the
+    machine together, within what its process may use) when no other stage there is
+    busy; `fixed` when its SPEC set threads=, which then stay as given."""
+
+    start: int  # the stage's first block, by which a step names it
+    machine: str  # the machine's IP: Ray nodes on one machine share its CPUs
+    share: int
+    machine_cpus: int
+    fixed: bool
+
+
 class Pipeline:
     """Workers on Ray, calibrated, planned and configured for the current epoch."""
 
@@ -178,7 +192,21 @@ class Pipeline:
         used = {s.worker for s in stages}
         idle = [w.actor.configure.remote(self.epoch) for w in self.alive() if w.index not in used]
         got = ray.get(calls + idle, timeout=600)
+        self.stage_cores = self._cores()
         return min(r["cache_budget"] for r in got[: len(calls)])
+
+    def _cores(self) -> list[StageCores]:
+        """Each stage's StageCores, in plan order."""
+        shares: dict[str, int] = {}
+        for w in self.alive():
+            shares[w.node.ip] = shares.get(w.node.ip, 0) + w.threads
+        out = []
+        for s in self.plan.stages:
+            w = self.workers[s.worker]
+            machine = max(w.threads, min(shares[w.node.ip], w.info["machine_cpus"]))
+            out.append(StageCores(s.start, w.node.ip, w.threads, machine,
+                                  w.capacity.threads is not None))
+        return out
 
     @property
     def first_address(self) -> str:

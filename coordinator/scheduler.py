@@ -7,6 +7,10 @@ keep every stage busy. A request joins the emptiest idle group at its next step 
 prompt as prefill rows beside the others' decode rows) and leaves when it finishes,
 its caches freed by the group's next message.
 
+Threads: with one micro-batch in flight only one stage computes at a time, so a stage
+that shares its machine with others computes on all of the machine's CPUs; with several
+in flight, co-located stages keep their own shares (`step_threads`, a step's `threads`).
+
 Recovery: a worker's death (its Ray `watch` call fails) or a step that does not come
 back within `step_timeout` makes the pipeline replace the lost workers and re-plan;
 every running sequence is then replayed and goes on. A replay repeats the steps that
@@ -29,7 +33,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -38,13 +42,12 @@ import torch
 import zmq
 
 from llm_shard.cluster import links, wire
+from llm_shard.cluster.messages import Error, Free, Result, Step
 from llm_shard.cluster.types import Completion, SamplingParams, sequence_bytes
 from llm_shard.models.text.sampling import finish_reason, truncate_at_stop
 from llm_shard.models.text.tokenizer import StreamDecoder, Tokenizer
-from llm_shard.worker.actor import ERROR
-from llm_shard.worker.stage import FREE, RESULT, STEP
 
-from .pipeline import Pipeline
+from .pipeline import Pipeline, StageCores
 from .planner import PlanError
 
 log = logging.getLogger("llm_shard.coordinator")
@@ -102,6 +105,16 @@ def _averages(old: list[float], new_ms: list[float] | None) -> list[float]:
     when the number of stages changes (a re-plan)."""
     new = [m / 1e3 for m in new_ms or ()]
     return new if len(old) != len(new) else [_average(o, n) for o, n in zip(old, new)]
+
+
+def step_threads(stages: list[StageCores], in_flight: int) -> dict[int, int]:
+    """{first block of each stage: threads it computes a step with} while `in_flight`
+    micro-batches are in flight. The stages of a machine that may be busy at once (as many
+    as are in flight, at most as many as it hosts) keep their own shares of its CPUs; the
+    only one there computes on all of them. A SPEC's threads= stays as given."""
+    hosted = Counter(s.machine for s in stages)
+    return {s.start: s.share if s.fixed or min(in_flight, hosted[s.machine]) > 1
+            else s.machine_cpus for s in stages}
 
 
 class Scheduler:
@@ -243,32 +256,31 @@ class Scheduler:
 
     def _send_steps(self) -> None:
         epoch = self.pipeline.epoch
+        ready = [g for g in self.groups if g.in_flight is None and g.seqs]
+        busy = len(ready) + sum(g.in_flight is not None for g in self.groups)
+        threads = step_threads(self.pipeline.stage_cores, busy)
         for g in self.groups:
-            if g.in_flight is not None:
-                continue
-            if not g.seqs:
-                if g.free:
-                    wire.send(self.push, wire.encode(FREE, {"epoch": epoch, "seqs": g.free}))
-                    g.free = []
-                continue
+            if g.in_flight is None and not g.seqs and g.free:
+                wire.send(self.push, Free(epoch, g.free))
+                g.free = []
+        for g in ready:
             ids, lens, reset, params, steps = [], [], [], {}, []
             for i in g.seqs:
                 s = self.running[i]
                 if s.fresh:  # the prompt (a replay feeds the generated tokens one by one)
                     rows, s.fed, s.fresh = s.prompt, 0, False
                     reset.append(i)
-                    params[str(i)] = s.params.to_dict()
+                    params[i] = s.params
                 else:
                     rows, s.fed = s.generated[s.fed:s.fed + 1], s.fed + 1
                 ids += rows
                 lens.append(len(rows))
                 s.sent_step = s.fed  # this step samples token number s.fed
                 steps.append(s.sent_step)
-            fields = {"epoch": epoch, "mb": g.id, "seqs": list(g.seqs), "lens": lens,
-                      "reset": reset, "params": params, "steps": steps, "free": g.free}
-            frames = wire.encode(STEP, fields, {"tokens": torch.tensor(ids)})
+            step = Step(epoch, g.id, g.seqs, lens, steps, torch.tensor(ids), reset=reset,
+                        params=params, free=g.free, threads=threads)
             sent_at = time.monotonic()  # before the send: a stage may hold it at once
-            wire.send(self.push, frames)
+            wire.send(self.push, step)
             g.in_flight, g.sent_at, g.free = list(g.seqs), sent_at, []
 
     def _receive(self) -> None:
@@ -282,46 +294,44 @@ class Scheduler:
             except wire.WireError as e:
                 log.error("coordinator dropped a malformed result: %s", e)
                 continue
-            if msg.fields.get("epoch") != self.pipeline.epoch:
+            if msg.epoch != self.pipeline.epoch:
                 continue  # from before a re-plan
-            mb = msg.fields.get("mb")
-            if not isinstance(mb, int) or not 0 <= mb < len(self.groups):
-                log.error("result names micro-batch %r, not one of ours", mb)
+            if not isinstance(msg, (Result, Error)):
+                log.error("coordinator got a %r message on its results socket", msg.KIND)
                 continue
-            g = self.groups[mb]
+            if msg.mb >= len(self.groups):
+                log.error("result names micro-batch %r, not one of ours", msg.mb)
+                continue
+            g = self.groups[msg.mb]
             if g.in_flight is None:
                 continue
             stepped, g.in_flight = g.in_flight, None
-            if msg.kind == ERROR:
+            if isinstance(msg, Error):
                 for i in stepped:
                     if i in self.running:
                         self._drop(self.running[i], free=True)
                         self._finish_error(self.running.pop(i), "worker holding blocks "
-                                           f"{msg.fields.get('blocks')} failed the step: "
-                                           f"{msg.fields.get('error')}")
+                                           f"{list(msg.blocks)} failed the step: {msg.error}")
                 continue
-            if msg.kind != RESULT:
-                log.error("coordinator got a %r message on its results socket", msg.kind)
-                continue
-            self._apply(g, msg.fields)
+            self._apply(g, msg)
 
-    def _apply(self, g: Group, f: dict) -> None:
+    def _apply(self, g: Group, r: Result) -> None:
         step = time.monotonic() - g.sent_at
         self.step_seconds = _average(self.step_seconds, step)
-        self.stage_seconds = _averages(self.stage_seconds, f.get("stage_ms"))
-        busy = f.get("busy_ms") or []
-        self.busy_seconds = _averages(self.busy_seconds, busy)
-        if len(busy) == len(self.pipeline.plan.stages):
-            self.wire_seconds = _average(self.wire_seconds, max(0.0, step - sum(busy) / 1e3))
-        for key, why in (f.get("rejected") or {}).items():
-            seq = self.running.pop(int(key), None)
+        self.stage_seconds = _averages(self.stage_seconds, r.stage_ms)
+        self.busy_seconds = _averages(self.busy_seconds, r.busy_ms)
+        if len(r.busy_ms) == len(self.pipeline.plan.stages):
+            self.wire_seconds = _average(self.wire_seconds,
+                                         max(0.0, step - sum(r.busy_ms) / 1e3))
+        for key, why in r.rejected.items():
+            seq = self.running.pop(key, None)
             if seq is None:
                 continue
             log.warning("sequence %s requeued: %s", key, why)
             self._drop(seq, free=True)
             seq.fresh = True
             self.waiting.appendleft(seq)
-        for i, token, lp, top in zip(f["seqs"], f["sampled"], f["logprobs"], f["top"]):
+        for i, token, lp, top in zip(r.seqs, r.sampled, r.logprobs, r.top):
             seq = self.running.get(i)
             if seq is None:
                 continue

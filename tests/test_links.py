@@ -12,7 +12,7 @@ import zmq
 
 from llm_shard import LLM, SamplingParams
 from llm_shard.cluster import links, wire
-from llm_shard.worker.stage import STEP
+from llm_shard.cluster.messages import Step
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
 
@@ -67,9 +67,8 @@ def _foreign_step(address: str, epoch: int) -> None:
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
-    fields = {"epoch": epoch, "mb": 99, "seqs": [12345], "lens": [3], "reset": [12345],
-              "params": {"12345": GREEDY.to_dict()}, "steps": [0]}
-    wire.send(sock, wire.encode(STEP, fields, {"tokens": torch.tensor([1, 2, 3])}))
+    wire.send(sock, Step(epoch, 99, [12345], [3], [0], torch.tensor([1, 2, 3]),
+                         reset=[12345], params={12345: GREEDY}))
     time.sleep(1.5)
     sock.close(linger=0)
     ctx.term()

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+import msgpack
 import psutil
 import pytest
 import torch
@@ -41,19 +42,106 @@ def llm(store, n, **kw):
 
 def assert_threads_bound(model):
     """Workers on this machine take consecutive CPUs of the ones this process may use
-    (wrapping around), and each binds its compute thread and its OpenMP helpers there.
-    Each set our GOMP_SPINCOUNT before torch loaded libgomp (ray_glue.worker_process_env),
-    with no Ray runtime_env (a fresh process per worker start)."""
+    (wrapping around) as their own share; each binds the team it computes with now (its
+    share, or all the machine's CPUs when it is the only busy stage) to CPUs from its first
+    on. Each set our GOMP_SPINCOUNT before torch loaded libgomp
+    (ray_glue.worker_process_env), with no Ray runtime_env (a fresh process per worker
+    start)."""
+    import ray
+
     allowed = sorted(os.sched_getaffinity(0))
     offset = 0
     for w in model.pipeline.workers:
         cpus = [allowed[(offset + i) % len(allowed)] for i in range(w.threads)]
         assert w.info["cpus"] == cpus, (w.index, w.info)
+        assert w.info["machine_cpus"] == len(allowed)
         spin = os.environ.get("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # the raylet's, if set
         assert w.info["omp_env"] == {"GOMP_SPINCOUNT": spin, "applied": True}, w.info
+        team = ray.get(w.actor.stats.remote())["threads"]
+        now = {allowed[(offset + i) % len(allowed)] for i in range(team)}
         offset += w.threads
         bound = [os.sched_getaffinity(t.id) for t in psutil.Process(w.info["pid"]).threads()]
-        assert {c for b in bound if len(b) == 1 for c in b} == set(cpus), (w.index, bound)
+        single = {c for b in bound if len(b) == 1 for c in b}
+        assert now <= single <= set(allowed), (w.index, team, bound)
+
+
+def test_step_threads_follow_what_is_in_flight():
+    """Co-located stages compute on all their machine's CPUs while one micro-batch is in
+    flight, on their own shares while several are; a stage alone on its machine always
+    has all of it; a SPEC's threads= is never changed."""
+    from llm_shard.coordinator.pipeline import StageCores
+    from llm_shard.coordinator.scheduler import step_threads
+
+    two = [StageCores(0, "a", 1, 2, False), StageCores(15, "a", 1, 2, False)]
+    assert step_threads(two, 1) == {0: 2, 15: 2}
+    assert step_threads(two, 2) == step_threads(two, 5) == {0: 1, 15: 1}
+    three = [StageCores(0, "a", 2, 4, False), StageCores(10, "a", 2, 4, False),
+             StageCores(20, "b", 8, 8, False)]
+    assert step_threads(three, 1) == {0: 4, 10: 4, 20: 8}
+    assert step_threads(three, 3) == {0: 2, 10: 2, 20: 8}
+    fixed = [StageCores(0, "a", 1, 2, True), StageCores(15, "a", 1, 2, False)]
+    assert step_threads(fixed, 1) == {0: 1, 15: 2}
+
+
+def test_each_step_carries_the_threads_of_what_is_in_flight():
+    """The scheduler, with a stand-in pipeline of 2 co-located stages and sockets for its
+    first stage and its results (no Ray): a step sent while no other is in flight says all
+    the machine's CPUs; once a second micro-batch is in flight, each stage's share; alone
+    again, all of them."""
+    from types import SimpleNamespace
+
+    from llm_shard.cluster import wire
+    from llm_shard.cluster.messages import Free, Result, Step
+    from llm_shard.coordinator.pipeline import StageCores
+    from llm_shard.coordinator.scheduler import Scheduler
+
+    ctx = zmq.Context()
+    first, results, reply = ctx.socket(zmq.PULL), ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    for sock in (first, results, reply):
+        sock.setsockopt(zmq.LINGER, 0)
+    first.setsockopt(zmq.RCVTIMEO, 10_000)
+    port = first.bind_to_random_port("tcp://127.0.0.1")
+    reply.connect(f"tcp://127.0.0.1:{results.bind_to_random_port('tcp://127.0.0.1')}")
+    pipeline = SimpleNamespace(
+        epoch=0, keys=None, first_address=f"tcp://127.0.0.1:{port}", cache_capacity=1 << 30,
+        store=SimpleNamespace(config=SimpleNamespace(vocab_size=100, cache_bytes_per_token=4)),
+        plan=SimpleNamespace(stages=[None, None]), dead=lambda: [],
+        stage_cores=[StageCores(0, "m", 1, 2, False), StageCores(15, "m", 1, 2, False)])
+    sched = Scheduler(pipeline, None, results, max_len=None)
+
+    def next_step() -> Step:
+        while True:
+            msg = wire.recv(first)
+            if not isinstance(msg, Free):
+                return msg
+
+    def answer(step: Step, token: int) -> None:
+        wire.send(reply, Result(0, step.mb, step.seqs, [token] * len(step.seqs),
+                                [None] * len(step.seqs), [None] * len(step.seqs)))
+
+    try:
+        greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        a = sched.submit([1, 2, 3], greedy)
+        step_a = next_step()
+        assert step_a.threads == {0: 2, 15: 2} and step_a.lens == (3,)
+        b = sched.submit([4, 5], SamplingParams(max_tokens=1, temperature=0))
+        step_b = next_step()
+        assert step_b.threads == {0: 1, 15: 1} and step_b.mb != step_a.mb
+        answer(step_a, 7)
+        step_a = next_step()  # b still in flight
+        assert step_a.threads == {0: 1, 15: 1} and step_a.tokens.tolist() == [7]
+        answer(step_b, 9)
+        assert b.result(timeout=10).token_ids == [9]
+        answer(step_a, 8)
+        step_a = next_step()  # alone again
+        assert step_a.threads == {0: 2, 15: 2} and step_a.tokens.tolist() == [8]
+        answer(step_a, 6)
+        assert a.result(timeout=10).token_ids == [7, 8, 6]
+    finally:
+        sched.close()
+        for sock in (first, results, reply):
+            sock.close()
+        ctx.term()
 
 
 def test_cpu_offsets_are_per_machine_and_can_be_turned_off(monkeypatch):
@@ -104,6 +192,36 @@ def test_split_gives_the_unsplit_tokens_and_logits(ray_cluster, store, reference
         want = torch.log_softmax(LocalModel(store).logits(o.prompt_token_ids)[-1], -1)
         for token, lp in o.logprobs[0].items():
             assert abs(lp - float(want[token])) < 1e-4
+
+
+def test_threads_follow_the_work_and_tokens_stay(ray_cluster, store, reference):
+    """Two workers sharing this machine, each given its share of the CPUs: one sequence
+    (one micro-batch in flight) runs every step on all the machine's CPUs in both stages;
+    two sequences in two micro-batches run on the shares. Greedy tokens are the unsplit
+    model's either way."""
+    import ray
+
+    cpus = len(os.sched_getaffinity(0))
+    share = max(1, cpus // 2)
+
+    def counts():
+        return [ray.get(w.actor.stats.remote())["steps_by_threads"] for w in workers]
+
+    with llm(store, 2) as model:
+        workers = [model.pipeline.workers[s.worker] for s in model.plan.stages]
+        assert len(workers) == 2 and [w.threads for w in workers] == [share, share]
+        assert model.generate(PROMPTS[:1], GREEDY)[0].token_ids == reference[0]
+        alone = counts()
+        assert all(list(c) == [cpus] for c in alone), alone
+        both = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, ignore_eos=True)
+        outs = model.generate(PROMPTS[:2], both)
+        for o, want in zip(outs, reference):
+            assert o.token_ids[:len(want)] == want
+        after = counts()
+        assert all(set(c) <= {share, cpus} for c in after), after
+        # every step but maybe the first (the two requests may arrive apart) on the shares
+        assert all(a.get(share, 0) >= 2 * GREEDY.max_tokens - 1 for a in after), after
+        assert_threads_bound(model)
 
 
 def test_continuous_batching_gives_each_prompt_its_own_tokens(ray_cluster, store, reference):
@@ -265,6 +383,7 @@ def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(ray_cluster
     import ray
 
     from llm_shard.cluster import links, wire
+    from llm_shard.cluster.messages import Step
 
     with llm(store, 1) as model:
         worker = model.pipeline.workers[0]
@@ -274,11 +393,13 @@ def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(ray_cluster
         links.client(sock, model.keys)  # a peer holding the cluster's key, gone wrong
         sock.connect(worker.info["address"])
         sock.send_multipart([b"\x93not a header"])
-        header = wire.encode("step", {"epoch": model.pipeline.epoch})[0]
-        sock.send_multipart([header.replace(b"\x01", b"\x07", 1)])  # another wire version
-        wire.send(sock, wire.encode("step", {"epoch": model.pipeline.epoch, "mb": 99,
-                                             "seqs": [5], "lens": [3]},
-                                    {"tokens": torch.tensor([1, 2])}))
+        header = wire.pack("step", {"epoch": model.pipeline.epoch})[0]
+        sock.send_multipart([header.replace(b"\x02", b"\x07", 1)])  # another wire version
+        # a step whose rows do not add up: 3 rows, 2 tokens
+        fields = msgpack.unpackb(wire.encode(Step(model.pipeline.epoch, 99, [5], [2], [0],
+                                                  torch.tensor([1, 2])))[0])["fields"]
+        sock.send_multipart(wire.pack("step", {**fields, "lens": [3]},
+                                      {"tokens": torch.tensor([1, 2])}))
         sock.close()
         ctx.term()
         deadline = time.monotonic() + 30
@@ -288,7 +409,7 @@ def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(ray_cluster
         assert model.generate(PROMPTS[:1], GREEDY)[0].token_ids == reference[0]
         stats = ray.get(worker.actor.stats.remote())
         assert stats["malformed"] == 3, stats
-        assert "tokens` of 3 rows" in stats["last_error"]
+        assert "tokens must be int64 of shape (3,)" in stats["last_error"]
 
 
 def test_bad_requests_are_refused_by_name(ray_cluster, store):

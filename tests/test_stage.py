@@ -6,51 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_hf_state, write_hf_port
+from conftest import STAGE_GREEDY as GREEDY
+from conftest import chain, greedy_through, random_hf_state, run, step, write_hf_port
 
-from llm_shard.cluster import wire
 from llm_shard.cluster.types import SamplingParams
 from llm_shard.models.runner import LocalModel
-from llm_shard.worker.stage import CACHE_FULL, RESULT, STEP, StageError, StageRunner
-
-BIG = 1 << 34  # cache bytes: no limit in these tests unless they set one
-GREEDY = SamplingParams(max_tokens=8, temperature=0).to_dict()
-
-
-def chain(store, bounds, **kw):
-    return [StageRunner(store, a, b, cache_budget=kw.get("cache_budget", BIG),
-                        wire_dtype=kw.get("wire_dtype", torch.float32))
-            for a, b in zip(bounds, bounds[1:])]
-
-
-def run(stages, fields, tokens):
-    """One step through every stage, with the wire in between (encode/decode)."""
-    tensors = {"tokens": torch.tensor(tokens)}
-    kind = STEP
-    for s in stages:
-        assert kind == STEP
-        msg = wire.decode(wire.encode(kind, fields, tensors))
-        kind, fields, tensors = s.step(msg.fields, msg.tensors)
-    assert kind == RESULT
-    return fields
-
-
-def greedy_through(stages, prompts, n):
-    """Decode n tokens for each prompt together, as the scheduler does."""
-    out = {i: [] for i in range(len(prompts))}
-    seqs = list(range(len(prompts)))
-    f = run(stages, {"epoch": 0, "mb": 0, "seqs": seqs, "lens": [len(p) for p in prompts],
-                     "reset": seqs, "params": {str(i): GREEDY for i in seqs},
-                     "steps": [0] * len(seqs)}, sum(prompts, []))
-    for step in range(1, n + 1):
-        for i, t in zip(f["seqs"], f["sampled"]):
-            out[i].append(t)
-        if step == n:
-            break
-        f = run(stages, {"epoch": 0, "mb": 0, "seqs": seqs, "lens": [1] * len(seqs),
-                         "reset": [], "steps": [step] * len(seqs)},
-                [out[i][-1] for i in seqs])
-    return [out[i] for i in seqs]
+from llm_shard.worker.stage import CACHE_FULL, StageError
 
 
 @pytest.fixture(scope="module")
@@ -76,29 +37,26 @@ def test_smollm2_split_logits_match_unsplit(smollm2_stores, bounds):
     ids = store.tokenizer().encode("The capital of France is")
     want = LocalModel(store).logits(ids)[-1]
     stages = chain(store, bounds)
-    tensors, kind = {"tokens": torch.tensor(ids)}, STEP
-    fields = {"epoch": 0, "mb": 0, "seqs": [0], "lens": [len(ids)], "reset": [0],
-              "params": {"0": GREEDY}, "steps": [0]}
+    msg = step([0], [len(ids)], ids, reset=[0], params={0: GREEDY})
     for s in stages[:-1]:
-        kind, fields, tensors = s.step(fields, tensors)
+        msg = s.step(msg)
     # the last stage's logits, before sampling
     from llm_shard.models.cache import Batch
 
     last = stages[-1]
     last._admit([0], [len(ids)], {0})
     batch = Batch.of([len(ids)], [last.sequences[0].cache])
-    got = last.model(tensors["hidden"], batch, run_blocks=last.blocks.run)[0]
+    got = last.model(msg.hidden, batch, run_blocks=last.blocks.run)[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 def test_cache_budget_rejects_what_does_not_fit(pangu_store):
     (stage,) = chain(pangu_store, [0, 4], cache_budget=0)
     stage.cache_budget = pangu_store.config.cache_bytes_per_token * 256  # one chunk
-    f = run([stage], {"epoch": 0, "mb": 0, "seqs": [0, 1], "lens": [3, 2], "reset": [0, 1],
-                      "params": {"0": GREEDY, "1": GREEDY}, "steps": [0, 0]},
-            [1, 2, 3, 4, 5])
-    assert f["seqs"] == [0] and len(f["sampled"]) == 1
-    assert CACHE_FULL in f["rejected"]["1"]
+    r = run([stage], step([0, 1], [3, 2], [1, 2, 3, 4, 5], reset=[0, 1],
+                          params={0: GREEDY, 1: GREEDY}))
+    assert r.seqs == (0,) and len(r.sampled) == 1
+    assert CACHE_FULL in r.rejected[1]
     assert sorted(stage.sequences) == [0]
     stage.free([0])
     assert stage.sequences == {}
@@ -107,36 +65,35 @@ def test_cache_budget_rejects_what_does_not_fit(pangu_store):
 def test_rejections_travel_to_the_last_stage(pangu_store):
     first, last = chain(pangu_store, [0, 2, 4])
     last.cache_budget = 0
-    f = run([first, last], {"epoch": 0, "mb": 0, "seqs": [0], "lens": [2], "reset": [0],
-                            "params": {"0": GREEDY}, "steps": [0]}, [1, 2])
-    assert f["seqs"] == [] and f["sampled"] == [] and "0" in f["rejected"]
+    r = run([first, last], step([0], [2], [1, 2], reset=[0], params={0: GREEDY}))
+    assert r.seqs == () and r.sampled == () and 0 in r.rejected
 
 
-@pytest.mark.parametrize("fields, tokens, error", [
-    ({"seqs": [0], "lens": [2]}, [1], "tokens` of 2 rows"),
-    ({"seqs": [0, 0], "lens": [1, 1]}, [1, 2], "names sequences"),
-    ({"seqs": [0], "lens": [0]}, [], "at least one row"),
-    ({"seqs": [9], "lens": [1]}, [1], "sequence 9 has no cache"),
-])
-def test_steps_it_cannot_run_are_refused_by_name(pangu_store, fields, tokens, error):
-    (stage,) = chain(pangu_store, [0, 4])
-    with pytest.raises(StageError, match=error):
-        stage.step({"epoch": 0, "mb": 0, "reset": [], "steps": [0] * len(fields["seqs"]),
-                    **fields}, {"tokens": torch.tensor(tokens, dtype=torch.long)})
+def test_steps_it_cannot_run_are_refused_by_name(pangu_store):
+    """What a step's own fields cannot say (cluster/messages.py checks those): a sequence
+    with no cache here, a later stage's step without activations, a new sequence without
+    sampling params on the last stage."""
+    first, last = chain(pangu_store, [0, 2, 4])
+    with pytest.raises(StageError, match="sequence 9 has no cache on blocks"):
+        first.step(step([9], [1], [1]))
+    with pytest.raises(StageError, match=r"blocks \[2, 4\) need the step's `hidden`"):
+        last.step(step([0], [1], [1], reset=[0], params={0: GREEDY}))
+    with pytest.raises(StageError, match="sequence 0 starts without sampling params"):
+        last.step(first.step(step([0], [1], [1], reset=[0])))
 
 
 def test_seeded_sampling_is_the_same_whatever_the_split_and_company(pangu_store):
-    p = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=7).to_dict()
+    p = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=7)
     prompts = [[3, 14, 15], [9, 2, 6, 5, 3]]
 
     def sample_two(stages, together):
         groups = [[0, 1]] if together else [[0], [1]]
         got = {}
         for g in groups:
-            f = run(stages, {"epoch": 0, "mb": 0, "seqs": g, "lens": [len(prompts[i]) for i in g],
-                             "reset": g, "params": {str(i): p for i in g}, "steps": [0] * len(g)},
-                    sum((prompts[i] for i in g), []))
-            got.update(zip(f["seqs"], f["sampled"]))
+            r = run(stages, step(g, [len(prompts[i]) for i in g],
+                                 sum((prompts[i] for i in g), []), reset=g,
+                                 params={i: p for i in g}))
+            got.update(zip(r.seqs, r.sampled))
         return got
 
     alone = sample_two(chain(pangu_store, [0, 4]), together=False)

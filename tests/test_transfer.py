@@ -9,8 +9,11 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -81,6 +84,34 @@ def test_fetch_takes_exactly_the_files_asked_for(store, tmp_path):
         assert (dest / name).read_bytes() == content
 
 
+def test_checked_files_go_to_the_verified_callback(store, tmp_path):
+    """The files whose sha256 a fetch checked, fetched ones and kept ones alike, are handed
+    to `verified` (a worker passes the store's record_verified); nothing else is."""
+    src, data = store
+    dest = tmp_path / "node"
+    seen = []
+    with StoreServer(src) as server:
+        fetch(dest, server.address, ["embed.safetensors"], verified=lambda *a: seen.append(a))
+        sha = hashlib.sha256(data["embed.safetensors"]).hexdigest()
+        assert seen == [(dest, {"embed.safetensors": sha})]
+        seen.clear()
+        fetch(dest, server.address, ["embed.safetensors"], verified=lambda *a: seen.append(a))
+        assert seen == []  # present and the same manifest: nothing checked
+        (dest / MANIFEST).write_text("{}")  # another version of the store's manifest
+        fetch(dest, server.address, ["embed.safetensors"], verified=lambda *a: seen.append(a))
+        assert seen == [(dest, {"embed.safetensors": sha})]  # checked again, and kept
+
+
+def test_transfer_knows_no_models():
+    """cluster/transfer.py is pure transport: importing it loads nothing of llm_shard.models
+    (a fetch reports what it checked through its `verified` callback)."""
+    code = ("import sys, llm_shard.cluster.transfer; "
+            "print(sorted(m for m in sys.modules if m.startswith('llm_shard.models')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_a_fetch_the_disk_has_no_room_for_is_refused_before_writing(store, tmp_path,
                                                                     monkeypatch):
     """The free space is checked first: a full disk is a clear error naming the bytes
@@ -146,12 +177,12 @@ def test_a_corrupt_chunk_fails_the_checksum_and_the_file_is_fetched_again(store,
     with StoreServer(src) as server:
         answer, spoiled = server._answer, []
 
-        def corrupt_once(body):
-            header, chunk = answer(body)
-            if header.get("file") == name and header["offset"] == 3 * CHUNK and not spoiled:
+        def corrupt_once(request):
+            reply = answer(request)
+            if reply.file == name and reply.offset == 3 * CHUNK and not spoiled:
                 spoiled.append(True)
-                chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
-            return header, chunk
+                reply = replace(reply, data=bytes([reply.data[0] ^ 0xFF]) + reply.data[1:])
+            return reply
 
         server._answer = corrupt_once
         stats = fetch(tmp_path / "node", server.address, [name], chunk_bytes=CHUNK)

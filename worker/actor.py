@@ -8,11 +8,13 @@ is logged, counted and dropped, and the loop keeps serving.
 
 All of a worker's torch compute runs on that one loop thread, control calls' too
 (`_on_loop`): libgomp gives each thread that starts parallel work its own pool of
-threads, and once two pools exist on a 2-core node it stops spinning between parallel
-regions; decode of SmolLM2 then took 38 ms a token instead of 19 (measured here).
-That team is bound to CPUs (`cpu_offset`): thread i to the worker's CPU i, and the loop
-thread with ZeroMQ's I/O thread to its first. The workers of one machine take turns, and
-an unbound team woken after its idle gap could share one CPU for milliseconds.
+threads, and two pools on one small machine stop spinning between parallel regions,
+which halves decode speed. That team is bound to CPUs (`cpu_offset`): thread i to the
+i-th CPU from the worker's first, the loop thread with ZeroMQ's I/O thread to that
+first one; an unbound team woken after its idle gap could share one CPU for
+milliseconds. Each step says how many threads to compute it with (its share of the
+machine, or all the machine's CPUs when no other stage there is busy: the scheduler
+knows); the team is resized and bound again only when that count changes.
 
 Ray starts it as `ray.remote(Worker)` so the dashboard and `ray list actors` say Worker.
 """
@@ -26,24 +28,25 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 
 import torch
 import zmq
 
 from llm_shard.cluster import links, ray_glue, transfer, wire
+from llm_shard.cluster.messages import Error, Free, Step
 from llm_shard.cluster.types import Tier
 from llm_shard.models.base import Part, on_meta
 from llm_shard.models.cache import Batch, Prefix, SequenceCache
 from llm_shard.models.checkpoint.catalog import home
-from llm_shard.models.checkpoint.store import Store
+from llm_shard.models.checkpoint.store import Store, record_verified
 from llm_shard.models.kernels import w8a16
 
-from .stage import FREE, STEP, StageError, StageRunner
+from .stage import StageError, StageRunner
 from .tiers import Streamer, read_file
 
 log = logging.getLogger("llm_shard.worker")
 
-ERROR = "error"
 # A worker's fixed memory overhead, beyond its RAM budget: Python, torch, Ray, ZeroMQ and
 # the model code of an idle worker. Measured on start (info()["baseline_rss"]): ~360 MiB
 # with torch 2.13 CPU and Ray 2.60. Its peak RSS stays within budget + this baseline.
@@ -84,7 +87,10 @@ class Worker:
                         "machine may slow each other; export GOMP_SPINCOUNT in the "
                         "environment of `ray start`", self.omp_env["GOMP_SPINCOUNT"])
         allowed = os.sched_getaffinity(0)
-        self.cpus = self._cpus(cpu_offset)
+        self.allowed, self.cpu_offset = sorted(allowed), cpu_offset
+        self.cpus = self._cpus(self.threads)
+        self.computing = self.threads  # the threads the team has now (a step may change it)
+        self.steps_by_threads: dict[int, int] = {}
         if self.cpus:  # what this thread starts next (ZeroMQ's I/O thread, the loop) is
             os.sched_setaffinity(0, self.cpus[:1])  # bound to the loop's CPU
         # -- store transfer (cluster/transfer.py) ------------------------------------
@@ -129,13 +135,9 @@ class Worker:
         self.loop = threading.Thread(target=self._loop, name="stage-loop", daemon=True)
         self.loop.start()
         if self.cpus:
-            try:
-                self._on_loop(w8a16.pin_threads, self.cpus)
-            except OSError as e:  # run unbound rather than not at all
-                log.warning("threads not bound to CPUs: %s", e)
-                self._on_loop(os.sched_setaffinity, 0, allowed)
+            self._on_loop(self._bind, self.cpus)
+            if self.cpus is None:  # binding failed: this thread is unbound too
                 os.sched_setaffinity(0, allowed)
-                self.cpus = None
         with on_meta():  # import and initialise the model code: no weights
             self.store.arch.build(self.store.config, Part("embed"))
         self.baseline_rss = rss_bytes()  # Python, torch, Ray, ZeroMQ, model code: no weights
@@ -147,7 +149,8 @@ class Worker:
         if src is None:
             return
         stats = transfer.fetch(self.store_path, src.address, [p.file for p in parts],
-                               manifest_sha256=src.manifest_sha256, keys=src.keys)
+                               manifest_sha256=src.manifest_sha256, keys=src.keys,
+                               verified=record_verified)
         if stats.files:
             self.fetched.append(stats.to_dict())
 
@@ -157,29 +160,52 @@ class Worker:
                     + [Part("head")] * (end == n))
     # -- end store transfer ----------------------------------------------------------
 
-    def _cpus(self, offset: int | None) -> list[int] | None:
-        """The CPUs this worker binds its threads to: `threads` of those this process may
-        use, from `offset` on (wrapping around); None to leave them unbound."""
-        if offset is None:
+    def _cpus(self, n: int) -> list[int] | None:
+        """The CPUs a team of n threads binds to: n of those this process may use, from the
+        worker's `cpu_offset` on (wrapping around); None to leave them unbound."""
+        if self.cpu_offset is None:
             return None
-        allowed = sorted(os.sched_getaffinity(0))
-        if self.threads > len(allowed):
-            log.warning("threads not bound to CPUs: %d threads on %d CPUs", self.threads,
-                        len(allowed))
+        if n > len(self.allowed):
+            log.warning("threads not bound to CPUs: %d threads on %d CPUs", n,
+                        len(self.allowed))
             return None
         try:
             w8a16.load()  # binding runs in the kernel's library
         except (RuntimeError, OSError) as e:
             log.warning("threads not bound to CPUs: %s", e)
             return None
-        return [allowed[(offset + i) % len(allowed)] for i in range(self.threads)]
+        return [self.allowed[(self.cpu_offset + i) % len(self.allowed)] for i in range(n)]
+
+    def _compute_with(self, n: int) -> None:
+        """On the loop thread: compute with n threads from now, bound to n CPUs from the
+        worker's first (its own share, or more of the machine's) where its threads are
+        bound. Resizes and binds the team only when n changes."""
+        if n == self.computing:
+            return
+        cpus = self._cpus(n) if self.cpus else None
+        if cpus:
+            self._bind(cpus)
+        else:
+            torch.set_num_threads(n)
+        self.computing = n
+
+    def _bind(self, cpus: list[int]) -> None:
+        """On the loop thread: a team of len(cpus) threads, thread i bound to cpus[i]; where
+        that fails, unbound (self.cpus None) rather than not at all."""
+        try:
+            w8a16.pin_threads(cpus)
+        except OSError as e:
+            log.warning("threads not bound to CPUs: %s", e)
+            os.sched_setaffinity(0, self.allowed)
+            torch.set_num_threads(len(cpus))
+            self.cpus = None
 
     # ------------------------------------------------------------------ control
     def info(self) -> dict:
         import ray
 
         return {"address": self._address, "pid": os.getpid(), "threads": self.threads,
-                "cpus": self.cpus,
+                "cpus": self.cpus, "machine_cpus": len(self.allowed),
                 "baseline_rss": self.baseline_rss, "omp_env": self.omp_env,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
@@ -275,6 +301,7 @@ class Worker:
             r = self.runner
             streamer = r.blocks.streamer if r else None
             return {"epoch": self.epoch, "steps": self.steps, "malformed": self.malformed,
+                    "threads": self.computing, "steps_by_threads": dict(self.steps_by_threads),
                     "refused_connections": self.guard.refused,
                     "last_error": self.last_error,
                     "sequences": sorted(r.sequences) if r else [],
@@ -381,22 +408,24 @@ class Worker:
         self.last_error = why
         log.error("worker at %s dropped a %s", self._address, why)
 
-    def _handle(self, msg: wire.Message, received: float) -> None:
-        """Run a step (or free caches) and send it on; the step's fields gain `busy_ms`,
-        how long this worker held it, from receiving it to sending it on: with the
-        round trip, the coordinator tells the wire's share (Scheduler.wire_seconds)."""
-        if msg.fields.get("epoch") != self.epoch or self.runner is None:
+    def _handle(self, msg, received: float) -> None:
+        """Run a step (or free caches) and send it on; the step gains `busy_ms`, how long
+        this worker held it, from receiving it to sending it on: with the round trip, the
+        coordinator tells the wire's share (Scheduler.wire_seconds)."""
+        if msg.epoch != self.epoch or self.runner is None:
             return  # sent before a re-plan: its sequences are being replayed
-        if msg.kind == FREE:
-            self.runner.free(msg.fields.get("seqs", ()))
+        if isinstance(msg, Free):
+            self.runner.free(msg.seqs)
             if not self.runner.last:
-                wire.send(self.next, wire.encode(FREE, msg.fields))
+                wire.send(self.next, msg)
             return
-        if msg.kind != STEP:
-            self._malformed(f"message of unknown kind {msg.kind!r}")
+        if not isinstance(msg, Step):
+            self._malformed(f"{msg.KIND} message, which no stage runs")
             return
+        threads = msg.threads.get(self.runner.start, self.computing)
         try:
-            kind, fields, tensors = self.runner.step(msg.fields, msg.tensors)
+            self._compute_with(threads)
+            out = self.runner.step(msg)
         except (StageError, KeyError, TypeError, ValueError) as e:
             self._malformed(f"step it cannot run: {e}")
             self._error(msg, e)
@@ -406,14 +435,14 @@ class Worker:
             self._error(msg, e)
             return
         self.steps += 1
-        fields["busy_ms"] = [*fields.get("busy_ms", ()), (time.perf_counter() - received) * 1e3]
-        wire.send(self.next, wire.encode(kind, fields, tensors))
+        self.steps_by_threads[threads] = self.steps_by_threads.get(threads, 0) + 1
+        wire.send(self.next, replace(out, busy_ms=(*out.busy_ms,
+                                                   (time.perf_counter() - received) * 1e3)))
 
-    def _error(self, msg: wire.Message, e: Exception) -> None:
-        fields = {"epoch": self.epoch, "mb": msg.fields.get("mb"),
-                  "error": f"{type(e).__name__}: {e}",
-                  "blocks": [self.runner.start, self.runner.end]}
+    def _error(self, msg: Step, e: Exception) -> None:
+        err = Error(self.epoch, msg.mb, f"{type(e).__name__}: {e}",
+                    (self.runner.start, self.runner.end))
         try:
-            wire.send(self.report, wire.encode(ERROR, fields))
+            wire.send(self.report, err)
         except (wire.WireError, zmq.ZMQError):
             log.exception("could not report an error to the coordinator")

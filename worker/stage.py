@@ -1,6 +1,6 @@
 """The compute of one pipeline stage on decoded messages: its blocks, its sequences'
 caches, and on the last stage the sampler. No ZeroMQ and no Ray: `StageRunner.step`
-takes a message's fields and tensors and returns the next message's, so tests chain
+takes a Step (cluster/messages.py) and returns the message to send on, so tests chain
 stages in one process and the actor (worker/actor.py) only moves bytes.
 
 A step carries, for each sequence in a micro-batch, its new token rows (`lens`), and
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from llm_shard.cluster import wire
+from llm_shard.cluster.messages import Result, Step
 from llm_shard.cluster.types import SamplingParams, Tier, sequence_bytes
 from llm_shard.models.cache import Batch, Prefix, SequenceCache
 from llm_shard.models.checkpoint.store import Store
@@ -28,7 +29,6 @@ from .tiers import TieredBlocks
 
 log = logging.getLogger(__name__)
 
-STEP, RESULT, FREE = "step", "result", "free"
 CACHE_FULL = "cache full"
 
 
@@ -106,45 +106,31 @@ class StageRunner:
         return rejected
 
     # ------------------------------------------------------------------ compute
-    def step(self, fields: dict, tensors: dict[str, torch.Tensor]) -> tuple[str, dict, dict]:
-        """Run one step message; returns (kind, fields, tensors) of the message to send on:
-        another step for the next stage, or the result (sampled tokens) from the last."""
-        seqs, lens = [int(i) for i in fields["seqs"]], [int(n) for n in fields["lens"]]
-        if len(seqs) != len(lens) or len(set(seqs)) != len(seqs):
-            raise StageError(f"step names sequences {seqs} with row counts {lens}")
-        if any(n < 1 for n in lens):
-            raise StageError(f"every sequence needs at least one row, got {lens}")
-        tokens = tensors.get("tokens")
-        if tokens is None or tokens.dim() != 1 or tokens.numel() != sum(lens):
-            raise StageError(f"step needs `tokens` of {sum(lens)} rows, got "
-                             f"{None if tokens is None else tuple(tokens.shape)}")
-        hidden = None
-        if not self.first:
-            hidden = tensors.get("hidden")
-            if hidden is None or hidden.dim() != 2 or hidden.shape[0] != sum(lens):
-                raise StageError(f"step needs `hidden` of {sum(lens)} rows, got "
-                                 f"{None if hidden is None else tuple(hidden.shape)}")
-        self.free(fields.get("free", ()))
-        reset = {int(i) for i in fields.get("reset", ())}
-        rejected = dict(fields.get("rejected", {}))
+    def step(self, msg: Step) -> Step | Result:
+        """Run one step; returns the message to send on: the step for the next stage, or
+        the Result (sampled tokens) from the last. The Step arrives validated (its rows add
+        up); what depends on this stage (its caches, `hidden` past stage 0) is checked here."""
+        if not self.first and msg.hidden is None:
+            raise StageError(f"blocks [{self.start}, {self.end}) need the step's `hidden` "
+                             "activations")
+        self.free(msg.free)
+        reset = set(msg.reset)
+        seqs, lens, steps = list(msg.seqs), list(msg.lens), list(msg.steps)
+        tokens, hidden = msg.tokens, msg.hidden
         new_rejects = self._admit(seqs, lens, reset)
-        rejected.update({str(k): v for k, v in new_rejects.items()})
         if new_rejects:  # drop the rejected sequences' rows before computing
             keep = [j for j, i in enumerate(seqs) if i not in new_rejects]
             rows = torch.cat([torch.arange(sum(lens[:j]), sum(lens[:j + 1])) for j in keep]) \
                 if keep else torch.zeros(0, dtype=torch.long)
             tokens = tokens[rows]
             hidden = hidden[rows] if hidden is not None else None
-            seqs, lens = [seqs[j] for j in keep], [lens[j] for j in keep]
-        out_fields = {k: v for k, v in fields.items() if k != "rejected"}
-        if new_rejects and "steps" in fields:
-            out_fields["steps"] = [fields["steps"][j] for j in keep]
-        out_fields.update(seqs=seqs, lens=lens, rejected=rejected)
+            seqs, lens, steps = ([v[j] for j in keep] for v in (seqs, lens, steps))
+        rejected = {**msg.rejected, **new_rejects}
         if not seqs:
-            return self._empty(out_fields, tokens)
+            return self._empty(msg, tokens, rejected)
 
-        known = fields.get("prefixes") or {}  # GLM prompt contexts, from the first stage
-        prefixes = [Prefix(*known[str(i)]) if str(i) in known else None for i in seqs]
+        # GLM prompt contexts: found by the first stage, passed on to the others
+        prefixes = [Prefix(*msg.prefixes[i]) if i in msg.prefixes else None for i in seqs]
         batch = Batch.of(lens, [self.sequences[i].cache for i in seqs],
                          prefixes if any(prefixes) else None)
         x = tokens if self.first else wire.from_wire(hidden, self.dtype)
@@ -152,47 +138,43 @@ class StageRunner:
             x = x.to(self.device)
         t0 = time.perf_counter()
         out = self.model(x, batch, run_blocks=self.blocks.run)
-        out_fields["stage_ms"] = [*fields.get("stage_ms", ()), (time.perf_counter() - t0) * 1e3]
+        stage_ms = (*msg.stage_ms, (time.perf_counter() - t0) * 1e3)
         for i, n in zip(seqs, lens):
             self.sequences[i].tokens += n
+        found = msg.prefixes
         if self.first and batch.prefixes is not None:
-            out_fields["prefixes"] = {str(i): [p.length, p.mask_pos]
-                                      for i, p in zip(seqs, batch.prefixes)
-                                      if p is not None and i in reset}
+            found = {i: (p.length, p.mask_pos) for i, p in zip(seqs, batch.prefixes)
+                     if p is not None and i in reset}
         if not self.last:
-            hidden = wire.to_wire(out, self.wire_dtype)
-            return STEP, out_fields, {"tokens": tokens, "hidden": hidden}
-        return RESULT, self._sample(out, out_fields, tokens, reset), {}
+            return replace(msg, seqs=seqs, lens=lens, steps=steps, tokens=tokens,
+                           hidden=wire.to_wire(out, self.wire_dtype), rejected=rejected,
+                           prefixes=found, stage_ms=stage_ms)
+        picked = self._sample(out, msg, seqs, lens, steps, tokens, reset)
+        return Result(msg.epoch, msg.mb, seqs, [p.token for p in picked],
+                      [p.logprob for p in picked], [p.top_logprobs for p in picked],
+                      rejected=rejected, stage_ms=stage_ms, busy_ms=msg.busy_ms)
 
-    def _empty(self, out_fields: dict, tokens: torch.Tensor) -> tuple[str, dict, dict]:
+    def _empty(self, msg: Step, tokens: torch.Tensor, rejected: dict[int, str]) -> Step | Result:
         """Every sequence was rejected: pass the rejections on with no rows."""
         if not self.last:
-            return STEP, out_fields, {"tokens": tokens,
-                                      "hidden": torch.zeros(0, 0, dtype=self.wire_dtype)}
-        out_fields.pop("params", None), out_fields.pop("steps", None)
-        out_fields.update(sampled=[], logprobs=[], top=[])
-        return RESULT, out_fields, {}
+            return replace(msg, seqs=(), lens=(), steps=(), tokens=tokens,
+                           hidden=torch.zeros(0, 0, dtype=self.wire_dtype), rejected=rejected)
+        return Result(msg.epoch, msg.mb, (), (), (), (), rejected=rejected,
+                      stage_ms=msg.stage_ms, busy_ms=msg.busy_ms)
 
-    def _sample(self, logits: torch.Tensor, out_fields: dict, tokens: torch.Tensor,
-                reset: set[int]) -> dict:
-        seqs, lens = out_fields["seqs"], out_fields["lens"]
-        params_in = out_fields.pop("params", {}) or {}
+    def _sample(self, logits: torch.Tensor, msg: Step, seqs: list[int], lens: list[int],
+                steps: list[int], tokens: torch.Tensor, reset: set[int]) -> list:
+        """Each sequence's next token (models/text/sampling.py's picks), its history first
+        extended by this step's rows (a reset one starts with its params)."""
         ids = tokens.tolist()
         offset = 0
         for i, n in zip(seqs, lens):
             s = self.sequences[i]
             if i in reset:
-                p = params_in.get(str(i))
-                if p is None:
+                if i not in msg.params:
                     raise StageError(f"sequence {i} starts without sampling params")
-                s.params, s.history = SamplingParams.from_dict(p), []
+                s.params, s.history = msg.params[i], []
             s.history.extend(ids[offset:offset + n])
             offset += n
-        steps = [int(k) for k in out_fields.pop("steps")]
-        picked = sample(logits, [self.sequences[i].params for i in seqs],
-                        [self.sequences[i].history for i in seqs], steps)
-        out_fields.update(sampled=[p.token for p in picked],
-                          logprobs=[p.logprob for p in picked],
-                          top=[[list(t) for t in p.top_logprobs] if p.top_logprobs is not None
-                               else None for p in picked])
-        return out_fields
+        return sample(logits, [self.sequences[i].params for i in seqs],
+                      [self.sequences[i].history for i in seqs], steps)
