@@ -126,3 +126,24 @@ def test_rwkv_templates():
     one = [{"role": "user", "content": "hi"}]
     assert chat.render("rwkv-raven", one) == "Bob: hi\n\nAlice:"
     assert chat.render("rwkv-world", one) == "User: hi\n\nAssistant:"
+
+
+def test_raven_tokenizer_beside_a_pth(tmp_path):
+    """ChatRWKV's 20B_tokenizer.json beside a .pth (a byte-level BPE written here): its ids,
+    <|endoftext|> (id 0) ends a turn, nothing is prepended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llm_shard.models.text.tokenizer import tokenizer_from_folder
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["Bob: hello there\n\nAlice: hi, how are you?"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.save(str(tmp_path / "20B_tokenizer.json"))
+    tok = tokenizer_from_folder(tmp_path, "rwkv")
+    text = "Bob: hello\n\nAlice:"
+    assert tok.encode(text) == bpe.encode(text).ids and tok.decode(tok.encode(text)) == text
+    assert tok.eos_ids == (0,) and bpe.token_to_id("<|endoftext|>") == 0
+    assert tok.bos_id is None and tok.chat_template == "rwkv-raven"
