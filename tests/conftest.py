@@ -294,9 +294,9 @@ def smollm2_stores(smollm2_path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_hf_folder(smollm2_path, smollm2_stores) -> Path:
-    """SmolLM2 as transformers loads it from the GGUF, saved as a plain fp32 safetensors
-    folder once a session (transformers dequantizes a GGUF in 10-20 s here; the folder
-    loads in one); the bench suite's own copy, which it then finds made."""
+    """SmolLM2 as transformers loads it from the GGUF, saved once a session as a plain fp32
+    safetensors folder (much faster to load than dequantizing the GGUF again); the bench
+    suite's own copy, which it then finds made."""
     pytest.importorskip("transformers")
     from llm_shard.benchmarks.versus import hf_folder
 
