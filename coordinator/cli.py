@@ -11,12 +11,13 @@ import functools
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import click
 
 from llm_shard.cluster.resources import node_resources
-from llm_shard.coordinator.config import EngineConfig
+from llm_shard.coordinator.config import MAX_PROMPTS_PER_REQUEST, EngineConfig
 from llm_shard.models import arch_names
 from llm_shard.models.errors import (
     DTYPE_NAMES,
@@ -96,8 +97,6 @@ def cli(debug: bool) -> None:
 def convert(src: str, arch: str | None, dtype: str, out: str, overwrite: bool,
             rounding: str | None) -> None:
     """Convert a checkpoint (HF folder, Meta folder, Megatron file, GGUF) into a store."""
-    from pathlib import Path
-
     from llm_shard.models.checkpoint.convert import convert as run
 
     if (Path(out) / "manifest.json").exists() and not overwrite:
@@ -348,6 +347,40 @@ def _open_llm(model: str, engine: EngineConfig):
         raise click.ClickException(str(e)) from None
 
 
+API_KEY_HELP = {"serve": "Demand 'Authorization: Bearer KEY' on every route but /health "
+                         "and the chat page",
+                "chat": "For a URL that demands one"}
+
+
+def _api_key_options(f):
+    """--api-key (or LLM_SHARD_API_KEY) and --api-key-file: the verb receives `api_key`,
+    the key or None. A file keeps the key out of `ps`; its whitespace ends are dropped."""
+
+    @functools.wraps(f)
+    def verb(api_key, api_key_file, **kwargs):
+        if api_key_file is not None:
+            if api_key:
+                raise click.UsageError("give --api-key (or LLM_SHARD_API_KEY) or "
+                                       "--api-key-file, not both")
+            try:
+                api_key = api_key_file.read_bytes().decode("utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise click.BadParameter(f"cannot read a key from {api_key_file}: {e}",
+                                         param_hint="--api-key-file") from None
+            if not api_key:
+                raise click.BadParameter(f"{api_key_file} is empty",
+                                         param_hint="--api-key-file")
+        return f(api_key=api_key or None, **kwargs)
+
+    verb = click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+                        default=None, help="Read the API key from this file (UTF-8; "
+                        "surrounding whitespace dropped).")(verb)
+    return click.option("--api-key", envvar="LLM_SHARD_API_KEY", default=None,
+                        help=f"{API_KEY_HELP[f.__name__]} (env LLM_SHARD_API_KEY). On the "
+                        "command line it shows in `ps`: prefer the environment or "
+                        "--api-key-file.")(verb)
+
+
 def _stop_ray() -> None:
     """Disconnect from Ray; a local Ray this process started stops with it."""
     import ray
@@ -361,14 +394,16 @@ def _stop_ray() -> None:
 @engine_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--api-key", envvar="LLM_SHARD_API_KEY", default=None,
-              help="Demand 'Authorization: Bearer KEY' (env LLM_SHARD_API_KEY); /health and "
-                   "the chat page stay open.")
+@_api_key_options
+@click.option("--max-prompts-per-request", default=MAX_PROMPTS_PER_REQUEST, show_default=True,
+              type=click.IntRange(1, None),
+              help="Prompts one /v1/completions request may carry (400 beyond).")
 @click.option("--served-model-name", default=None,
               help="The model's name in the API (default: MODEL as given).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(model, engine, host, port, api_key, served_model_name, log_level) -> None:
+def serve(model, engine, host, port, api_key, max_prompts_per_request, served_model_name,
+          log_level) -> None:
     from llm_shard.coordinator.http import bind, create_app, run
 
     try:
@@ -381,7 +416,8 @@ def serve(model, engine, host, port, api_key, served_model_name, log_level) -> N
         llm = _open_llm(model, engine)
         click.echo(llm.describe_plan())
         name = served_model_name or model
-        app = create_app(llm, model_name=name, api_key=api_key)
+        app = create_app(llm, model_name=name, api_key=api_key,
+                         max_prompts_per_request=max_prompts_per_request)
         url = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
         click.echo(f"serving {name} on {url} (chat page: {url}/, OpenAI API: {url}/v1)"
                    + ("; API key required" if api_key else ""), err=True)
@@ -404,8 +440,7 @@ model's chat template. Type /clear to forget the conversation, /quit (or Ctrl-D)
 @cli.command(help=CHAT_HELP)
 @click.argument("target", metavar="MODEL|URL")
 @engine_options
-@click.option("--api-key", envvar="LLM_SHARD_API_KEY", default=None,
-              help="For a URL that demands one (env LLM_SHARD_API_KEY).")
+@_api_key_options
 @click.option("--system", default=None, help="A system message to start the conversation.")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, None))
 @click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0))

@@ -155,7 +155,8 @@ class _Base:
         self.url, self.model = url.rstrip("/"), model
         self.concurrency, self.retries, self.backoff = concurrency, retries, backoff
         key = api_key or os.environ.get("LLM_SHARD_API_KEY")
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # as UTF-8 bytes: httpx encodes a str header as ASCII, and the server compares bytes
+        self.headers = {"Authorization": f"Bearer {key}".encode()} if key else {}
         self.timeout = httpx.Timeout(timeout, connect=10.0)
 
     def _body(self, **fields) -> dict:

@@ -4,7 +4,8 @@
     LLM("smollm2-135m", config=EngineConfig(workers=["ram=1GiB"], cache_tokens=1024))
 
 The CLI's `serve` and `chat` flags are these fields (cli.py `engine_options`). Light: no
-torch, Ray or ZeroMQ, so `llm-shard --help` can read the defaults.
+torch, Ray or ZeroMQ, so `llm-shard --help` can read the defaults (the HTTP server's own
+too: MAX_PROMPTS_PER_REQUEST).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .planner import DEFAULT_HOP_SECONDS
+
+# The HTTP server's cap on prompts in one completions request (serve
+# --max-prompts-per-request): beyond it, a 400.
+MAX_PROMPTS_PER_REQUEST = 256
 
 
 @dataclass(frozen=True)
@@ -69,4 +74,4 @@ class EngineConfig:
         return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-__all__ = ["EngineConfig"]
+__all__ = ["EngineConfig", "MAX_PROMPTS_PER_REQUEST"]

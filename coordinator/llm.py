@@ -37,6 +37,33 @@ log = logging.getLogger("llm_shard.coordinator")
 # Share of this machine's available memory that `workers=N` divides between N workers.
 LOCAL_RAM_SHARE = 0.8
 UNBOUNDED_CONTEXT = 1 << 20  # a recurrent model (RWKV): nothing bounds a sequence
+# Stop rules are checked on the scheduler's thread at every token of a sequence: a request
+# may not bring more than this many (OpenAI allows 4 stop strings).
+MAX_STOP_STRINGS = 32
+MAX_STOP_TOKEN_IDS = 1024
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses before queueing it; `param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_text(name: str, text: str) -> str:
+    """`text`, if it is valid Unicode; an InvalidRequest naming `name` for a lone surrogate
+    (a tokenizer, a JSON encoder and msgpack all refuse one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(name, f"{name} holds a lone surrogate (U+{ord(text[e.start]):04X} "
+                             f"at {e.start}): text must be valid Unicode") from None
+    return text
+
+
+def _out_of_vocab(ids, vocab: int) -> list:
+    return [t for t in ids if not 0 <= t < vocab][:5]
 
 
 def _available_ram() -> int:
@@ -160,8 +187,42 @@ class LLM:
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
                on_text=None):
-        """Queue one tokenized prompt; returns a Future of its Completion."""
-        return self.scheduler.submit(prompt_token_ids, params or SamplingParams(), on_text)
+        """Queue one tokenized prompt; returns a Future of its Completion. An
+        InvalidRequest (a ValueError naming the field) for what `check_request` refuses."""
+        params = params or SamplingParams()
+        self.check_request(prompt_token_ids, params)
+        return self.scheduler.submit(prompt_token_ids, params, on_text)
+
+    def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """An InvalidRequest naming the field of a request this model cannot mean: a token
+        id outside its vocabulary (prompt, stop_token_ids), top_k over it, more stop rules
+        than MAX_STOP_*, a stop string that is not valid Unicode, or a prompt and
+        max_tokens that no context or cache holds (`check_fits`). SamplingParams itself
+        bounds the rest (seed within 64 bits, logprobs, ...)."""
+        vocab = self.store.config.vocab_size
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt", "a prompt needs at least one token")
+        bad = _out_of_vocab(prompt_token_ids, vocab)
+        if bad:
+            raise InvalidRequest("prompt", f"prompt token ids {bad} are outside the "
+                                 f"vocabulary [0, {vocab})")
+        if params.top_k > vocab:
+            raise InvalidRequest("top_k", f"top_k must be <= the vocabulary size {vocab} "
+                                 f"(0 is off), got {params.top_k}")
+        if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest("stop_token_ids", f"stop_token_ids holds "
+                                 f"{len(params.stop_token_ids)} ids; at most "
+                                 f"{MAX_STOP_TOKEN_IDS}")
+        bad = _out_of_vocab(params.stop_token_ids, vocab)
+        if bad:
+            raise InvalidRequest("stop_token_ids", f"stop_token_ids {bad} are outside the "
+                                 f"vocabulary [0, {vocab})")
+        if len(params.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest("stop", f"stop holds {len(params.stop)} strings; at most "
+                                 f"{MAX_STOP_STRINGS}")
+        for k, s in enumerate(params.stop):
+            check_text(f"stop[{k}]", s)
+        self.check_fits(len(prompt_token_ids), params.max_tokens)
 
     def cancel(self, future) -> None:
         """Stop a submitted request and free its caches (its Future is cancelled)."""
@@ -182,18 +243,20 @@ class LLM:
         return self.pipeline.cache_capacity // per_token if per_token else UNBOUNDED_CONTEXT
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
-        """A ValueError for a request no stage's cache can ever hold (the scheduler would
-        fail it after queueing), and for one longer than the model's context."""
+        """An InvalidRequest (max_tokens) for a request no stage's cache can ever hold (the
+        scheduler would fail it after queueing), and for one longer than the context."""
         context = self.max_model_len
         if prompt_len + max_tokens > context or max_tokens < 1:
-            raise ValueError(f"prompt of {prompt_len} tokens + max_tokens {max_tokens} is "
-                             f"longer than the model's {context}-token context")
+            raise InvalidRequest("max_tokens", f"prompt of {prompt_len} tokens + max_tokens "
+                                 f"{max_tokens} is longer than the model's {context}-token "
+                                 "context")
         capacity = self.pipeline.cache_capacity  # bytes per block, all sequences together
         if sequence_bytes(self.store.config, prompt_len + max_tokens) > capacity:
             per_token = self.store.config.cache_bytes_per_token
             held = f" ({capacity // per_token} tokens)" if per_token else ""
-            raise ValueError(f"prompt of {prompt_len} tokens + max_tokens {max_tokens} needs "
-                             f"more cache than a stage holds{held}: ask for fewer tokens")
+            raise InvalidRequest("max_tokens", f"prompt of {prompt_len} tokens + max_tokens "
+                                 f"{max_tokens} needs more cache than a stage holds{held}: "
+                                 "ask for fewer tokens")
 
     def not_ready(self) -> str | None:
         """Why this engine cannot serve now (shut down, no plan fits, a worker of the plan
@@ -221,7 +284,8 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError(f"the store {self.store.path} has no tokenizer: "
                                  "pass prompt_token_ids")
-            ids = [self.tokenizer.encode(p) for p in texts]
+            ids = [self.tokenizer.encode(check_text(f"prompts[{k}]", p))
+                   for k, p in enumerate(texts)]
         else:
             ids = [list(map(int, p)) for p in prompt_token_ids]
             texts = [None] * len(ids)
@@ -283,4 +347,5 @@ class LLM:
         self.shutdown()
 
 
-__all__ = ["LLM", "EngineConfig", "RequestError", "worker_capacities"]
+__all__ = ["LLM", "EngineConfig", "InvalidRequest", "RequestError", "check_text",
+           "worker_capacities"]

@@ -27,9 +27,9 @@ class Generation:
                 f = llm.submit(i, p, on_text=lambda piece, k=k: self._put((k, piece)))
                 f.add_done_callback(lambda f, k=k: self._put((k, f)))
                 self.futures.append(f)
-        except ValueError as e:  # the prompt does not fit the context, or bad token ids
+        except ValueError as e:  # what LLM.check_request refuses (an InvalidRequest)
             self.cancel()
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param=getattr(e, "param", None)) from None
         except RequestError as e:
             self.cancel()
             raise ApiError(503, str(e), "server_error") from None

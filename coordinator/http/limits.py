@@ -1,11 +1,15 @@
-"""The request body limit: an ASGI middleware that refuses a body over MAX_BODY_BYTES with
-a 413 before anything parses it."""
+"""What one request may ask for: a body of at most MAX_BODY_BYTES (an ASGI middleware
+refuses a larger one with a 413 before anything parses it), and at most
+MAX_PROMPTS_PER_REQUEST prompts in one completions request (the routes answer 400)."""
 
 from __future__ import annotations
 
+from ..config import MAX_PROMPTS_PER_REQUEST
 from .errors import error_response
 
 MAX_BODY_BYTES = 8 << 20
+
+__all__ = ["MAX_BODY_BYTES", "MAX_PROMPTS_PER_REQUEST", "BodyLimit"]
 
 
 class BodyLimit:

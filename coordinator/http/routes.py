@@ -4,6 +4,7 @@ engine's."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -11,13 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from llm_shard.cluster.types import SamplingParams
 
-from .auth import check_key
+from .auth import authorized, check_key
 from .bridge import Generation
 from .errors import ApiError
+from .limits import MAX_PROMPTS_PER_REQUEST
 from .responses import completion_choice, finish_chat_choice, usage
 from .schemas import ChatRequest, CompletionRequest, SamplingFields, SeedRequest
 from .streaming import ChatChunks, CompletionChunks, sse
@@ -26,6 +29,7 @@ PAGE = Path(__file__).parent.parent / "web" / "index.html"
 DEFAULT_CHAT_MAX_TOKENS = 512  # chat requests that name no max_tokens (OpenAI: no limit)
 SEED_MAX_LENGTH = 2048  # the ChatGLM api.py default of max_length (prompt + reply tokens)
 
+log = logging.getLogger("llm_shard.coordinator")
 router = APIRouter()
 AUTH = [Depends(check_key)]
 
@@ -39,6 +43,8 @@ class Served:
     model_name: str
     names: set[str]
     http_requests: Any
+    max_prompts: int = MAX_PROMPTS_PER_REQUEST
+    logged_why: str | None = None  # the last reason /health logged
 
     def check_model(self, name: str | None) -> str:
         if name is not None and name not in self.names:
@@ -52,21 +58,19 @@ class Served:
                            "send token ids as the prompt of /v1/completions")
         return self.llm.tokenizer
 
-    def params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None,
+    def params(self, req: SamplingFields, ids: list[int], max_tokens: int | None,
                **extra) -> SamplingParams:
-        """The request's SamplingParams, once the engine says the request fits."""
+        """The request's SamplingParams, once the engine takes them with prompt `ids`
+        (`LLM.check_request`: token ids, top_k, stop rules, context and cache)."""
         if req.n != 1:
             raise ApiError(400, f"n must be 1, got {req.n}", param="n")
         if max_tokens is None:
-            max_tokens = min(DEFAULT_CHAT_MAX_TOKENS, self.llm.max_model_len - prompt_len)
+            max_tokens = min(DEFAULT_CHAT_MAX_TOKENS, self.llm.max_model_len - len(ids))
         try:
             p = req.sampling_params(max_tokens, **extra)
+            self.llm.check_request(ids, p)
         except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        try:
-            self.llm.check_fits(prompt_len, p.max_tokens)
-        except ValueError as e:
-            raise ApiError(400, str(e), param="max_tokens") from None
+            raise ApiError(400, str(e), param=getattr(e, "param", None)) from None
         return p
 
     def answered(self, path: str) -> None:
@@ -86,10 +90,32 @@ async def page():
 
 
 @router.get("/health")
-async def health(s: ServedDep):
+async def health(request: Request, s: ServedDep):
+    """200 or 503 and a generic status, for anyone (probes); why it is unavailable only
+    to a request that sent the API key, and in the server's log (once per reason)."""
     why = s.llm.not_ready()
-    body = {"status": "unavailable" if why else "ok", "model": s.model_name, "why": why}
+    if why and why != s.logged_why:
+        log.warning("/health: unavailable: %s", why)
+    s.logged_why = why
+    body = {"status": "unavailable" if why else "ok", "model": s.model_name}
+    if why and request.app.state.api_key is not None and authorized(request):
+        body["why"] = why
     return JSONResponse(body, status_code=503 if why else 200)
+
+
+@router.get("/openapi.json", include_in_schema=False, dependencies=AUTH)
+async def openapi(request: Request):
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False, dependencies=AUTH)
+async def docs():
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="llm-shard API")
+
+
+@router.get("/redoc", include_in_schema=False, dependencies=AUTH)
+async def redoc():
+    return get_redoc_html(openapi_url="/openapi.json", title="llm-shard API")
 
 
 @router.get("/metrics", dependencies=AUTH)
@@ -109,9 +135,9 @@ async def list_models(s: ServedDep):
 @router.post("/v1/completions", dependencies=AUTH)
 async def completions(req: CompletionRequest, request: Request, s: ServedDep):
     name = s.check_model(req.model)
-    prompts = _prompts(req.prompt)
+    prompts = _prompts(req.prompt, s.max_prompts)
     ids = [p if isinstance(p, list) else s.tokenizer().encode(p) for p in prompts]
-    sp = [s.params(req, len(i), 16 if req.max_tokens is None else req.max_tokens,
+    sp = [s.params(req, i, 16 if req.max_tokens is None else req.max_tokens,
                    logprobs=req.logprobs) for i in ids]
     texts = [p if isinstance(p, str) else None for p in prompts]
     run = Generation(s.llm, ids, sp)
@@ -136,7 +162,8 @@ async def chat_completions(req: ChatRequest, request: Request, s: ServedDep):
     except ValueError as e:
         raise ApiError(400, str(e), param="messages") from None
     ids = s.tokenizer().encode(text)
-    sp = s.params(req, len(ids), req.max_completion_tokens or req.max_tokens,
+    sp = s.params(req, ids, req.max_tokens if req.max_completion_tokens is None
+                  else req.max_completion_tokens,
                   logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     run = Generation(s.llm, [ids], [sp])
     s.answered("/v1/chat/completions")
@@ -163,7 +190,10 @@ async def seed_api(req: SeedRequest, request: Request, s: ServedDep):
     if max_length <= len(ids):
         raise ApiError(400, f"max_length {max_length} leaves no room to answer: the "
                        f"prompt with its history is {len(ids)} tokens", param="max_length")
-    sp = s.params(SamplingFields(temperature=req.temperature, top_p=req.top_p), len(ids),
+    if max_length > s.llm.max_model_len:
+        raise ApiError(400, f"max_length {max_length} is over the model's "
+                       f"{s.llm.max_model_len}-token context", param="max_length")
+    sp = s.params(SamplingFields(temperature=req.temperature, top_p=req.top_p), ids,
                   max_length - len(ids))
     (out,) = await Generation(s.llm, [ids], [sp]).wait(request)
     s.answered("/")
@@ -171,13 +201,16 @@ async def seed_api(req: SeedRequest, request: Request, s: ServedDep):
             "status": 200, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _prompts(prompt) -> list[str | list[int]]:
+def _prompts(prompt, most: int) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
         raise ApiError(400, "prompt is empty", param="prompt")
     if all(isinstance(t, int) for t in prompt):
         return [prompt]
+    if len(prompt) > most:
+        raise ApiError(400, f"{len(prompt)} prompts in one request; at most {most} prompts "
+                       "per request (the server's --max-prompts-per-request)", param="prompt")
     return list(prompt)
 
 
