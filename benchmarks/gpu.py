@@ -1,22 +1,11 @@
-"""The GPU tier on this machine's GPU: int8 kernels per layer, and the decode of a random
-PanGu-α-2.6B int8 whose blocks are resident on the GPU or streamed to it from pinned RAM.
-
-Figures, timed with CUDA events after a warm-up (medians of repeats):
-- the GPU's memory read bandwidth (a sum over 2 GiB) and the pinned host-to-device copy
-  bandwidth: the two ceilings;
-- per layer shape (PanGu-α-2.6B, LLaMA-7B) and row count: GB/s of weight bytes for our
-  Triton kernels ("row" and "tile" at float32 activations; the choice by row count at
-  bfloat16 and float16), "dequant" (a float copy of
-  the weight per call) and torch's `_weight_int8pack_mm` where it runs on CUDA, against
-  F.linear on float32 and bfloat16 weights (4 and 2 bytes a weight), each as a share of
-  the read bandwidth. Weights cycle through copies 4x the GPU's L2, so each call reads
-  its weights from memory as a decode step does;
-- decode at batch 1 (16-token prompt): the blocks resident on the GPU (a GPU worker whose
-  budget holds them), replaying CUDA graphs (models/kernels/cuda_graphs.py) and without them,
-  and all streamed from pinned RAM through two device slots (a GPU worker whose blocks
-  are in its RAM tier): tok/s of the blocks alone against their
-  rooflines (block bytes / read bandwidth; / copy bandwidth), and of the whole stage
-  (the embedding and head stay on the CPU, as in a worker).
+"""The GPU tier on this machine's GPU, timed with CUDA events (medians after a warm-up):
+- its memory-read and pinned host-to-device copy bandwidths: the two ceilings;
+- per layer shape and row count, GB/s of weight bytes of our Triton int8 kernels,
+  "dequant", torch's `_weight_int8pack_mm` and float `F.linear`, as shares of the read
+  bandwidth (weights cycle through copies 4x the L2, as a decode step reads them);
+- batch-1 decode of a random int8 PanGu-α-2.6B whose blocks are resident (with and
+  without CUDA graphs) or streamed from pinned RAM: tok/s of the blocks against their
+  roofline, and of the whole stage (embedding and head on the CPU, as in a worker).
 
     llm-shard bench gpu [--layers N] [--tokens T] [--json PATH|-]
 """

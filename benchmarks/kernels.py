@@ -1,17 +1,13 @@
 """Linear-layer kernels on this machine: GB/s of weight bytes, as a share of memory bandwidth.
 
-For each layer shape of PanGu-alpha-2.6B and LLaMA-7B (and two small SmolLM2-135M ones)
-and each batch size, times fp32 and bf16 `F.linear` and the int8 kernels of
-`llm_shard.models.quant`, plus fbgemm's one-level dynamic W8A8 for reference only (it
-fails the quality bar; see models/quant.py).
+Per layer shape (PanGu-α-2.6B, LLaMA-7B, two of SmolLM2-135M) and batch size: fp32 and
+bf16 `F.linear`, the int8 kernels of `llm_shard.models.quant`, and fbgemm's dynamic W8A8
+for reference (it fails the quality bar). Weights cycle through copies several times the
+last-level cache, so each call streams them from memory as a decode step does; kernels
+and a memory read take turns, so each ratio is against the bandwidth of its own moment.
+Also the memory-bandwidth `Reader` and the CPU facts other benchmarks report.
 
-Weights are cycled through a pool of copies several times the size of the last-level
-cache, so every call streams its weights from memory as a decode step does. Kernels are
-timed in turns (one pass over each kernel's pool per round), so other work on the machine
-slows all of them alike, and the memory bandwidth is read in the same turns: each ratio
-is against the bandwidth of its own moment. Figures are median calls after a warm-up.
-
-    python -m benchmarks.kernels [--threads N] [--repeats R] [--quick] [--json PATH|-]
+    llm-shard bench kernels [--threads N] [--repeats R] [--quick] [--json PATH|-]
 """
 
 from __future__ import annotations
@@ -50,7 +46,7 @@ QUICK_BATCHES = (1, 8)
 # per 32 inputs: 1/8 more bytes than int8 alone)
 KERNELS = ("fp32", "bf16", "auto", "fbgemm", "w8a16", "blocks", "int8pack", "dequant",
            "fbgemm-w8a8")
-POOL_BYTES = 128 << 20  # weights cycled per kernel: 4x a 32 MiB L3
+POOL_BYTES = 128 << 20  # weights cycled per kernel: several times a last-level cache
 QUICK_POOL_BYTES = 4 << 20
 BANDWIDTH_BYTES = 512 << 20
 QUICK_BANDWIDTH_BYTES = 32 << 20
@@ -68,8 +64,8 @@ class Reader:
     """A buffer far larger than the caches, written first (first touch of fresh memory is
     several times slower), to read the memory bandwidth of a moment again and again. It
     lies in 2 MiB pages where Store.load puts the weights there (`huge_page_arena`): on
-    4 KiB pages the read is TLB-bound (24.7 against 29.8 GB/s on a Xeon here), and a
-    roofline from it would let the weights' stream pass 100%."""
+    4 KiB pages the read is TLB-bound, and a roofline from it would let the weights'
+    stream pass 100%."""
 
     def __init__(self, nbytes: int = BANDWIDTH_BYTES) -> None:
         from llm_shard.models.checkpoint.store import huge_page_arena, huge_pages_problem

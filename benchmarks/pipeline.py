@@ -1,12 +1,11 @@
-"""The pipeline's cost: decode speed unsplit vs split over 2 and 3 local workers, the
-per-hop overhead, and 16 concurrent sequences over 2 stages with and without
-micro-batching. Real Ray actors and ZeroMQ on this machine, SmolLM2-135M int8 by default.
+"""The pipeline's cost, with real Ray actors and ZeroMQ on this machine: decode of one
+sequence unsplit and over 2 and 3 local workers (each with all the machine's threads: with
+one sequence only one stage computes at a time, so the split costs only its hops), the
+per-hop overhead, and concurrent sequences over 2 workers (each with half the threads, as
+two machines would bring their own) with and without micro-batching. Also the suite's
+`split` and `throughput`.
 
-Latency runs give every worker all the machine's threads (with one sequence only one stage
-computes at a time, so the split costs only its hops); the throughput runs give each of
-the 2 workers half, as two machines would each bring their own cores.
-
-    python -m llm_shard.benchmarks.pipeline [--model NAME|PATH] [--tokens N] [--json PATH|-]
+    llm-shard bench pipeline [--model NAME|PATH] [--tokens N] [--json PATH|-]
 """
 
 from __future__ import annotations
@@ -17,12 +16,16 @@ import functools
 import os
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 from llm_shard.benchmarks import publish
 from llm_shard.benchmarks.turns import paired_speedup, take_turns
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 CONCURRENT = 16
+
+if TYPE_CHECKING:
+    from llm_shard.benchmarks.suite import Context
 
 
 def _start_ray():
@@ -262,6 +265,52 @@ def report(r: dict) -> str:
                  f"{r['concurrent_tok_s_2_micro_batches']:.1f} tok/s with 2 "
                  f"({r['micro_batching_gain']:.2f}x)")
     return "\n".join(lines)
+
+
+def suite_split(ctx: Context) -> dict:
+    """`split` on SmolLM2 (a short step, where a hop's fixed cost shows most) and on the
+    decode suite's random PanGu-α (a model of the size the product is for), each held to
+    its bandwidth roofline."""
+    from llm_shard.benchmarks.decode import pangu_label, pangu_store, step_bytes
+    from llm_shard.models.runner import StageModel
+
+    cfg, bw = ctx.cfg, ctx.machine["memory_GBps"]
+    pangu = pangu_store(cfg, ctx.pangu_dir)
+    models = []
+    for label, store in (("SmolLM2-135M int8", ctx.stores["int8"]),
+                         (pangu_label(cfg, pangu), pangu)):
+        nbytes = step_bytes(StageModel(store, 0, store.n_blocks))
+        r = split(str(store.path), cfg.split_tokens, cfg.split_workers, max(1, cfg.split_runs))
+        roof = bw * 1e9 / nbytes
+        rows = []
+        for n in cfg.split_workers:
+            rate = r[f"decode_tok_s_{n}_workers"]
+            rows.append({"workers": n, "plan": r[f"plan_{n}_workers"], "decode_tok_s": rate,
+                         "of_unsplit": r.get(f"ratio_{n}_workers", 1.0),
+                         "hop_ms": r.get(f"hop_ms_{n}_workers", 0.0),
+                         "stage_ms": r[f"stage_ms_{n}_workers"],
+                         "busy_ms": r[f"busy_ms_{n}_workers"],
+                         "wire_ms": r[f"wire_ms_{n}_workers"],
+                         "step_ms": r[f"step_ms_{n}_workers"], "of_roofline": rate / roof,
+                         "in_process_tok_s": r[f"in_process_tok_s_{n}_workers"],
+                         "in_process_of_unsplit": r.get(f"in_process_ratio_{n}_workers", 1.0)})
+        models.append({"model": label, "roofline_tok_s": roof, "rows": rows})
+    return {"tokens": cfg.split_tokens, "runs": cfg.split_runs, "models": models}
+
+
+def suite_throughput(ctx: Context) -> dict:
+    """`throughput` of requests of mixed lengths (continuous batching) on SmolLM2 over 2
+    workers, micro-batches off (1 in flight) and on (2)."""
+    cfg = ctx.cfg
+    r = throughput(str(ctx.stores["int8"].path), cfg.throughput_tokens, cfg.requests, (1, 2),
+                   runs=max(1, cfg.runs), vary=True, objective="throughput")
+    off, on = r["concurrent_tok_s_1_micro_batches"], r["concurrent_tok_s_2_micro_batches"]
+    return {"model": "SmolLM2-135M int8", "requests": cfg.requests, "workers": 2,
+            "max_tokens": f"{max(1, cfg.throughput_tokens // 4)} to {cfg.throughput_tokens}, "
+                          "mixed, so sequences leave and the batch shrinks (continuous "
+                          "batching)",
+            "micro_batches_off_tok_s": off, "micro_batches_on_tok_s": on,
+            "micro_batching_gain": on / off}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,16 +1,9 @@
-"""Disk-tier streaming: a model far larger than its worker's RAM budget, decoded block by
-block from disk, with and without prefetch.
-
-Builds (once, then reused) a random-weight int8 store with PanGu-α-2.6B shapes: 32 blocks
-of 79 MB, 2.5 GB of blocks. One stage holds all 32 on the disk tier, as a pipeline stage
-between the first and the last does: its RAM holds two staging buffers and the KV cache,
-about 1/15 of its blocks. The run prints, from one process:
-
-- the cold disk-read bandwidth of the block files (page cache dropped per file with
-  POSIX_FADV_DONTNEED, read with readinto into a staging buffer, as the worker reads);
-- decode tokens/s with prefetch on and off (a token is one pass through the 32 blocks);
-- achieved disk throughput during decode, and its ratio to that bandwidth (goal >= 80%
-  with prefetch: reading the next block while the current one computes hides compute).
+"""Disk-tier streaming: a random int8 model with PanGu-α shapes, far larger than its
+stage's RAM budget (two staging buffers and the KV cache), decoded block by block from
+disk with prefetch on and off. Prints the cold disk-read bandwidth of the block files
+(page cache dropped per file, read as the worker reads), decode tok/s, and the disk
+throughput achieved during decode as a share of that bandwidth (goal >= 80% with
+prefetch, which hides compute behind the next block's read). Also the suite's `swap`.
 
     llm-shard bench swap [--preset 2.6b] [--layers N] [--tokens N] [--dir PATH] [--json PATH|-]
 """
@@ -22,11 +15,18 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from llm_shard.benchmarks import publish
 from llm_shard.models.base import Part
+
+if TYPE_CHECKING:
+    from llm_shard.benchmarks.suite import Context
+
+CACHE_DROP = ("each weight file's page cache dropped with posix_fadvise(POSIX_FADV_DONTNEED) "
+              "before every run (no root needed; Python and library files stay cached)")
 
 
 def build_store(path: Path, preset: str, layers: int | None, progress: bool = True):
@@ -97,8 +97,10 @@ def cold_read_bandwidth(store, runs: int = 3) -> float:
 
 
 def drop_cache(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    """Drop a file's (or every file of a folder's) pages from the page cache."""
+    for p in [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]:
+        with open(p, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def decode(store, tokens: int, prefetch: bool, context: int = 16) -> dict:
@@ -176,6 +178,29 @@ def report(r: dict) -> str:
         f"{off['of_bandwidth']:.0%} of bandwidth",
         f"prefetch speedup: {r['prefetch_speedup']:.2f}x",
     ])
+
+
+def suite_swap(ctx: Context) -> dict:
+    """`run` on the decode suite's random PanGu-α store where it has the same blocks;
+    the medians of whole runs."""
+    cfg = ctx.cfg
+    folder = ctx.pangu_dir if cfg.swap_layers == cfg.pangu_layers else None
+    results = [run("2.6b", cfg.swap_layers, cfg.swap_tokens, folder, progress=not cfg.quick)
+               for _ in range(max(1, cfg.swap_runs))]
+    return {**median_dict(results), "runs": len(results)}
+
+
+def median_dict(results: list[dict]) -> dict:
+    """The first dict with each number replaced by its median over all (nested too)."""
+    out = {}
+    for k, v in results[0].items():
+        if isinstance(v, dict):
+            out[k] = median_dict([r[k] for r in results])
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = statistics.median(r[k] for r in results)
+        else:
+            out[k] = v
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,9 +1,8 @@
 """Timing that compares: the things compared take turns, and ratios pair the same rounds.
 
-The hosts these benchmarks run on drift (here +-30% within minutes), so runs of one
-engine back to back and then the next compare different moments. Instead every round
-calls each engine once, the order rotating, and a ratio is the median of the rounds'
-ratios.
+A shared host's speed drifts within minutes, so runs of one engine back to back and then
+the next compare different moments. Instead every round calls each engine once, the
+order rotating, and a ratio is the median of the rounds' ratios.
 """
 
 from __future__ import annotations

@@ -1,18 +1,21 @@
-"""The benchmark harness works: every suite with tiny counts on SmolLM2-135M (and a
-three-block random PanGu-α for decode, split and swap) writes bench.json with every
-field, bench.md and the plots. No timing is asserted: figures on a shared CI machine mean
-nothing."""
+"""The benchmark harness works: `llm-shard bench suite --quick`, as a user runs it, runs
+every suite with tiny counts on SmolLM2-135M (and a three-block random PanGu-α for
+decode, split and swap) and writes bench.json with every field, bench.md and the plots.
+No timing is asserted: figures on a shared CI machine mean nothing."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
+from dataclasses import asdict
 
 import pytest
 import torch
+from click.testing import CliRunner
 
-from llm_shard.benchmarks import kernels, suite, turns
+from llm_shard.benchmarks import kernels, suite, turns, versus
+from llm_shard.benchmarks import report as bench_report
+from llm_shard.coordinator.cli import cli
 
 MACHINE = {"memory_GBps", "memory_GBps_after", "disk_read_GBps", "disk_read_of", "page_cache",
            "page_cache_dropped", "cpus", "threads", "torch", "python", "platform", "machine",
@@ -37,27 +40,35 @@ def positive(x) -> bool:
 
 
 @pytest.fixture(scope="module")
-def report(ray_cluster, smollm2_stores, tmp_path_factory):
-    """One quick run of every suite, written to a folder: (report dict, folder)."""
-    cfg = suite.quick_config()
-    cfg.warmup, cfg.tokens, cfg.prompt_tokens = 0, 2, 4
-    cfg.pangu_layers = cfg.swap_layers = 3  # a block for each of 3 workers to split
-    cfg.split_tokens = cfg.throughput_tokens = 2
-    cfg.split_workers = (1, 3)  # 2 is the same code; each worker costs a process start
-    cfg.requests = 8
-    cfg.bandwidth_bytes = 64 << 20
-    cfg.threads = 1  # on a shared CI machine, more threads than free cores crawl
+def quick_run(ray_cluster, smollm2_stores, tmp_path_factory, request):
+    """`llm-shard bench suite --quick` of every suite through the command line, on the
+    session's SmolLM2 stores (linked where the catalog looks for them), into a folder:
+    (bench.json's dict, the folder, what it printed). A suite that raises fails it."""
+    home = tmp_path_factory.mktemp("home")
+    (home / "smollm2-135m").symlink_to(smollm2_stores["int8"].path)
+    (home / "smollm2-135m-fp32").symlink_to(smollm2_stores["fp32"].path)
+    if versus.transformers_available():  # the peer's fp32 folder, made once a session
+        (home / "smollm2-135m-hf-fp32").symlink_to(request.getfixturevalue("smollm2_hf_folder"))
     out = tmp_path_factory.mktemp("bench")
-    r = suite.run(suite.SUITES, cfg, stores=smollm2_stores, pangu_dir=out / "pangu",
-                  log=lambda _: None)
-    names = suite.write(r, out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLM_SHARD_HOME", str(home))
+        # --threads 1: on a shared CI machine, more threads than free cores crawl
+        done = CliRunner().invoke(cli, ["bench", "suite", "--quick", "--threads", "1",
+                                        "--out", str(out), "--pangu-dir", str(out / "pangu")])
+    if done.exception is not None and not isinstance(done.exception, SystemExit):
+        raise done.exception
+    assert done.exit_code == 0, done.output
+    r = json.loads((out / "bench.json").read_text())
     print({k: round(v["suite_seconds"], 1) for k, v in r["suites"].items()})
-    return json.loads((out / "bench.json").read_text()), out, names
+    return r, out, done.output
 
 
-def test_every_suite_runs_and_its_json_has_every_field(report):
-    r, out, names = report
+def test_every_suite_runs_and_its_json_has_every_field(quick_run):
+    r, out, printed = quick_run
     assert set(r) >= {"version", "date", "quick", "config", "machine", "suites", "plots"}
+    # --quick's counts, --threads's threads
+    assert r["quick"] and r["config"] == json.loads(json.dumps(
+        {**asdict(suite.quick_config()), "threads": 1}))
     assert set(r["machine"]) >= MACHINE
     assert positive(r["machine"]["memory_GBps"]) and positive(r["machine"]["disk_read_GBps"])
     s = r["suites"]
@@ -82,21 +93,21 @@ def test_every_suite_runs_and_its_json_has_every_field(report):
         assert p["int8_linear_ms"] == pytest.approx(
             p["modules_ms"]["Int8Linear"] + p["modules_ms"]["ScreenedLinear"])
 
-    versus = s["versus"]
-    engines = {(x["engine"], x["dtype"]) for x in versus["rows"]}
+    vs = s["versus"]
+    engines = {(x["engine"], x["dtype"]) for x in vs["rows"]}
     assert {("llm-shard", "fp32"), ("llm-shard", "bf16"), ("llm-shard", "int8")} <= engines
-    for row in versus["rows"]:
+    for row in vs["rows"]:
         assert set(row) >= VERSUS_ROW and positive(row["tok_s"])
-    if suite.transformers_available():
+    if versus.transformers_available():
         assert {("transformers", "fp32"), ("transformers", "bf16")} <= engines
         # the same weights and prompt, greedy: the same tokens in fp32
-        assert versus["fp32_same_tokens"] == f"{versus['new_tokens']}/{versus['new_tokens']}"
-        for row in versus["rows"]:
+        assert vs["fp32_same_tokens"] == f"{vs['new_tokens']}/{vs['new_tokens']}"
+        for row in vs["rows"]:
             if row["engine"] == "llm-shard":
                 assert positive(row["vs_transformers_fp32"])
                 assert positive(row["vs_transformers_bf16"])
     else:
-        assert "not installed" in versus["transformers"]
+        assert "not installed" in vs["transformers"]
 
     load = s["load"]
     assert "posix_fadvise" in load["page_cache"]
@@ -104,7 +115,7 @@ def test_every_suite_runs_and_its_json_has_every_field(report):
     assert sources[:2] == ["store int8", "store fp32"]
     for row in load["rows"]:
         assert set(row) >= LOAD_ROW and positive(row["cold_start_s"])
-    if suite.transformers_available():
+    if versus.transformers_available():
         assert [x["source"] for x in load["rows"][2:]] == [
             "safetensors fp32", "GGUF Q4_1, dequantized to fp32"]
         assert all(positive(x["vs_transformers"]) for x in load["rows"][:2])
@@ -112,7 +123,7 @@ def test_every_suite_runs_and_its_json_has_every_field(report):
     split = s["split"]["models"]
     assert ["SmolLM2" in split[0]["model"], "PanGu" in split[1]["model"]] == [True, True]
     for model in split:
-        assert [x["workers"] for x in model["rows"]] == [1, 3]
+        assert [x["workers"] for x in model["rows"]] == [1, 2, 3]
         for row in model["rows"]:
             assert set(row) == SPLIT_ROW and positive(row["decode_tok_s"])
             assert len(row["plan"]) == len(row["stage_ms"]) == len(row["busy_ms"]) == row["workers"]
@@ -126,11 +137,13 @@ def test_every_suite_runs_and_its_json_has_every_field(report):
     for k in ("prefetch_on", "prefetch_off"):
         assert set(s["swap"][k]) == {"tok_s", "disk_GBps", "of_bandwidth"}
 
-    assert (out / "bench.md").is_file() and "bench.json" in names
+    # it printed the tables and the files it wrote
+    assert bench_report.markdown(r) in printed
+    assert f"wrote {out / 'bench.json'}, {out / 'bench.md'}" in printed
 
 
-def test_markdown_has_a_table_per_suite(report):
-    r, out, _ = report
+def test_markdown_has_a_table_per_suite(quick_run):
+    r, out, _ = quick_run
     md = (out / "bench.md").read_text()
     for title in ("Targets", "Decode and prefill", "Versus transformers", "Cold start",
                   "Split over", "Throughput", "Swap"):
@@ -142,26 +155,27 @@ def test_markdown_has_a_table_per_suite(report):
     assert md.count("Where a batch-1 decode step of") == 2
     # a row per target: PanGu's roofline, transformers (when installed), split of each
     # model, cold start (when transformers is installed)
-    rows = suite.targets(r)
-    assert len(rows) == (5 if suite.transformers_available() else 3)
+    rows = bench_report.targets(r)
+    assert len(rows) == (5 if versus.transformers_available() else 3)
     assert all(row[2] in ("yes", "no") and f"| {row[0]} |" in md for row in rows)
 
 
-def test_plots_or_a_note_saying_how_to_get_them(report):
-    r, out, names = report
+def test_plots_or_a_note_saying_how_to_get_them(quick_run):
+    r, out, printed = quick_run
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert r["plots"] == suite.NO_PNG
-        assert suite.NO_PNG in (out / "bench.md").read_text()
+        assert r["plots"] == bench_report.NO_PNG
+        assert bench_report.NO_PNG in (out / "bench.md").read_text()
+        assert f"\n{bench_report.NO_PNG}\n" in printed  # and says so
     else:
         assert sorted(r["plots"]) == sorted(f"{n}.png" for n in suite.SUITES)
         for name in r["plots"]:
             assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_the_markdown_works_without_matplotlib(report, tmp_path, monkeypatch):
-    r, _, _ = report
+def test_the_markdown_works_without_matplotlib(quick_run, tmp_path, monkeypatch):
+    r, _, _ = quick_run
     import builtins
 
     real = builtins.__import__
@@ -172,10 +186,10 @@ def test_the_markdown_works_without_matplotlib(report, tmp_path, monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    names = suite.write(dict(r), tmp_path)
+    names = bench_report.write(dict(r), tmp_path)
     assert names == ["bench.json", "bench.md"]
-    assert json.loads((tmp_path / "bench.json").read_text())["plots"] == suite.NO_PNG
-    assert suite.NO_PNG in (tmp_path / "bench.md").read_text()
+    assert json.loads((tmp_path / "bench.json").read_text())["plots"] == bench_report.NO_PNG
+    assert bench_report.NO_PNG in (tmp_path / "bench.md").read_text()
 
 
 def test_unknown_suites_are_refused_by_name():
@@ -183,29 +197,6 @@ def test_unknown_suites_are_refused_by_name():
         suite.run(["decode", "nope"])
     with pytest.raises(SystemExit):
         suite.main(["--suites", "decode,nope"])
-
-
-def test_the_tables_go_into_the_readme_between_its_markers(report, tmp_path):
-    _, out, _ = report
-    readme = tmp_path / "docs" / "README.md"
-    readme.parent.mkdir()
-    readme.write_text(f"# x\nbefore\n{suite.BEGIN}\nold figures\n{suite.END}\nafter\n")
-    md = (out / "bench.md").read_text()
-    suite.embed(readme, md, out)
-    text = readme.read_text()
-    assert "old figures" not in text and text.startswith("# x\nbefore\n")
-    assert text.endswith(f"{suite.END}\nafter\n") and "### Decode and prefill" in text
-    for link in re.findall(r"\]\(([^)]+\.png)\)", text):  # plots resolve from the README
-        assert (readme.parent / link).resolve().is_file(), link
-    suite.embed(readme, md, out)  # again: replaced, not appended
-    assert readme.read_text() == text
-    readme.write_text("no markers\n")
-    with pytest.raises(SystemExit, match="bench:begin"):
-        suite.embed(readme, md, out)
-    # the command line refuses such a README, or a folder, before it runs any suite
-    for bad in (readme, tmp_path):
-        with pytest.raises(SystemExit):
-            suite.main(["--suites", "decode", "--readme", str(bad), "--out", str(out)])
 
 
 def test_bench_kernels_names_the_cpu_and_times_every_kernel(capsys):
