@@ -126,3 +126,65 @@ def test_engine_config_replace_and_llm_keywords():
 
     with pytest.raises(TypeError, match="cache_tokenz"):  # before any Ray or store work
         LLM("no-such-model", workers=1, cache_tokenz=1)
+
+
+class _NoEngine:
+    """What `serve` builds its app on, without Ray or workers."""
+
+    scheduler = None
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def describe_plan(self) -> str:
+        return "plan"
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _served(monkeypatch, smollm2_stores, *flags: str, env: dict | None = None):
+    """(result, app) of `serve` with its engine and its uvicorn stubbed out."""
+    import llm_shard.coordinator.cli as cli_module
+    import llm_shard.coordinator.http as http
+
+    apps = []
+    monkeypatch.setattr(cli_module, "_open_llm",
+                        lambda model, engine: _NoEngine(smollm2_stores["int8"]))
+    monkeypatch.setattr(http, "run", lambda app, sock, log_level: apps.append(app))
+    env = {"LLM_SHARD_API_KEY": "", **(env or {})}
+    res = invoke("serve", "smollm2-135m", "--port", "0", *flags, env=env)
+    return res, apps[0] if apps else None
+
+
+def test_serve_reads_its_api_key_from_a_file_or_the_environment(monkeypatch, smollm2_stores,
+                                                                tmp_path):
+    """--api-key-file (or LLM_SHARD_API_KEY) keeps the key out of `ps`; a non-ASCII key is
+    kept as UTF-8 bytes (what a client's header carries)."""
+    key = tmp_path / "key"
+    key.write_text("clé-ключ\n")
+    res, app = _served(monkeypatch, smollm2_stores, "--api-key-file", str(key))
+    assert res.exit_code == 0, res.output
+    assert app.state.api_key == "clé-ключ".encode() and "API key required" in res.stderr
+    res, app = _served(monkeypatch, smollm2_stores, env={"LLM_SHARD_API_KEY": "sesame"})
+    assert res.exit_code == 0 and app.state.api_key == b"sesame", res.output
+    res, app = _served(monkeypatch, smollm2_stores)
+    assert res.exit_code == 0 and app.state.api_key is None, res.output
+    res, _ = _served(monkeypatch, smollm2_stores, "--api-key-file", str(key),
+                     env={"LLM_SHARD_API_KEY": "sesame"})
+    _one_error(res, 2, "give --api-key (or LLM_SHARD_API_KEY) or --api-key-file, not both")
+    (tmp_path / "empty").write_text(" \n")
+    res, _ = _served(monkeypatch, smollm2_stores, "--api-key-file", str(tmp_path / "empty"))
+    _one_error(res, 2, "Invalid value for --api-key-file: ")
+    assert "is empty" in res.stderr
+    res, _ = _served(monkeypatch, smollm2_stores, "--api-key-file", str(tmp_path / "none"))
+    _one_error(res, 2, "Invalid value for --api-key-file: cannot read a key")
+
+
+def test_serve_caps_prompts_per_request(monkeypatch, smollm2_stores):
+    res, app = _served(monkeypatch, smollm2_stores)
+    assert res.exit_code == 0 and app.state.served.max_prompts == 256, res.output
+    res, app = _served(monkeypatch, smollm2_stores, "--max-prompts-per-request", "3")
+    assert res.exit_code == 0 and app.state.served.max_prompts == 3, res.output
+    res, _ = _served(monkeypatch, smollm2_stores, "--max-prompts-per-request", "0")
+    _one_error(res, 2, "Invalid value for '--max-prompts-per-request'")
