@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
+from conftest import step
 
 from llm_shard import LLM, SamplingParams
 from llm_shard.cluster.types import Tier
@@ -46,16 +47,12 @@ def ram_for(store, blocks_in_ram: int, embed: bool = True, head: bool = True,
 def greedy(runner: StageRunner, tok, k: int, prompt: str) -> list[int]:
     """Sequence k's greedy tokens from a StageRunner that holds the whole model."""
     ids, out = tok.encode(prompt), []
-    f = {"epoch": 0, "mb": 0, "seqs": [k], "lens": [len(ids)], "reset": [k],
-         "params": {str(k): GREEDY.to_dict()}, "steps": [0]}
-    rows = ids
+    msg = step([k], [len(ids)], ids, reset=[k], params={k: GREEDY})
     while len(out) < GREEDY.max_tokens:
-        _, f, _ = runner.step(f, {"tokens": torch.tensor(rows)})
-        out.append(f["sampled"][0])
+        out.append(runner.step(msg).sampled[0])
         if out[-1] in tok.eos_ids:
             break
-        rows = out[-1:]
-        f = {"epoch": 0, "mb": 0, "seqs": [k], "lens": [1], "reset": [], "steps": [len(out)]}
+        msg = step([k], [1], out[-1:], steps=[len(out)])
     return out
 
 
