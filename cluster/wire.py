@@ -272,6 +272,12 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 # ---------------------------------------------------------------------- pipeline messages
 _KINDS: dict[str, type] = {cls.KIND: cls for cls in (Step, Result, Free, Error)}
+# per kind: its fields in order, those sent in the header, and the tensors that must be there
+_ORDER = {k: tuple(f.name for f in dataclasses.fields(c)) for k, c in _KINDS.items()}
+_FIELDS = {k: frozenset(_ORDER[k]) - set(c.TENSORS) for k, c in _KINDS.items()}
+_NEEDED = {k: [f.name for f in dataclasses.fields(c)
+               if f.name in c.TENSORS and f.default is dataclasses.MISSING]
+           for k, c in _KINDS.items()}
 
 
 def _plain(v: Any) -> Any:
@@ -287,18 +293,19 @@ def encode(msg: PipelineMessage, **limits: int) -> list[bytes | memoryview]:
     """Pack a Step, Result, Free or Error (`limits`: pack's max_header_bytes and
     max_frame_bytes). Its tensors go out zero-copy, as `pack` says."""
     cls = type(msg)
-    if _KINDS.get(getattr(cls, "KIND", None)) is not cls:
+    kind = getattr(cls, "KIND", None)
+    if _KINDS.get(kind) is not cls:
         raise WireError(f"{cls.__name__} is not a pipeline message; expected one of "
                         f"{[c.__name__ for c in _KINDS.values()]}")
     fields, tensors = {}, {}
-    for f in dataclasses.fields(msg):
-        v = getattr(msg, f.name)
-        if f.name in cls.TENSORS:
+    for name in _ORDER[kind]:
+        v = getattr(msg, name)
+        if name in cls.TENSORS:
             if v is not None:
-                tensors[f.name] = v
+                tensors[name] = v
         else:
-            fields[f.name] = _plain(v)
-    return pack(cls.KIND, fields, tensors, **limits)
+            fields[name] = _plain(v) if type(v) is dict and v else v
+    return pack(kind, fields, tensors, **limits)
 
 
 def decode(frames: list[Any], **limits: int) -> PipelineMessage:
@@ -307,16 +314,14 @@ def decode(frames: list[Any], **limits: int) -> PipelineMessage:
     cls = _KINDS.get(env.kind)
     if cls is None:
         raise WireError(f"unknown message kind {env.kind!r}; expected one of {list(_KINDS)}")
-    declared = {f.name: f for f in dataclasses.fields(cls)}
-    want = declared.keys() - set(cls.TENSORS)
-    missing = sorted(want - env.fields.keys())
-    unknown = sorted(map(repr, env.fields.keys() - want))
-    if missing or unknown:
+    want = _FIELDS[env.kind]
+    if env.fields.keys() != want:
+        missing = sorted(want - env.fields.keys())
+        unknown = sorted(map(repr, env.fields.keys() - want))
         raise WireError(f"{env.kind} message fields wrong: missing {missing}, unknown "
                         f"[{', '.join(unknown)}]")
     stray = sorted(env.tensors.keys() - set(cls.TENSORS))
-    absent = [t for t in cls.TENSORS if t not in env.tensors
-              and declared[t].default is dataclasses.MISSING]
+    absent = [t for t in _NEEDED[env.kind] if t not in env.tensors]
     if stray or absent:
         raise WireError(f"{env.kind} message tensors wrong: missing {absent}, unknown {stray}")
     try:
