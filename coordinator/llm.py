@@ -293,6 +293,8 @@ class LLM:
             params = [params or SamplingParams()] * len(ids)
         elif len(params) != len(ids):
             raise ValueError(f"{len(params)} SamplingParams for {len(ids)} prompts")
+        for i, p in zip(ids, params):  # all of them before any runs
+            self.check_request(i, p)
         futures = [self.submit(i, p) for i, p in zip(ids, params)]
         outs = []
         for k, (f, text) in enumerate(zip(futures, texts)):

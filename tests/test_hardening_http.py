@@ -211,11 +211,15 @@ def test_the_engine_refuses_the_same_values_naming_the_field(llm):
                           ("max_tokens", SamplingParams(max_tokens=HUGE))):
         with pytest.raises(ValueError, match=field):
             llm.generate(["hi"], params)
-    with pytest.raises(ValueError, match="prompt"):
-        llm.generate(prompt_token_ids=[[HUGE]])
+    taken = llm.metrics()["requests_total"]
+    with pytest.raises(ValueError, match="prompt token ids"):
+        llm.generate(prompt_token_ids=[[1, 2], [HUGE]])  # the good one is not run either
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         llm.generate(["hi", "a\ud800"])
-    assert llm.metrics()["running"] == 0 and llm.metrics()["waiting"] == 0
+    with pytest.raises(ValueError, match="top_k"):
+        llm.submit([1, 2], SamplingParams(top_k=HUGE))
+    time.sleep(1)  # what was submitted would be taken by now
+    assert llm.metrics()["requests_total"] == taken, llm.metrics()
     out = llm.generate(["hi"], SamplingParams(max_tokens=2, temperature=0))
     assert out[0].finish_reason in ("stop", "length")
 
