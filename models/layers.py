@@ -8,6 +8,7 @@ over sequences, each against its own cache.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,8 @@ class RMSNorm(nn.Module):
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm, computed by one C call (w8a16.layer_norm) on float32 CPU rows: the
-    bits of models/kernels/decode.py's block, which computes it the same way."""
+    bits of a block in one C call (models/kernels/decode.py), which computes it the same
+    way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (no_graph(x, self.weight, self.bias)
@@ -205,11 +207,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: B
 # A sequence's new rows up to this many attend one by one, each as its decode step would
 # (w8a16.append_attend: its k, v written, then its query against every row up to it), on
 # the CPU in float32: the rows of a short prompt then get the bits of decoding it token by
-# token, in the modules and in models/kernels/decode.py's one C call per block alike (which take
-# such rows too). Longer prompts run SDPA. SmolLM2-135M's prompt of one sequence on 2
-# cores of a Xeon (SDPA against the one C call a block): 16 rows 48 -> 37 ms, 64 rows
-# 155 -> 136, 128 rows 302 -> 271, 256 rows 638 -> 650; 16 prompts of 64 rows 3453 ->
-# 3488. The modules take them one call a row from Python, so the bound stays low.
+# token, in the modules and in a block's one C call alike (models/kernels/decode.py, which
+# takes such rows too). Longer prompts run SDPA, which catches up with the one C call a
+# block at a few hundred rows; the modules take these rows one call a row from Python, so
+# the bound stays low.
 ROW_BY_ROW_ROWS = 64
 
 
@@ -250,8 +251,8 @@ def _one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """Attention of one row q (heads, d) against keys/values (kv_heads, total, d).
 
     SDPA's CPU path for one row repeats every cached key and value once per query head of
-    its group (enable_gqa), ~110 us a layer on SmolLM2; here each kv head's group of query
-    heads is one (groups, d) x (d, total) product. Softmax runs in float32. On the CPU in
+    its group (enable_gqa); here each kv head's group of query heads is one (groups, d) x
+    (d, total) product. Softmax runs in float32. On the CPU in
     float32 one C call does all of it (w8a16.attend): these seven torch ops cost more than
     their work at decode's sizes.
     """
@@ -303,7 +304,8 @@ def mlp(x: torch.Tensor, up: tuple[nn.Module, ...], down: nn.Module,
         gelu: bool) -> torch.Tensor:
     """GeluMLP's down(gelu(fc(x))) (up: (fc,)) or SwiGLU's down(silu(gate(x)) * up(x))
     (up: (gate, up), one int8 call where fused). On float32 CPU rows the elementwise step
-    is one C call: decode.block's bits. A CUDA graph's MLP too (models/kernels/cuda_graphs.py)."""
+    is one C call: the bits of a block in one C call (models/kernels/decode.py). A CUDA
+    graph's MLP too (models/kernels/cuda_graphs.py)."""
     if gelu:
         h = up[0](x)
         c = no_graph(h) and w8a16.can_elementwise(h)
@@ -316,3 +318,26 @@ def mlp(x: torch.Tensor, up: tuple[nn.Module, ...], down: nn.Module,
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+class BlockParts(NamedTuple):
+    """A pre-norm block's parts, named for the paths that run a whole block at once (a
+    block's `decode_args()`: models/kernels/decode.py's one C call, cuda_graphs' graphs):
+    x + o(attention(qkv(norm1(x)))), then that + down(act(up(norm2(that))))."""
+
+    layer: int  # the global index of the block's cache
+    norm1: nn.Module
+    qkv: tuple  # the q, k and v projections, reading norm1's output
+    o: nn.Module
+    norm2: nn.Module
+    up: tuple  # (gate, up) of a SwiGLU, or (fc,) of a GeluMLP
+    down: nn.Module
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    gelu: bool
+    rope: Rotary | None  # rotary for q and k, or none
+    # PanGu-α's query layer: (normf, q_proj, wqe): x = normf(x) first, the queries are
+    # q_proj(wqe(positions)), and qkv is (k_proj, v_proj)
+    query: tuple = ()

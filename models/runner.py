@@ -1,8 +1,10 @@
 """Running a range of a model on tensors: the compute a pipeline stage does, with no transport.
 
 `StageModel` holds the parts of one stage (stage 0 also the embedding, the last stage also
-the head) keyed by global block index. A worker wraps it in ZeroMQ and Ray; tests and
-`LocalModel` call it directly.
+the head) keyed by global block index, and chooses how its blocks run: decode.run_blocks
+takes each run of them that C can in one call, the others through their modules' forward
+(plain module code). A worker wraps it in ZeroMQ and Ray; tests and `LocalModel` call it
+directly.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class StageModel(nn.Module):
         self.has_head = end == n if head is None else head
         self.embed = store.load(Part("embed"), dtype, device) if self.has_embed else None
         # load_blocks=False: the caller keeps the blocks (a worker's memory tiers) and
-        # passes `run_blocks` to forward
+        # passes `run_blocks` to forward, which chooses their path as decode.run_blocks
         self.blocks = nn.ModuleDict({str(i): store.load(Part("block", i), dtype, device)
                                      for i in range(start, end)} if load_blocks else {})
         self.head = store.load(Part("head"), dtype, device) if self.has_head else None

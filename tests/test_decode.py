@@ -1,4 +1,5 @@
-"""models/kernels/decode.py: a decode step's block in one C call gives the modules' bits."""
+"""models/kernels/decode.py: a decode step's block in one C call gives the modules' bits;
+the blocks' forward is module code alone, the stage chooses the C call."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def prompts(block: nn.Module, lens: list[int]) -> list[SequenceCache]:
     g = torch.Generator().manual_seed(7)
     for cache, n in zip(caches, lens):
         with torch.inference_mode():
-            block(torch.randn(n, 128, generator=g), Batch.of([n], [cache]))
+            decode.run_block(block, torch.randn(n, 128, generator=g), Batch.of([n], [cache]))
     return caches
 
 
@@ -93,7 +94,7 @@ def step(block, x, caches, fused: bool, monkeypatch) -> tuple[torch.Tensor, list
     monkeypatch.setattr(decode, "ENABLED", fused)
     ran = counting(monkeypatch)
     with torch.inference_mode():
-        y = block(x, Batch.of([1] * len(caches), caches))
+        y = decode.run_block(block, x, Batch.of([1] * len(caches), caches))
     assert ran == [fused]  # the path asked for is the path that ran
     monkeypatch.undo()
     return y, caches
@@ -139,9 +140,10 @@ def test_long_prompts_and_other_kernels_run_the_modules(monkeypatch):
     ran = counting(monkeypatch)
     long = ROW_BY_ROW_ROWS + 1
     with torch.inference_mode():
-        block(torch.randn(long + 1, 128), Batch.of([long, 1], copy.deepcopy(caches)))
-        block(torch.randn(3, 128), Batch.of([2, 1], copy.deepcopy(caches)))  # short prompt
-        block(torch.randn(2, 128), Batch.of([1, 1], copy.deepcopy(caches)))
+        for x, lens in ((torch.randn(long + 1, 128), [long, 1]),
+                        (torch.randn(3, 128), [2, 1]),  # a short prompt
+                        (torch.randn(2, 128), [1, 1])):
+            decode.run_block(block, x, Batch.of(lens, copy.deepcopy(caches)))
     assert ran == [False, True, True]
     for kernel in ("dequant", None):
         float_block = make_block("pangu", "per-channel", False)
@@ -151,8 +153,22 @@ def test_long_prompts_and_other_kernels_run_the_modules(monkeypatch):
         else:
             prepare_int8(float_block, kernel=kernel)
         with torch.inference_mode():
-            float_block(torch.randn(1, 128), Batch.of([1], [SequenceCache()]))
+            decode.run_block(float_block, torch.randn(1, 128), Batch.of([1], [SequenceCache()]))
     assert ran == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize("arch", ["llama", "pangu", "pangu-query"])
+def test_a_blocks_forward_is_its_modules_alone(arch, monkeypatch):
+    """Called as a module, a block makes no C block call (the stage chooses that path),
+    and gets the bits of the stage's one C call."""
+    block = make_block(arch, "blocks+mins", True)
+    caches = prompts(block, [4, 2])
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(17))
+    fused, _ = step(block, x, caches, True, monkeypatch)
+    ran = counting(monkeypatch)
+    with torch.inference_mode():
+        y = block(x, Batch.of([1, 1], copy.deepcopy(caches)))
+    assert ran == [] and torch.equal(y, fused)
 
 
 @pytest.mark.parametrize("arch", ["llama", "pangu", "pangu-query"])
@@ -175,9 +191,9 @@ def test_a_short_prompt_gets_the_bits_of_decoding_it_token_by_token(arch, fused,
         cache = copy.deepcopy(caches[0])
         with torch.inference_mode():
             if one_by_one:
-                return torch.cat([block(rows[j: j + 1], Batch.of([1], [cache]))
+                return torch.cat([decode.run_block(block, rows[j: j + 1], Batch.of([1], [cache]))
                                   for j in range(len(rows))]), cache
-            return block(rows, Batch.of([len(rows)], [cache])), cache
+            return decode.run_block(block, rows, Batch.of([len(rows)], [cache])), cache
 
     x = torch.randn(6, 128, generator=g)
     (whole, c1), (steps, c0) = run(x, False), run(x, True)
@@ -216,6 +232,7 @@ def test_the_elementwise_steps_match_torch():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, monkeypatch):
     """The real checkpoint (GGUF blocks, fused q/k/v and gate/up): the prompts and 8
     greedy steps of two sequences give bit-equal logits with the one-call blocks and
@@ -290,10 +307,10 @@ def test_a_block_whose_shapes_do_not_add_up_is_refused_not_read_past(monkeypatch
     block = make_block("llama", "per-channel", True)
     caches = prompts(block, [2])
     with torch.inference_mode():
-        block(torch.randn(1, 128), Batch.of([1], caches))
+        decode.run_block(block, torch.randn(1, 128), Batch.of([1], caches))
     block.self_attn.heads, block.self_attn.kv_heads = 2, 1  # q/k/v widths no longer match
     with torch.inference_mode(), pytest.raises(ValueError, match="shapes do not match"):
-        block(torch.randn(1, 128), Batch.of([1], caches))
+        decode.run_block(block, torch.randn(1, 128), Batch.of([1], caches))
     assert caches[0].layer(1).offset == 3
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_shard.models.kernels import w8a16
+from llm_shard.models.kernels import build, w8a16
 
 pytestmark = pytest.mark.skipif(w8a16.problem() is not None,
                                 reason=f"w8a16 cannot run here: {w8a16.problem()}")
@@ -181,13 +181,13 @@ def test_zero_rows_and_zero_activations():
 
 def test_built_once_and_a_missing_compiler_is_a_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_SHARD_KERNEL_CACHE", str(tmp_path))
-    first = w8a16.build("x86-64")
+    first = build.library("x86-64")
     assert first.parent == tmp_path and first.exists()
     mtime = first.stat().st_mtime_ns
-    assert w8a16.build("x86-64") == first and first.stat().st_mtime_ns == mtime  # cached
+    assert build.library("x86-64") == first and first.stat().st_mtime_ns == mtime  # cached
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(RuntimeError, match="no C compiler .*no-such-cc.*set CC or install gcc"):
-        w8a16.build("x86-64")
+        build.library("x86-64")
 
 
 @pytest.mark.parametrize("variant,flags,keeps", [

@@ -13,8 +13,8 @@ from torch import nn
 
 from llm_shard.models.base import Arch, ArchConfig, Rule
 from llm_shard.models.cache import Batch
-from llm_shard.models.kernels import decode
 from llm_shard.models.layers import (
+    BlockParts,
     RMSNorm,
     Rotary,
     SwiGLU,
@@ -117,22 +117,20 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def decode_args(self) -> tuple:
-        """This block's parts for models/kernels/decode.py's one C call (read from `_modules`:
-        nn.Module.__getattr__ cost a SmolLM2 step ~0.3 ms)."""
+    def decode_args(self) -> BlockParts:
+        """This block's parts, for a stage that runs it whole (read from `_modules`: this
+        runs every decode step, and nn.Module.__getattr__ is slow)."""
         own = self._modules
         at, mlp = own["self_attn"], own["mlp"]
         a, m = at._modules, mlp._modules
-        return (at.layer, own["input_layernorm"], (a["q_proj"], a["k_proj"], a["v_proj"]),
-                a["o_proj"], own["post_attention_layernorm"], (m["gate_proj"], m["up_proj"]),
-                m["down_proj"], dict(heads=at.heads, kv_heads=at.kv_heads,
-                                     head_dim=at.head_dim, scale=default_scale(at.head_dim),
-                                     gelu=False), at.rope)
+        return BlockParts(
+            layer=at.layer, norm1=own["input_layernorm"],
+            qkv=(a["q_proj"], a["k_proj"], a["v_proj"]), o=a["o_proj"],
+            norm2=own["post_attention_layernorm"], up=(m["gate_proj"], m["up_proj"]),
+            down=m["down_proj"], heads=at.heads, kv_heads=at.kv_heads, head_dim=at.head_dim,
+            scale=default_scale(at.head_dim), gelu=False, rope=at.rope)
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        y = decode.block(self, x, batch)
-        if y is not None:  # decode steps' or a short prompt's rows, in one C call
-            return y
         x = x + self.self_attn(self.input_layernorm(x), batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 

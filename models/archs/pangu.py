@@ -15,8 +15,14 @@ from torch import nn
 
 from llm_shard.models.base import Arch, ArchConfig, Rule
 from llm_shard.models.cache import Batch
-from llm_shard.models.kernels import decode
-from llm_shard.models.layers import GeluMLP, LayerNorm, cached_attention, default_scale, project
+from llm_shard.models.layers import (
+    BlockParts,
+    GeluMLP,
+    LayerNorm,
+    cached_attention,
+    default_scale,
+    project,
+)
 
 
 @dataclass
@@ -95,21 +101,19 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(cfg.hidden_size, eps=eps)
         self.mlp = GeluMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def decode_args(self) -> tuple | None:
-        """This block's parts for models/kernels/decode.py's one C call (read from `_modules`,
-        not through nn.Module.__getattr__)."""
+    def decode_args(self) -> BlockParts:
+        """This block's parts, for a stage that runs it whole (read from `_modules`, not
+        through nn.Module.__getattr__)."""
         own = self._modules
         at, mlp = own["attn"], own["mlp"]._modules
         a = at._modules
-        return (at.layer, own["ln_1"], (a["q_proj"], a["k_proj"], a["v_proj"]), a["c_proj"],
-                own["ln_2"], (mlp["c_fc"],), mlp["c_proj"],
-                dict(heads=at.heads, kv_heads=at.heads, head_dim=at.head_dim,
-                     scale=default_scale(at.head_dim), gelu=True), None)
+        return BlockParts(
+            layer=at.layer, norm1=own["ln_1"], qkv=(a["q_proj"], a["k_proj"], a["v_proj"]),
+            o=a["c_proj"], norm2=own["ln_2"], up=(mlp["c_fc"],), down=mlp["c_proj"],
+            heads=at.heads, kv_heads=at.heads, head_dim=at.head_dim,
+            scale=default_scale(at.head_dim), gelu=True, rope=None)
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        y = decode.block(self, x, batch)
-        if y is not None:  # decode steps' or a short prompt's rows, in one C call
-            return y
         a = self.ln_1(x)
         x = x + self.attn(a, a, batch)
         return x + self.mlp(self.ln_2(x))
@@ -121,17 +125,14 @@ class QueryBlock(Block):
         self.ln_f = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         self.wqe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
-    def decode_args(self) -> tuple | None:
+    def decode_args(self) -> BlockParts:
         """Block's, with its queries from wqe's rows at the positions and ln_f first."""
-        own, (*args, shape, rope) = self._modules, super().decode_args()
+        own = self._modules
         at = own["attn"]._modules
-        args[2] = (at["k_proj"], at["v_proj"])
-        return (*args, shape, rope, (own["ln_f"], at["q_proj"], own["wqe"]))
+        return super().decode_args()._replace(
+            qkv=(at["k_proj"], at["v_proj"]), query=(own["ln_f"], at["q_proj"], own["wqe"]))
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        y = decode.block(self, x, batch)
-        if y is not None:  # decode steps' or a short prompt's rows, in one C call
-            return y
         h = self.ln_f(x)
         h = h + self.attn(self.wqe(batch.positions.to(h.device)), self.ln_1(h), batch)
         return h + self.mlp(self.ln_2(h))

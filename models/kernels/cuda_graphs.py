@@ -2,19 +2,18 @@
 
 On a GPU a decode step launches ~18 kernels a block (norms, int8 kernels, rotary, adds,
 the MLP's activation), each costing more CPU time to launch from Python than the GPU
-takes to run it: a random PanGu-α-2.6B resident on an H200 decoded at 36.5 tok/s with
-the GPU busy 3.6 of each 27.4 ms step (`llm-shard bench gpu`). Here each block of such a
-step replays two captured graphs instead: `pre` (norm1, the q/k/v projections, rotary)
-and `post` (the output projection, residual, norm2, MLP, residual), around the attention,
-which runs as the modules run it (each sequence's cache grows by a row a step, and
-cached_attention's decode rows read all of it). The graphs replay the kernels the
-modules launch, in their order, on the same inputs: the same bits (tests/test_cuda.py).
+takes to run it. Here each block of such a step replays two captured graphs instead:
+`pre` (norm1, the q/k/v projections, rotary) and `post` (the output projection, residual,
+norm2, MLP, residual), around the attention, which runs as the modules run it (each
+sequence's cache grows by a row a step, and cached_attention's decode rows read all of
+it). The graphs replay the kernels the modules launch, in their order, on the same
+inputs: the same bits (tests/test_cuda.py).
 
 A block's graphs are captured for a row count on its second decode step with that many
 rows (the first runs the modules, which compiles their Triton kernels), kept for at most
 `KEEP` row counts, and captured again once its weights or int8 plans change (a reload, a
-move, a re-fuse). Where a block has no `decode_args` (or PanGu-α's query layer), the step
-is not one sequence's row per sequence, or autograd records, the modules run.
+move, a re-fuse). Where a block has no `decode_args` (or is PanGu-α's query layer), the
+step is not one sequence's row per sequence, or autograd records, the modules run.
 
 LLM_SHARD_CUDA_GRAPHS=0 turns them off; so does decode.modules_only() (to compare:
 `llm-shard bench gpu`).
@@ -29,7 +28,15 @@ import torch
 from torch import nn
 
 from llm_shard.models.cache import Batch
-from llm_shard.models.layers import _decode_row, mlp, no_graph, project, rope_tables, rotate
+from llm_shard.models.layers import (
+    BlockParts,
+    _decode_row,
+    mlp,
+    no_graph,
+    project,
+    rope_tables,
+    rotate,
+)
 from llm_shard.models.quant import Int8Linear, plan_epoch, plan_serials
 
 ENABLED = os.environ.get("LLM_SHARD_CUDA_GRAPHS", "1") != "0"
@@ -47,26 +54,25 @@ def usable(x: torch.Tensor, batch: Batch) -> bool:
 class _Graphs:
     """One block's two graphs for `rows` rows, their static inputs and outputs."""
 
-    def __init__(self, args: tuple, x: torch.Tensor, tables) -> None:
-        layer, norm1, qkv, o, norm2, up, down, shape, rope = args
+    def __init__(self, p: BlockParts, x: torch.Tensor, tables) -> None:
         rows, d = x.shape
         self.x = x.clone()
         self.tables = tables  # static rotary tables that every block's graphs read
-        self.att = x.new_zeros(rows, shape["heads"], shape["head_dim"])
+        self.att = x.new_zeros(rows, p.heads, p.head_dim)
         pool = _pool(x.device)
 
         def pre():
-            q, k, v = project(norm1(self.x), *qkv)
-            q = q.view(rows, shape["heads"], shape["head_dim"])
-            kv = (rows, shape["kv_heads"], shape["head_dim"])
+            q, k, v = project(p.norm1(self.x), *p.qkv)
+            q = q.view(rows, p.heads, p.head_dim)
+            kv = (rows, p.kv_heads, p.head_dim)
             k, v = k.view(kv), v.view(kv)
             if self.tables is not None:
                 q, k = rotate(q, *self.tables), rotate(k, *self.tables)
             return q, k, v
 
         def post():
-            h = self.x + o(self.att.reshape(rows, -1))
-            return h + mlp(norm2(h), up, down, shape["gelu"])
+            h = self.x + p.o(self.att.reshape(rows, -1))
+            return h + mlp(p.norm2(h), p.up, p.down, p.gelu)
 
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
@@ -105,10 +111,10 @@ def _key(module: nn.Module, x: torch.Tensor) -> tuple:
             tuple(t.data_ptr() for t in [*module.parameters(), *module.buffers()]))
 
 
-def _graphs(module: nn.Module, args: tuple, x: torch.Tensor, tables) -> _Graphs | None:
+def _graphs(module: nn.Module, p: BlockParts, x: torch.Tensor, tables) -> _Graphs | None:
     # the whole key (~50 us of Python a block) only after some int8 plan changed (a move
     # or a reload drops them) or the block's first norm moved (a dense block's move)
-    check = (plan_epoch(), args[1].weight.data_ptr(), x.device, x.dtype)
+    check = (plan_epoch(), p.norm1.weight.data_ptr(), x.device, x.dtype)
     found = _BLOCKS.get(module)
     if found is None or found[2] != check:
         key = _key(module, x)
@@ -122,7 +128,7 @@ def _graphs(module: nn.Module, args: tuple, x: torch.Tensor, tables) -> _Graphs 
         by_rows[rows] = None  # the first step with these rows runs the modules
         return None
     if by_rows[rows] is None:
-        by_rows[rows] = _Graphs(args, x, tables)
+        by_rows[rows] = _Graphs(p, x, tables)
     return by_rows[rows]
 
 
@@ -152,17 +158,16 @@ def block(module: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor:
     """One block of a decode step on the GPU: its graphs around the attention, or its
     modules (see the module docstring). `usable(x, batch)` must hold."""
     get = getattr(module, "decode_args", None)
-    args = get() if get is not None else None
-    if args is None or len(args) != 9:  # none, or PanGu-α's query layer
+    p = get() if get is not None else None
+    if p is None or p.query:  # none, or PanGu-α's query layer
         return module(x, batch)
-    layer, *_, shape, rope = args
-    g = _graphs(module, args, x, _tables(rope, batch, x))
+    g = _graphs(module, p, x, _tables(p.rope, batch, x))
     if g is None:
         return module(x, batch)
     g.x.copy_(x)
     g.pre.replay()
     for r, cache in enumerate(batch.caches):  # as cached_attention's decode rows
-        _decode_row(g.q[r], g.k[r], g.v[r], cache.layer(layer), shape["scale"], g.att[r])
+        _decode_row(g.q[r], g.k[r], g.v[r], cache.layer(p.layer), p.scale, g.att[r])
     g.post.replay()
     return g.out
 

@@ -5,41 +5,19 @@
 
 `scales` float32 (out,) per output row (group=0), or a GGUF's blocks kept as they are
 (group=32): scales float16 (out, in / 32) and mins float16 (in / 32, out) or None, as
-models/quant.py stores them. y has x's dtype.
+models/quant stores them. y has x's dtype. Each int8 weight is read into registers and
+dequantized there, with float32 sums: no float copy of the weight ("dequant"'s
+`F.linear(x, weight.to(x.dtype))` writes one and reads it back, and it must fit beside the
+model).
 
-Why: "dequant", the CUDA path before this kernel, runs `F.linear(x, weight.to(x.dtype))`:
-it writes a float copy of each weight and reads it back, 9 bytes of memory traffic per
-int8 weight at float32 (5 at bfloat16) where 1 is needed, and the copy of a model's
-largest layer must fit beside the model (PanGu-α-13B's 20480 x 5120 layer: 420 MB at
-float32), which a 6 GB card has not. These kernels read each int8 weight into registers,
-dequantize it there, and keep float32 sums: no float copy, and a decode step reads the
-bytes the roofline counts.
-
-Two kernels (models/kernels/cuda_int8_kernels.py), chosen by the call's row count:
-- "row" (up to ROW_KERNEL_MAX_ROWS rows: decode): one program computes BLOCK_N outputs of
-  one row, looping over the inputs BLOCK_K at a time into a (BLOCK_N, BLOCK_K) tile of
-  float32 partial sums reduced once at the end. Rows are the grid's fastest axis, so the
-  programs of one weight tile run side by side and share it through L2. A row's bits
-  are its own: the same alone or among other rows.
-- "tile" (more rows: prefill, large batches): one program computes a (BLOCK_M, 64) tile
-  of outputs with `tl.dot` over 32 inputs at a time, so the weights are read once per
-  BLOCK_M (16, or 64 from 17 rows) rows. Float32 and bfloat16 activations run "tf32x3"
-  (three TF32 tensor-core products that keep float32's accuracy; the float units'
-  "ieee" dot was 2-7x slower on an H200); float16 ones the weight in float16.
-The GPU path is not batch-invariant as the CPU kernels are: the kernel changes with the
-row count, and so does torch's attention on the GPU.
-
-Accuracy: the weight is dequantized in float32 (per-channel: the int8 sum scaled once per
-output), float32 sums, rounded to x's dtype once; with float16 activations the tile
-kernel's weight is rounded to float16 (exact for per-channel int8). tests/test_cuda.py
-bounds float32 results at 1e-6 of the sum of |products| against float64.
-
-Measured on an H200 (`llm-shard bench gpu`, benchmarks/results-gpu/), GB/s of int8 weight
-bytes on PanGu-α-2.6B and LLaMA-7B layers, float32 activations: 1 row 200-1450 (the
-"dequant" path 150-250), 16 rows 100-545 (dequant 87-191), 256 rows 73-130 (dequant
-54-76). Small layers are bound by the launch (~20-30 us a call from Python), not by
-memory; a layer with few outputs and many inputs (10240 -> 2560) has too few tiles to
-fill the GPU from 8 rows up (split-K would).
+Two kernels (cuda_int8_kernels.py), chosen by the call's row count: "row" (up to
+ROW_KERNEL_MAX_ROWS rows: decode), one program a row's BLOCK_N outputs, rows the grid's
+fastest axis so that the programs of one weight tile share it through L2, a row's bits its
+own; "tile" (more rows), `tl.dot` over (BLOCK_M, 64) output tiles, float32 and bfloat16
+activations as "tf32x3" (three TF32 products that keep float32's accuracy), float16 ones
+with the weight in float16. Not batch-invariant as the CPU kernels are: the kernel changes
+with the row count, and so does torch's attention on the GPU. tests/test_cuda.py bounds
+float32 results at 1e-6 of the sum of |products| against float64.
 
 `problem(device)` says why the kernel cannot run there (no Triton, a GPU Triton does not
 support); the int8 layer then takes "dequant" and says so in the log.
