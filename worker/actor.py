@@ -40,7 +40,7 @@ from llm_shard.models.base import Part, on_meta
 from llm_shard.models.cache import Batch, Prefix, SequenceCache
 from llm_shard.models.checkpoint.catalog import home
 from llm_shard.models.checkpoint.store import Store, record_verified
-from llm_shard.models.kernels import w8a16
+from llm_shard.models.kernels import decode, w8a16
 
 from .stage import StageError, StageRunner
 from .tiers import Streamer, read_file
@@ -250,12 +250,12 @@ class Worker:
             return Batch.of([1], [SequenceCache()], prefixes=[Prefix(1, 0)])
 
         with torch.inference_mode():
-            block(x, one_token())  # warm up: first touch, kernel choice
+            decode.run_block(block, x, one_token())  # warm up: first touch, kernel choice
             if device != "cpu":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(repeats):
-                block(x, one_token())
+                decode.run_block(block, x, one_token())
             if device != "cpu":
                 torch.cuda.synchronize()
         return max((time.perf_counter() - t0) / repeats, 1e-9)
