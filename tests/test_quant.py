@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_shard.models import quant
-from llm_shard.models.kernels import w8a16
+from llm_shard.models.kernels import backends, w8a16
 from llm_shard.models.quant import (
     KERNELS,
     Int8Linear,
@@ -47,7 +47,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def cpu_kernels() -> list[str]:
     probe = Int8Linear(16, 16)
-    return [k for k in KERNELS if KERNELS[k].why_invalid(probe) is None]
+    return [k for k in KERNELS if KERNELS[k].invalid(probe) is None]
 
 
 def test_quantize_weight_round_trip():
@@ -222,23 +222,23 @@ def outputs(lin: nn.Linear, kernel: str, x: torch.Tensor) -> torch.Tensor:
 def test_auto_picks_w8a16_for_small_layers_and_for_large_ones_where_it_keeps_up(caplog):
     torch.manual_seed(8)
     small, big = nn.Linear(576, 1536), nn.Linear(2048, 1040)  # 0.84 and 2.03 MiB of int8
-    assert big.weight.numel() > quant.AUTO_SMALL_LAYER_BYTES >= small.weight.numel()
+    assert big.weight.numel() > backends.AUTO_SMALL_LAYER_BYTES >= small.weight.numel()
     for keeps_up, big_kernel in ((True, "w8a16"), (False, "fbgemm")):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(quant.w8a16, "keeps_up", lambda k=keeps_up: k)
+            mp.setattr(w8a16, "keeps_up", lambda k=keeps_up: k)
             for lin, expect in [(small, "w8a16"), (big, big_kernel)]:
                 for rows in (1, 4, 5, 64):  # the layer's kernel, whatever the call's size
                     x = torch.randn(rows, lin.in_features)
                     assert torch.equal(outputs(lin, "auto", x), outputs(lin, expect, x)), (
                         keeps_up, lin, rows)
 
-    quant._log_fallback.cache_clear()
+    backends.log_fallback.cache_clear()
     odd = nn.Linear(520, 64)  # without w8a16, int8pack is wrong here: auto stays on fbgemm
     x, x_big = torch.randn(1, 520), torch.randn(1, 2048)
-    with caplog.at_level(logging.WARNING, logger=quant.__name__):
+    with caplog.at_level(logging.WARNING, logger=backends.__name__):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(quant.w8a16, "problem", lambda: "no compiler (test)")
-            mp.setattr(quant.w8a16, "keeps_up", lambda: True)
+            mp.setattr(w8a16, "problem", lambda: "no compiler (test)")
+            mp.setattr(w8a16, "keeps_up", lambda: True)
             assert torch.equal(outputs(odd, "auto", x), outputs(odd, "fbgemm", x))
             assert torch.equal(outputs(big, "auto", x_big), outputs(big, "fbgemm", x_big))
     messages = [r.getMessage() for r in caplog.records]
@@ -248,13 +248,13 @@ def test_auto_picks_w8a16_for_small_layers_and_for_large_ones_where_it_keeps_up(
 
 
 def test_int8pack_fallback_is_logged_once(caplog):
-    quant._log_fallback.cache_clear()
+    backends.log_fallback.cache_clear()
     torch.manual_seed(0)
     layers = [Int8Linear.from_linear(nn.Linear(100, 32), kernel="int8pack") for _ in range(3)]
-    with caplog.at_level(logging.WARNING, logger=quant.__name__):
+    with caplog.at_level(logging.WARNING, logger=backends.__name__):
         chosen = {m.prepare() for m in layers}
     assert chosen.isdisjoint({"int8pack"})
-    messages = [r.getMessage() for r in caplog.records if r.name == quant.__name__]
+    messages = [r.getMessage() for r in caplog.records if r.name == backends.__name__]
     assert messages and len(messages) == len(set(messages))  # once per distinct fallback
     assert any("'int8pack'" in m and "multiple of 16" in m for m in messages)
 
@@ -436,16 +436,16 @@ def test_blocks_match_their_float_weight_on_w8a16_and_dequant(mins):
 def test_blocks_refuse_per_channel_kernels_and_fall_back(caplog, monkeypatch):
     m = block_layer()
     for kernel in ("fbgemm", "int8pack"):
-        assert KERNELS[kernel].why_invalid(m) == (
+        assert KERNELS[kernel].invalid(m) == (
             "its scales are per block of 32 inputs, and it takes one scale per output row")
-    with caplog.at_level(logging.WARNING, logger="llm_shard.models.quant"):
+    with caplog.at_level(logging.WARNING, logger=backends.__name__):
         assert m.prepare("int8pack") == "auto"  # auto runs blocks on w8a16, else dequant
     assert "per block of 32" in caplog.text
     x = torch.randn(3, 256)
     with torch.no_grad():
         want = m(x)
-        monkeypatch.setattr(quant, "_w8a16_invalid", lambda layer: "no C compiler (test)")
-        with caplog.at_level(logging.WARNING, logger="llm_shard.models.quant"):
+        monkeypatch.setattr(backends, "w8a16_invalid", lambda layer: "no C compiler (test)")
+        with caplog.at_level(logging.WARNING, logger=backends.__name__):
             assert m.prepare("auto") == "auto"
             assert m.running == "dequant"
         assert "no C compiler (test), for auto's layers in blocks; using 'dequant'" in caplog.text
@@ -622,7 +622,7 @@ def test_int8pack_refuses_misaligned_weights():
     layer.weight, layer.scales = buf[8:].view(16, 32), torch.rand(16)
     if layer.weight.data_ptr() % 16 == 0:
         pytest.skip("the allocator placed the slice aligned")
-    assert "aligned" in KERNELS["int8pack"].why_invalid(layer)
+    assert "aligned" in KERNELS["int8pack"].invalid(layer)
 
 
 class Shared(nn.Module):
@@ -710,19 +710,21 @@ def test_store_load_releases_mapped_weights_only_where_a_copy_runs(tmp_path, mon
     from conftest import random_hf_state, write_hf_port
 
     from llm_shard.models.base import Part
+    from llm_shard.models.checkpoint import placement
     from llm_shard.models.checkpoint import store as store_mod
     from llm_shard.models.checkpoint.convert import convert
 
     write_hf_port(tmp_path / "hf", random_hf_state())
     store = convert(tmp_path / "hf", tmp_path / "store", dtype="int8", progress=False)
     released = []
-    monkeypatch.setattr(store_mod, "release_mapped", lambda t: released.append(t.data_ptr()))
-    monkeypatch.setattr(quant, "AUTO_SMALL_LAYER_BYTES", 0)  # every layer counts as large
+    for module in (store_mod, placement):
+        monkeypatch.setattr(module, "release_mapped", lambda t: released.append(t.data_ptr()))
+    monkeypatch.setattr(backends, "AUTO_SMALL_LAYER_BYTES", 0)  # every layer counts as large
     fused = {"attn.q_proj", "attn.k_proj", "attn.v_proj"}
     for keeps_up, running, copied in (
             (True, "w8a16", fused),
             (False, "fbgemm", fused | {"attn.c_proj", "mlp.c_fc", "mlp.c_proj"})):
-        monkeypatch.setattr(quant.w8a16, "keeps_up", lambda k=keeps_up: k)
+        monkeypatch.setattr(w8a16, "keeps_up", lambda k=keeps_up: k)
         released.clear()
         block = store.load(Part("block", 0))
         layers = {n: m for n, m in block.named_modules() if isinstance(m, Int8Linear)}
@@ -754,14 +756,15 @@ def test_store_load_moves_what_w8a16_streams_into_huge_pages(smollm2_stores, mon
     The outputs are the same either way, and the same as the int8 weights' own."""
     from llm_shard.models.base import Part
     from llm_shard.models.cache import Batch, SequenceCache
+    from llm_shard.models.checkpoint import placement
     from llm_shard.models.checkpoint import store as store_mod
 
-    if store_mod.huge_pages_problem() is not None:
-        pytest.skip(store_mod.huge_pages_problem())
+    if placement.huge_pages_problem() is not None:
+        pytest.skip(placement.huge_pages_problem())
     store = smollm2_stores["int8"]
     parts = [Part("block", 3), Part("head")]
     huge = [store.load(p) for p in parts]
-    monkeypatch.setattr(store_mod, "huge_pages_problem", lambda: "off for this test")
+    monkeypatch.setattr(placement, "huge_pages_problem", lambda: "off for this test")
     plain = [store.load(p) for p in parts]
 
     def streamed(module) -> list[torch.Tensor]:
@@ -779,18 +782,18 @@ def test_store_load_moves_what_w8a16_streams_into_huge_pages(smollm2_stores, mon
         moved, kept = streamed(h), streamed(p)
         assert len(moved) == len(kept) >= 1
         start, end = span(moved)
-        assert start % store_mod.HUGE_PAGE == 0
+        assert start % placement.HUGE_PAGE == 0
         assert end - start < sum(t.numel() + 64 for t in moved)  # one arena, 64-byte steps
         # its whole 2 MiB pages only (a SmolLM2 block's nibbles are under one: none)
-        assert ("hg" in _vma_flags(start)) == (end - start >= store_mod.HUGE_PAGE)
-        assert "hg" not in _vma_flags(end - 1) or (end - start) % store_mod.HUGE_PAGE == 0
+        assert ("hg" in _vma_flags(start)) == (end - start >= placement.HUGE_PAGE)
+        assert "hg" not in _vma_flags(end - 1) or (end - start) % placement.HUGE_PAGE == 0
         assert not any("hg" in _vma_flags(t.data_ptr()) for t in kept)
         for a, b in zip(moved, kept):
             assert torch.equal(a, b)
         if is_block:  # nibbles, half the int8 bytes, in one arena with or without
             assert all(t.dtype == torch.uint8 for t in moved)
             a, b = span(kept)
-            assert a % store_mod.HUGE_PAGE == 0 and b - a < sum(t.numel() + 64 for t in kept)
+            assert a % placement.HUGE_PAGE == 0 and b - a < sum(t.numel() + 64 for t in kept)
         else:
             assert "hg" in _vma_flags(start)  # the screen's 28 MB copy
     # a fused layer's nibbles are its members' own bytes (no second copy of them, none

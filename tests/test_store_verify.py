@@ -1,7 +1,7 @@
-"""sha256 checks of store files on load (models/checkpoint/store.py), recorded like git's
-stat cache:
-a fresh convert or a fetched file is not hashed again, a copied or changed file is hashed
-once, a corrupt one is refused by name, and a read-only store is still checked."""
+"""sha256 checks of store files on load (models/checkpoint/verify.py), recorded like git's
+stat cache: a fresh convert or a fetched file is not hashed again, a copied or changed file
+is hashed once, a corrupt one is refused by name, and a read-only store is still checked.
+Each Store.open starts from the sidecar's records alone, as a new process does."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 from llm_shard.cluster.transfer import StoreServer, fetch
 from llm_shard.models.base import Part, parts_of
 from llm_shard.models.checkpoint import store as store_mod
+from llm_shard.models.checkpoint import verify as verify_mod
 from llm_shard.models.checkpoint.convert import convert
 from llm_shard.models.checkpoint.store import VERIFIED, Store, StoreError, record_verified
 
@@ -44,29 +45,17 @@ def store(hf_folder, tmp_path):
     return convert(hf_folder, tmp_path / "store", dtype="fp32", progress=False)
 
 
-@pytest.fixture(autouse=True)
-def fresh_process(monkeypatch):
-    """Each test starts with no checks remembered in this process (as a new worker)."""
-    monkeypatch.setattr(store_mod, "_seen", {})
-    monkeypatch.setattr(store_mod, "_warned", set())
-
-
-def forget():
-    """What a new process knows: only the sidecar."""
-    store_mod._seen.clear()
-
-
 @pytest.fixture()
 def hashed(monkeypatch):
-    """The paths store.sha256_file is called on, in order."""
+    """The paths verify.sha256_file is called on, in order."""
     calls: list[Path] = []
-    real = store_mod.sha256_file
+    real = verify_mod.sha256_file
 
     def spy(path, *args, **kwargs):
         calls.append(Path(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(store_mod, "sha256_file", spy)
+    monkeypatch.setattr(verify_mod, "sha256_file", spy)
     return calls
 
 
@@ -99,8 +88,7 @@ def test_a_fresh_convert_loads_without_hashing(store, hashed):
     for f in store.manifest["files"]:
         assert records[f["name"]]["sha256"] == f["sha256"]
     assert VERIFIED not in names(store)  # the sidecar is no file of the store
-    forget()  # a worker process: the sidecar alone says the files are checked
-    load_all(store.path)
+    load_all(store.path)  # a new Store: the sidecar alone says the files are checked
     assert hashed == []
 
 
@@ -108,7 +96,6 @@ def test_a_corrupt_copy_is_refused_by_name(store, tmp_path, hashed):
     copy = tmp_path / "copy"
     shutil.copytree(store.path, copy)  # the sidecar comes along; its records do not match
     flip_byte(copy / "blocks/001.safetensors")
-    forget()
     s = Store.open(copy)
     with pytest.raises(StoreError, match=r"blocks/001\.safetensors fails its sha256 check.*"
                                          r"corrupt or was changed.*llm-shard convert"):
@@ -123,7 +110,6 @@ def test_a_corrupt_copy_is_refused_by_name(store, tmp_path, hashed):
 
 def test_a_file_changed_in_place_is_refused_even_with_its_old_mtime(store):
     flip_byte(store.path / "head.safetensors", keep_mtime=True)
-    forget()
     with pytest.raises(StoreError, match=r"head\.safetensors fails its sha256 check"):
         Store.open(store.path).load(Part("head"))
 
@@ -131,8 +117,7 @@ def test_a_file_changed_in_place_is_refused_even_with_its_old_mtime(store):
 def test_an_intact_copy_is_hashed_once(store, tmp_path, hashed, caplog):
     copy = tmp_path / "copy"
     shutil.copytree(store.path, copy)
-    forget()
-    with caplog.at_level(logging.INFO, logger=store_mod.log.name):
+    with caplog.at_level(logging.INFO, logger=verify_mod.log.name):
         load_all(copy)
     assert Counter(p.relative_to(copy).as_posix() for p in hashed) == \
         Counter(names(store))
@@ -141,9 +126,7 @@ def test_an_intact_copy_is_hashed_once(store, tmp_path, hashed, caplog):
     records = json.loads((copy / VERIFIED).read_text())["files"]
     assert sorted(records) == sorted(names(store))
     hashed.clear()
-    load_all(copy)  # this process remembers
-    forget()
-    load_all(copy)  # another process reads the sidecar
+    load_all(copy)  # another Store (or process) reads the sidecar
     assert hashed == []
     Store.open(copy).verify()  # on demand: every file, whatever the records say
     assert len(hashed) == len(names(store))
@@ -165,10 +148,9 @@ def test_a_read_only_store_is_still_checked(store, tmp_path, hashed, monkeypatch
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
             return real_open(file, mode, *args, **kwargs)
 
-        monkeypatch.setattr(store_mod, "open", read_only_open, raising=False)
+        monkeypatch.setattr(verify_mod, "open", read_only_open, raising=False)
     try:
-        forget()
-        with caplog.at_level(logging.WARNING, logger=store_mod.log.name):
+        with caplog.at_level(logging.WARNING, logger=verify_mod.log.name):
             s = Store.open(copy)
             s.load(Part("embed"))
             s.load(Part("head"))
@@ -182,8 +164,7 @@ def test_a_read_only_store_is_still_checked(store, tmp_path, hashed, monkeypatch
         checked = ["embed.safetensors", "head.safetensors", "blocks/000.safetensors",
                    "blocks/001.safetensors"]
         assert [p.relative_to(copy).as_posix() for p in hashed] == checked
-        forget()  # another process checks again, and refuses the corrupt file again
-        hashed.clear()
+        hashed.clear()  # another Store checks again, and refuses the corrupt file again
         with pytest.raises(StoreError, match=r"blocks/000\.safetensors"):
             Store.open(copy).load(Part("block", 0))
         Store.open(copy).load(Part("block", 1))
@@ -196,12 +177,12 @@ def test_a_read_only_store_is_still_checked(store, tmp_path, hashed, monkeypatch
 def test_fetched_files_are_recorded(store, tmp_path, hashed):
     dest = tmp_path / "node" / "store"
     with StoreServer(store.path) as server:
-        fetch(dest, server.address, ["embed.safetensors", "blocks/000.safetensors"])
+        fetch(dest, server.address, ["embed.safetensors", "blocks/000.safetensors"],
+              verified=record_verified)
         records = json.loads((dest / VERIFIED).read_text())["files"]
         assert sorted(records) == ["blocks/000.safetensors", "embed.safetensors"]
-        fetch(dest, server.address)
+        fetch(dest, server.address, verified=record_verified)
     hashed.clear()
-    forget()
     load_all(dest)
     assert hashed == []  # checked once, as it arrived
     records = json.loads((dest / VERIFIED).read_text())["files"]
@@ -213,13 +194,13 @@ def test_concurrent_records_merge(store, monkeypatch):
     of the sidecar widens the window that an unlocked read-modify-write would lose in)."""
     files = {f["name"]: f["sha256"] for f in store.manifest["files"]}
     (store.path / VERIFIED).unlink()
-    read = store_mod._records
+    read = verify_mod._records
 
     def slow_read(root):
         time.sleep(0.01)
         return read(root)
 
-    monkeypatch.setattr(store_mod, "_records", slow_read)
+    monkeypatch.setattr(verify_mod, "_records", slow_read)
     errors, start = [], threading.Barrier(len(files))
 
     def record(name):

@@ -7,32 +7,16 @@
     STORE/tokenizer/...
 
 int8 stores hold each Linear weight as `<name>.weight` (int8, out x in) plus
-`<name>.scales` (float32, per output channel). Loading memory-maps the files; the int8
-weights that w8a16 streams every step are then copied into 2 MiB pages where Linux's
-transparent huge pages run, and a GGUF's Q4 blocks packed there at 4 bits a value
-(`weights_to_huge_pages`).
-
-Loading a part checks its file's size, and its sha256 against the manifest unless the
-sidecar STORE/.llm-shard-verified.json says that this very file (same device, inode,
-size, mtime and ctime: a copy or an edit changes them) already passed that check. Convert
-and cluster/transfer.py record the files they write and verify (`record_verified`), so
-only a store copied by other means, or a file changed since, is hashed, once.
+`<name>.scales` (float32, per output channel). Loading memory-maps a part's file, checks
+its size and its sha256 (verify.py: unless recorded as already checked), and places what
+w8a16 streams into 2 MiB pages (placement.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import fcntl
-import functools
-import hashlib
 import json
-import logging
-import mmap
 import os
-import threading
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,20 +25,31 @@ from torch import nn
 
 from llm_shard.models import get_arch
 from llm_shard.models.base import Arch, ArchConfig, Part, on_meta, parts_of
-from llm_shard.models.errors import StoreError
-from llm_shard.models.kernels import w8a16
-from llm_shard.models.quant import (
-    Int8Linear,
-    Nibbles,
-    int8_formats,
-    keeps_dtype,
-    prepare_int8,
-    resolve_kernel,
-    screen_head,
-    swap_int8,
+from llm_shard.models.checkpoint.placement import (
+    back_to_back,
+    huge_page_arena,
+    huge_page_place,
+    huge_pages_problem,
+    read_ahead,
+    release_mapped,
+    weights_to_huge_pages,
 )
+from llm_shard.models.checkpoint.verify import (
+    VERIFIED,
+    VERIFIED_LOCK,
+    Checks,
+    record_verified,
+    sha256_file,
+)
+from llm_shard.models.errors import StoreError
+from llm_shard.models.quant.fusion import prepare_int8
+from llm_shard.models.quant.linear import int8_formats, keeps_dtype, swap_int8
+from llm_shard.models.quant.screened import screen_head
 
-log = logging.getLogger(__name__)
+# importable from here as well, for callers outside models/checkpoint
+__all__ = ["ALIGN", "DTYPES", "PAD", "SAFETENSORS_DTYPES", "VERIFIED", "VERIFIED_LOCK", "Store",
+           "StoreError", "StoreWriter", "huge_page_arena", "huge_pages_problem", "read_ahead",
+           "record_verified", "release_mapped", "save_aligned", "without_padding"]
 
 FORMAT = "llm-shard-store"
 VERSION = 1
@@ -63,7 +58,6 @@ VERSION = 1
 DTYPES = {"int8": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
           "fp16": torch.float16}
 
-
 # Kernels that run a layer from a copy of its weights (fbgemm's packed form; "auto"
 # resolved, see Int8Linear.running), so that its mapped pages can go; so can those of a
 # "fused" group's members, whose fused layer holds a copy of their rows. w8a16 reads the
@@ -71,187 +65,6 @@ DTYPES = {"int8": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
 # there a fused layer's rows are its members' own bytes, which stay), or into nibbles
 # (their mapped pages go there).
 PACKED_KERNELS = ("fbgemm",)
-_MADV_DONTNEED, _MADV_POPULATE_READ = 4, 22
-_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
-
-
-def _advise(t: torch.Tensor, advice: int) -> int:
-    """madvise the whole pages inside a CPU tensor's bytes (none for other tensors):
-    0, or the errno of a failed call."""
-    if _libc is None or t.device.type != "cpu" or t.numel() == 0:
-        return 0
-    page = mmap.PAGESIZE
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    first, last = -(-start // page) * page, end // page * page  # whole pages inside only
-    if last > first and _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
-                                      advice):
-        return ctypes.get_errno()
-    return 0
-
-
-def release_mapped(t: torch.Tensor) -> None:
-    """Drop the pages of a memory-mapped CPU tensor from this process's resident set;
-    they are read back from the file if the tensor is touched again."""
-    _advise(t, _MADV_DONTNEED)
-
-
-# --- int8 weights in 2 MiB pages ----------------------------------------------------
-# A decode step streams every weight once. On 4 KiB pages (a mapped file's, or malloc's)
-# that is a TLB miss every 4 KiB, whose page walk w8a16's software prefetches wait on
-# (perf, 2 cores of a Xeon with AVX512-VNNI: most of its samples sat on them). In 2 MiB
-# pages, decode ran ~8% faster there (alternating processes): the random PanGu-α-2.6B
-# 102.7-106.5 -> 96.0-97.9 ms a step; SmolLM2-135M 7.9-8.9 -> 7.3-8.0 ms with every
-# byte in huge pages, 8.3-8.8 -> 8.1-8.3 ms with each 3.5 MB block's tail on 4 KiB pages.
-# The copy costs SmolLM2's load ~0.1 s, PanGu-α-2.6B's 0.6 s where the memory was used
-# before and ~3 s on memory this VM touches for the first time.
-_MADV_HUGEPAGE = 14
-HUGE_PAGE = 2 << 20
-THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-@functools.cache
-def huge_pages_problem() -> str | None:
-    """Why weights cannot go into 2 MiB pages here, or None when they can: Linux's
-    transparent huge pages in "always" or "madvise" mode."""
-    if _libc is None:
-        return "not a POSIX system"
-    try:
-        mode = THP_ENABLED.read_text()
-    except OSError as e:
-        return f"no transparent huge pages ({THP_ENABLED}: {e.strerror})"
-    if "[never]" in mode:
-        return f"transparent huge pages are off ([never] in {THP_ENABLED})"
-    return None
-
-
-def huge_page_arena(nbytes: int, advise: bool = True) -> torch.Tensor:
-    """nbytes of CPU memory (uint8) starting on a 2 MiB boundary of an anonymous mapping
-    of its own, whose whole 2 MiB pages are advised MADV_HUGEPAGE (unless not `advise`)
-    before anything touches them: the kernel backs those with huge pages where it can,
-    and the tail past the last whole one with 4 KiB pages, so that no more than nbytes is
-    resident (a worker's RAM budget counts a part's bytes). No page is resident before it
-    is written."""
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = torch.frombuffer(m, dtype=torch.uint8)  # its storage holds the mapping
-    start = -whole.data_ptr() % HUGE_PAGE
-    arena = whole[start: start + nbytes]
-    if advise and (err := _advise(arena[: nbytes // HUGE_PAGE * HUGE_PAGE], _MADV_HUGEPAGE)):
-        log.warning("madvise(MADV_HUGEPAGE) failed: %s; weights stay on 4 KiB pages",
-                    os.strerror(err))
-    return arena
-
-
-def huge_page_place(nbytes: int) -> torch.Tensor | None:
-    """A `huge_page_arena` of nbytes for a copy that w8a16 will read (a screened head's
-    int8 copy: ScreenedLinear's `place`), or None: no transparent huge pages here, or
-    less than one 2 MiB page."""
-    if huge_pages_problem() is not None or nbytes < HUGE_PAGE:
-        return None
-    return huge_page_arena(nbytes)
-
-
-def weights_to_huge_pages(module: nn.Module, mapped: set[int]) -> int:
-    """Before prepare_int8: copies the int8 weights that w8a16 will read as stored (the
-    Int8Linears of `module` that it will run) into one `huge_page_arena`, the layers of
-    each group that fuse_int8 may fuse back to back and in its order (`back_to_back` then
-    gives their fused layer a view of them: their rows are never copied again), and drops
-    the pages of those that were memory-mapped (`mapped`: their data_ptrs) from the
-    resident set. Nothing is copied twice and no copy goes back to malloc: freed, its
-    chunks would stay resident (glibc's malloc_trim returns no thread arena's top).
-
-    A blocks layer whose values fit 4 bits (a GGUF's Q4_0 or Q4_1: `w8a16.nibble_offset`,
-    the same offset across a fusable group) is packed there instead, at half the bytes
-    (`Nibbles`), and keeps its stored weight, released from the resident set. Without
-    transparent huge pages the arena holds those alone, on 4 KiB pages. Returns the
-    bytes moved (0: nothing to move, or less than one 2 MiB page of int8 copies)."""
-    huge = huge_pages_problem() is None
-    chosen = {id(m): m for m in module.modules()
-              if isinstance(m, Int8Linear) and m.weight.device.type == "cpu"
-              and m.weight.is_contiguous() and resolve_kernel(m).name == "w8a16"}
-    runs, placed = [], set()  # runs of layers back to back: a group's, or one layer
-    for parent in module.modules():
-        for names in getattr(parent, "shared_input", ()):
-            group = [m for m in (getattr(parent, n, None) for n in names)
-                     if id(m) in chosen and id(m) not in placed]
-            if group:
-                runs.append(group)
-                placed.update(map(id, group))
-    runs += [[m] for key, m in chosen.items() if key not in placed]
-    offsets = [_nibble_run(run) for run in runs]  # a run's nibble offset, or None
-    keep = [(run, lo) for run, lo in zip(runs, offsets) if huge or lo is not None]
-    sizes = [-(-sum(m.weight.nbytes // (1 if lo is None else 2) for m in run) // 64) * 64
-             for run, lo in keep]
-    if not any(lo is not None for _, lo in keep) and sum(sizes) < HUGE_PAGE:
-        return 0
-    arena, offset = huge_page_arena(sum(sizes), advise=huge), 0
-    for (run, lo), size in zip(keep, sizes):
-        at = offset
-        for m in run:
-            old = m.weight
-            nbytes = old.nbytes // (1 if lo is None else 2)
-            if lo is None:
-                new = arena[at: at + nbytes].view(old.dtype).view(old.shape)
-                new.copy_(old)
-                m._buffers["weight"] = new
-            else:  # the stored weight stays (mapped: read again only if used again)
-                m.nibbles = Nibbles(w8a16.pack_nibbles(old, lo, arena[at: at + nbytes]),
-                                    lo, old)
-            if old.data_ptr() in mapped:
-                release_mapped(old)
-            at += nbytes
-        offset += size
-    return offset
-
-
-def _nibble_run(run: list[Int8Linear]) -> int | None:
-    """The nibble offset of every layer of a run (one for all), else None."""
-    if not all(m.group for m in run):
-        return None
-    found = {w8a16.nibble_offset(m.weight) for m in run}
-    return found.pop() if len(found) == 1 else None
-
-
-def back_to_back(weights: list[torch.Tensor]) -> torch.Tensor | None:
-    """The rows of `weights` as one tensor, a view, where they lie back to back in one
-    storage (`weights_to_huge_pages` puts a fused group's members so); else None. A
-    fused layer's weight (fuse_int8's `rows`)."""
-    first = weights[0]
-    storage = first.untyped_storage().data_ptr()
-    if not all(w.is_contiguous() and w.dtype == first.dtype and w.device == first.device
-               and w.shape[1:] == first.shape[1:]
-               and w.untyped_storage().data_ptr() == storage for w in weights):
-        return None
-    if any(a.data_ptr() + a.nbytes != b.data_ptr() for a, b in zip(weights, weights[1:])):
-        return None
-    shape = (sum(w.shape[0] for w in weights), *first.shape[1:])
-    return first.as_strided(shape, torch.empty(shape, device="meta").stride(),
-                            first.storage_offset())
-
-
-def read_ahead(module: nn.Module) -> threading.Thread:
-    """Read a module's memory-mapped tensors in from their files, in a daemon thread
-    (returned): madvise(MADV_POPULATE_READ), Linux 5.14+, maps every page. (MADV_WILLNEED
-    reads no more than the disk's readahead window, 8 MiB here.)
-
-    For the embedding, the one mapped part that a forward pass reads a few rows of: from a
-    cold page cache each new token's row is otherwise a read from disk in the middle of
-    a step (measured here: PanGu-2.6B's 420 MB fp32 embedding, random tokens, 1.2-6.4 ms
-    a step, 23 ms for one row). The planner counts the embedding in its stage's RAM."""
-    tensors = [*module.parameters(), *module.buffers()]
-
-    def advise() -> None:
-        for t in tensors:
-            if err := _advise(t, _MADV_POPULATE_READ):
-                log.warning("cannot read the %s mapped bytes of a %s in ahead (madvise: "
-                            "%s): its rows are read from disk as they are first used",
-                            t.numel() * t.element_size(), type(module).__name__,
-                            os.strerror(err))
-                return
-
-    thread = threading.Thread(target=advise, name="llm-shard-read-ahead", daemon=True)
-    thread.start()
-    return thread
 
 
 # Every tensor's data starts at a multiple of ALIGN bytes in its file, and so in a mapping
@@ -301,136 +114,14 @@ def without_padding(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v for k, v in tensors.items() if not k.startswith(PAD)}
 
 
-def sha256_file(path: Path, log_every: float | None = None) -> str:
-    """sha256 of a file, read in 4 MiB chunks; with `log_every` (seconds), a progress line
-    at info level that often."""
-    h = hashlib.sha256()
-    total = os.path.getsize(path) if log_every else 0
-    done, last = 0, time.monotonic()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-            if log_every:
-                done += len(chunk)
-                if time.monotonic() - last >= log_every:
-                    last = time.monotonic()
-                    log.info("%s: %.0f of %.0f MB verified", path, done / 1e6, total / 1e6)
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------ sha256 checks, recorded
-# Like git's index: a file whose stat identity matches the one recorded when it last
-# passed its sha256 check (or was written by convert, or fetched and checked by
-# cluster/transfer.py) is not hashed again. A copy (cp, rsync, scp, another disk) has
-# another inode and ctime, an edit another mtime and ctime, so either is hashed once.
-VERIFIED = ".llm-shard-verified.json"  # {"version", "files": {name: {sha256, stat}}}
-VERIFIED_LOCK = ".llm-shard-verified.lock"  # writers merge into VERIFIED under flock
-LOG_EVERY = 10.0  # seconds between progress lines of one file's check
-_seen: dict[tuple[int, ...], str] = {}  # stat identity -> sha256, checked in this process
-_seen_lock = threading.Lock()
-_warned: set[str] = set()  # store folders whose records cannot be written
-
-
-def _identity(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _records(root: Path) -> dict:
-    try:
-        data = json.loads((root / VERIFIED).read_text())
-    except (OSError, ValueError):
-        return {}
-    files = data.get("files") if isinstance(data, dict) and data.get("version") == 1 else None
-    return files if isinstance(files, dict) else {}
-
-
-def _remember(identity: tuple[int, ...], sha256: str) -> None:
-    with _seen_lock:
-        _seen[identity] = sha256
-
-
-def _is_recorded(root: Path, name: str, sha256: str, st: os.stat_result) -> bool:
-    identity = _identity(st)
-    with _seen_lock:
-        if _seen.get(identity) == sha256:
-            return True
-    rec = _records(root).get(name)
-    if (isinstance(rec, dict) and rec.get("sha256") == sha256
-            and rec.get("stat") == list(identity)):
-        _remember(identity, sha256)
-        return True
-    return False
-
-
-def record_verified(root: str | Path, files: dict[str, str]) -> bool:
-    """Record that the files `{name: sha256}` of the store at `root` hold that sha256 as
-    they are now (the caller hashed them, or checked them against the manifest), so
-    loading them does not hash them again. Concurrent writers (workers loading parts of
-    one store) merge their records under a lock. Where the folder is not writable, warns
-    once that the checks will repeat on every load, and returns False."""
-    root, now = Path(root), {}
-    for name, sha256 in files.items():
-        with contextlib.suppress(OSError):  # a file that is gone has nothing to record
-            now[name] = (sha256, _identity((root / name).stat()))
-    return _record(root, now)
-
-
-def _record(root: Path, files: dict[str, tuple[str, tuple[int, ...]]]) -> bool:
-    """record_verified with the stat identities the files had when they were hashed."""
-    new = {}
-    for name, (sha256, identity) in files.items():
-        _remember(identity, sha256)
-        new[name] = {"sha256": sha256, "stat": list(identity)}
-    if not new:
-        return True
-    tmp = root / f"{VERIFIED}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        with open(root / VERIFIED_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
-            records = _records(root)
-            records.update(new)
-            tmp.write_text(json.dumps(
-                {"version": 1, "about": "sha256 checks llm-shard made of this store's files "
-                 "(deleting this file only makes the next load check them again)",
-                 "files": dict(sorted(records.items()))}, indent=1))
-            os.replace(tmp, root / VERIFIED)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        key = os.path.abspath(root)
-        if key not in _warned:
-            _warned.add(key)
-            log.warning("cannot record sha256 checks in %s (%s): every process that "
-                        "loads its files checks them again", root, e.strerror or e)
-        return False
-    return True
-
-
-def check_file(root: Path, name: str, entry: dict, st: os.stat_result | None = None) -> None:
-    """Check the store file `name` against its manifest `entry` {name, bytes, sha256}:
-    hash it unless its record says it passed as it is, and record it when it passes.
-    StoreError naming the file if it fails."""
-    path = root / name
-    st = st or path.stat()
-    if _is_recorded(root, name, entry["sha256"], st):
-        return
-    log.info("verifying %d bytes of %s (sha256 against the store's manifest)",
-             st.st_size, path)
-    if sha256_file(path, log_every=LOG_EVERY) != entry["sha256"]:
-        raise StoreError(
-            f"{path} fails its sha256 check against {root / 'manifest.json'}: the file is "
-            "corrupt or was changed since the store was written. Convert the checkpoint "
-            "again (llm-shard convert SRC -o STORE --overwrite), or delete the file and "
-            "copy it again from an intact store (a worker that fetches its store from the "
-            "coordinator fetches a deleted file by itself)")
-    if _identity(path.stat()) == _identity(st):  # not changed while it was hashed
-        _record(root, {name: (entry["sha256"], _identity(st))})
-
-
 @dataclass
 class Store:
     path: Path
     manifest: dict
+    checks: Checks = field(init=False, repr=False, compare=False)  # sha256 checks (verify.py)
+
+    def __post_init__(self) -> None:
+        self.checks = Checks(self.path)
 
     @classmethod
     def open(cls, path: str | Path) -> Store:
@@ -494,7 +185,7 @@ class Store:
     def _checked(self, name: str) -> Path:
         """The path of a file to load: its size checked, and its sha256 unless recorded."""
         entry, path, st = self._sized(name)
-        check_file(self.path, name, entry, st)
+        self.checks.check(name, entry, st)
         return path
 
     def verify(self, names: list[str] | None = None) -> None:
@@ -503,12 +194,8 @@ class Store:
         for entry in self.manifest["files"]:
             if names is not None and entry["name"] not in names:
                 continue
-            _, path, st = self._sized(entry["name"])
-            if sha256_file(path, LOG_EVERY) != entry["sha256"]:
-                raise StoreError(f"{path} fails its sha256 check: the file is corrupt or was "
-                                 "changed since the store was written")
-            if _identity(path.stat()) == _identity(st):
-                _record(self.path, {entry["name"]: (entry["sha256"], _identity(st))})
+            _, _, st = self._sized(entry["name"])
+            self.checks.verify(entry["name"], entry, st)
 
     def tensors(self, part: Part) -> dict[str, torch.Tensor]:
         """The part's tensors, memory-mapped (nothing is read until used)."""
