@@ -1,6 +1,9 @@
 """llm_shard.models: architectures block by block, the checkpoint store, tokenizers, int8.
 
-Knows no Ray and no ZeroMQ: everything here runs on plain tensors in one process.
+Knows no Ray and no ZeroMQ: everything here runs on plain tensors in one process. This
+file is the architecture registry: generic code (checkpoint sources, tokenizers) finds an
+architecture's own reader or tokenizer through it (`Arch.reader`, `Arch.tokenizer`) and
+never imports an architecture module by name.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ PLANNED: tuple[str, ...] = ()  # architectures of the seed not yet written
 
 def arch_names() -> list[str]:
     return sorted(_ARCH_MODULES)
+
+
+def all_archs() -> list[Arch]:
+    """Every architecture, in `_ARCH_MODULES` order (imports each module)."""
+    return [importlib.import_module(f".{m}", __name__).ARCH for m in _ARCH_MODULES.values()]
 
 
 def get_arch(name: str) -> Arch:

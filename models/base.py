@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 class _NoInit(torch.overrides.TorchFunctionMode):
     """Leaves meta tensors' in-place random initialisation out: on the meta device it
     computes nothing, yet the first `normal_` there (nn.Embedding's init) imports
-    torch._dynamo, 1.1 s of every process's start-up here."""
+    torch._dynamo, about a second of every process's start-up."""
 
     SKIP = frozenset((torch.Tensor.normal_, torch.Tensor.uniform_, torch.nn.init.normal_,
                       torch.nn.init.trunc_normal_, torch.Tensor.zero_, torch.Tensor.fill_))
@@ -119,6 +120,12 @@ class Arch:
     layouts: dict[str, Layout]
     chat_template: str = "plain"
     aliases: tuple[str, ...] = field(default=())
+    # An architecture's own checkpoint format and tokenizer, where checkpoint/sources.py's
+    # readers and text/tokenizer.py's kinds don't cover them:
+    # reader(path) -> a Source of that file, or None when the file is not in its format;
+    reader: Callable[[Path], object | None] | None = None
+    # tokenizer: a Tokenizer class, whose `kind` names it in a store and `file` in a folder.
+    tokenizer: type | None = None
 
     def build(self, cfg: ArchConfig, part: Part) -> nn.Module:
         if part.kind == "block":

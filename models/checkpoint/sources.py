@@ -1,6 +1,6 @@
 """Readers for checkpoint sources: a Hugging Face folder, a Meta LLaMA folder, a Megatron
-PanGu-α file, a ChatRWKV RWKV-4 .pth, a GGUF file. Each gives keys, shapes, a config and
-lazily loaded tensors.
+PanGu-α file, a ChatRWKV RWKV-4 .pth, a GGUF file, and an architecture's own format
+through its `Arch.reader`. Each gives keys, shapes, a config and lazily loaded tensors.
 
 Nothing here unpickles arbitrary objects: .bin/.pth files load with weights_only=True.
 """
@@ -187,12 +187,14 @@ class RWKVFile(TensorFiles):
 
 
 def _torch_file(path: Path) -> Source:
-    """A single torch file: ChatRWKV's RWKV-4 .pth, else a Megatron PanGu-α file; or
-    BMInf's CPM-2 checkpoint.pt, which is no torch file (models/archs/cpm2/bminf.py)."""
-    from llm_shard.models.archs.cpm2.bminf import BMInfFile
+    """A single .pt/.pth/.bin file: in an architecture's own format where its `Arch.reader`
+    recognises it (such files need not be torch files), else ChatRWKV's RWKV-4 .pth, else
+    a Megatron PanGu-α file."""
+    from llm_shard.models import all_archs
 
-    if BMInfFile.recognise(path):
-        return BMInfFile(path)
+    for arch in all_archs():
+        if arch.reader is not None and (source := arch.reader(path)) is not None:
+            return source
     keys = _load_pickle_free(path)
     if isinstance(keys, dict) and "emb.weight" in keys and "blocks.0.ln0.weight" in keys:
         return RWKVFile(path)
@@ -202,7 +204,7 @@ def _torch_file(path: Path) -> Source:
 def gguf_reader(path: Path):
     """The gguf package's reader of `path`, shared while anything holds it and the file is
     unchanged (path, size, modification time): it parses every metadata item on its own,
-    4-5 s and 160 MB for SmolLM2's 49k-token vocabulary here. Freed with its last holder,
+    seconds and ~160 MB for a 49k-token vocabulary. Freed with its last holder,
     so a server that converted a GGUF at start keeps none of it."""
     st = Path(path).stat()
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)

@@ -104,7 +104,7 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class PanGuTokenizer(SentencePieceTokenizer):
-    """PanGu-α (MODELS.md §1): jieba words joined by ' ', with the text's own spaces and
+    """PanGu-α: jieba words joined by ' ', with the text's own spaces and
     newlines written as U+2582/U+2583 so that decode can drop the joining spaces. The vocab
     normalizes NFKC, so full-width punctuation comes back half-width; no byte fallback."""
 
@@ -164,7 +164,7 @@ class BPETokenizer(Tokenizer):
 
 
 class ChatGLMTokenizer(SentencePieceTokenizer):
-    """ChatGLM-6B v1.1's `ice_text.model` (MODELS.md §4). Before SentencePiece, '\n' becomes
+    """ChatGLM-6B v1.1's `ice_text.model`. Before SentencePiece, '\n' becomes
     <n>, a tab <|tab|> and a run of 2-80 spaces <|blank_n|>; decode undoes it. The GLM
     specials written in the text ([MASK], [gMASK], <sop>, ...) become their ids. A prompt
     ends with [gMASK] <sop>: encode appends them where BOS would go (bos=False skips them).
@@ -232,19 +232,18 @@ KINDS = {c.kind: c for c in (SentencePieceTokenizer, PanGuTokenizer, BPETokenize
                              ChatGLMTokenizer)}
 
 
-# --- CPM-2 (models/archs/cpm2/tokenizer.py, which imports this module: found lazily) -----------
+def _arch_kinds() -> dict[str, type[Tokenizer]]:
+    """The architectures' own tokenizer classes (`Arch.tokenizer`) by kind."""
+    from llm_shard.models import all_archs
 
-def _cpm2_tokenizer():
-    from llm_shard.models.archs.cpm2.tokenizer import CPM2Tokenizer
-
-    return CPM2Tokenizer
+    return {a.tokenizer.kind: a.tokenizer for a in all_archs() if a.tokenizer is not None}
 
 
 def load_tokenizer(directory: Path, spec: dict) -> Tokenizer:
-    cls = _cpm2_tokenizer() if spec.get("kind") == "cpm2" else KINDS.get(spec.get("kind"))
+    cls = KINDS.get(spec.get("kind")) or _arch_kinds().get(spec.get("kind"))
     if cls is None:
         raise TokenizerError(f"unknown tokenizer kind {spec.get('kind')!r}; known: "
-                             f"{', '.join([*KINDS, 'cpm2'])}")
+                             f"{', '.join([*KINDS, *_arch_kinds()])}")
     missing = [k for k in ("file", "bos_id", "eos_ids", "add_bos", "chat_template")
                if k not in spec]
     if missing:
@@ -403,14 +402,14 @@ def tokenizer_from_folder(folder: Path, arch: str) -> Tokenizer:
     from llm_shard.models import get_arch
 
     folder, arch_ = Path(folder), get_arch(arch)
-    if arch_.name == "pangu-alpha":
+    if arch_.tokenizer is not None:  # the architecture's own
+        looked = (arch_.tokenizer.file,)
+        if (folder / arch_.tokenizer.file).is_file():
+            return arch_.tokenizer.from_file(folder / arch_.tokenizer.file)
+    elif arch_.name == "pangu-alpha":
         looked = ("vocab.model",)
         if (folder / "vocab.model").is_file():
             return PanGuTokenizer.from_file(folder / "vocab.model")
-    elif arch_.name == "cpm2":
-        looked = ("vocab.txt",)
-        if (folder / "vocab.txt").is_file():
-            return _cpm2_tokenizer().from_file(folder / "vocab.txt")
     elif arch_.name == "chatglm":
         looked = ("ice_text.model",)
         if (folder / "ice_text.model").is_file():

@@ -1,6 +1,6 @@
-"""BMInf's own checkpoint format for CPM-2 (`checkpoint.pt` + `vocab.txt` of "cpm2.1-new";
-MODELS.md §7), read as a checkpoint source for `convert` (layout "bminf" in
-models/archs/cpm2/model.py).
+"""BMInf's own checkpoint format for CPM-2 (`checkpoint.pt` + `vocab.txt` of "cpm2.1-new"),
+read as a checkpoint source for `convert` (layout "bminf" in models/archs/cpm2/model.py,
+whose ARCH names `open_bminf` as its reader).
 
 The file is no torch file: BMInf's `Layer.dump` writes, per layer, a (n_params,
 n_sublayers) header of two uint32, then each parameter (name, shape as a uint8 rank and
@@ -118,6 +118,11 @@ class BMInfFile(Source):
         if START not in pieces:
             raise SourceError(f"{vocab} has no {START} (CPM-2's decoder start token)")
         return config_from_bminf({k: self.shape(k) for k in self._index}, pieces.index(START))
+
+
+def open_bminf(path: Path) -> BMInfFile | None:
+    """BMInf's checkpoint at `path`, or None when the file is not one (`Arch.reader`)."""
+    return BMInfFile(path) if BMInfFile.recognise(path) else None
 
 
 def config_from_bminf(shapes: dict[str, tuple], start_id: int) -> dict:

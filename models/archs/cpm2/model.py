@@ -1,4 +1,4 @@
-"""CPM-2 (BMInf's "cpm2.1-new"; MODELS.md §7): a T5 v1.1 encoder–decoder, block by block.
+"""CPM-2 (BMInf's "cpm2.1-new"): a T5 v1.1 encoder–decoder, block by block.
 
 Blocks have one global index space: encoder blocks 0..E-1, decoder blocks E..E+D-1, so
 the planner cuts them into contiguous ranges like any other model. Each block holds its
@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_shard.models.archs.cpm2.bminf import open_bminf
+from llm_shard.models.archs.cpm2.tokenizer import CPM2Tokenizer
 from llm_shard.models.base import Arch, ArchConfig, Rule
 from llm_shard.models.cache import Batch, Prefix
 from llm_shard.models.layers import RMSNorm
@@ -393,7 +395,7 @@ def _t5_block(cfg: CPM2Config, index: int) -> dict[str, Rule]:
 
 def layout_hf(cfg: CPM2Config) -> dict:
     """T5ForConditionalGeneration: `shared` embeds both stacks; the head is `lm_head`, or
-    `shared` when tied (every transformers v5 save, see MODELS.md's caveat)."""
+    `shared` when tied (every transformers v5 save)."""
     head = "shared.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     layout = {f"block {i}": _t5_block(cfg, i) for i in range(cfg.n_blocks)}
     ignore = [r"(encoder|decoder)\.embed_tokens\.weight",  # copies of shared
@@ -448,4 +450,4 @@ def layout_bminf(cfg: CPM2Config) -> dict:
 
 ARCH = Arch(name="cpm2", config=CPM2Config, embed=Embedding, block=block, head=Head,
             layouts={"hf": layout_hf, "bminf": layout_bminf}, chat_template="plain",
-            aliases=("cpm-2", "t5", "mt5"))
+            aliases=("cpm-2", "t5", "mt5"), reader=open_bminf, tokenizer=CPM2Tokenizer)

@@ -1,4 +1,4 @@
-"""CPM-2's tokenizer (BMInf `T5Tokenizer`, MODELS.md §7): jieba + greedy WordPiece over
+"""CPM-2's tokenizer (BMInf `T5Tokenizer`): jieba + greedy WordPiece over
 `vocab.txt`, and the prompt forms of BMInf's `generate` and `fill_blank`.
 
 Encoding: full-width characters become half-width (Chinese punctuation kept), jieba cuts
