@@ -1,4 +1,5 @@
-"""ChatGLM-6B parity against an independent reference written here from MODELS.md §4.
+"""ChatGLM-6B parity against an independent reference written here from THUDM's
+modeling_chatglm.py.
 
 The reference is a plain full-sequence forward with no cache, over THUDM's checkpoint
 keys, computed the way modeling_chatglm.py orders it (q scaled by 1/(√d·(layer+1)), the

@@ -190,7 +190,8 @@ def test_pangu_specifics(pangu):
     assert pangu.sp.piece_to_id("<eot>") == 9 and 9 in pangu.eos_ids
     assert (pangu.kind, pangu.bos_id, pangu.add_bos, pangu.chat_template) == \
         ("pangu", None, False, "pangu")
-    # The recipe of MODELS.md §1, spelled out.
+    # PanGu-α's recipe spelled out: jieba words with ' ' and '\n' as U+2582 / U+2583,
+    # joined by ' ', then SentencePiece.
     words = [w.replace(" ", "\u2582").replace("\n", "\u2583")
              for w in pangu.jieba().cut("你好 世界\n", cut_all=False)]
     assert pangu.encode("你好 世界\n") == pangu.sp.encode(" ".join(words))

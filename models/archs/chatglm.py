@@ -1,4 +1,4 @@
-"""ChatGLM-6B (THUDM/chatglm-6b, the first version; MODELS.md §4).
+"""ChatGLM-6B (THUDM/chatglm-6b, the first version).
 
 A GLM block keeps its residual from the LayerNorm *output*, scaled by α = √(2·layers):
 `x̂ = LN1(x); h = α·x̂ + Attn(x̂); m = LN2(h); out = α·m + MLP(m)`. The fused QKV rows

@@ -1,4 +1,4 @@
-"""RWKV-4 (ChatRWKV Raven / World; MODELS.md §5): a recurrent network, no attention.
+"""RWKV-4 (ChatRWKV Raven / World): a recurrent network, no attention.
 
 Each block: `x += TimeMix(ln1 x); x += ChannelMix(ln2 x)`, block 0 first applies `pre_ln`
 (ChatRWKV's ln0). Both mixes blend each row with the previous token's normed row (token

@@ -158,7 +158,7 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
 
     Nearest is the default because GPTQ buys little here: on SmolLM2-135M (float tied
     head) top-1 agreement with fp32 goes 0.970 -> 0.975 while perplexity moves 1.0008 ->
-    1.0027 of fp32, and the conversion takes 32 s instead of 5 s on 2 cores."""
+    1.0027 of fp32, and the conversion takes several times as long."""
     if dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if rounding is not None and rounding not in ROUNDINGS:
