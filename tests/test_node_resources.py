@@ -202,6 +202,7 @@ def test_budgets_refuse_a_fractional_byte_count():
         budgets_from_ray_nodes([_node("e" * 56, "10.0.0.5", llm_shard_ram=1.5)])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_budgets_from_a_real_two_node_ray_cluster(ray_cluster):
     """Two nodes added to the session's Ray cluster advertise budgets as resources; they

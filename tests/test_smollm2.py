@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +38,7 @@ def teacher_forced(store, ids):
     return logits.argmax(-1), math.exp(float(nll))
 
 
+@pytest.mark.slow
 def test_int8_quality_bar(smollm2_stores):
     """The project's bar: greedy top-1 agreement with fp32 >= 99% over >= 500 tokens of a
     fixed text, perplexity within 1%. The GGUF is Q4_1, and the default int8 store keeps
@@ -107,6 +109,7 @@ def test_int8_store_screens_its_float_head(smollm2_stores):
     assert torch.equal(ref.argmax(-1), got.argmax(-1))
 
 
+@pytest.mark.slow
 def test_generate_command_streams_the_answer(smollm2_stores):
     """`llm-shard generate STORE PROMPT` as a user runs it: the console script, real weights."""
     import shutil
@@ -136,6 +139,7 @@ def test_plan_command(smollm2_stores):
     assert res.exit_code == 1 and "short of" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.slow
 def test_gptq_rounding_converts_and_keeps_the_bar(smollm2_path, smollm2_stores, tmp_path):
     """`convert --rounding gptq` and `--rounding nearest`: per-output-channel int8 rounded
     again from the float weights, recorded in the manifest; GPTQ at least as close to fp32

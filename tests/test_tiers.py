@@ -56,6 +56,7 @@ def greedy(runner: StageRunner, tok, k: int, prompt: str) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_streamed_blocks_give_the_resident_tokens_in_process(store, reference):
     """Tiers without Ray: all blocks on disk, then a mix, against all in RAM."""
     tok = store.tokenizer()
@@ -83,6 +84,7 @@ def test_streamed_blocks_read_their_int8_as_stored(store, monkeypatch):
         streamer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                           reason="needs a CUDA GPU"))])
@@ -118,6 +120,7 @@ def test_a_gpu_worker_streams_its_ram_and_disk_blocks_to_the_gpu(store, referenc
     runner.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_gpu_budget_smaller_than_the_range_runs_gpu_and_streamed_ram(ray_cluster, store,
                                                                      reference):
@@ -137,6 +140,7 @@ def test_a_gpu_budget_smaller_than_the_range_runs_gpu_and_streamed_ram(ray_clust
     assert agree >= 0.75 * sum(map(len, reference)), (outs, reference)
 
 
+@pytest.mark.slow
 def test_a_quarter_in_ram_stays_within_budget(ray_cluster, store, reference):
     ram = ram_for(store, blocks_in_ram=6)  # 6 of 30 blocks: under a quarter
     with LLM(str(store.path), workers=[f"ram={ram},disk=1GiB"],
@@ -154,6 +158,7 @@ def test_a_quarter_in_ram_stays_within_budget(ray_cluster, store, reference):
         assert stats["bytes_by_tier"]["disk"] > 3 * stats["bytes_by_tier"]["ram"]
 
 
+@pytest.mark.slow
 def test_all_on_disk_and_two_budgets_together(ray_cluster, store, reference):
     """One worker with no RAM for blocks (only its staging buffers) beside one with RAM
     for two thirds of them and no disk, in one pipeline: the first must stream the rest."""
@@ -169,6 +174,7 @@ def test_all_on_disk_and_two_budgets_together(ray_cluster, store, reference):
         assert [o.token_ids for o in model.generate(PROMPTS, GREEDY)] == reference
 
 
+@pytest.mark.slow
 def test_a_batch_over_the_cache_budget_completes_by_queueing(ray_cluster, store, reference):
     """Room for two sequences' caches; eight prompts wait their turn, none is lost."""
     with LLM(str(store.path), workers=["ram=1GiB"], cache_tokens=512) as model:

@@ -306,6 +306,7 @@ def smollm2_hf(smollm2_hf_folder):
     return smollm2_hf_folder, total
 
 
+@pytest.mark.slow
 def test_smollm2_with_a_small_ram_budget(smollm2_hf):
     """Same greedy tokens as int8 with no budget, and a peak RSS lower by at least the
     blocks that went to disk (less the staging buffers and one block)."""
