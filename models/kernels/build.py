@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import cffi
@@ -139,12 +140,20 @@ def declarations() -> str:
     return text[begin + len(BINDINGS[0]):end]
 
 
-@functools.cache
+_FFI: list[cffi.FFI] = []  # the one FFI, made on first use: parsing the header is slow
+_FFI_LOCK = threading.Lock()
+
+
 def ffi() -> cffi.FFI:
-    """cffi's view of the header's declarations: build the structs with it."""
-    f = cffi.FFI()
-    f.cdef(declarations())
-    return f
+    """cffi's view of the header's declarations, one per process (the entry points take
+    the structs of that one): build the structs with it."""
+    if not _FFI:
+        with _FFI_LOCK:
+            if not _FFI:
+                f = cffi.FFI()
+                f.cdef(declarations())
+                _FFI.append(f)
+    return _FFI[0]
 
 
 def _by_address(fn_type) -> str:
