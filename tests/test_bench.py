@@ -63,6 +63,7 @@ def quick_run(ray_cluster, smollm2_stores, tmp_path_factory, request):
     return r, out, done.output
 
 
+@pytest.mark.slow
 def test_every_suite_runs_and_its_json_has_every_field(quick_run):
     r, out, printed = quick_run
     assert set(r) >= {"version", "date", "quick", "config", "machine", "suites", "plots"}
@@ -142,6 +143,7 @@ def test_every_suite_runs_and_its_json_has_every_field(quick_run):
     assert f"wrote {out / 'bench.json'}, {out / 'bench.md'}" in printed
 
 
+@pytest.mark.slow
 def test_markdown_has_a_table_per_suite(quick_run):
     r, out, _ = quick_run
     md = (out / "bench.md").read_text()
@@ -160,6 +162,7 @@ def test_markdown_has_a_table_per_suite(quick_run):
     assert all(row[2] in ("yes", "no") and f"| {row[0]} |" in md for row in rows)
 
 
+@pytest.mark.slow
 def test_plots_or_a_note_saying_how_to_get_them(quick_run):
     r, out, printed = quick_run
     try:
@@ -174,6 +177,7 @@ def test_plots_or_a_note_saying_how_to_get_them(quick_run):
             assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_the_markdown_works_without_matplotlib(quick_run, tmp_path, monkeypatch):
     r, _, _ = quick_run
     import builtins

@@ -106,6 +106,7 @@ def test_a_hostile_field_gets_a_4xx_naming_it(locked, path, body, status, says):
     assert says in r.json()["error"]["message"], r.text[:500]
 
 
+@pytest.mark.slow
 def test_the_bounds_admit_what_they_should(locked):
     """The edges of each bound are served: top_k = the vocabulary (and -1, vLLM's "off"),
     the last token id, a 64-bit seed, 256 prompts."""
@@ -228,6 +229,7 @@ LONG = {"prompt": "Write a long story about a dragon.", "max_tokens": 160,
         "temperature": 0, "ignore_eos": True}
 
 
+@pytest.mark.slow
 def test_hostile_requests_fail_alone_while_four_long_ones_run(locked, llm):
     results: list = [None] * 4
 

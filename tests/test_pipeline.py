@@ -175,6 +175,7 @@ def assert_step_times_add_up(m: dict, n: int):
     assert m["step_seconds"] == pytest.approx(sum(m["busy_seconds"]) + m["wire_seconds"]), m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_split_gives_the_unsplit_tokens_and_logits(ray_cluster, store, reference, n):
     with llm(store, n) as model:
@@ -194,6 +195,7 @@ def test_split_gives_the_unsplit_tokens_and_logits(ray_cluster, store, reference
             assert abs(lp - float(want[token])) < 1e-4
 
 
+@pytest.mark.slow
 def test_threads_follow_the_work_and_tokens_stay(ray_cluster, store, reference):
     """Two workers sharing this machine, each given its share of the CPUs: one sequence
     (one micro-batch in flight) runs every step on all the machine's CPUs in both stages;
@@ -224,6 +226,7 @@ def test_threads_follow_the_work_and_tokens_stay(ray_cluster, store, reference):
         assert_threads_bound(model)
 
 
+@pytest.mark.slow
 def test_continuous_batching_gives_each_prompt_its_own_tokens(ray_cluster, store, reference):
     with llm(store, 2) as model:
         outs = model.generate(PROMPTS, GREEDY)
@@ -237,6 +240,7 @@ def test_continuous_batching_gives_each_prompt_its_own_tokens(ray_cluster, store
 LONG = 150
 
 
+@pytest.mark.slow
 def test_a_request_joins_while_others_decode(ray_cluster, store):
     with llm(store, 2) as model:
         tok = store.tokenizer()
@@ -283,6 +287,7 @@ def _submit_and_start(model, store):
     return futures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how,restarts", [("pid", 3), ("ray.kill", 0)])
 def test_a_killed_worker_costs_no_request(ray_cluster, store, reference, how, restarts):
     """With restarts (the default) the lost worker is replaced on its node and the plan
@@ -312,6 +317,7 @@ def test_a_killed_worker_costs_no_request(ray_cluster, store, reference, how, re
         assert model.generate(PROMPTS[:1], GREEDY)[0].token_ids == reference[0]
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_during_the_re_plan_is_replaced_too(ray_cluster, store,
                                                                 reference):
     """Kill one stage, then another while the first one's replacement starts (~3 s):
@@ -335,6 +341,7 @@ def test_a_worker_that_dies_during_the_re_plan_is_replaced_too(ray_cluster, stor
         assert model.generate(PROMPTS[:1], GREEDY)[0].token_ids == reference[0]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_removed_node_costs_no_request(ray_cluster, store, reference):
     """The node of a stage leaves the cluster mid-generation: its worker cannot be replaced
@@ -360,6 +367,7 @@ def test_a_removed_node_costs_no_request(ray_cluster, store, reference):
             ray_cluster.remove_node(node)
 
 
+@pytest.mark.slow
 def test_no_plan_left_fails_requests_clearly(ray_cluster, store):
     total = sum(f["bytes"] for f in store.manifest["files"])
     ram = f"ram={int(total * 0.75)}"
@@ -378,6 +386,7 @@ def test_no_plan_left_fails_requests_clearly(ray_cluster, store):
             model.generate(PROMPTS[:1], GREEDY)
 
 
+@pytest.mark.slow
 def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(ray_cluster, store,
                                                                      reference):
     import ray
@@ -412,6 +421,7 @@ def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(ray_cluster
         assert "tokens must be int64 of shape (3,)" in stats["last_error"]
 
 
+@pytest.mark.slow
 def test_bad_requests_are_refused_by_name(ray_cluster, store):
     with llm(store, 1) as model:
         with pytest.raises(ValueError, match="exactly one of"):
@@ -424,6 +434,7 @@ def test_bad_requests_are_refused_by_name(ray_cluster, store):
             model.generate(PROMPTS[:1], [GREEDY, GREEDY])
 
 
+@pytest.mark.slow
 def test_cancel_frees_the_caches_on_every_stage(ray_cluster, store):
     import ray
 
@@ -447,6 +458,7 @@ def test_cancel_frees_the_caches_on_every_stage(ray_cluster, store):
         assert model.metrics()["running"] == 0
 
 
+@pytest.mark.slow
 def test_multi_node_plan_respects_each_advertised_budget(ray_cluster, store, reference):
     """Three nodes advertise different budgets (as `llm-shard node-resources` makes them);
     LLM() with no workers finds them, the plan fits each, and each actor runs on its node."""

@@ -75,6 +75,7 @@ ARCHS = {
 N_PROMPTS, MAX_TOKENS = 6, 24
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_split_and_recovery(ray_cluster, tmp_path, arch):
     make, prompt = ARCHS[arch]

@@ -347,6 +347,7 @@ def test_loopback_throughput(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- on Ray
+@pytest.mark.slow
 def test_a_node_with_an_empty_store_fetches_what_it_runs(ray_cluster, smollm2_stores, tmp_path):
     """Two Ray nodes whose store roots ($LLM_SHARD_HOME) are separate folders: one holds a
     copy of the store, one is empty. The empty one's worker fetches the manifest, block 0
