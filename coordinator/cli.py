@@ -16,6 +16,7 @@ from typing import NoReturn
 
 import click
 
+from llm_shard.cluster.ray_glue import CONNECT_TIMEOUT
 from llm_shard.cluster.resources import node_resources
 from llm_shard.coordinator.config import MAX_PROMPTS_PER_REQUEST, EngineConfig
 from llm_shard.models import arch_names
@@ -277,11 +278,13 @@ for _name, _about in BENCHMARKS.items():
         click.argument("args", nargs=-1, type=click.UNPROCESSED)(_benchmark(_name)))
 
 
-SERVE_HELP = """Plan, start workers, load MODEL and serve it over HTTP.
+SERVE_HELP = f"""Plan, start workers, load MODEL and serve it over HTTP.
 
-With no --address, joins the running Ray cluster (RAY_ADDRESS, or one `ray start`
-began on this machine), else starts a local Ray that it stops on exit. Binds 127.0.0.1
-unless --host says otherwise. Ctrl-C (SIGINT) or SIGTERM stops it cleanly."""
+Ray: the cluster --address (or RAY_ADDRESS) names, else the one `ray start` began on this
+machine, else a private local Ray that it stops on exit (a cluster that another program
+started inside itself is not joined). A cluster that does not answer within
+{CONNECT_TIMEOUT:.0f} s is an error naming it. Binds 127.0.0.1 unless --host says otherwise.
+Ctrl-C (SIGINT) or SIGTERM stops it cleanly."""
 
 
 def _engine_flag(name: str, *decls: str, **kwargs):
@@ -293,8 +296,9 @@ def _engine_flag(name: str, *decls: str, **kwargs):
 # The flags that build an LLM, shared by serve and chat: field name -> click option.
 ENGINE_FLAGS = dict([
     _engine_flag("address", "--address",
-                 help="Ray cluster address (HOST:PORT, ray://…, auto); default: the running "
-                      "cluster, else a new local one."),
+                 help="Ray cluster address (HOST:PORT, ray://…, auto, local: a private "
+                      "one); default: RAY_ADDRESS, else this machine's `ray start` cluster, "
+                      "else a private local one."),
     _engine_flag("workers", "--worker", multiple=True, metavar="SPEC", default=(),
                  callback=lambda ctx, param, specs: list(specs) or None,
                  help="A worker's budget, e.g. ram=1GiB,disk=8GiB (repeat per worker); "
@@ -382,7 +386,8 @@ def _api_key_options(f):
 
 
 def _stop_ray() -> None:
-    """Disconnect from Ray; a local Ray this process started stops with it."""
+    """Disconnect from Ray; the private local Ray this process started stops with it
+    (Ray recorded it in no address file, so none is left behind)."""
     import ray
 
     if ray.is_initialized():

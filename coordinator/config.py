@@ -25,8 +25,8 @@ MAX_PROMPTS_PER_REQUEST = 256
 class EngineConfig:
     """`workers`: N (N workers sharing this machine's memory evenly), a list of SPEC
     strings or Capacity objects, or None (every Ray node's advertised budget; see
-    llm.worker_capacities). `address`: the Ray cluster (None: the running one, else a new
-    local one). `dtype`: the store's weights; `compute_dtype`/`wire_dtype`: what stages
+    llm.worker_capacities). `address`: the Ray cluster (None: RAY_ADDRESS, `ray start`'s,
+    else a private one). `dtype`: the store's weights; `compute_dtype`/`wire_dtype`: what stages
     compute in and send between them. `objective`: the planner's ("latency" or
     "throughput"). `cache_tokens`: KV-cache tokens every stage keeps for all sequences
     together. `micro_batches`: groups in flight (None: one per stage). `use_all_workers`:

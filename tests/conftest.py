@@ -307,7 +307,10 @@ def smollm2_hf_folder(smollm2_path, smollm2_stores) -> Path:
 def ray_cluster():
     """One Ray cluster for the whole session (`ray.cluster_utils.Cluster`: its head here;
     tests add nodes with their own budgets and remove them). Auth and usage stats off:
-    a local test cluster only."""
+    a local test cluster only. It is joined by its address alone: Cluster would record it
+    in Ray's address file (and delete that file when it stops), where a `serve` or LLM()
+    of this machine would find it, and an interrupted run would leave a stale record or
+    none of a `ray start` cluster's; here it writes and deletes no such file."""
     import os
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -315,9 +318,13 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 2, "include_dashboard": False})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 2, "include_dashboard": False})
     ray.init(address=cluster.address)
     yield cluster
     ray.shutdown()
-    cluster.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+        cluster.shutdown()

@@ -43,8 +43,8 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 def _serve(store, ray_tmp: str, log, port: int = 0) -> subprocess.Popen:
     """`llm-shard serve` exactly as the README says, with a Ray of its own: no RAY_ADDRESS,
-    and a temp folder where no cluster address is recorded (the session's test cluster
-    records its address under /tmp/ray). Port 0: serve takes a free one, and says which."""
+    and a Ray temp folder of its own (its processes' command lines name it), where no
+    cluster address is recorded. Port 0: serve takes a free one, and says which."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
@@ -68,6 +68,12 @@ def _wait_healthy(proc: subprocess.Popen, log_path: Path) -> str:
         except httpx.TransportError:
             pass
         time.sleep(1)
+
+
+def _recorded(ray_tmp: str) -> bool:
+    """Whether Ray's address file in `ray_tmp` names a cluster (serve's private one must
+    not: no other process may find it there, and a killed serve must leave no record)."""
+    return (Path(ray_tmp) / "ray" / "ray_current_cluster").exists()
 
 
 def _completes(url: str) -> None:
@@ -122,6 +128,7 @@ def test_serve_answers_then_stops_cleanly_on_sigint(smollm2_stores, tmp_path):
         tree = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in _alive(tree))
         assert "raylet" in names and ray_tmp in names, "serve did not start a Ray of its own"
+        assert not _recorded(ray_tmp)
         assert "Worker" in names or "ray::" in names or "default_worker" in names
 
         proc.send_signal(signal.SIGINT)
@@ -131,6 +138,7 @@ def test_serve_answers_then_stops_cleanly_on_sigint(smollm2_stores, tmp_path):
         assert "Traceback" not in text, text[-3000:]
         left = _leftovers(tree, ray_tmp, 30)
         assert not left, [" ".join(p.cmdline())[:200] for p in left]
+        assert not _recorded(ray_tmp)
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
     finally:
@@ -162,6 +170,7 @@ def test_serve_killed_and_restarted_leaves_no_orphans_and_serves(smollm2_stores,
         # no weights, no port of ours
         left = _leftovers(trees[0], tmps[0], 60, but=_agent)
         assert not left, [" ".join(p.cmdline())[:200] for p in left]
+        assert not _recorded(tmps[0])  # no stale record for the next serve to trip on
         agent = _leftovers(trees[0], tmps[0], 0)
         if agent:
             print(f"\nleft after SIGKILL of serve: {[p.name() for p in agent]}")
