@@ -214,17 +214,21 @@ class Result:
 
 @dataclass(frozen=True)
 class Free:
-    """Drop the caches of `seqs` on every stage (coordinator -> stage 0 -> ... )."""
+    """Drop the caches of `seqs` on every stage (coordinator -> stage 0 -> ... ); with
+    `everything`, every cache the stages hold (after a scheduler failure)."""
 
     KIND: ClassVar[str] = "free"
     TENSORS: ClassVar[tuple[str, ...]] = ()
 
     epoch: int
     seqs: tuple[int, ...]
+    everything: bool = False
 
     def __post_init__(self) -> None:
         _int("epoch", self.epoch)
         _set(self, seqs=_ints("seqs", self.seqs))
+        if not isinstance(self.everything, bool):
+            raise ValueError(f"everything must be true or false, got {self.everything!r}")
 
 
 @dataclass(frozen=True)

@@ -419,6 +419,11 @@ def _number(name: str, v: Any, *, integer: bool = False) -> Any:
     return v if integer else float(v)
 
 
+# The largest max_tokens, top_k or token id a SamplingParams holds: every field fits the
+# wire (msgpack) and a torch int32, whatever the model (its own vocabulary bounds them more).
+MAX_SAMPLING_INT = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample a completion; names and defaults follow vLLM.
@@ -445,12 +450,14 @@ class SamplingParams:
                 raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
         set_ = object.__setattr__
-        check("max_tokens", _number("max_tokens", self.max_tokens, integer=True) >= 1, ">= 1")
+        check("max_tokens", 1 <= _number("max_tokens", self.max_tokens, integer=True)
+              <= MAX_SAMPLING_INT, f"in [1, {MAX_SAMPLING_INT}]")
         set_(self, "temperature", _number("temperature", self.temperature))
         check("temperature", self.temperature >= 0, ">= 0 (0 is greedy)")
         set_(self, "top_p", _number("top_p", self.top_p))
         check("top_p", 0 < self.top_p <= 1, "in (0, 1]")
-        check("top_k", _number("top_k", self.top_k, integer=True) >= 0, ">= 0 (0 is off)")
+        check("top_k", 0 <= _number("top_k", self.top_k, integer=True) <= MAX_SAMPLING_INT,
+              f"in [0, {MAX_SAMPLING_INT}] (0 is off)")
         set_(self, "repetition_penalty", _number("repetition_penalty", self.repetition_penalty))
         check("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 is off)")
         stop = (self.stop,) if isinstance(self.stop, str) else (self.stop or ())
@@ -461,8 +468,8 @@ class SamplingParams:
         check("stop_token_ids", isinstance(ids, (list, tuple)), "a list of token ids")
         set_(self, "stop_token_ids", tuple(ids))
         check("stop_token_ids",
-              all(_is_int(t) and t >= 0 for t in ids),
-              "integers >= 0")
+              all(_is_int(t) and 0 <= t <= MAX_SAMPLING_INT for t in ids),
+              f"integers in [0, {MAX_SAMPLING_INT}]")
         if self.seed is not None:
             check("seed", 0 <= _number("seed", self.seed, integer=True) < 2**64,
                   "None or an integer in [0, 2**64)")

@@ -51,7 +51,7 @@ __all__ = [
     "decode_reply", "activation_dtype", "to_wire", "from_wire",
 ]
 
-WIRE_VERSION = 2  # 2: typed messages, a step's `threads`
+WIRE_VERSION = 3  # 2: typed messages, a step's `threads`; 3: Free.everything
 TRANSFER_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024**2  # default limits; decode/encode/recv take others
 MAX_FRAME_BYTES = 1024**3

@@ -186,12 +186,13 @@ class LLM:
         return format_plan(self.pipeline.plan, self.pipeline.report, self.pipeline.cost)
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-               on_text=None):
+               on_text=None, request: object = None):
         """Queue one tokenized prompt; returns a Future of its Completion. An
-        InvalidRequest (a ValueError naming the field) for what `check_request` refuses."""
+        InvalidRequest (a ValueError naming the field) for what `check_request` refuses.
+        Prompts of one `request` take turns with other requests' as one (Scheduler.submit)."""
         params = params or SamplingParams()
         self.check_request(prompt_token_ids, params)
-        return self.scheduler.submit(prompt_token_ids, params, on_text)
+        return self.scheduler.submit(prompt_token_ids, params, on_text, request)
 
     def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """An InvalidRequest naming the field of a request this model cannot mean: a token
@@ -295,7 +296,8 @@ class LLM:
             raise ValueError(f"{len(params)} SamplingParams for {len(ids)} prompts")
         for i, p in zip(ids, params):  # all of them before any runs
             self.check_request(i, p)
-        futures = [self.submit(i, p) for i, p in zip(ids, params)]
+        batch = object()  # one request: it takes turns with others, not all of them first
+        futures = [self.submit(i, p, request=batch) for i, p in zip(ids, params)]
         outs = []
         for k, (f, text) in enumerate(zip(futures, texts)):
             c = f.result()

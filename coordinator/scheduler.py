@@ -75,6 +75,60 @@ class Sequence:
     sent_step: int = 0  # the `steps` index of its step in flight: < len(generated): replay
     reserved: int = 0  # cache bytes per block (types.sequence_bytes)
     waited: bool = False  # it waited in the queue for cache room
+    request: object = None  # the request it belongs to (WaitQueue's turns); None: itself
+
+    def __post_init__(self) -> None:
+        if self.request is None:
+            self.request = self.future
+
+
+class WaitQueue:
+    """Sequences waiting to run, taken fairly between requests: round-robin, one sequence
+    of each request in turn (in submit order within a request), so a batch of thousands
+    cannot starve a small request submitted after it."""
+
+    def __init__(self) -> None:
+        self.requests: dict[object, deque[Sequence]] = {}  # in turn order
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.requests.values())
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+    def __iter__(self):
+        return (seq for q in list(self.requests.values()) for seq in list(q))
+
+    def append(self, seq: Sequence) -> None:
+        self.requests.setdefault(seq.request, deque()).append(seq)
+
+    def appendleft(self, seq: Sequence) -> None:
+        """Requeue (a rejected or displaced sequence): first of its request, whose turn
+        is next."""
+        q = self.requests.pop(seq.request, deque())
+        q.appendleft(seq)
+        self.requests = {seq.request: q, **self.requests}
+
+    def peek(self) -> Sequence:
+        return self.requests[next(iter(self.requests))][0]
+
+    def popleft(self) -> Sequence:
+        """The next sequence; its request goes to the back of the turn."""
+        key = next(iter(self.requests))
+        q = self.requests.pop(key)
+        seq = q.popleft()
+        if q:
+            self.requests[key] = q
+        return seq
+
+    def remove(self, seq: Sequence) -> None:
+        q = self.requests[seq.request]
+        q.remove(seq)
+        if not q:
+            del self.requests[seq.request]
+
+    def clear(self) -> None:
+        self.requests.clear()
 
 
 @dataclass
@@ -92,6 +146,9 @@ class Group:
 # here), ~1% of SmolLM2's decode when asked between every two steps, as it was.
 _WATCH_SECONDS = 0.05
 _EMA = 0.2  # weight of the newest step in the moving averages of step times
+# Loop iterations failing in a row after which the scheduler gives up (a bug that repeats):
+# every request fails from then on and /health says why.
+_FAILURES_IN_A_ROW = 5
 
 
 def _average(old: float | None, new: float) -> float:
@@ -120,17 +177,21 @@ def step_threads(stages: list[StageCores], in_flight: int) -> dict[int, int]:
 class Scheduler:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer | None, results: zmq.Socket, *,
                  micro_batches: int | None = None, max_len: int | None,
-                 step_timeout: float = 120.0) -> None:
+                 step_timeout: float = 120.0, max_running: int = 256) -> None:
+        """`max_running`: the most sequences generated at once (the rest wait their turn,
+        WaitQueue)."""
         self.pipeline, self.tok, self.results = pipeline, tokenizer, results
-        self.max_len, self.step_timeout = max_len, step_timeout
+        self.max_len, self.step_timeout, self.max_running = max_len, step_timeout, max_running
         self.n_groups = micro_batches or len(pipeline.plan.stages)
         self.eos = tuple(tokenizer.eos_ids) if tokenizer is not None else ()
         self.inbox: queue.Queue = queue.Queue()
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitQueue()
         self.running: dict[int, Sequence] = {}
         self.groups = [Group(i) for i in range(self.n_groups)]
         self.ids = 0
         self.failed: str | None = None  # set when no plan fits: every request fails
+        self.failures = 0  # loop failures (each failed the requests in flight, freed caches)
+        self.last_failure: str | None = None
         self.tokens_total = 0
         self.finished_total: dict[str, int] = {}
         # Moving averages of a step's time: its round trip through every stage; per stage,
@@ -153,9 +214,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ API
     def submit(self, prompt: list[int], params: SamplingParams,
-               on_text: Callable[[str], None] | None = None) -> Future:
-        """Queue one request; the Future gives its Completion (or raises RequestError).
-        `on_text` receives text pieces as they are generated (from the scheduler thread)."""
+               on_text: Callable[[str], None] | None = None, request: object = None) -> Future:
+        """Queue one prompt; the Future gives its Completion (or raises RequestError).
+        `on_text` receives text pieces as they are generated (from the scheduler thread).
+        Prompts submitted with the same `request` (any hashable: a batch's prompts) take
+        turns with other requests as one (None: a request of its own)."""
         if not prompt:
             raise ValueError("a prompt needs at least one token")
         vocab = self.pipeline.store.config.vocab_size
@@ -168,7 +231,7 @@ class Scheduler:
         if params.seed is None and not params.greedy:  # a seed makes a replay draw the same
             params = replace(params, seed=secrets.randbits(63))
         future: Future = Future()
-        self.inbox.put((list(prompt), params, on_text, future))
+        self.inbox.put((list(prompt), params, on_text, request, future))
         return future
 
     def cancel(self, future: Future) -> None:
@@ -182,6 +245,7 @@ class Scheduler:
                 "finished_total": dict(self.finished_total), "waiting": len(self.waiting),
                 "running": len(self.running), "recoveries_total": self.recoveries,
                 "cache_waits_total": self.cache_waits,
+                "scheduler_failures_total": self.failures,
                 "step_seconds": self.step_seconds or 0.0,
                 "stage_seconds": list(self.stage_seconds),
                 "busy_seconds": list(self.busy_seconds),
@@ -196,7 +260,12 @@ class Scheduler:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.results, zmq.POLLIN)
+        in_a_row = 0
         while not self.stopping.is_set():
+            if self.failed:  # every request fails: only answer new ones
+                self._take_new()
+                self.stopping.wait(0.05)
+                continue
             try:
                 self._take_new()
                 self._admit()
@@ -204,9 +273,15 @@ class Scheduler:
                 if poller.poll(20 if self.running else 50):
                     self._receive()
                 self._watch()
+                in_a_row = 0
             except Exception as e:  # never let a bug hang every request
                 log.exception("scheduler failed")
-                self._fail_all(f"scheduler failed: {type(e).__name__}: {e}")
+                why = f"scheduler failed: {type(e).__name__}: {e}"
+                self.failures, self.last_failure, in_a_row = self.failures + 1, why, in_a_row + 1
+                if in_a_row >= _FAILURES_IN_A_ROW:
+                    self.failed = f"{why} ({in_a_row} times in a row)"
+                self._fail_all(why)
+                self._free_everything()
         self._fail_all("the LLM was shut down")
 
     def _take_new(self) -> None:
@@ -218,23 +293,25 @@ class Scheduler:
             if item[0] == "cancel":
                 self._cancel(item[1])
                 continue
-            prompt, params, on_text, future = item
+            prompt, params, on_text, request, future = item
             if self.failed:
                 future.set_exception(RequestError(self.failed))
                 continue
             self.ids += 1
             decoder = StreamDecoder(self.tok) if self.tok is not None else None
-            seq = Sequence(self.ids, prompt, params, decoder, future, on_text)
+            seq = Sequence(self.ids, prompt, params, decoder, future, on_text,
+                           request=request)
             seq.reserved = sequence_bytes(self.pipeline.store.config,
                                           len(prompt) + params.max_tokens)
             self.waiting.append(seq)
 
     def _admit(self) -> None:
-        """Move waiting sequences into groups while every stage's cache has room."""
+        """Move waiting sequences into groups, one request's in turn (WaitQueue), while every
+        stage's cache has room and fewer than max_running run."""
         capacity = self.pipeline.cache_capacity
         used = sum(s.reserved for s in self.running.values())
-        while self.waiting:
-            seq = self.waiting[0]
+        while self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting.peek()
             if seq.reserved > capacity:
                 self.waiting.popleft()
                 self._finish_error(seq, f"the request needs {seq.reserved} cache bytes per "
@@ -264,24 +341,55 @@ class Scheduler:
                 wire.send(self.push, Free(epoch, g.free))
                 g.free = []
         for g in ready:
-            ids, lens, reset, params, steps = [], [], [], {}, []
+            try:
+                frames = wire.encode(self._step(g, g.seqs, threads))
+            except (wire.WireError, ValueError) as e:
+                self._fail_unsendable(g, e)
+                continue
             for i in g.seqs:
                 s = self.running[i]
                 if s.fresh:  # the prompt (a replay feeds the generated tokens one by one)
-                    rows, s.fed, s.fresh = s.prompt, 0, False
-                    reset.append(i)
-                    params[i] = s.params
+                    s.fed, s.fresh = 0, False
                 else:
-                    rows, s.fed = s.generated[s.fed:s.fed + 1], s.fed + 1
-                ids += rows
-                lens.append(len(rows))
+                    s.fed += 1
                 s.sent_step = s.fed  # this step samples token number s.fed
-                steps.append(s.sent_step)
-            step = Step(epoch, g.id, g.seqs, lens, steps, torch.tensor(ids), reset=reset,
-                        params=params, free=g.free, threads=threads)
             sent_at = time.monotonic()  # before the send: a stage may hold it at once
-            wire.send(self.push, step)
+            self.push.send_multipart(frames, copy=False)
             g.in_flight, g.sent_at, g.free = list(g.seqs), sent_at, []
+
+    def _step(self, g: Group, seqs: list[int], threads: dict[int, int]) -> Step:
+        """Group g's next step for `seqs` (its sequences are changed only once it is sent)."""
+        ids, lens, reset, params, steps = [], [], [], {}, []
+        for i in seqs:
+            s = self.running[i]
+            if s.fresh:  # the prompt (a replay feeds the generated tokens one by one)
+                rows, fed = s.prompt, 0
+                reset.append(i)
+                params[i] = s.params
+            else:
+                rows, fed = s.generated[s.fed:s.fed + 1], s.fed + 1
+            ids += rows
+            lens.append(len(rows))
+            steps.append(fed)
+        return Step(self.pipeline.epoch, g.id, seqs, lens, steps, torch.tensor(ids),
+                    reset=reset, params=params, free=g.free, threads=threads)
+
+    def _fail_unsendable(self, g: Group, e: Exception) -> None:
+        """A step that cannot be built or encoded fails the sequences that make it so (each
+        tried alone), never the rest of the group or other requests."""
+        bad = []
+        for i in g.seqs:
+            try:
+                wire.encode(self._step(g, [i], {}))
+            except (wire.WireError, ValueError) as alone:
+                bad.append((i, alone))
+        if not bad:  # no one sequence is the cause: the group's step as a whole is
+            bad = [(i, e) for i in g.seqs]
+        for i, why in bad:
+            log.error("sequence %d failed: its step cannot be sent: %s", i, why)
+            seq = self.running.pop(i)
+            self._drop(seq, free=True)
+            self._finish_error(seq, f"its step cannot be sent: {why}")
 
     def _receive(self) -> None:
         while True:
@@ -323,9 +431,17 @@ class Scheduler:
         if len(r.busy_ms) == len(self.pipeline.plan.stages):
             self.wire_seconds = _average(self.wire_seconds,
                                          max(0.0, step - sum(r.busy_ms) / 1e3))
+        others = len(self.running.keys() - r.rejected.keys())
         for key, why in r.rejected.items():
             seq = self.running.pop(key, None)
             if seq is None:
+                continue
+            if not others:  # no other sequence holds the room: it would never fit
+                self._drop(seq, free=True)
+                self._finish_error(seq, f"a stage rejected it with no other request running: "
+                                   f"{why}")
+                log.error("sequence %s failed: rejected with nothing else running: %s",
+                          key, why)
                 continue
             log.warning("sequence %s requeued: %s", key, why)
             self._drop(seq, free=True)
@@ -427,6 +543,15 @@ class Scheduler:
                 break
             if item[0] != "cancel":
                 item[-1].set_exception(RequestError(why))
+
+    def _free_everything(self) -> None:
+        """After a failure: drop every cache on every stage (the scheduler no longer knows
+        which sequences they hold), in order behind any step in flight."""
+        try:
+            wire.send(self.push, Free(self.pipeline.epoch, (), everything=True))
+        except (zmq.ZMQError, wire.WireError) as e:
+            self.failed = f"the stages' caches could not be freed after a failure: {e}"
+            log.error(self.failed)
 
     # ------------------------------------------------------------------ recovery
     def _watch(self) -> None:

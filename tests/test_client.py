@@ -27,12 +27,12 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.llm, name)
 
-    def submit(self, ids, params=None, on_text=None):
+    def submit(self, ids, params=None, on_text=None, request=None):
         with self.lock:
             if self.fail_after is not None and len(self.submitted) >= self.fail_after:
                 raise ValueError("the test stops this batch here")
             self.submitted.append(list(ids))
-        return self.llm.submit(ids, params, on_text)
+        return self.llm.submit(ids, params, on_text, request)
 
 
 @pytest.fixture(scope="module")

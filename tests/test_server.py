@@ -26,9 +26,9 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.llm, name)
 
-    def submit(self, ids, params=None, on_text=None):
+    def submit(self, ids, params=None, on_text=None, request=None):
         self.submitted.append((list(ids), params))
-        return self.llm.submit(ids, params, on_text)
+        return self.llm.submit(ids, params, on_text, request)
 
     def cancel(self, future) -> None:
         self.cancelled.append(future)
@@ -145,6 +145,7 @@ def test_models_health_metrics(server):
                  "llm_shard_queue_waiting", "llm_shard_stage_seconds{stage=\"1\"}",
                  "llm_shard_stage_busy_seconds{stage=\"1\"}", "llm_shard_wire_seconds",
                  "llm_shard_http_requests_total", "llm_shard_recoveries_total",
+                 "llm_shard_scheduler_failures_total 0.0",
                  "llm_shard_worker_restarts_total{worker=\"0\"} 0.0",
                  "llm_shard_worker_block_bytes{tier=\"ram\",worker=\"0\"}",
                  "llm_shard_swap_read_bytes_total{worker=\"0\"}",

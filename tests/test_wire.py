@@ -127,7 +127,7 @@ def test_pinned_header_format():
                     {"hidden": torch.tensor([[1.0, -2.0]], dtype=torch.bfloat16),
                      "ids": torch.tensor([3], dtype=torch.int32)})
     assert msgpack.unpackb(frames[0]) == {
-        "v": 2,
+        "v": 3,
         "kind": "step",
         "fields": {"seq_ids": [1, 2], "positions": [5, 0]},
         "tensors": [
@@ -136,7 +136,7 @@ def test_pinned_header_format():
         ],
     }
     assert frames[0] == bytes.fromhex(
-        "84a17602a46b696e64a473746570a66669656c647382a77365715f696473"
+        "84a17603a46b696e64a473746570a66669656c647382a77365715f696473"
         "920102a9706f736974696f6e73920500a774656e736f72739283a46e616d"
         "65a668696464656ea56474797065a862666c6f61743136a5736861706592"
         "010283a46e616d65a3696473a56474797065a5696e743332a57368617065"
@@ -159,7 +159,7 @@ X = bytes(8)  # two float32 zeros
 @pytest.mark.parametrize(
     "frames, match",
     [
-        ([header(v=3), X], "wire version 3, expected 2: coordinator and worker run different "
+        ([header(v=4), X], "wire version 4, expected 3: coordinator and worker run different "
                            "llm-shard versions"),
         ([header(v="1"), X], "no wire version"),
         ([header(v=...), X], "no wire version"),
@@ -373,14 +373,14 @@ def test_pinned_step_header():
     step = Step(0, 1, [5], [2], [0], torch.tensor([3, 4]), reset=[5], threads={0: 2})
     frames = wire.encode(step)
     assert msgpack.unpackb(frames[0], strict_map_key=False) == {
-        "v": 2, "kind": "step",
+        "v": 3, "kind": "step",
         "fields": {"epoch": 0, "mb": 1, "seqs": [5], "lens": [2], "steps": [0], "reset": [5],
                    "params": {}, "free": [], "threads": {0: 2}, "rejected": {},
                    "prefixes": {}, "stage_ms": [], "busy_ms": []},
         "tensors": [{"name": "tokens", "dtype": "int64", "shape": [2]}],
     }
     assert frames[0] == bytes.fromhex(
-        "84a17602a46b696e64a473746570a66669656c64738da565706f636800a26d6201a47365"
+        "84a17603a46b696e64a473746570a66669656c64738da565706f636800a26d6201a47365"
         "71739105a46c656e739102a573746570739100a572657365749105a6706172616d7380a4"
         "6672656590a774687265616473810002a872656a656374656480a8707265666978657380"
         "a873746167655f6d7390a7627573795f6d7390a774656e736f72739183a46e616d65a674"
@@ -432,6 +432,7 @@ def reheader(msg, **changes):
     (RESULT, {"mb": ...}, r"fields wrong: missing \['mb'\]"),
     (FREE, {"seqs": ["7"]}, r"seqs\[0\] must be an integer"),
     (FREE, {"epoch": None}, "epoch must be an integer"),
+    (FREE, {"everything": 1}, "everything must be true or false"),
     (ERROR, {"blocks": [30, 15]}, r"blocks must be a range \[start, end\), got \[30, 15\]"),
     (ERROR, {"blocks": [1, 2, 3]}, "blocks must be 2 integers"),
     (ERROR, {"error": ""}, "error must be a non-empty string"),

@@ -415,7 +415,7 @@ class Worker:
         if msg.epoch != self.epoch or self.runner is None:
             return  # sent before a re-plan: its sequences are being replayed
         if isinstance(msg, Free):
-            self.runner.free(msg.seqs)
+            self.runner.free(msg.seqs, msg.everything)
             if not self.runner.last:
                 wire.send(self.next, msg)
             return

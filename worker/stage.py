@@ -75,7 +75,10 @@ class StageRunner:
     def _cost(self, n_tokens: int) -> int:
         return sequence_bytes(self.cfg, n_tokens)
 
-    def free(self, seq_ids) -> None:
+    def free(self, seq_ids, everything: bool = False) -> None:
+        """Drop the caches of `seq_ids` (every cache with `everything`)."""
+        if everything:
+            self.sequences.clear()
         for i in seq_ids:
             self.sequences.pop(int(i), None)
 

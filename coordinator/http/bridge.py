@@ -24,7 +24,8 @@ class Generation:
         self.futures: list[Future] = []
         try:
             for k, (i, p) in enumerate(zip(ids, params)):
-                f = llm.submit(i, p, on_text=lambda piece, k=k: self._put((k, piece)))
+                f = llm.submit(i, p, on_text=lambda piece, k=k: self._put((k, piece)),
+                               request=self)
                 f.add_done_callback(lambda f, k=k: self._put((k, f)))
                 self.futures.append(f)
         except ValueError as e:  # what LLM.check_request refuses (an InvalidRequest)

@@ -37,6 +37,9 @@ class EngineCollector:
         yield done
         yield CounterMetricFamily("llm_shard_recoveries", "Re-plans after a worker loss",
                                   value=m["recoveries_total"])
+        yield CounterMetricFamily("llm_shard_scheduler_failures", "Scheduler loop failures "
+                                  "(each failed the requests in flight and freed every cache)",
+                                  value=m["scheduler_failures_total"])
         restarts = CounterMetricFamily("llm_shard_worker_restarts", "Times the worker "
                                        "was replaced after a loss", labels=["worker"])
         for w in self.llm.stats()["workers"]:

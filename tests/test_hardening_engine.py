@@ -1,0 +1,176 @@
+"""Hardening of the engine (issue 35): one bad sequence fails alone, a scheduler failure
+frees the stages' caches, a rejection with nothing else running is an error, requests
+take turns. The scheduler runs against a stand-in pipeline and a test socket for its
+first stage (no Ray), which answers each step as a last stage would."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import zmq
+
+from llm_shard.cluster import wire
+from llm_shard.cluster.messages import Free, Result, Step
+from llm_shard.cluster.types import SamplingParams
+from llm_shard.coordinator.pipeline import StageCores
+from llm_shard.coordinator.scheduler import RequestError, Scheduler
+
+GREEDY = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+
+
+class Stage:
+    """The scheduler's first stage and its results socket, answered by hand."""
+
+    def __init__(self, **kw) -> None:
+        self.ctx = zmq.Context()
+        self.first, results = self.ctx.socket(zmq.PULL), self.ctx.socket(zmq.PULL)
+        self.reply = self.ctx.socket(zmq.PUSH)
+        for sock in (self.first, results, self.reply):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.first.setsockopt(zmq.RCVTIMEO, 10_000)
+        port = self.first.bind_to_random_port("tcp://127.0.0.1")
+        self.reply.connect(f"tcp://127.0.0.1:{results.bind_to_random_port('tcp://127.0.0.1')}")
+        self.results = results
+        pipeline = SimpleNamespace(
+            epoch=0, keys=None, first_address=f"tcp://127.0.0.1:{port}",
+            cache_capacity=1 << 30,
+            store=SimpleNamespace(config=SimpleNamespace(vocab_size=100,
+                                                         cache_bytes_per_token=4)),
+            plan=SimpleNamespace(stages=[None]), dead=lambda: [],
+            stage_cores=[StageCores(0, "m", 1, 2, False)])
+        self.sched = Scheduler(pipeline, None, results, max_len=None, micro_batches=1, **kw)
+        self.frees: list[Free] = []
+
+    def next_step(self) -> Step:
+        while True:
+            msg = wire.recv(self.first)
+            if isinstance(msg, Step):
+                return msg
+            self.frees.append(msg)
+
+    def answer(self, step: Step, token: int = 7, rejected: dict | None = None) -> None:
+        seqs = [i for i in step.seqs if i not in (rejected or {})]
+        wire.send(self.reply, Result(0, step.mb, seqs, [token] * len(seqs), [None] * len(seqs),
+                                     [None] * len(seqs), rejected=rejected or {}))
+
+    def close(self) -> None:
+        self.sched.close()
+        for sock in (self.first, self.results, self.reply):
+            sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def stage():
+    s = Stage()
+    yield s
+    s.close()
+
+
+def test_an_unsendable_step_fails_that_sequence_alone(stage):
+    """A sequence whose params cannot go on the wire (a bug past SamplingParams' bounds)
+    fails alone: the others in its group run on, no scheduler failure, nothing else fails."""
+    bad = SamplingParams(max_tokens=2, temperature=0)
+    object.__setattr__(bad, "top_k", 2**64)  # what SamplingParams itself now refuses
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=2**64)
+    good = stage.sched.submit([1, 2], GREEDY)
+    doomed = stage.sched.submit([3], bad)
+    step = stage.next_step()
+    while len(step.seqs) < 2 and not doomed.done():  # good may go out before doomed arrives
+        stage.answer(step)
+        step = stage.next_step()
+    with pytest.raises(RequestError, match="cannot be sent.*not msgpack-able"):
+        doomed.result(timeout=10)
+    while not good.done():
+        stage.answer(step)
+        if not good.done():
+            step = stage.next_step()
+    assert good.result(timeout=10).token_ids == [7, 7]
+    assert stage.sched.metrics()["scheduler_failures_total"] == 0
+    assert stage.sched.failed is None
+
+
+def test_a_scheduler_failure_frees_every_cache_and_is_counted(stage, monkeypatch):
+    """A failure in the loop fails the requests in flight, sends a Free of every cache
+    (the stages would otherwise hold them with nothing running), is counted for /metrics;
+    the scheduler then serves the next request."""
+    a = stage.sched.submit([1, 2], GREEDY)
+    stage.next_step()
+    real = stage.sched._admit
+    calls = []
+
+    def broken():
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("boom")
+        real()
+
+    monkeypatch.setattr(stage.sched, "_admit", broken)
+    with pytest.raises(RequestError, match="scheduler failed: RuntimeError: boom"):
+        a.result(timeout=10)
+    b = stage.sched.submit([5], GREEDY)
+    step = stage.next_step()
+    assert [f.everything for f in stage.frees] == [True]
+    assert step.reset == step.seqs and len(step.seqs) == 1
+    stage.answer(step)
+    stage.answer(stage.next_step())
+    assert b.result(timeout=10).token_ids == [7, 7]
+    m = stage.sched.metrics()
+    assert m["scheduler_failures_total"] == 1 and stage.sched.failed is None
+
+
+def test_failing_again_and_again_marks_the_scheduler_failed(stage, monkeypatch):
+    """A failure that repeats every loop is not retried forever: the scheduler is
+    marked failed (LLM.not_ready, so /health says 503 and why) and refuses requests."""
+    def broken():
+        raise RuntimeError("always")
+
+    monkeypatch.setattr(stage.sched, "_admit", broken)
+    for _ in range(200):
+        if stage.sched.failed:
+            break
+        stage.sched.stopping.wait(0.02)
+    assert "always" in stage.sched.failed and "5 times in a row" in stage.sched.failed
+    with pytest.raises(RequestError, match="always"):
+        stage.sched.submit([1], GREEDY).result(timeout=10)
+
+
+def test_cache_full_with_nothing_else_running_is_an_error_not_a_loop(stage):
+    """A stage that rejects a sequence for cache room while no other sequence runs would
+    reject it forever: it fails, once, rather than being requeued thousands of times."""
+    f = stage.sched.submit([1, 2, 3], GREEDY)
+    step = stage.next_step()
+    stage.answer(step, rejected={step.seqs[0]: "cache full: blocks [0, 30) hold 9 of 10"})
+    with pytest.raises(RequestError, match="no other request running: cache full"):
+        f.result(timeout=10)
+    stage.first.setsockopt(zmq.RCVTIMEO, 300)
+    with pytest.raises(zmq.Again):
+        stage.next_step()  # not sent again
+    assert stage.frees and stage.frees[-1].seqs == step.seqs
+
+
+def test_a_big_batch_does_not_starve_a_small_request():
+    """400 prompts of one request (max_running 8 at a time) queued, then a 2-token request:
+    it is admitted at the first free slot and finishes within a few steps, while most of
+    the batch still waits. Counted in steps, not wall time."""
+    stage = Stage(max_running=8)
+    try:
+        batch = object()
+        big = [stage.sched.submit([1, 2], SamplingParams(max_tokens=4, temperature=0,
+                                                         ignore_eos=True), request=batch)
+               for _ in range(400)]
+        step = stage.next_step()
+        assert len(step.seqs) == 8
+        small = stage.sched.submit([9], GREEDY)
+        steps = 0
+        while not small.done():
+            stage.answer(step)
+            steps += 1
+            assert steps <= 10, "the small request is starved"
+            step = stage.next_step()
+        assert small.result().token_ids == [7, 7]
+        assert sum(f.done() for f in big) <= 16
+    finally:
+        stage.close()
