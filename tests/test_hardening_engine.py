@@ -174,3 +174,93 @@ def test_a_big_batch_does_not_starve_a_small_request():
         assert sum(f.done() for f in big) <= 16
     finally:
         stage.close()
+
+
+# --- a live worker's socket ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pangu_store(tmp_path_factory):
+    from conftest import random_hf_state, write_hf_port
+
+    from llm_shard.models.checkpoint.convert import convert
+
+    root = tmp_path_factory.mktemp("pangu")
+    write_hf_port(root / "hf", random_hf_state(seed=11))
+    return convert(root / "hf", root / "store", dtype="fp32", progress=False)
+
+
+def _raw(kind: str, fields: dict, tensors: list | None = None) -> list[bytes]:
+    import msgpack
+
+    return [msgpack.packb({"v": wire.WIRE_VERSION, "kind": kind, "fields": fields,
+                           "tensors": tensors or []})]
+
+
+def _good_step(seq: int, reset: bool = True) -> Step:
+    import torch
+
+    return Step(0, 0, [seq], [3], [0], torch.tensor([3, 14, 15]), reset=[seq] * reset,
+                params={seq: SamplingParams(max_tokens=4, temperature=0)} if reset else {})
+
+
+def test_hostile_messages_of_every_kind_are_dropped_and_the_worker_serves_on(pangu_store):
+    """A worker (in this process, no encryption) fed hostile messages of every kind logs
+    and drops each: its loop lives on, and a normal step after them is answered."""
+    from llm_shard.cluster.messages import Error
+    from llm_shard.worker.actor import Worker
+
+    worker = Worker(str(pangu_store.path), threads=1, host="127.0.0.1")
+    ctx = zmq.Context()
+    results, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    for sock in (results, push):
+        sock.setsockopt(zmq.LINGER, 0)
+    results.setsockopt(zmq.RCVTIMEO, 20_000)
+    address = f"tcp://127.0.0.1:{results.bind_to_random_port('tcp://127.0.0.1')}"
+    try:
+        worker.configure(0, 0, pangu_store.n_blocks, cache_budget=1 << 30,
+                         next_address=address, result_address=address)
+        push.connect(worker._address)
+        step = wire.encode(_good_step(1))
+        header = msgpack_header(step[0])
+        hostile = [
+            _raw("free", {"epoch": 0, "seqs": ["x"], "everything": False}),
+            _raw("free", {"epoch": 0, "seqs": [1], "everything": "yes"}),
+            _raw("free", {"epoch": 0}),
+            _raw("free", {"epoch": 0, "seqs": [[1]], "everything": False}),
+            _raw("step", {**header["fields"], "seqs": ["x"]}, header["tensors"]) + step[1:],
+            _raw("step", {**header["fields"], "threads": {0: 10**9}}, header["tensors"])
+            + step[1:],
+            _raw("step", {**header["fields"], "params": {1: {"top_k": 2**64 - 1}}},
+                 header["tensors"]) + step[1:],
+            _raw("step", {**header["fields"], "mb": -1}, header["tensors"]) + step[1:],
+            wire.encode(_good_step(5, reset=False)),  # a sequence with no cache
+            _raw("result", {"epoch": 0, "mb": 0, "seqs": [1], "sampled": [1],
+                            "logprobs": [None], "top": [None], "rejected": {},
+                            "stage_ms": [], "busy_ms": []}),
+            _raw("error", {"epoch": 0, "mb": 0, "error": "x", "blocks": [0, 1]}),
+            _raw("nonsense", {}),
+            [b"\xc1garbage"],
+            [b""],
+        ]
+        for frames in hostile:
+            push.send_multipart(frames)
+        push.send_multipart(wire.encode(_good_step(2)))
+        answers = []
+        while not answers or getattr(answers[-1], "seqs", None) != (2,):
+            answers.append(wire.recv(results))  # the clamped-threads step runs: a Result
+        assert len(answers[-1].sampled) == 1
+        assert all(isinstance(a, (Error, Result)) for a in answers)
+        assert worker.loop.is_alive()
+        st = worker.stats()
+        assert st["malformed"] >= len(hostile) - 2 and st["steps"] >= 1
+    finally:
+        worker.shutdown()
+        for sock in (results, push):
+            sock.close()
+        ctx.term()
+
+
+def msgpack_header(frame) -> dict:
+    import msgpack
+
+    return msgpack.unpackb(bytes(frame), strict_map_key=False)

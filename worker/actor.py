@@ -400,8 +400,13 @@ class Worker:
             except wire.WireError as e:
                 self._malformed(f"malformed message: {e}")
                 continue
-            with self.lock:
-                self._handle(msg, received)
+            try:
+                with self.lock:
+                    self._handle(msg, received)
+            except Exception as e:  # noqa: BLE001 - one bad message never ends the loop
+                log.exception("worker at %s failed to handle a %s message", self._address,
+                              msg.KIND)
+                self._malformed(f"{msg.KIND} message it could not handle: {e}")
 
     def _malformed(self, why: str) -> None:
         self.malformed += 1
@@ -422,7 +427,9 @@ class Worker:
         if not isinstance(msg, Step):
             self._malformed(f"{msg.KIND} message, which no stage runs")
             return
-        threads = msg.threads.get(self.runner.start, self.computing)
+        # never more threads than this process may use: a count from a hostile or
+        # misconfigured peer (Ray told of more CPUs than there are) would exhaust memory
+        threads = min(msg.threads.get(self.runner.start, self.computing), len(self.allowed))
         try:
             self._compute_with(threads)
             out = self.runner.step(msg)
