@@ -133,7 +133,8 @@ class StoreServer:
         self.files: dict[str, Path] = {}
         for name in _entries(self.manifest_bytes, str(mf)):
             try:
-                self.files[name] = _inside(self.root, name)
+                # resolved now: a link swapped in later is refused (O_NOFOLLOW), not followed
+                self.files[name] = _inside(self.root, name).resolve()
             except TransferError as e:
                 log.warning("store server will not serve %s: %s", name, e)
         self.bytes_sent = 0
@@ -194,7 +195,7 @@ class StoreServer:
         if fd is None:
             if len(self._fds) >= 16:  # a client fetches file after file: keep a few open
                 os.close(self._fds.pop(next(iter(self._fds))))
-            fd = self._fds[name] = os.open(self.files[name], os.O_RDONLY)
+            fd = self._fds[name] = os.open(self.files[name], os.O_RDONLY | os.O_NOFOLLOW)
         return fd
 
     def close(self) -> None:

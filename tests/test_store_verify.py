@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import threading
@@ -224,3 +225,21 @@ def test_the_command_lines_dtype_names_are_the_stores():
     from llm_shard.models.errors import DTYPE_NAMES
 
     assert tuple(store_mod.DTYPES) == DTYPE_NAMES
+
+
+@pytest.mark.parametrize("name", ["../../secret.json", "ABSOLUTE", "out.json"])
+def test_a_manifests_tokenizer_path_stays_inside_the_store(tmp_path, name):
+    """`..`, an absolute path and a link that leads out: a StoreError naming the path,
+    before any tokenizer file is read."""
+    from types import SimpleNamespace
+
+    (tmp_path / "secret.json").write_text("{}")
+    root = tmp_path / "store"
+    (root / "tokenizer").mkdir(parents=True)
+    os.symlink(tmp_path / "secret.json", root / "tokenizer" / "out.json")
+    name = str(tmp_path / "secret.json") if name == "ABSOLUTE" else name
+    spec = {"kind": "bpe", "file": name, "bos_id": None, "eos_ids": [0], "add_bos": False,
+            "chat_template": None}
+    fake = SimpleNamespace(path=root, manifest={"tokenizer": spec})
+    with pytest.raises(StoreError, match=f"tokenizer file '{re.escape(name)}' is not inside"):
+        Store.tokenizer(fake)

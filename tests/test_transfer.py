@@ -398,3 +398,20 @@ def test_a_node_with_an_empty_store_fetches_what_it_runs(ray_cluster, smollm2_st
     assert sorted(json.loads((got / VERIFIED).read_text())["files"]) == sorted(want)
     for name in want:
         assert (got / name).read_bytes() == (store.path / name).read_bytes()
+
+
+def test_a_link_swapped_into_the_store_after_start_is_refused(tmp_path):
+    """A file replaced by a symlink (to a file outside) once the server runs is refused
+    (O_NOFOLLOW), not followed; the other files are still served."""
+    (tmp_path / "secret").write_bytes(b"not yours")
+    src = tmp_path / "store"
+    make_store(src, {"a.safetensors": 9, "b.safetensors": 9})
+    with StoreServer(src) as server:
+        (src / "a.safetensors").unlink()
+        os.symlink(tmp_path / "secret", src / "a.safetensors")
+        got = _ask(server.address, {"v": TRANSFER_VERSION, "op": "chunk",
+                                    "file": "a.safetensors", "offset": 0, "size": 9})
+        assert not got["ok"] and "read failed" in got["error"] and got["data"] == b""
+        ok = _ask(server.address, {"v": TRANSFER_VERSION, "op": "chunk",
+                                   "file": "b.safetensors", "offset": 0, "size": 9})
+        assert ok["ok"] and len(ok["data"]) == 9

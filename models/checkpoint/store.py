@@ -245,7 +245,15 @@ class Store:
         if spec is None:
             raise StoreError(f"{self.path} has no tokenizer: pass token ids, or convert from a "
                              "source that includes one")
-        return load_tokenizer(self.path / "tokenizer", spec)
+        folder = self.path / "tokenizer"
+        name = spec.get("file") if isinstance(spec, dict) else None
+        if isinstance(name, str):  # a manifest cannot point outside its store
+            path = folder / name
+            if os.path.isabs(name) or ".." in Path(name).parts or \
+                    not path.resolve().is_relative_to(self.path.resolve()):
+                raise StoreError(f"{self.path}: the manifest's tokenizer file {name!r} is not "
+                                 f"inside the store ({path} leads out of it)")
+        return load_tokenizer(folder, spec)
 
 
 class StoreWriter:
