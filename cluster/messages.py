@@ -24,7 +24,9 @@ from .types import SamplingParams
 __all__ = ["Step", "Result", "Free", "Error", "ManifestRequest", "ChunkRequest", "FileData",
            "Refusal", "MAX_CHUNK_BYTES", "PipelineMessage", "TransferRequest", "TransferReply"]
 
-MAX_CHUNK_BYTES = 64 * 2**20  # the most bytes one ChunkRequest may ask for
+# The most bytes one ChunkRequest may ask for: 2x a fetch's chunk; with the server's
+# per-peer queue (transfer.SERVER_QUEUE replies) it bounds what a peer that never reads holds.
+MAX_CHUNK_BYTES = 8 * 2**20
 
 
 def _int(name: str, v: Any, lo: int = 0, hi: int | None = None) -> int:

@@ -51,6 +51,10 @@ log = logging.getLogger("llm_shard.transfer")
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 4 * 2**20  # bytes per chunk message
 WINDOW = 8  # chunk requests in flight per client: bounds memory and queueing at the server
+# Replies the server queues for one peer (ZMQ_SNDHWM): a fetch never has more in flight; a
+# peer that asks and never reads gets no more (the rest are dropped), so it holds at most
+# SERVER_QUEUE * MAX_CHUNK_BYTES of the server's memory.
+SERVER_QUEUE = 2 * WINDOW  # the writer sees reads in batches of half its HWM
 TIMEOUT = 30.0  # seconds without a reply before a fetch reconnects and resumes
 ATTEMPTS = 3  # tries per file (a timeout or a failed checksum costs one)
 LOG_EVERY = 5.0  # seconds between progress lines of one file
@@ -143,6 +147,9 @@ class StoreServer:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, SERVER_QUEUE)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises, not blocks
+        self.dropped = 0  # replies dropped: their peer did not read its earlier ones
         self.keys = keys
         self.guard = Guard(self._ctx, keys, "store server")
         self.guard.server(self._sock)
@@ -180,7 +187,14 @@ class StoreServer:
             self.requests += 1
             if isinstance(reply, FileData):
                 self.bytes_sent += len(reply.data)
-            self._sock.send_multipart([peer, *wire.encode_reply(reply)], copy=False)
+            try:
+                self._sock.send_multipart([peer, *wire.encode_reply(reply)], zmq.NOBLOCK,
+                                          copy=False)
+            except zmq.ZMQError as e:  # its queue is full (it does not read) or it left
+                self.dropped += 1
+                if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, ...: not a flood
+                    log.warning("store server dropped a reply (%d so far): %s", self.dropped,
+                                e)
 
     def _answer(self, req: ManifestRequest | ChunkRequest) -> FileData:
         if isinstance(req, ManifestRequest):

@@ -415,3 +415,56 @@ def test_a_link_swapped_into_the_store_after_start_is_refused(tmp_path):
         ok = _ask(server.address, {"v": TRANSFER_VERSION, "op": "chunk",
                                    "file": "b.safetensors", "offset": 0, "size": 9})
         assert ok["ok"] and len(ok["data"]) == 9
+
+
+_SERVE = """
+import sys, time
+from llm_shard.cluster.transfer import StoreServer
+server = StoreServer(sys.argv[1])
+print(server.address, flush=True)
+sys.stdin.read()  # until the test closes our stdin
+print(server.dropped, flush=True)
+"""
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_peer_that_asks_and_never_reads_holds_a_bounded_memory(tmp_path):
+    """40 requests for the largest chunk from a raw peer that reads nothing: the server
+    (its own process) grows by at most its per-peer queue of chunks, dropping the rest."""
+    from llm_shard.cluster.messages import MAX_CHUNK_BYTES
+    from llm_shard.cluster.transfer import SERVER_QUEUE
+
+    src = tmp_path / "store"
+    make_store(src, {"big.safetensors": 2 * MAX_CHUNK_BYTES})
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE, str(src)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    try:
+        address = proc.stdout.readline().strip()
+        before = _rss(proc.pid)
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.setsockopt(zmq.RCVHWM, 1)
+        peer.setsockopt(zmq.RCVBUF, 4096)
+        peer.connect(address)
+        for k in range(40):
+            peer.send(msgpack.packb({"v": TRANSFER_VERSION, "op": "chunk",
+                                     "file": "big.safetensors",
+                                     "offset": (k % 2) * MAX_CHUNK_BYTES,
+                                     "size": MAX_CHUNK_BYTES}))
+        peak = before
+        for _ in range(30):  # 3 s: the server answers (or drops) every request
+            time.sleep(0.1)
+            peak = max(peak, _rss(proc.pid))
+        assert peak - before < (SERVER_QUEUE + 4) * MAX_CHUNK_BYTES
+        proc.stdin.close()
+        assert int(proc.stdout.readline()) > 0  # it dropped what the peer did not read
+    finally:
+        peer.close()
+        ctx.term()
+        proc.kill()
+        proc.wait()

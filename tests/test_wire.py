@@ -519,7 +519,7 @@ def req(**fields):
     (req(op="list"), "unknown request op 'list'"),
     (req(offset=-1), "chunk request: offset must be an integer >= 0, got -1"),
     (req(size=0), r"size must be an integer in \[1, "),
-    (req(size=MAX_CHUNK_BYTES + 1), r"size must be an integer in \[1, 67108864\]"),
+    (req(size=MAX_CHUNK_BYTES + 1), r"size must be an integer in \[1, 8388608\]"),
     (req(file=""), "file must be a non-empty string"),
     (req(file=7), "file must be a non-empty string, got 7"),
     (req(extra=1), r"chunk request fields wrong: missing \[\], unknown \['extra'\]"),
