@@ -22,11 +22,15 @@ import torch
 from .types import SamplingParams
 
 __all__ = ["Step", "Result", "Free", "Error", "ManifestRequest", "ChunkRequest", "FileData",
-           "Refusal", "MAX_CHUNK_BYTES", "PipelineMessage", "TransferRequest", "TransferReply"]
+           "Refusal", "MAX_CHUNK_BYTES", "MAX_STEP_ROWS", "PipelineMessage", "TransferRequest",
+           "TransferReply"]
 
 # The most bytes one ChunkRequest may ask for: 2x a fetch's chunk; with the server's
 # per-peer queue (transfer.SERVER_QUEUE replies) it bounds what a peer that never reads holds.
 MAX_CHUNK_BYTES = 8 * 2**20
+# The most rows (tokens) one step carries: the scheduler never sends more, so a stage
+# refuses, unread (ZMQ_MAXMSGSIZE), any frame larger than such a step's activations.
+MAX_STEP_ROWS = 128 * 1024
 
 
 def _int(name: str, v: Any, lo: int = 0, hi: int | None = None) -> int:
@@ -170,6 +174,8 @@ class Step:
         if len(set(self.seqs)) != len(self.seqs):
             raise ValueError(f"seqs names a sequence twice: {list(self.seqs)}")
         rows = sum(self.lens)
+        if rows > MAX_STEP_ROWS:
+            raise ValueError(f"lens add up to {rows} rows, over the {MAX_STEP_ROWS} a step holds")
         t, h = self.tokens, self.hidden
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1 \
                 or t.numel() != rows:

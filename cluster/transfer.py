@@ -39,7 +39,7 @@ import zmq
 from . import wire
 from .links import Guard, LinkKeys
 from .links import client as curve_client
-from .messages import ChunkRequest, FileData, ManifestRequest, Refusal
+from .messages import MAX_CHUNK_BYTES, ChunkRequest, FileData, ManifestRequest, Refusal
 from .wire import TRANSFER_VERSION, WireError
 
 __all__ = ["TRANSFER_VERSION", "CHUNK_BYTES", "WINDOW", "MANIFEST", "TransferError",
@@ -60,6 +60,7 @@ ATTEMPTS = 3  # tries per file (a timeout or a failed checksum costs one)
 LOG_EVERY = 5.0  # seconds between progress lines of one file
 _POLL_MS = 100
 _LOCK = ".llm-shard-fetch.lock"
+_REQUEST_BYTES = 64 * 1024  # a request's one frame is far smaller; a reply's header too
 
 
 class TransferError(RuntimeError):
@@ -149,6 +150,7 @@ class StoreServer:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, SERVER_QUEUE)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises, not blocks
+        wire.limit_frames(self._sock, _REQUEST_BYTES)
         self.dropped = 0  # replies dropped: their peer did not read its earlier ones
         self.keys = keys
         self.guard = Guard(self._ctx, keys, "store server")
@@ -270,6 +272,7 @@ class _Client:
             self.sock.close(linger=0)
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        wire.limit_frames(self.sock, MAX_CHUNK_BYTES + _REQUEST_BYTES)
         curve_client(self.sock, self.keys)
         self.sock.connect(self.address)
 

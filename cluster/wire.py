@@ -28,8 +28,10 @@ from typing import Any
 
 import msgpack
 import torch
+import zmq
 
 from .messages import (
+    MAX_STEP_ROWS,
     ChunkRequest,
     Error,
     FileData,
@@ -48,7 +50,8 @@ __all__ = [
     "WIRE_VERSION", "TRANSFER_VERSION", "MAX_HEADER_BYTES", "MAX_FRAME_BYTES",
     "DEFAULT_ACTIVATION_DTYPE", "DTYPES", "WireError", "Envelope", "pack", "unpack",
     "encode", "decode", "send", "recv", "encode_request", "decode_request", "encode_reply",
-    "decode_reply", "activation_dtype", "to_wire", "from_wire",
+    "decode_reply", "activation_dtype", "to_wire", "from_wire", "MAX_STEP_ROWS",
+    "max_step_bytes", "limit_frames",
 ]
 
 WIRE_VERSION = 3  # 2: typed messages, a step's `threads`; 3: Free.everything
@@ -405,6 +408,19 @@ def _build(cls: type, fields: dict, what: str) -> Any:
         return cls(**fields)
     except (ValueError, TypeError) as e:
         raise WireError(f"{what}: {e}") from None
+
+
+def max_step_bytes(hidden_size: int) -> int:
+    """The largest frame of a legal pipeline message of a model with `hidden_size`: a
+    MAX_STEP_ROWS step's fp32 activations, or the largest header."""
+    return max(MAX_HEADER_BYTES, MAX_STEP_ROWS * hidden_size * 4)
+
+
+def limit_frames(sock: Any, max_bytes: int) -> Any:
+    """Make `sock` (before bind or connect) drop any peer that sends a frame over
+    `max_bytes`, before reading it into memory (and before a CURVE handshake)."""
+    sock.setsockopt(zmq.MAXMSGSIZE, int(max_bytes))
+    return sock
 
 
 def activation_dtype(name: str | torch.dtype) -> torch.dtype:

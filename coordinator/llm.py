@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import zmq
 
-from llm_shard.cluster import ray_glue
+from llm_shard.cluster import ray_glue, wire
 from llm_shard.cluster.links import Guard, LinkKeys
 from llm_shard.cluster.resources import budgets_from_ray_nodes
 from llm_shard.cluster.transfer import StoreServer
@@ -148,6 +148,7 @@ class LLM:
         self._ctx = zmq.Context()
         self._results = self._ctx.socket(zmq.PULL)
         self._results.setsockopt(zmq.LINGER, 0)
+        wire.limit_frames(self._results, wire.MAX_HEADER_BYTES)  # a Result is a header only
         # CURVE on every ZeroMQ link, keys handed to the workers over Ray (cluster/links.py)
         self.keys = LinkKeys.generate() if cfg.encrypt else None
         self._guard = Guard(self._ctx, self.keys, "coordinator")

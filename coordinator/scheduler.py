@@ -42,7 +42,7 @@ import torch
 import zmq
 
 from llm_shard.cluster import links, wire
-from llm_shard.cluster.messages import Error, Free, Result, Step
+from llm_shard.cluster.messages import MAX_STEP_ROWS, Error, Free, Result, Step
 from llm_shard.cluster.types import Completion, SamplingParams, sequence_bytes
 from llm_shard.models.text.sampling import finish_reason, truncate_at_stop
 from llm_shard.models.text.tokenizer import StreamDecoder, Tokenizer
@@ -225,6 +225,9 @@ class Scheduler:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(prompt) > MAX_STEP_ROWS:
+            raise ValueError(f"a prompt of {len(prompt)} tokens is over the {MAX_STEP_ROWS} "
+                             "one step carries")
         if self.max_len is not None and len(prompt) + params.max_tokens > self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} "
                              f"is longer than the model's {self.max_len}-token context")
@@ -323,13 +326,19 @@ class Scheduler:
                 if not seq.waited:
                     seq.waited, self.cache_waits = True, self.cache_waits + 1
                 return  # waits for a running sequence to finish
-            self.waiting.popleft()
             idle = [g for g in self.groups if g.in_flight is None]
             group = min(idle or self.groups, key=lambda g: len(g.seqs))
+            if self._rows(group) + len(seq.prompt) > MAX_STEP_ROWS:
+                return  # joins after the group's next step
+            self.waiting.popleft()
             group.seqs.append(seq.id)
             seq.group, seq.fresh = group.id, True
             self.running[seq.id] = seq
             used += seq.reserved
+
+    def _rows(self, g: Group) -> int:
+        """The rows of group g's next step: a fresh sequence's prompt, one for the others."""
+        return sum(len(s.prompt) if s.fresh else 1 for s in map(self.running.get, g.seqs))
 
     def _send_steps(self) -> None:
         epoch = self.pipeline.epoch
@@ -585,6 +594,11 @@ class Scheduler:
             g.in_flight, g.free = None, []
         for seq in self.running.values():
             seq.fresh = True
+        for g in self.groups:  # every prompt is prefilled again: a step holds so many rows
+            while self._rows(g) > MAX_STEP_ROWS:
+                seq = self.running.pop(g.seqs[-1])
+                self._drop(seq, free=False)
+                self.waiting.appendleft(seq)
         # the cache may now be smaller: requeue, youngest first, what no longer fits
         capacity = self.pipeline.cache_capacity
         while sum(s.reserved for s in self.running.values()) > capacity and self.running:
@@ -595,6 +609,7 @@ class Scheduler:
     def _connect(self, address: str) -> zmq.Socket:
         sock = self.results.context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        wire.limit_frames(sock, wire.MAX_HEADER_BYTES)  # it receives nothing
         links.client(sock, self.pipeline.keys)
         sock.connect(address)
         return sock

@@ -75,19 +75,22 @@ def test_an_unsendable_step_fails_that_sequence_alone(stage):
     object.__setattr__(bad, "top_k", 2**64)  # what SamplingParams itself now refuses
     with pytest.raises(ValueError, match="top_k"):
         SamplingParams(top_k=2**64)
-    good = stage.sched.submit([1, 2], GREEDY)
+    good = stage.sched.submit([1, 2], SamplingParams(max_tokens=8, temperature=0,
+                                                     ignore_eos=True))
     doomed = stage.sched.submit([3], bad)
-    step = stage.next_step()
-    while len(step.seqs) < 2 and not doomed.done():  # good may go out before doomed arrives
+    step, answered = stage.next_step(), 0
+    while not doomed.done():  # good may go out alone before doomed joins its group
         stage.answer(step)
+        answered += 1
         step = stage.next_step()
     with pytest.raises(RequestError, match="cannot be sent.*not msgpack-able"):
         doomed.result(timeout=10)
-    while not good.done():
-        stage.answer(step)
-        if not good.done():
+    assert step.seqs == (1,) and answered < 8
+    for k in range(answered, 8):  # good's 8 tokens: a step each
+        if k > answered:
             step = stage.next_step()
-    assert good.result(timeout=10).token_ids == [7, 7]
+        stage.answer(step)
+    assert good.result(timeout=10).token_ids == [7] * 8
     assert stage.sched.metrics()["scheduler_failures_total"] == 0
     assert stage.sched.failed is None
 
@@ -264,3 +267,36 @@ def msgpack_header(frame) -> dict:
     import msgpack
 
     return msgpack.unpackb(bytes(frame), strict_map_key=False)
+
+
+def test_a_frame_over_the_largest_step_is_dropped_unread(pangu_store):
+    """ZMQ_MAXMSGSIZE on a worker's socket, from the largest legal step of its model: a
+    raw peer's larger frame closes that peer's connection, the worker never receives it,
+    and a normal step from another peer is answered."""
+    from llm_shard.worker.actor import Worker
+
+    worker = Worker(str(pangu_store.path), threads=1, host="127.0.0.1")
+    limit = wire.max_step_bytes(pangu_store.config.hidden_size)
+    assert worker.pull.getsockopt(zmq.MAXMSGSIZE) == limit
+    ctx = zmq.Context()
+    results, rogue, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH), ctx.socket(zmq.PUSH)
+    for sock in (results, rogue, push):
+        sock.setsockopt(zmq.LINGER, 0)
+    results.setsockopt(zmq.RCVTIMEO, 20_000)
+    address = f"tcp://127.0.0.1:{results.bind_to_random_port('tcp://127.0.0.1')}"
+    try:
+        worker.configure(0, 0, pangu_store.n_blocks, cache_budget=1 << 30,
+                         next_address=address, result_address=address)
+        rogue.connect(worker._address)
+        rogue.send(bytes(limit + 1))
+        push.connect(worker._address)
+        push.send_multipart(wire.encode(_good_step(3)))
+        assert wire.recv(results).seqs == (3,)
+        stats = worker.stats()
+        assert stats["malformed"] == 0 and stats["steps"] == 1
+    finally:
+        worker.shutdown()
+        for sock in (results, rogue, push):
+            sock.close()
+        ctx.term()
+

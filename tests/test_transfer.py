@@ -468,3 +468,23 @@ def test_a_peer_that_asks_and_never_reads_holds_a_bounded_memory(tmp_path):
         ctx.term()
         proc.kill()
         proc.wait()
+
+
+def test_a_frame_over_a_requests_size_is_dropped_unread(store):
+    """ZMQ_MAXMSGSIZE on the server: a peer's frame larger than any request closes that
+    peer's connection, unanswered; others are served."""
+    src, _ = store
+    with StoreServer(src) as server:
+        ctx = zmq.Context()
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.connect(server.address)
+        try:
+            rogue.send(bytes(1 << 20))
+            assert not rogue.poll(1000)
+        finally:
+            rogue.close()
+            ctx.term()
+        assert server.requests == 0
+        got = _ask(server.address, {"v": TRANSFER_VERSION, "op": "manifest"})
+        assert got["ok"] and server.requests == 1

@@ -111,6 +111,8 @@ class Worker:
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
+        self.max_frame = wire.max_step_bytes(self.store.config.hidden_size)
+        wire.limit_frames(self.pull, self.max_frame)
         if host is None:
             import ray
 
@@ -337,6 +339,7 @@ class Worker:
     def _push(self, address: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        wire.limit_frames(sock, self.max_frame)
         links.client(sock, self.keys)
         sock.connect(address)
         return sock
