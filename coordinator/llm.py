@@ -28,7 +28,7 @@ from llm_shard.models.checkpoint.catalog import home, resolve
 from llm_shard.models.checkpoint.store import StoreError
 
 from .config import EngineConfig
-from .pipeline import Pipeline
+from .pipeline import Pipeline, link_host
 from .planner import PlanReport, format_plan
 from .scheduler import RequestError, Scheduler
 
@@ -153,7 +153,9 @@ class LLM:
         self.keys = LinkKeys.generate() if cfg.encrypt else None
         self._guard = Guard(self._ctx, self.keys, "coordinator")
         self._guard.server(self._results)
-        host = cfg.host or ray_glue.this_node().ip
+        here = ray_glue.this_node()
+        plain = link_host(nodes, self.keys, here)  # loopback: unencrypted, every worker here
+        host = cfg.host or plain or here.ip
         port = self._results.bind_to_random_port(f"tcp://{host}")
         try:
             # store transfer: workers on nodes without this store fetch its files from here
@@ -165,7 +167,8 @@ class LLM:
                 use_all_workers=cfg.use_all_workers, hop_seconds=cfg.hop_seconds,
                 result_address=f"tcp://{host}:{port}",
                 store_source=self.store_server.source(home()), link_keys=self.keys,
-                max_restarts=cfg.max_restarts, control_timeout=cfg.control_timeout)
+                max_restarts=cfg.max_restarts, control_timeout=cfg.control_timeout,
+                worker_host=plain)
             self.scheduler = Scheduler(self.pipeline, self.tokenizer, self._results,
                                        micro_batches=cfg.micro_batches,
                                        max_len=self.store.config.max_context,

@@ -97,6 +97,22 @@ class StageCores:
     fixed: bool
 
 
+def link_host(nodes: list[ray_glue.Node], keys: LinkKeys | None,
+              here: ray_glue.Node) -> str | None:
+    """Where unencrypted links bind: loopback (127.0.0.1) when every worker is on this
+    machine, so no one else reaches them; None (each node's own address) when the links
+    are encrypted or must cross machines, which without encryption is warned about."""
+    if keys is not None:
+        return None
+    if all(n.ip == here.ip for n in nodes):
+        return "127.0.0.1"
+    log.warning("UNENCRYPTED links between machines (--no-encrypt / encrypt=False): anyone "
+                "who reaches the workers' ports (%s) can inject steps and read activations; "
+                "use it on a trusted, firewalled network only",
+                ", ".join(sorted({n.ip for n in nodes if n.ip != here.ip})))
+    return None
+
+
 class Pipeline:
     """Workers on Ray, calibrated, planned and configured for the current epoch."""
 
@@ -106,8 +122,9 @@ class Pipeline:
                  use_all_workers: bool = False, hop_seconds: float = DEFAULT_HOP_SECONDS,
                  result_address: str, store_source: StoreSource | None = None,
                  link_keys: LinkKeys | None = None, max_restarts: int = 3,
-                 control_timeout: float = CONTROL_TIMEOUT) -> None:
-        """`store_source`: where workers fetch the store files their node lacks (store
+                 control_timeout: float = CONTROL_TIMEOUT, worker_host: str | None = None) -> None:
+        """`worker_host`: the address workers bind (None: their node's; `link_host`).
+        `store_source`: where workers fetch the store files their node lacks (store
         transfer, cluster/transfer.py); None: every node has the store at store.path.
         `max_restarts`: replacements per worker within RESTART_WINDOW (-1: no limit, 0:
         none, the re-plan runs over the survivors). `control_timeout`: seconds a worker
@@ -128,9 +145,10 @@ class Pipeline:
         self.cache_budget = block_cache_budget(store.config, cache_tokens)
         self.cost = ModelCost.from_manifest(store.manifest, cache_tokens,
                                             -(-self.cache_budget // max(1, cache_tokens)))
-        self._worker_kwargs = dict(compute_dtype=compute_dtype, wire_dtype=wire_dtype,
-                                   store_source=store_source, link_keys=link_keys)
         nodes = ray_glue.worker_nodes(capacities)
+        self._worker_kwargs = dict(compute_dtype=compute_dtype, wire_dtype=wire_dtype,
+                                   store_source=store_source, link_keys=link_keys,
+                                   host=worker_host)
         offsets = cpu_offsets(nodes, threads)
         self.workers = [WorkerHandle(i, cap, node, None, threads=t, cpu_offset=o)
                         for i, (cap, node, t, o) in enumerate(zip(capacities, nodes, threads,

@@ -300,3 +300,20 @@ def test_a_frame_over_the_largest_step_is_dropped_unread(pangu_store):
             sock.close()
         ctx.term()
 
+
+
+def test_unencrypted_links_bind_loopback_when_every_worker_is_here(caplog):
+    """--no-encrypt (keys None) with every worker on this machine: links on 127.0.0.1;
+    with a worker elsewhere: each node's address, and a loud warning; encrypted: as is."""
+    from llm_shard.cluster.links import LinkKeys
+    from llm_shard.cluster.ray_glue import Node
+    from llm_shard.coordinator.pipeline import link_host
+
+    here, twin, other = (Node(f"n{i}", ip, 2, 1 << 30, {}) for i, ip in
+                         enumerate(["10.0.0.1", "10.0.0.1", "10.0.0.2"]))
+    assert link_host([here, twin], None, here) == "127.0.0.1"
+    assert not caplog.records
+    assert link_host([here, other], None, here) is None
+    assert "UNENCRYPTED links between machines" in caplog.text and "10.0.0.2" in caplog.text
+    if zmq.has("curve"):
+        assert link_host([here], LinkKeys.generate(), here) is None

@@ -93,5 +93,7 @@ def test_a_foreign_client_step_is_ignored_and_logged(ray_cluster, smollm2_stores
         else:
             assert after["steps"] == before["steps"] + 1
             assert after["refused_connections"] == 0
+            # unencrypted, every worker here: links bind loopback only
+            assert worker.info["address"].startswith("tcp://127.0.0.1:")
         # still serving, same tokens
         assert model.generate(["The capital of France is"], GREEDY)[0].token_ids == want
