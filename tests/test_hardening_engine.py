@@ -206,10 +206,10 @@ def _good_step(seq: int, reset: bool = True) -> Step:
                 params={seq: SamplingParams(max_tokens=4, temperature=0)} if reset else {})
 
 
-def test_hostile_messages_of_every_kind_are_dropped_and_the_worker_serves_on(pangu_store):
-    """A worker (in this process, no encryption) fed hostile messages of every kind logs
-    and drops each: its loop lives on, and a normal step after them is answered."""
-    from llm_shard.cluster.messages import Error
+@pytest.fixture
+def live(pangu_store):
+    """A worker in this process (no encryption) hosting every block, its results socket,
+    and a PUSH connected to its loop: (worker, results, push, context)."""
     from llm_shard.worker.actor import Worker
 
     worker = Worker(str(pangu_store.path), threads=1, host="127.0.0.1")
@@ -219,48 +219,55 @@ def test_hostile_messages_of_every_kind_are_dropped_and_the_worker_serves_on(pan
         sock.setsockopt(zmq.LINGER, 0)
     results.setsockopt(zmq.RCVTIMEO, 20_000)
     address = f"tcp://127.0.0.1:{results.bind_to_random_port('tcp://127.0.0.1')}"
-    try:
-        worker.configure(0, 0, pangu_store.n_blocks, cache_budget=1 << 30,
-                         next_address=address, result_address=address)
-        push.connect(worker._address)
-        step = wire.encode(_good_step(1))
-        header = msgpack_header(step[0])
-        hostile = [
-            _raw("free", {"epoch": 0, "seqs": ["x"], "everything": False}),
-            _raw("free", {"epoch": 0, "seqs": [1], "everything": "yes"}),
-            _raw("free", {"epoch": 0}),
-            _raw("free", {"epoch": 0, "seqs": [[1]], "everything": False}),
-            _raw("step", {**header["fields"], "seqs": ["x"]}, header["tensors"]) + step[1:],
-            _raw("step", {**header["fields"], "threads": {0: 10**9}}, header["tensors"])
-            + step[1:],
-            _raw("step", {**header["fields"], "params": {1: {"top_k": 2**64 - 1}}},
-                 header["tensors"]) + step[1:],
-            _raw("step", {**header["fields"], "mb": -1}, header["tensors"]) + step[1:],
-            wire.encode(_good_step(5, reset=False)),  # a sequence with no cache
-            _raw("result", {"epoch": 0, "mb": 0, "seqs": [1], "sampled": [1],
-                            "logprobs": [None], "top": [None], "rejected": {},
-                            "stage_ms": [], "busy_ms": []}),
-            _raw("error", {"epoch": 0, "mb": 0, "error": "x", "blocks": [0, 1]}),
-            _raw("nonsense", {}),
-            [b"\xc1garbage"],
-            [b""],
-        ]
-        for frames in hostile:
-            push.send_multipart(frames)
-        push.send_multipart(wire.encode(_good_step(2)))
-        answers = []
-        while not answers or getattr(answers[-1], "seqs", None) != (2,):
-            answers.append(wire.recv(results))  # the clamped-threads step runs: a Result
-        assert len(answers[-1].sampled) == 1
-        assert all(isinstance(a, (Error, Result)) for a in answers)
-        assert worker.loop.is_alive()
-        st = worker.stats()
-        assert st["malformed"] >= len(hostile) - 2 and st["steps"] >= 1
-    finally:
-        worker.shutdown()
-        for sock in (results, push):
-            sock.close()
-        ctx.term()
+    worker.configure(0, 0, pangu_store.n_blocks, cache_budget=1 << 30,
+                     next_address=address, result_address=address)
+    push.connect(worker._address)
+    yield worker, results, push, ctx
+    worker.shutdown()
+    for sock in (results, push):
+        sock.close()
+    ctx.term()
+
+
+def test_hostile_messages_of_every_kind_are_dropped_and_the_worker_serves_on(live):
+    """A worker (in this process, no encryption) fed hostile messages of every kind logs
+    and drops each: its loop lives on, and a normal step after them is answered."""
+    from llm_shard.cluster.messages import Error
+
+    worker, results, push, _ = live
+    step = wire.encode(_good_step(1))
+    header = msgpack_header(step[0])
+    hostile = [
+        _raw("free", {"epoch": 0, "seqs": ["x"], "everything": False}),
+        _raw("free", {"epoch": 0, "seqs": [1], "everything": "yes"}),
+        _raw("free", {"epoch": 0}),
+        _raw("free", {"epoch": 0, "seqs": [[1]], "everything": False}),
+        _raw("step", {**header["fields"], "seqs": ["x"]}, header["tensors"]) + step[1:],
+        _raw("step", {**header["fields"], "threads": {0: 10**9}}, header["tensors"])
+        + step[1:],
+        _raw("step", {**header["fields"], "params": {1: {"top_k": 2**64 - 1}}},
+             header["tensors"]) + step[1:],
+        _raw("step", {**header["fields"], "mb": -1}, header["tensors"]) + step[1:],
+        wire.encode(_good_step(5, reset=False)),  # a sequence with no cache
+        _raw("result", {"epoch": 0, "mb": 0, "seqs": [1], "sampled": [1],
+                        "logprobs": [None], "top": [None], "rejected": {},
+                        "stage_ms": [], "busy_ms": []}),
+        _raw("error", {"epoch": 0, "mb": 0, "error": "x", "blocks": [0, 1]}),
+        _raw("nonsense", {}),
+        [b"\xc1garbage"],
+        [b""],
+    ]
+    for frames in hostile:
+        push.send_multipart(frames)
+    push.send_multipart(wire.encode(_good_step(2)))
+    answers = []
+    while not answers or getattr(answers[-1], "seqs", None) != (2,):
+        answers.append(wire.recv(results))  # the clamped-threads step runs: a Result
+    assert len(answers[-1].sampled) == 1
+    assert all(isinstance(a, (Error, Result)) for a in answers)
+    assert worker.loop.is_alive()
+    st = worker.stats()
+    assert st["malformed"] >= len(hostile) - 2 and st["steps"] >= 1
 
 
 def msgpack_header(frame) -> dict:
@@ -269,37 +276,24 @@ def msgpack_header(frame) -> dict:
     return msgpack.unpackb(bytes(frame), strict_map_key=False)
 
 
-def test_a_frame_over_the_largest_step_is_dropped_unread(pangu_store):
+def test_a_frame_over_the_largest_step_is_dropped_unread(live, pangu_store):
     """ZMQ_MAXMSGSIZE on a worker's socket, from the largest legal step of its model: a
     raw peer's larger frame closes that peer's connection, the worker never receives it,
     and a normal step from another peer is answered."""
-    from llm_shard.worker.actor import Worker
-
-    worker = Worker(str(pangu_store.path), threads=1, host="127.0.0.1")
+    worker, results, push, ctx = live
     limit = wire.max_step_bytes(pangu_store.config.hidden_size)
     assert worker.pull.getsockopt(zmq.MAXMSGSIZE) == limit
-    ctx = zmq.Context()
-    results, rogue, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH), ctx.socket(zmq.PUSH)
-    for sock in (results, rogue, push):
-        sock.setsockopt(zmq.LINGER, 0)
-    results.setsockopt(zmq.RCVTIMEO, 20_000)
-    address = f"tcp://127.0.0.1:{results.bind_to_random_port('tcp://127.0.0.1')}"
+    rogue = ctx.socket(zmq.PUSH)
+    rogue.setsockopt(zmq.LINGER, 0)
     try:
-        worker.configure(0, 0, pangu_store.n_blocks, cache_budget=1 << 30,
-                         next_address=address, result_address=address)
         rogue.connect(worker._address)
         rogue.send(bytes(limit + 1))
-        push.connect(worker._address)
         push.send_multipart(wire.encode(_good_step(3)))
         assert wire.recv(results).seqs == (3,)
         stats = worker.stats()
         assert stats["malformed"] == 0 and stats["steps"] == 1
     finally:
-        worker.shutdown()
-        for sock in (results, rogue, push):
-            sock.close()
-        ctx.term()
-
+        rogue.close()
 
 
 def test_unencrypted_links_bind_loopback_when_every_worker_is_here(caplog):
