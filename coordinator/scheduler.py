@@ -89,9 +89,10 @@ class WaitQueue:
 
     def __init__(self) -> None:
         self.requests: dict[object, deque[Sequence]] = {}  # in turn order
+        self.count = 0  # kept, not summed: metrics() reads it from other threads
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self.requests.values())
+        return self.count
 
     def __bool__(self) -> bool:
         return bool(self.requests)
@@ -101,6 +102,7 @@ class WaitQueue:
 
     def append(self, seq: Sequence) -> None:
         self.requests.setdefault(seq.request, deque()).append(seq)
+        self.count += 1
 
     def appendleft(self, seq: Sequence) -> None:
         """Requeue (a rejected or displaced sequence): first of its request, whose turn
@@ -108,6 +110,7 @@ class WaitQueue:
         q = self.requests.pop(seq.request, deque())
         q.appendleft(seq)
         self.requests = {seq.request: q, **self.requests}
+        self.count += 1
 
     def peek(self) -> Sequence:
         return self.requests[next(iter(self.requests))][0]
@@ -119,16 +122,19 @@ class WaitQueue:
         seq = q.popleft()
         if q:
             self.requests[key] = q
+        self.count -= 1
         return seq
 
     def remove(self, seq: Sequence) -> None:
         q = self.requests[seq.request]
         q.remove(seq)
+        self.count -= 1
         if not q:
             del self.requests[seq.request]
 
     def clear(self) -> None:
         self.requests.clear()
+        self.count = 0
 
 
 @dataclass
