@@ -204,14 +204,12 @@ def test_health_shows_no_internal_error_text_without_the_key(llm, caplog):
 def test_the_engine_refuses_the_same_values_naming_the_field(llm):
     """`LLM.generate` and `LLM.submit` from Python: a ValueError naming the field, before
     anything is queued (not a wire error that fails every request in flight)."""
-    for field, params in (("top_k", SamplingParams(top_k=HUGE)),
-                          ("top_k", SamplingParams(top_k=VOCAB + 1)),
-                          ("stop_token_ids", SamplingParams(stop_token_ids=[HUGE])),
-                          ("stop_token_ids", SamplingParams(stop_token_ids=[VOCAB])),
-                          ("stop", SamplingParams(stop=["\ud800"])),
-                          ("max_tokens", SamplingParams(max_tokens=HUGE))):
-        with pytest.raises(ValueError, match=field):
-            llm.generate(["hi"], params)
+    for field, kw in (("top_k", {"top_k": HUGE}), ("top_k", {"top_k": VOCAB + 1}),
+                      ("stop_token_ids", {"stop_token_ids": [HUGE]}),
+                      ("stop_token_ids", {"stop_token_ids": [VOCAB]}),
+                      ("stop", {"stop": ["\ud800"]}), ("max_tokens", {"max_tokens": HUGE})):
+        with pytest.raises(ValueError, match=field):  # SamplingParams' bounds, or the LLM's
+            llm.generate(["hi"], SamplingParams(**kw))
     taken = llm.metrics()["requests_total"]
     with pytest.raises(ValueError, match="prompt token ids"):
         llm.generate(prompt_token_ids=[[1, 2], [HUGE]])  # the good one is not run either
