@@ -22,9 +22,9 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.llm, name)
 
-    def submit(self, ids, params=None, on_text=None):
+    def submit(self, ids, params=None, on_text=None, request=None):
         self.submitted.append(list(ids))
-        return self.llm.submit(ids, params, on_text)
+        return self.llm.submit(ids, params, on_text, request)
 
 
 @pytest.fixture(scope="module")
