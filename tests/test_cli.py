@@ -152,6 +152,8 @@ def _served(monkeypatch, smollm2_stores, *flags: str, env: dict | None = None):
     monkeypatch.setattr(cli_module, "_open_llm",
                         lambda model, engine: _NoEngine(smollm2_stores["int8"]))
     monkeypatch.setattr(http, "run", lambda app, sock, log_level: apps.append(app))
+    # no Ray here: serve's own disconnect would end this test session's Ray connection
+    monkeypatch.setattr(cli_module, "_stop_ray", lambda: None)
     env = {"LLM_SHARD_API_KEY": "", **(env or {})}
     res = invoke("serve", "smollm2-135m", "--port", "0", *flags, env=env)
     return res, apps[0] if apps else None
