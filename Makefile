@@ -52,7 +52,7 @@ demo: $(VENV)/.serve
 	@echo "Starting llm-shard (SmolLM2-135M over two local workers); loading takes a few seconds..."
 	@RAY_USAGE_STATS_ENABLED=0 $(BIN)/llm-shard serve smollm2-135m --worker ram=1GiB \
 	  --worker ram=1GiB --use-all-workers --host 127.0.0.1 --port $(DEMO_PORT) & pid=$$!; \
-	trap 'kill -INT $$pid 2>/dev/null; wait $$pid; exit 0' INT TERM; \
+	trap 'wait $$pid; exit 0' INT; trap 'kill -TERM $$pid; wait $$pid; exit 0' TERM; \
 	until $(BIN)/python -c "import sys, urllib.request as u; \
 	  sys.exit(u.urlopen('http://127.0.0.1:$(DEMO_PORT)/health', timeout=2).status != 200)" \
 	  2>/dev/null; do kill -0 $$pid 2>/dev/null || exit 1; sleep 1; done; \
