@@ -12,13 +12,17 @@ from llm_shard.coordinator.http import BackgroundServer, create_app
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+# a non-ASCII key: the page must send its UTF-8 bytes (fetch refuses such header text)
+KEY = "k3y-ключ"
+
+
 @pytest.fixture(scope="module")
 def server(ray_cluster, smollm2_stores):
     from llm_shard import LLM
 
     with LLM(str(smollm2_stores["int8"].path), workers=["ram=1GiB", "ram=1GiB"],
              cache_tokens=1024) as llm:
-        s = BackgroundServer(create_app(llm, model_name="smollm2-135m", api_key="k3y"))
+        s = BackgroundServer(create_app(llm, model_name="smollm2-135m", api_key=KEY))
         yield s
         s.stop()
 
@@ -48,7 +52,7 @@ def test_the_page_streams_a_reply(server, browser):
     page.click("#send")
     page.wait_for_selector(".msg.error", timeout=30_000)
     assert "API key" in page.inner_text(".msg.error")
-    page.fill("#api-key", "k3y")
+    page.fill("#api-key", KEY)
     page.dispatch_event("#api-key", "change")
     page.fill("#input", "What is the capital of France?")
     page.press("#input", "Enter")  # Enter sends
