@@ -322,6 +322,10 @@ ENGINE_FLAGS = dict([
                  type=click.IntRange(-1, None),
                  help="Times a lost worker is replaced (same node, same budget) within 10 "
                       "minutes; -1: no limit, 0: never (re-plan over the rest)."),
+    _engine_flag("prefix_cache", "--no-prefix-cache", is_flag=True, flag_value=False,
+                 help="Free each finished sequence's caches instead of keeping them for "
+                      "prompts that start the same (a chat's next turn prefills only its "
+                      "new tokens)."),
 ])
 
 
