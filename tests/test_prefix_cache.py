@@ -174,3 +174,105 @@ def test_a_stage_refuses_rows_it_does_not_hold(int8):
     with pytest.raises(StageError, match="sequence 9, which holds 0"):
         run(stages, step([2], [3], [1, 2, 3], reset=[2], params={2: GREEDY},
                          reuse={2: (9, 1)}))
+
+
+# ---------------------------------------------------------------------- the real pipeline
+
+CHAT = ["What is the capital of France?", "And the capital of Italy?", "Which is larger?"]
+FOLLOW_UPS = ["Thanks! Tell me about Rome.", "What should I see in Paris?"]
+# plain text, no chat template: they share no prefix with the chat or with each other
+TEXTS = ["The rain in Spain stays mainly in the plain, said the professor to his student",
+         "In a hole in the ground there lived a hobbit, not a nasty dirty wet hole",
+         "It was the best of times, it was the worst of times, it was the age of wisdom",
+         "Call me Ishmael. Some years ago, never mind how long precisely, having little"]
+
+
+def _scenario(model) -> dict:
+    """The same requests on any engine: a chat of 3 turns (each resends the history),
+    two follow-ups of it submitted together, then 4 plain texts (more than the cache
+    holds beside the rest) and continuations of the first and last of them. Returns every
+    output, and the prefix counters and cached entries after each part."""
+    tok = model.tokenizer
+    log = {"out": [], "after": [], "entries": []}
+
+    def part(prompts):
+        futures = [model.submit(p, GREEDY) for p in prompts]
+        done = [f.result(timeout=600) for f in futures]
+        log["out"] += [c.token_ids for c in done]
+        m = model.metrics()
+        log["after"].append((m["prefix_hits_total"], m["prefix_tokens_reused_total"],
+                             m["prefix_evictions_total"]))
+        index = model.scheduler.prefix
+        log["entries"].append([e.tokens.tolist() for e in index.entries.values()]
+                              if index is not None else [])
+        return done
+
+    chat = []
+    for text in CHAT:
+        chat.append({"role": "user", "content": text})
+        (c,) = part([tok.encode(tok.render_chat(chat))])
+        chat.append({"role": "assistant", "content": c.text})
+    part([tok.encode(tok.render_chat(chat + [{"role": "user", "content": t}]))
+          for t in FOLLOW_UPS])
+    texts = [tok.encode(t) for t in TEXTS]
+    made = [part([p])[0].token_ids for p in texts]
+    log["held"] = [p + m[:-1] for p, m in zip(texts, made)]
+    part([texts[0] + made[0] + tok.encode(" And then")])
+    part([texts[-1] + made[-1] + tok.encode(" And then")])
+    log["metrics"] = model.metrics()
+    if model.scheduler.prefix is not None:
+        from prometheus_client import generate_latest
+
+        from llm_shard.coordinator.http.metrics import registry
+
+        log["exposition"] = generate_latest(registry(model)[0]).decode()
+    return log
+
+
+@pytest.fixture(scope="module")
+def chats(ray_cluster, smollm2_stores):
+    """The scenario on 2 workers (Ray + ZeroMQ, int8, bf16 activations on the wire), with
+    a cache of 3 chunks of 256 tokens: without the prefix cache, then with it."""
+    from llm_shard import LLM
+
+    logs = {}
+    for cached in (False, True):
+        with LLM(str(smollm2_stores["int8"].path), workers=["ram=1GiB"] * 2,
+                 use_all_workers=True, cache_tokens=768, prefix_cache=cached) as model:
+            logs[cached] = _scenario(model)
+    return logs
+
+
+@pytest.mark.slow
+def test_greedy_output_is_the_same_with_the_prefix_cache(chats):
+    assert chats[True]["out"] == chats[False]["out"]
+    assert chats[False]["metrics"]["prefix_cache"] is False
+    assert chats[False]["after"][-1] == (0, 0, 0)
+    assert "llm_shard_prefix_hits_total" in chats[True]["exposition"]
+
+
+@pytest.mark.slow
+def test_each_chat_turn_starts_from_the_last(chats):
+    """Turns 2 and 3 each start from the turn before (the chat template's every token up
+    to the new question); the two follow-ups submitted together both start from turn 3's
+    entry while both run."""
+    after = chats[True]["after"]
+    hits = [h for h, _, _ in after]
+    assert hits[:4] == [0, 1, 2, 4]
+    reused = [r - q for (_, r, _), (_, q, _) in zip(after[1:4], after[:3])]
+    assert reused[0] >= 30 and reused[1] > reused[0] and reused[2] > 2 * reused[1]
+
+
+@pytest.mark.slow
+def test_the_least_recently_used_prefix_is_evicted_and_prefilled_again(chats):
+    """4 plain texts need more room than the cache has beside the chat's entries: the
+    oldest go first, the first text's with them, so its continuation is prefilled whole
+    (and right: the same output as without the cache), while the last text's entry is
+    still there and its continuation starts from it."""
+    log = chats[True]
+    held = log["held"]
+    assert held[0] not in log["entries"][-3] and held[-1] in log["entries"][-3]
+    hits, reused, evicted = zip(*log["after"])
+    assert evicted[-3] >= 2
+    assert (hits[-2], reused[-2]) == (hits[-3], reused[-3])  # the first text: no hit
+    assert (hits[-1], reused[-1]) == (hits[-2] + 1, reused[-2] + len(held[-1]))
