@@ -260,6 +260,9 @@ BENCHMARKS = {
     "gpu": "The GPU tier: int8 kernels per layer against the GPU's read bandwidth, and "
            "decode of a random PanGu-α-2.6B resident on the GPU or streamed from pinned RAM "
            "(--help).",
+    "prefix": "Time to first token of each turn of a 10-turn chat with the prefix cache "
+              "and without, over 2 local workers; the 10th turn's over the first's "
+              "(--help).",
     "suite": "The whole suite (decode, versus transformers, load, split, throughput, swap) "
              "with the machine's bandwidths: writes DIR/bench.json, bench.md and PNG plots "
              "(--help).",

@@ -276,3 +276,25 @@ def test_the_least_recently_used_prefix_is_evicted_and_prefilled_again(chats):
     assert evicted[-3] >= 2
     assert (hits[-2], reused[-2]) == (hits[-3], reused[-3])  # the first text: no hit
     assert (hits[-1], reused[-1]) == (hits[-2] + 1, reused[-2] + len(held[-1]))
+
+
+def test_the_cache_is_on_unless_no_prefix_cache_says_off():
+    import click
+    from click.testing import CliRunner
+
+    from llm_shard.coordinator.cli import cli, engine_options
+    from llm_shard.coordinator.config import EngineConfig
+
+    seen = []
+
+    @click.command()
+    @engine_options
+    def probe(engine: EngineConfig) -> None:
+        seen.append(engine.prefix_cache)
+
+    for flags in ([], ["--no-prefix-cache"]):
+        assert CliRunner().invoke(probe, flags).exit_code == 0
+    assert seen == [True, False] and EngineConfig().prefix_cache is True
+    r = CliRunner().invoke(cli, ["bench", "prefix", "--help"])
+    assert r.exit_code == 0 and "usage: llm-shard bench prefix" in r.output
+    assert "--turns" in r.output
