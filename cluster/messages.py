@@ -179,9 +179,10 @@ class Step:
         if len(set(self.seqs)) != len(self.seqs):
             raise ValueError(f"seqs names a sequence twice: {list(self.seqs)}")
         for i, (source, n) in self.reuse.items():
-            if i not in self.reset or source in self.seqs or n < 1:
+            if i not in self.reset or source in self.seqs or source in self.free or n < 1:
                 raise ValueError(f"reuse[{i}] must start a sequence of `reset` from at least "
-                                 f"1 row of a sequence not in the step, got {[source, n]}")
+                                 f"1 row of a sequence neither in the step nor freed by it, "
+                                 f"got {[source, n]}")
         rows = sum(self.lens)
         if rows > MAX_STEP_ROWS:
             raise ValueError(f"lens add up to {rows} rows, over the {MAX_STEP_ROWS} a step holds")
