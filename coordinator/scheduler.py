@@ -10,7 +10,9 @@ its caches freed by the group's next message, or kept for the prefix cache.
 Prefix cache (coordinator/prefix.py): a finished sequence's caches stay on every stage,
 within the cache budget, and a new prompt that starts with the same tokens starts from a
 copy of them (its first step's `reuse`), prefilling the rest; entries are freed least
-recently used first when a new sequence needs the room.
+recently used first when a new sequence needs the room. Its reused rows have the bits of
+the row-by-row path (decode; prefills up to layers.ROW_BY_ROW_ROWS rows), which a longer
+whole prefill (SDPA) does not give: greedy output may then differ at a near-tie.
 
 Threads: with one micro-batch in flight only one stage computes at a time, so a stage
 that shares its machine with others computes on all of the machine's CPUs; with several
