@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import chain, run, step
+from conftest import chain, hf_rwkv, random_ids, run, step
 
 from llm_shard.cluster.types import SamplingParams
 from llm_shard.coordinator.prefix import MIN_TOKENS, PrefixIndex, common_prefix, refusal
@@ -163,6 +163,25 @@ def test_sequences_started_from_a_finished_one_give_its_tokens(int8):
     assert got == _generate(fresh, [2, 3], turns, 8)
     assert all(s.sequences[1].tokens == len(held) for s in stages)
     assert stages[-1].sequences[2].history[:len(held)] == held  # repetition penalty's
+
+
+def test_a_recurrent_state_starts_a_sequence_only_whole(tmp_path):
+    """RWKV over 2 stages: a sequence started from a finished one's whole state gives the
+    tokens of its whole prompt prefilled; from part of it, the stage refuses by name."""
+    from llm_shard.models.checkpoint.convert import convert
+
+    hf_rwkv().save_pretrained(tmp_path / "hf")
+    store = convert(tmp_path / "hf", tmp_path / "fp32", dtype="fp32", progress=False)
+    first = random_ids(9, seed=3, low=1, high=97)
+    stages = chain(store, [0, 2, 4])
+    (made,) = _generate(stages, [1], [first], 5)
+    held = first + made[:-1]
+    turn = held + random_ids(4, seed=4, low=1, high=97)
+    got = _generate(stages, [2], [turn], 5, {2: (1, len(held))})
+    assert got == _generate(chain(store, [0, 2, 4]), [2], [turn], 5)
+    with pytest.raises(ValueError, match="recurrent state holds all 13 tokens"):
+        run(stages, step([3], [4], turn[9:13], reset=[3], params={3: GREEDY},
+                         reuse={3: (1, 9)}))
 
 
 def test_a_stage_refuses_rows_it_does_not_hold(int8):
