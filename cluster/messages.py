@@ -136,7 +136,10 @@ class Step:
     the step samples. `tokens` (sum(lens),) int64: the rows' input ids, forwarded so the
     last stage keeps each sequence's history; `hidden` (sum(lens), hidden_size): the
     activations, from stage 1 on. A sequence in `reset` starts a fresh cache (with its
-    `params`, for the last stage); `free` drops caches first. `threads`: {first block of a
+    `params`, for the last stage); `free` drops caches first. `reuse`: {sequence in
+    `reset`: [source, n]}: it starts from a copy of the first n rows of the caches that
+    finished sequence `source` left on every stage (the prefix cache), its rows then
+    following them. `threads`: {first block of a
     stage: threads it computes this step with} (a stage not named keeps its count).
     Stages add what they reject (`rejected`: why), GLM prompt contexts (`prefixes`:
     [length, mask position]) and their times (`stage_ms`: compute, `busy_ms`: held)."""
@@ -154,6 +157,7 @@ class Step:
     reset: tuple[int, ...] = ()
     params: dict[int, SamplingParams] = field(default_factory=dict)
     free: tuple[int, ...] = ()
+    reuse: dict[int, tuple[int, int]] = field(default_factory=dict)
     threads: dict[int, int] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
     prefixes: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -166,6 +170,7 @@ class Step:
         _set(self, seqs=_ints("seqs", self.seqs), lens=_ints("lens", self.lens, lo=1),
              steps=_ints("steps", self.steps), reset=_ints("reset", self.reset),
              free=_ints("free", self.free), params=_by_seq("params", self.params, _params),
+             reuse=_by_seq("reuse", self.reuse, _pair),
              threads=_by_seq("threads", self.threads, lambda n, x: _int(n, x, lo=1)),
              rejected=_by_seq("rejected", self.rejected, _str),
              prefixes=_by_seq("prefixes", self.prefixes, _pair),
@@ -173,6 +178,11 @@ class Step:
         _same_length({"seqs": self.seqs, "lens": self.lens, "steps": self.steps})
         if len(set(self.seqs)) != len(self.seqs):
             raise ValueError(f"seqs names a sequence twice: {list(self.seqs)}")
+        for i, (source, n) in self.reuse.items():
+            if i not in self.reset or source in self.seqs or source in self.free or n < 1:
+                raise ValueError(f"reuse[{i}] must start a sequence of `reset` from at least "
+                                 f"1 row of a sequence neither in the step nor freed by it, "
+                                 f"got {[source, n]}")
         rows = sum(self.lens)
         if rows > MAX_STEP_ROWS:
             raise ValueError(f"lens add up to {rows} rows, over the {MAX_STEP_ROWS} a step holds")

@@ -54,7 +54,8 @@ __all__ = [
     "max_step_bytes", "limit_frames",
 ]
 
-WIRE_VERSION = 3  # 2: typed messages, a step's `threads`; 3: Free.everything
+# 2: typed messages, a step's `threads`; 3: Free.everything; 4: a step's `reuse`
+WIRE_VERSION = 4
 TRANSFER_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024**2  # default limits; decode/encode/recv take others
 MAX_FRAME_BYTES = 1024**3

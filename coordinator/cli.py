@@ -260,6 +260,9 @@ BENCHMARKS = {
     "gpu": "The GPU tier: int8 kernels per layer against the GPU's read bandwidth, and "
            "decode of a random PanGu-α-2.6B resident on the GPU or streamed from pinned RAM "
            "(--help).",
+    "prefix": "Time to first token of each turn of a 10-turn chat with the prefix cache "
+              "and without, over 2 local workers; the 10th turn's over the first's "
+              "(--help).",
     "suite": "The whole suite (decode, versus transformers, load, split, throughput, swap) "
              "with the machine's bandwidths: writes DIR/bench.json, bench.md and PNG plots "
              "(--help).",
@@ -322,6 +325,10 @@ ENGINE_FLAGS = dict([
                  type=click.IntRange(-1, None),
                  help="Times a lost worker is replaced (same node, same budget) within 10 "
                       "minutes; -1: no limit, 0: never (re-plan over the rest)."),
+    _engine_flag("prefix_cache", "--no-prefix-cache", is_flag=True, flag_value=False,
+                 help="Free each finished sequence's caches instead of keeping them for "
+                      "prompts that start the same (a chat's next turn prefills only its "
+                      "new tokens)."),
 ])
 
 

@@ -38,7 +38,9 @@ class EngineConfig:
     keys made here and handed to the workers (cluster/links.py); False only on a trusted
     single machine. `max_restarts`: how many times a lost worker is replaced by a fresh
     one (same node, same budget) within 10 minutes; -1 without limit, 0 never (the
-    re-plan then runs over the workers left)."""
+    re-plan then runs over the workers left). `prefix_cache`: keep finished sequences'
+    caches for later prompts that start with the same tokens (a chat's next turn), within
+    the cache budget, least recently used freed first (coordinator/prefix.py)."""
 
     workers: Any = None
     address: str | None = None
@@ -55,6 +57,7 @@ class EngineConfig:
     encrypt: bool = True
     max_restarts: int = 3
     control_timeout: float = 30.0
+    prefix_cache: bool = True
 
     def replace(self, **settings) -> EngineConfig:
         """A copy with `settings` changed; an unknown name is a TypeError naming it."""

@@ -172,7 +172,8 @@ class LLM:
             self.scheduler = Scheduler(self.pipeline, self.tokenizer, self._results,
                                        micro_batches=cfg.micro_batches,
                                        max_len=self.store.config.max_context,
-                                       step_timeout=cfg.step_timeout)
+                                       step_timeout=cfg.step_timeout,
+                                       prefix_cache=cfg.prefix_cache)
         except BaseException:
             self.shutdown()
             raise

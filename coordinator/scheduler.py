@@ -5,7 +5,14 @@ sends sampled tokens. Running sequences are spread over `micro_batches` groups (
 stage by default), each group is at most one step in flight, so with S stages S groups
 keep every stage busy. A request joins the emptiest idle group at its next step (its
 prompt as prefill rows beside the others' decode rows) and leaves when it finishes,
-its caches freed by the group's next message.
+its caches freed by the group's next message, or kept for the prefix cache.
+
+Prefix cache (coordinator/prefix.py): a finished sequence's caches stay on every stage,
+within the cache budget, and a new prompt that starts with the same tokens starts from a
+copy of them (its first step's `reuse`), prefilling the rest; entries are freed least
+recently used first when a new sequence needs the room. Its reused rows have the bits of
+the row-by-row path (decode; prefills up to layers.ROW_BY_ROW_ROWS rows), which a longer
+whole prefill (SDPA) does not give: greedy output may then differ at a near-tie.
 
 Threads: with one micro-batch in flight only one stage computes at a time, so a stage
 that shares its machine with others computes on all of the machine's CPUs; with several
@@ -49,6 +56,7 @@ from llm_shard.models.text.tokenizer import StreamDecoder, Tokenizer
 
 from .pipeline import Pipeline, StageCores
 from .planner import PlanError
+from .prefix import prefix_index, prefix_metrics
 
 log = logging.getLogger("llm_shard.coordinator")
 
@@ -76,6 +84,7 @@ class Sequence:
     reserved: int = 0  # cache bytes per block (types.sequence_bytes)
     waited: bool = False  # it waited in the queue for cache room
     request: object = None  # the request it belongs to (WaitQueue's turns); None: itself
+    reuse: tuple[int, int] | None = None  # its first step starts from (entry, rows), pinned
 
     def __post_init__(self) -> None:
         if self.request is None:
@@ -183,9 +192,11 @@ def step_threads(stages: list[StageCores], in_flight: int) -> dict[int, int]:
 class Scheduler:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer | None, results: zmq.Socket, *,
                  micro_batches: int | None = None, max_len: int | None,
-                 step_timeout: float = 120.0, max_running: int = 256) -> None:
+                 step_timeout: float = 120.0, max_running: int = 256,
+                 prefix_cache: bool = True) -> None:
         """`max_running`: the most sequences generated at once (the rest wait their turn,
-        WaitQueue)."""
+        WaitQueue). `prefix_cache`: keep finished sequences' caches for prompts that
+        start the same (off where the architecture's caches cannot be reused: logged)."""
         self.pipeline, self.tok, self.results = pipeline, tokenizer, results
         self.max_len, self.step_timeout, self.max_running = max_len, step_timeout, max_running
         self.n_groups = micro_batches or len(pipeline.plan.stages)
@@ -213,6 +224,7 @@ class Scheduler:
         self.recoveries = 0
         self.cache_waits = 0  # sequences that waited for cache room
         self.watched_at = 0.0  # monotonic time of the last look for dead workers
+        self.prefix = prefix_index(pipeline.store, prefix_cache)
         self.stopping = threading.Event()
         self.push = self._connect(pipeline.first_address)
         self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -258,7 +270,7 @@ class Scheduler:
                 "step_seconds": self.step_seconds or 0.0,
                 "stage_seconds": list(self.stage_seconds),
                 "busy_seconds": list(self.busy_seconds),
-                "wire_seconds": self.wire_seconds or 0.0}
+                "wire_seconds": self.wire_seconds or 0.0, **prefix_metrics(self.prefix)}
 
     def close(self) -> None:
         self.stopping.set()
@@ -319,6 +331,7 @@ class Scheduler:
         stage's cache has room and fewer than max_running run."""
         capacity = self.pipeline.cache_capacity
         used = sum(s.reserved for s in self.running.values())
+        used += self.prefix.nbytes if self.prefix is not None else 0
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting.peek()
             if seq.reserved > capacity:
@@ -328,23 +341,52 @@ class Scheduler:
                                    f"{seq.params.max_tokens}) but the stages hold {capacity}: "
                                    "ask for fewer tokens or give the workers more cache")
                 continue
+            reuse = self.prefix.match(seq.prompt) if self.prefix is not None else None
             if used + seq.reserved > capacity:
-                if not seq.waited:
-                    seq.waited, self.cache_waits = True, self.cache_waits + 1
-                return  # waits for a running sequence to finish
+                used -= self._evict(used + seq.reserved - capacity)
             idle = [g for g in self.groups if g.in_flight is None]
             group = min(idle or self.groups, key=lambda g: len(g.seqs))
-            if self._rows(group) + len(seq.prompt) > MAX_STEP_ROWS:
-                return  # joins after the group's next step
+            rows = len(seq.prompt) - (reuse[1] if reuse else 0)
+            if used + seq.reserved > capacity or self._rows(group) + rows > MAX_STEP_ROWS:
+                if reuse:
+                    self.prefix.unpin(reuse[0])
+                if used + seq.reserved > capacity and not seq.waited:
+                    seq.waited, self.cache_waits = True, self.cache_waits + 1
+                return  # waits for a running sequence to finish, or the group's next step
             self.waiting.popleft()
             group.seqs.append(seq.id)
-            seq.group, seq.fresh = group.id, True
+            seq.group, seq.fresh, seq.reuse = group.id, True, reuse
             self.running[seq.id] = seq
             used += seq.reserved
 
     def _rows(self, g: Group) -> int:
-        """The rows of group g's next step: a fresh sequence's prompt, one for the others."""
-        return sum(len(s.prompt) if s.fresh else 1 for s in map(self.running.get, g.seqs))
+        """The rows of group g's next step: a fresh sequence's prompt (less the rows it
+        reuses), one for the others."""
+        return sum(len(s.prompt) - (s.reuse[1] if s.reuse else 0) if s.fresh else 1
+                   for s in map(self.running.get, g.seqs))
+
+    def _evict(self, need: int) -> int:
+        """Free at least `need` bytes of retained prefixes where there are (least recently
+        used first; their Free reaches every stage before any later step); returns the
+        bytes freed."""
+        if self.prefix is None:
+            return 0
+        held = self.prefix.nbytes
+        gone = self.prefix.evict(need)
+        if gone:
+            wire.send(self.push, Free(self.pipeline.epoch, gone))
+        return held - self.prefix.nbytes
+
+    def _retain(self, seq: Sequence) -> bool:
+        """Keep finished seq's caches for the prefix cache (False: the cache is off)."""
+        if self.prefix is None:
+            return False
+        tokens = seq.prompt + seq.generated[:seq.fed]  # the last token was never fed
+        cfg = self.pipeline.store.config
+        dropped = self.prefix.retain(seq.id, tokens, sequence_bytes(cfg, len(tokens)))
+        if dropped:
+            wire.send(self.push, Free(self.pipeline.epoch, dropped))
+        return True
 
     def _send_steps(self) -> None:
         epoch = self.pipeline.epoch
@@ -365,6 +407,9 @@ class Scheduler:
                 s = self.running[i]
                 if s.fresh:  # the prompt (a replay feeds the generated tokens one by one)
                     s.fed, s.fresh = 0, False
+                    if s.reuse:  # every stage copies the entry before it reads a later Free
+                        self.prefix.sent(*s.reuse)
+                        s.reuse = None
                 else:
                     s.fed += 1
                 s.sent_step = s.fed  # this step samples token number s.fed
@@ -374,20 +419,22 @@ class Scheduler:
 
     def _step(self, g: Group, seqs: list[int], threads: dict[int, int]) -> Step:
         """Group g's next step for `seqs` (its sequences are changed only once it is sent)."""
-        ids, lens, reset, params, steps = [], [], [], {}, []
+        ids, lens, reset, params, steps, reuse = [], [], [], {}, [], {}
         for i in seqs:
             s = self.running[i]
             if s.fresh:  # the prompt (a replay feeds the generated tokens one by one)
-                rows, fed = s.prompt, 0
+                rows, fed = s.prompt[s.reuse[1]:] if s.reuse else s.prompt, 0
                 reset.append(i)
                 params[i] = s.params
+                if s.reuse:
+                    reuse[i] = s.reuse
             else:
                 rows, fed = s.generated[s.fed:s.fed + 1], s.fed + 1
             ids += rows
             lens.append(len(rows))
             steps.append(fed)
         return Step(self.pipeline.epoch, g.id, seqs, lens, steps, torch.tensor(ids),
-                    reset=reset, params=params, free=g.free, threads=threads)
+                    reset=reset, params=params, free=g.free, reuse=reuse, threads=threads)
 
     def _fail_unsendable(self, g: Group, e: Exception) -> None:
         """A step that cannot be built or encoded fails the sequences that make it so (each
@@ -493,7 +540,7 @@ class Scheduler:
                 seq.text += piece + (seq.decoder.flush() if seq.decoder else "")
             self._emit(seq, final=True)
             self.running.pop(i)
-            self._drop(seq, free=True)
+            self._drop(seq, free=not self._retain(seq))
             self._count(seq, reason)
             seq.future.set_result(Completion(
                 text=seq.text, token_ids=list(seq.generated), prompt_token_ids=seq.prompt,
@@ -530,6 +577,9 @@ class Scheduler:
 
     def _drop(self, seq: Sequence, free: bool) -> None:
         """Take seq out of its group (and free its caches with the group's next message)."""
+        if seq.reuse is not None:  # admitted, its first step unsent: the entry may go
+            self.prefix.unpin(seq.reuse[0])
+            seq.reuse = None
         if seq.group is None:
             return
         g = self.groups[seq.group]
@@ -549,6 +599,8 @@ class Scheduler:
             self._finish_error(seq, why)
         self.running.clear()
         self.waiting.clear()
+        if self.prefix is not None:  # the stages' caches are dropped, or the LLM shut down
+            self.prefix.clear()
         for g in self.groups:
             g.seqs, g.in_flight, g.free = [], None, []
         while True:
@@ -598,8 +650,10 @@ class Scheduler:
         self.push = self._connect(self.pipeline.first_address)
         for g in self.groups:
             g.in_flight, g.free = None, []
+        if self.prefix is not None:  # configuring the workers dropped every cache
+            self.prefix.clear()
         for seq in self.running.values():
-            seq.fresh = True
+            seq.fresh, seq.reuse = True, None
         for g in self.groups:  # every prompt is prefilled again: a step holds so many rows
             while self._rows(g) > MAX_STEP_ROWS:
                 seq = self.running.pop(g.seqs[-1])

@@ -8,6 +8,7 @@ fixed-size recurrent state that each step replaces (`StateCache`, RWKV).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -172,3 +173,33 @@ class Batch:
 def _cache_len(cache: SequenceCache) -> int:
     return max((c.offset for c in (*cache.layers.values(), *cache.states.values())),
                default=0)
+
+
+def copy_prefix(cache: SequenceCache, n: int) -> SequenceCache:
+    """A new SequenceCache holding the first n tokens of `cache` (the prefix cache: a new
+    sequence starts from a finished one's rows). K/V rows are copied, in the source's
+    dtype and device; the source is left as it is, for others to start from. A recurrent
+    state folds all its tokens together: it is copied only whole (n == its length). A GLM
+    prefix makes every prompt row depend on the whole prompt: such a cache is refused."""
+    held = _cache_len(cache)
+    if not 0 < n <= held:
+        raise ValueError(f"cannot start a sequence from {n} rows of a cache that holds {held}")
+    if cache.prefix is not None:
+        raise ValueError("a cache with a GLM prompt context (Prefix) cannot start another "
+                         "sequence: its rows depend on the whole prompt")
+    if cache.states and n != held:
+        raise ValueError(f"a recurrent state holds all {held} tokens folded together: a "
+                         f"sequence can start from it whole, not from its first {n}")
+    out = SequenceCache()
+    for index, src in cache.layers.items():
+        dst = out.layers[index] = copy.copy(src)  # keeps whatever else a KVCache records
+        if src.k is not None:
+            shape = (src.k.shape[0], -(-n // CHUNK) * CHUNK, src.k.shape[-1])
+            dst.k, dst.v = src.k.new_empty(shape), src.v.new_empty(shape)
+            dst.k[:, :n] = src.k[:, :n]
+            dst.v[:, :n] = src.v[:, :n]
+        dst.offset = n
+    for index, src in cache.states.items():
+        dst = out.states[index] = copy.copy(src)
+        dst.value = None if src.value is None else src.value.clone()
+    return out

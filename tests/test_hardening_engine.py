@@ -35,7 +35,8 @@ class Stage:
         pipeline = SimpleNamespace(
             epoch=0, keys=None, first_address=f"tcp://127.0.0.1:{port}",
             cache_capacity=1 << 30,
-            store=SimpleNamespace(config=SimpleNamespace(vocab_size=100,
+            store=SimpleNamespace(arch=SimpleNamespace(name="llama"),
+                                  config=SimpleNamespace(vocab_size=100,
                                                          cache_bytes_per_token=4)),
             plan=SimpleNamespace(stages=[None]), dead=lambda: [],
             stage_cores=[StageCores(0, "m", 1, 2, False)])

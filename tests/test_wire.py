@@ -127,7 +127,7 @@ def test_pinned_header_format():
                     {"hidden": torch.tensor([[1.0, -2.0]], dtype=torch.bfloat16),
                      "ids": torch.tensor([3], dtype=torch.int32)})
     assert msgpack.unpackb(frames[0]) == {
-        "v": 3,
+        "v": 4,
         "kind": "step",
         "fields": {"seq_ids": [1, 2], "positions": [5, 0]},
         "tensors": [
@@ -136,7 +136,7 @@ def test_pinned_header_format():
         ],
     }
     assert frames[0] == bytes.fromhex(
-        "84a17603a46b696e64a473746570a66669656c647382a77365715f696473"
+        "84a17604a46b696e64a473746570a66669656c647382a77365715f696473"
         "920102a9706f736974696f6e73920500a774656e736f72739283a46e616d"
         "65a668696464656ea56474797065a862666c6f61743136a5736861706592"
         "010283a46e616d65a3696473a56474797065a5696e743332a57368617065"
@@ -159,7 +159,7 @@ X = bytes(8)  # two float32 zeros
 @pytest.mark.parametrize(
     "frames, match",
     [
-        ([header(v=4), X], "wire version 4, expected 3: coordinator and worker run different "
+        ([header(v=3), X], "wire version 3, expected 4: coordinator and worker run different "
                            "llm-shard versions"),
         ([header(v="1"), X], "no wire version"),
         ([header(v=...), X], "no wire version"),
@@ -338,7 +338,8 @@ def full_step(**changes):
     """A later stage's step with every field set: 2 sequences of 2 and 1 rows."""
     kw = dict(epoch=3, mb=1, seqs=[7, 9], lens=[2, 1], steps=[0, 5],
               tokens=torch.tensor([11, 12, 13]), hidden=torch.randn(3, 8).bfloat16(),
-              reset=[7], params={7: GREEDY}, free=[4], threads={0: 2, 15: 1},
+              reset=[7], params={7: GREEDY}, free=[4], reuse={7: [3, 16]},
+              threads={0: 2, 15: 1},
               rejected={8: "cache full"}, prefixes={7: [2, 1]}, stage_ms=[1.5],
               busy_ms=[1.75])
     kw.update(changes)
@@ -360,6 +361,7 @@ def test_every_message_kind_round_trips():
     got = wire.decode(as_bytes(wire.encode(step)))
     assert isinstance(got, Step) and fields_of(got) == fields_of(step)
     assert got.params == {7: GREEDY} and got.prefixes == {7: (2, 1)}
+    assert got.reuse == {7: (3, 16)}
     assert torch.equal(got.tokens, step.tokens) and torch.equal(bits(got.hidden), bits(step.hidden))
     first = full_step(hidden=None)
     assert wire.decode(wire.encode(first)).hidden is None
@@ -370,21 +372,23 @@ def test_every_message_kind_round_trips():
 def test_pinned_step_header():
     """A typed step's header: every field by name, in its dataclass's order; a change must
     bump WIRE_VERSION and update this test."""
-    step = Step(0, 1, [5], [2], [0], torch.tensor([3, 4]), reset=[5], threads={0: 2})
+    step = Step(0, 1, [5], [2], [0], torch.tensor([3, 4]), reset=[5], reuse={5: (2, 16)},
+                threads={0: 2})
     frames = wire.encode(step)
     assert msgpack.unpackb(frames[0], strict_map_key=False) == {
-        "v": 3, "kind": "step",
+        "v": 4, "kind": "step",
         "fields": {"epoch": 0, "mb": 1, "seqs": [5], "lens": [2], "steps": [0], "reset": [5],
-                   "params": {}, "free": [], "threads": {0: 2}, "rejected": {},
+                   "params": {}, "free": [], "reuse": {5: [2, 16]}, "threads": {0: 2},
+                   "rejected": {},
                    "prefixes": {}, "stage_ms": [], "busy_ms": []},
         "tensors": [{"name": "tokens", "dtype": "int64", "shape": [2]}],
     }
     assert frames[0] == bytes.fromhex(
-        "84a17603a46b696e64a473746570a66669656c64738da565706f636800a26d6201a47365"
+        "84a17604a46b696e64a473746570a66669656c64738ea565706f636800a26d6201a47365"
         "71739105a46c656e739102a573746570739100a572657365749105a6706172616d7380a4"
-        "6672656590a774687265616473810002a872656a656374656480a8707265666978657380"
-        "a873746167655f6d7390a7627573795f6d7390a774656e736f72739183a46e616d65a674"
-        "6f6b656e73a56474797065a5696e743634a573686170659102"
+        "6672656590a572657573658105920210a774687265616473810002a872656a6563746564"
+        "80a8707265666978657380a873746167655f6d7390a7627573795f6d7390a774656e736f"
+        "72739183a46e616d65a6746f6b656e73a56474797065a5696e743634a573686170659102"
     )
     assert bytes(frames[1]) == bytes.fromhex("0300000000000000" "0400000000000000")
 
@@ -421,6 +425,11 @@ def reheader(msg, **changes):
     (full_step(), {"threads": [2]}, "threads must be a map, got list"),
     (full_step(), {"rejected": {8: ""}}, r"rejected\[8\] must be a non-empty string"),
     (full_step(), {"prefixes": {7: [2]}}, r"prefixes\[7\] must be 2 integers"),
+    (full_step(), {"reuse": {7: [3]}}, r"reuse\[7\] must be 2 integers"),
+    (full_step(), {"reuse": {9: [3, 16]}}, r"reuse\[9\] must start a sequence of `reset`"),
+    (full_step(), {"reuse": {7: [9, 16]}}, r"reuse\[7\] must start .* neither in the step"),
+    (full_step(), {"reuse": {7: [4, 16]}}, r"reuse\[7\] must start .* nor freed by it"),
+    (full_step(), {"reuse": {7: [3, 0]}}, r"reuse\[7\] must start .* at least 1 row"),
     (full_step(), {"stage_ms": [-1.0]}, r"stage_ms\[0\] must be a finite number >= 0"),
     (full_step(), {"busy_ms": [float("inf")]}, r"busy_ms\[0\] must be a finite number"),
     (full_step(), {"lens": [2, 2]}, r"tokens must be int64 of shape \(4,\)"),

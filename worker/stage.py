@@ -6,7 +6,9 @@ stages in one process and the actor (worker/actor.py) only moves bytes.
 A step carries, for each sequence in a micro-batch, its new token rows (`lens`), and
 `tokens` (the input ids, also forwarded to later stages so the last one keeps each
 sequence's history for the repetition penalty). A sequence named in `reset` starts a
-fresh cache: a new request, or one replayed after a failure. `free` drops caches.
+fresh cache: a new request, or one replayed after a failure; one also named in `reuse`
+starts from a copy of the first rows of a finished sequence's caches, which the
+coordinator kept for it (the prefix cache) until a `free` drops them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from llm_shard.cluster import wire
 from llm_shard.cluster.messages import Result, Step
 from llm_shard.cluster.types import SamplingParams, Tier, sequence_bytes
-from llm_shard.models.cache import Batch, Prefix, SequenceCache
+from llm_shard.models.cache import Batch, Prefix, SequenceCache, copy_prefix
 from llm_shard.models.checkpoint.store import Store
 from llm_shard.models.runner import StageModel
 from llm_shard.models.text.sampling import sample
@@ -82,9 +84,18 @@ class StageRunner:
         for i in seq_ids:
             self.sequences.pop(int(i), None)
 
-    def _admit(self, seqs: list[int], lens: list[int], reset: set[int]) -> dict[int, str]:
-        """Make room for this step's rows; return {seq: reason} for those rejected."""
+    def _admit(self, seqs: list[int], lens: list[int], reset: set[int],
+               reuse: dict[int, tuple[int, int]] | None = None) -> dict[int, str]:
+        """Make room for this step's rows; return {seq: reason} for those rejected.
+        `reuse`: {sequence of `reset`: (finished sequence, rows)} to start from a copy of."""
+        reuse = reuse or {}
         rejected: dict[int, str] = {}
+        for i, (source, rows) in reuse.items():
+            held = self.sequences[source].tokens if source in self.sequences else 0
+            if rows > held:
+                raise StageError(f"sequence {i} would start from {rows} rows of sequence "
+                                 f"{source}, which holds {held} on blocks [{self.start}, "
+                                 f"{self.end})")
         for i in reset:
             self.sequences.pop(i, None)
         for i in seqs:
@@ -95,7 +106,7 @@ class StageRunner:
         for i, n in zip(seqs, lens):
             held = self.sequences[i].tokens if i in self.sequences else None
             now = self._cost(held) if held is not None else 0
-            grow = self._cost((held or 0) + n) - now
+            grow = self._cost((held or reuse.get(i, (0, 0))[1]) + n) - now
             if used + grow > self.cache_budget:
                 rejected[i] = (f"{CACHE_FULL}: blocks [{self.start}, {self.end}) hold "
                                f"{used} of {self.cache_budget} cache bytes per block; "
@@ -104,7 +115,12 @@ class StageRunner:
                 used -= now
                 continue
             used += grow
-            if i not in self.sequences:
+            if i in reuse:
+                source, rows = reuse[i]
+                src = self.sequences[source]
+                self.sequences[i] = _Sequence(copy_prefix(src.cache, rows), rows,
+                                              history=src.history[:rows])
+            elif i not in self.sequences:
                 self.sequences[i] = _Sequence(SequenceCache())
         return rejected
 
@@ -120,7 +136,7 @@ class StageRunner:
         reset = set(msg.reset)
         seqs, lens, steps = list(msg.seqs), list(msg.lens), list(msg.steps)
         tokens, hidden = msg.tokens, msg.hidden
-        new_rejects = self._admit(seqs, lens, reset)
+        new_rejects = self._admit(seqs, lens, reset, msg.reuse)
         if new_rejects:  # drop the rejected sequences' rows before computing
             keep = [j for j, i in enumerate(seqs) if i not in new_rejects]
             rows = torch.cat([torch.arange(sum(lens[:j]), sum(lens[:j + 1])) for j in keep]) \
@@ -176,7 +192,7 @@ class StageRunner:
             if i in reset:
                 if i not in msg.params:
                     raise StageError(f"sequence {i} starts without sampling params")
-                s.params, s.history = msg.params[i], []
+                s.params = msg.params[i]  # its history: none, or the rows it reused
             s.history.extend(ids[offset:offset + n])
             offset += n
         return sample(logits, [self.sequences[i].params for i in seqs],

@@ -63,6 +63,16 @@ class EngineCollector:
                                 value=m["wire_seconds"])
         yield CounterMetricFamily("llm_shard_cache_waits", "Requests that waited in the "
                                   "queue for cache room", value=m["cache_waits_total"])
+        yield CounterMetricFamily("llm_shard_prefix_hits", "Requests that started from a "
+                                  "finished sequence's cached prefix",
+                                  value=m["prefix_hits_total"])
+        yield CounterMetricFamily("llm_shard_prefix_reused_tokens", "Prompt tokens taken "
+                                  "from the prefix cache instead of prefilled",
+                                  value=m["prefix_tokens_reused_total"])
+        yield CounterMetricFamily("llm_shard_prefix_evictions", "Cached prefixes freed to "
+                                  "make room", value=m["prefix_evictions_total"])
+        yield GaugeMetricFamily("llm_shard_prefix_cached_sequences", "Finished sequences "
+                                "whose caches the stages keep", value=m["prefix_cached_sequences"])
         yield from self.worker_families()
 
     def worker_families(self):
