@@ -260,7 +260,11 @@ BENCHMARKS = {
     "gpu": "The GPU tier: int8 kernels per layer against the GPU's read bandwidth, and "
            "decode of a random PanGu-α-2.6B resident on the GPU or streamed from pinned RAM "
            "(--help).",
-    "suite": "The whole suite (decode, versus transformers, load, split, throughput, swap) "
+    "scale": "Random LLaMA-7B and PanGu-α-13B int8 on 3 local workers whose RAM budgets sum "
+             "to less than the model: decode vs the disk roofline, peak RSS vs budgets, "
+             "predicted vs measured, throughput mode (--help).",
+    "suite": "The whole suite (decode, versus transformers, load, split, throughput, swap, "
+             "scale) "
              "with the machine's bandwidths: writes DIR/bench.json, bench.md and PNG plots "
              "(--help).",
 }
