@@ -120,12 +120,14 @@ def _read(llm) -> int:
     return sum(s["swap_bytes_read"] for s in llm.worker_stats(timeout=60).values())
 
 
-def _llm(store, workers: list[str], cache_tokens: int, micro_batches: int | None = None):
+def _llm(store, workers: list[str], cache_tokens: int, micro_batches: int | None = None,
+         objective: str = "latency"):
     from llm_shard import LLM
 
-    # one sequence's tokens must not change with a worker's restart: none are allowed
+    # a worker lost mid-run would replay its sequences: none may restart
     return LLM(str(store.path), workers=workers, use_all_workers=True, max_restarts=0,
-               cache_tokens=cache_tokens, micro_batches=micro_batches, step_timeout=600.0)
+               cache_tokens=cache_tokens, micro_batches=micro_batches, objective=objective,
+               step_timeout=600.0)
 
 
 def plan_rows(llm) -> list[dict]:
@@ -154,7 +156,9 @@ def decode_one(llm, ids: list[int], tokens: int) -> dict:
     long, [out] = generate(llm, [ids], 1 + tokens)
     r2 = _read(llm)
     m = llm.metrics()
-    per_token = (long - short) / tokens
+    # where noise leaves the difference not positive (tiny models), the long run's whole
+    # time per token: an upper bound
+    per_token = (long - short) / tokens if long > short else long / (1 + tokens)
     return {"tok_s": 1 / per_token, "s_per_token": per_token, "tokens": out,
             "disk_bytes_per_token": ((r2 - r1) - (r1 - r0)) / tokens,
             "stage_ms": [s * 1e3 for s in m["stage_seconds"]],
@@ -225,10 +229,13 @@ def run_model(name: str, tokens: int = 8, sequences=(8,), layers: int | None = N
     _start_ray()
     store = build(name, layers, folder, progress)
     shape, n = SHAPES[name], store.n_blocks
-    many = max(sequences)
+    many = max(sequences, default=1)
     # caches grow in whole chunks per sequence: room for one sequence, or for `many`
     per_seq = reserved_tokens(PROMPT_TOKENS + tokens + 1)
     spec = shape.worker or tight_spec(store, many * per_seq)
+    # one sequence's cache; a budget sized from the store fits the batches' caches, and
+    # its one-sequence run keeps them so that its blocks stay tight too
+    one_cache = per_seq if shape.worker else many * per_seq
     ids = prompts(many, store.config.vocab_size)
     log(f"scale {name}: cold disk read of {n} block files")
     disk_rate = swap.cold_read_bandwidth(store, runs=1)
@@ -236,29 +243,36 @@ def run_model(name: str, tokens: int = 8, sequences=(8,), layers: int | None = N
     out: dict = {"model": shape.label + ("" if layers is None else f", {n} blocks"),
                  "store": str(store.path), "model_bytes": store.nbytes,
                  "block_bytes": sum(store.part_bytes(Part("block", i)) for i in range(n)),
-                 "workers": [spec] * WORKERS, "cache_tokens": per_seq,
+                 "workers": [spec] * WORKERS, "cache_tokens": one_cache,
                  "cold_read_GBps": disk_rate / 1e9, "tokens": tokens,
                  "prompt_tokens": PROMPT_TOKENS}
     log(f"scale {name}: one sequence on {WORKERS} workers of {spec}")
-    with _llm(store, [spec] * WORKERS, per_seq) as llm:
+    with _llm(store, [spec] * WORKERS, one_cache) as llm:
         out["ram_budgets_bytes"] = budgets = sum(int(w.capacity.ram)
                                                  for w in llm.pipeline.workers)
         out["stages"] = plan_rows(llm)
         out["predicted_s_per_token"] = llm.plan_report.seconds_per_token
         out["one"] = one = decode_one(llm, ids[0], tokens)
+        for stage, ms in zip(out["stages"], one["stage_ms"]):  # measured / predicted - 1
+            stage["measured_s"] = ms / 1e3
+            stage["prediction_error"] = ms / 1e3 / stage["predicted_s"] - 1
         out["worker_rss"] = _workers(llm)
-    log(f"scale {name}: {', '.join(map(str, sequences))} sequences, a micro-batch per stage")
-    with _llm(store, [spec] * WORKERS, many * per_seq) as llm:
-        out["batch_stages"] = plan_rows(llm)
-        out["batches"] = [decode_many(llm, ids[:k], tokens) for k in sequences]
-        peaks = [_workers(llm)]
-    groups = len(out["batch_stages"])
-    out["throughput"] = [throughput_bound(b, groups) for b in out["batches"]]
-    log(f"scale {name}: {many} sequences, one micro-batch in all")
-    with _llm(store, [spec] * WORKERS, many * per_seq, micro_batches=1) as llm:
-        b = decode_many(llm, ids, tokens)
-        out["one_micro_batch"] = {**b, **throughput_bound(b, 1)}
-        peaks.append(_workers(llm))
+    out["batches"], out["throughput"], peaks = [], [], []
+    if sequences:  # the throughput mode
+        log(f"scale {name}: {', '.join(map(str, sequences))} sequences, a micro-batch per stage")
+        # the throughput mode: the planner balances the stages (its "throughput" objective)
+        with _llm(store, [spec] * WORKERS, many * per_seq, objective="throughput") as llm:
+            out["batch_stages"] = plan_rows(llm)
+            out["batches"] = [decode_many(llm, ids[:k], tokens) for k in sequences]
+            peaks = [_workers(llm)]
+        groups = len(out["batch_stages"])
+        out["throughput"] = [throughput_bound(b, groups) for b in out["batches"]]
+        log(f"scale {name}: {many} sequences, one micro-batch in all")
+        with _llm(store, [spec] * WORKERS, many * per_seq, micro_batches=1,
+                  objective="throughput") as llm:
+            b = decode_many(llm, ids, tokens)
+            out["one_micro_batch"] = {**b, **throughput_bound(b, 1)}
+            peaks.append(_workers(llm))
     for a, *others in zip(out["worker_rss"], *peaks):  # the peak over every run
         a["peak_rss"] = max([a["peak_rss"] or 0] + [b["peak_rss"] or 0 for b in others]) or None
         _within(a)
@@ -288,15 +302,17 @@ def reference_tokens(store, ids: list[list[int]], tokens: int, cache_tokens: int
         return {"ran": False, "why": f"one roomy worker needs {ram / 2**30:.1f} GiB; "
                                      f"{free / 2**30:.1f} GiB is available"}
     log(f"scale: one roomy worker of ram={ram}")
+    runs = out["batches"] + ([out["one_micro_batch"]] if "one_micro_batch" in out else [])
     with _llm(store, [f"ram={ram}"], cache_tokens) as llm:
         _, [one] = generate(llm, [ids[0]], 1 + tokens)
         many = {len(b["tokens"]): generate(llm, ids[:len(b["tokens"])], 1 + tokens)[1]
-                for b in out["batches"] + [out["one_micro_batch"]]}
+                for b in runs}
     same = {"one": one == out["one"]["tokens"]}
     for b in out["batches"]:
         same[f"batch_{b['sequences']}"] = many[b["sequences"]] == b["tokens"]
-    b = out["one_micro_batch"]
-    same[f"one_micro_batch_{b['sequences']}"] = many[b["sequences"]] == b["tokens"]
+    if "one_micro_batch" in out:
+        b = out["one_micro_batch"]
+        same[f"one_micro_batch_{b['sequences']}"] = many[b["sequences"]] == b["tokens"]
     return {"ran": True, "worker": f"ram={ram}", "same_tokens": same,
             "all_same": all(same.values())}
 
@@ -352,16 +368,19 @@ def markdown(r: dict) -> list[str]:
                          " + ".join(f"{v:.0f}" for v in b["stage_ms"]),
                          t["every_stage_busy_tok_s"], t["stages_one_at_a_time_tok_s"],
                          f"{t['of_every_stage_busy']:.0%}"])
-        b = m["one_micro_batch"]
+        b = m.get("one_micro_batch")
+        if b is None:
+            continue
         rows.append([m["model"], b["sequences"], 1, b["tok_s"],
                      " + ".join(f"{v:.0f}" for v in b["stage_ms"]),
                      b["every_stage_busy_tok_s"], b["stages_one_at_a_time_tok_s"],
                      f"{b['of_every_stage_busy']:.0%}"])
-    lines += ["Throughput mode: sequences together, a micro-batch per stage (the default) "
-              "or one in all.", ""]
-    lines += _table(["model", "sequences", "micro-batches", "tok/s", "stage ms per step",
-                     "every stage busy tok/s", "one stage at a time tok/s",
-                     "of every stage busy"], rows)
+    if rows:
+        lines += ["Throughput mode (the planner's throughput objective): sequences together, "
+                  "a micro-batch per stage (the default) or one in all.", ""]
+        lines += _table(["model", "sequences", "micro-batches", "tok/s", "stage ms per step",
+                         "every stage busy tok/s", "one stage at a time tok/s",
+                         "of every stage busy"], rows)
     for m in r["models"]:
         lines.append(f"{m['model']}: per worker peak RSS (budget "
                      f"{m['worker_rss'][0]['budget_ram'] / 2**20:.0f} MiB; baseline of an idle "
@@ -369,9 +388,11 @@ def markdown(r: dict) -> list[str]:
                          f"{(w['peak_rss'] or 0) / 2**20:.0f} MiB "
                          f"({(w['baseline_rss'] or 0) / 2**20:.0f})" for w in m["worker_rss"])
                      + "; stages " + ", ".join(
-                         f"{s['blocks']} {s['tiers']} predicted {s['predicted_s']:.2f} s"
+                         f"{s['blocks']} {s['tiers']} predicted {s['predicted_s']:.2f} s, "
+                         f"measured {s['measured_s']:.2f} s ({s['prediction_error']:+.0%})"
                          for s in m["stages"])
-                     + "; measured stage ms " + ", ".join(f"{v:.0f}" for v in m["one"]["stage_ms"])
+                     + f"; load average {m['load_average'][0]:.1f} before, "
+                       f"{m['load_average'][1]:.1f} after"
                      + (f"; vs llama.cpp memory-mapping the same weights in the same "
                         f"memory ({LLAMA_CPP_7B_MMAP_TOK_S} tok/s, measured earlier): "
                         f"{m['vs_llama_cpp_mmap']:.2f}x" if "vs_llama_cpp_mmap" in m else "")
@@ -402,7 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help=f"comma-separated, of {','.join(SHAPES)}")
     ap.add_argument("--tokens", type=int, default=8, help="decode tokens per sequence")
     ap.add_argument("--sequences", default="8",
-                    help="comma-separated sequence counts of the throughput runs (each "
+                    help="comma-separated sequence counts of the throughput runs ('': "
+                         "none, one sequence only; each "
                          "sequence's KV cache takes 256 rows per block: 16 sequences of "
                          "LLaMA-7B need 4 GiB of the budgets)")
     ap.add_argument("--layers", type=int, default=None, help="fewer blocks (a quick run)")
@@ -417,10 +439,10 @@ def main(argv: list[str] | None = None) -> dict:
     if bad:
         ap.error(f"unknown models {bad}: choose from {', '.join(SHAPES)}")
     try:
-        sequences = tuple(int(x) for x in a.sequences.split(","))
+        sequences = tuple(int(x) for x in a.sequences.split(",") if x.strip())
     except ValueError:
-        ap.error(f"--sequences {a.sequences!r}: expected counts like 8,16")
-    if a.tokens < 1 or not sequences or min(sequences) < 1:
+        ap.error(f"--sequences {a.sequences!r}: expected counts like 8,16 (or '')")
+    if a.tokens < 1 or min(sequences, default=1) < 1:
         ap.error("--tokens and --sequences must be >= 1")
     r = run(tuple(models), a.tokens, sequences, a.layers, not a.no_reference, a.dir)
     publish(r, report(r), a.json)
