@@ -60,6 +60,7 @@ class Config:
     swap_tokens: int = 3
     swap_runs: int = 3  # whole swap runs (cold bandwidth, prefetch on, off); medians
     # scale: shapes of scale.SHAPES, decode tokens, sequence counts of the throughput mode
+    # (none: one sequence only)
     scale_models: tuple[str, ...] = ("llama-7b", "pangu-13b")
     scale_tokens: int = 8
     scale_sequences: tuple[int, ...] = (8,)
@@ -74,7 +75,7 @@ def quick_config() -> Config:
     return Config(runs=1, warmup=1, tokens=4, prompt_tokens=8, pangu_layers=3, load_runs=1,
                   split_tokens=4, split_runs=1, requests=16, throughput_tokens=4, swap_layers=3,
                   swap_tokens=2, swap_runs=1, scale_models=("tiny",), scale_tokens=2,
-                  scale_sequences=(2,), bandwidth_bytes=128 << 20, quick=True)
+                  scale_sequences=(), bandwidth_bytes=128 << 20, quick=True)
 
 
 @dataclass

@@ -38,6 +38,11 @@ SWAP = {"model", "store", "blocks", "block_bytes", "stage_ram_budget_bytes",
         "prefetch_speedup", "tokens", "threads", "runs", "suite_seconds"}
 
 
+# the quick run of every suite starts a dozen Ray pipelines: on a loaded 2-core host it
+# takes longer than pytest's default timeout (pyproject.toml)
+pytestmark = pytest.mark.timeout(1500)
+
+
 def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
