@@ -289,6 +289,10 @@ def plots(r: dict, out: Path) -> list[str]:
                                                                      "prefetch off"],
              {"of bandwidth": [w["prefetch_on"]["of_bandwidth"],
                                w["prefetch_off"]["of_bandwidth"]]}, "disk / bandwidth")
+    if "scale" in s:
+        from llm_shard.benchmarks import scale
+
+        scale.plot(s["scale"], bars)
     return written
 
 

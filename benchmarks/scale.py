@@ -419,9 +419,11 @@ def markdown(r: dict) -> list[str]:
 def plot(r: dict, bars) -> None:
     """The suite's scale.png through report.plots' `bars`."""
     ms = r["models"]
-    bars("scale", "models over their workers' RAM: share of the disk roofline",
-         [m["model"] for m in ms], {"of disk roofline": [m["of_disk_roofline"] for m in ms]},
-         "decode / disk roofline")
+    bars("scale", "models over their workers' RAM: one sequence's decode",
+         [m["model"] for m in ms],
+         {"decode": [m["one"]["tok_s"] for m in ms],
+          "disk roofline": [m["disk_roofline_tok_s"] for m in ms],
+          "predicted": [1 / m["predicted_s_per_token"] for m in ms]}, "tok/s")
 
 
 def suite_scale(ctx: Context) -> dict:
