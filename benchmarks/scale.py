@@ -3,11 +3,12 @@ shapes (built here once, no download), served by 3 local Ray workers whose RAM b
 sum to less than the model (7B on 3 x 1.5 GiB, 13B on 3 x 3 GiB), the rest of the blocks
 streamed from each worker's disk tier. Also the suite's `scale`.
 
-Per model it prints: decode tok/s of one sequence, and of 8 (and more) sequences together
-with one micro-batch per stage and with one micro-batch in all (the throughput mode);
-the disk bytes every decode token reads (the workers' own counters) and the share of the
-disk roofline (those bytes / the cold read rate of the same block files, measured in the
-same run); each worker's peak RSS (VmHWM) against its budget; the planner's predicted
+Per model it prints: decode tok/s of one sequence, and of 8 (or more) sequences together
+with one micro-batch per stage and with one micro-batch in all (the throughput mode, the
+planner's throughput objective); the disk bytes every decode pass reads (the files of the
+plan's disk blocks; the workers' own counters check it) and the share of the disk roofline
+(the cold read rate of the same block files, measured before and after the run, over
+those bytes); each worker's peak RSS (VmHWM) against its budget; the planner's predicted
 seconds per token and per stage against the measured ones; and whether the greedy tokens
 of every sequence are those of one worker with RAM to spare.
 
@@ -17,7 +18,7 @@ before the workers start, and the workers read disk blocks with read() and drop 
 file's pages after reading it (worker/tiers.py read_file), so every decode pass reads its
 disk blocks from the device. The cold read rate is the same code reading the same files.
 
-    llm-shard bench scale [--models llama-7b,pangu-13b] [--tokens N] [--sequences 8,16]
+    llm-shard bench scale [--models llama-7b,pangu-13b,tiny] [--tokens N] [--sequences 8,16]
                           [--layers N] [--no-reference] [--dir PATH] [--json PATH|-]
 """
 
@@ -38,8 +39,8 @@ if TYPE_CHECKING:
 
 WORKERS = 3
 PROMPT_TOKENS = 16
-# llama.cpp (llama-cpp-python) memory-mapping the random 7B Q8_0 weights in a 4.5 GiB
-# cgroup on this kind of machine, one sequence (../shared/TOOLS.md); not measured here
+# llama.cpp (llama-cpp-python) memory-mapping a random 7B Q8_0 GGUF in a 4.5 GiB cgroup on
+# this kind of machine, one sequence: measured once by hand, not by this bench
 LLAMA_CPP_7B_MMAP_TOK_S = 0.35
 
 
@@ -67,7 +68,7 @@ SHAPES = {
     "pangu-13b": Shape("random PanGu-α-13B int8", "pangu-alpha", "ram=3GiB,disk=20GiB",
                        {"hidden_size": 5120, "num_layers": 40, "num_heads": 40}),
     # the harness check (--quick, tests): small enough to build in seconds, budgets sized
-    # from the store so that it, too, does not fit in them
+    # from the store so that about half its blocks stream from disk (tight_spec)
     "tiny": Shape("random LLaMA (tiny) int8", "llama", "",
                   {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 704,
                    "num_hidden_layers": 24, "num_attention_heads": 4}),
@@ -117,7 +118,12 @@ def generate(llm, ids: list[list[int]], tokens: int) -> tuple[float, list[list[i
 
 
 def _read(llm) -> int:
-    return sum(s["swap_bytes_read"] for s in llm.worker_stats(timeout=60).values())
+    """Disk-block bytes every worker has read so far (worker/actor.py stats)."""
+    stats = llm.worker_stats(timeout=60)
+    if len(stats) != len(llm.pipeline.workers):
+        raise RuntimeError(f"only {len(stats)} of {len(llm.pipeline.workers)} workers "
+                           "answered for their disk counters")
+    return sum(s["swap_bytes_read"] for s in stats.values())
 
 
 def _llm(store, workers: list[str], cache_tokens: int, micro_batches: int | None = None,
