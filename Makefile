@@ -64,6 +64,9 @@ demo: $(VENV)/.serve
 
 # bench: the whole suite into benchmarks/results/ (bench.json, bench.md, PNGs); the README
 # links to bench.md. A quick check of the harness: make bench BENCH_ARGS=--quick BENCH_OUT=bench
+# Its scale suite builds random LLaMA-7B and PanGu-α-13B int8 stores once under
+# $LLM_SHARD_HOME (~21 GB of disk) and runs them on 3 local workers; without it:
+# make bench BENCH_ARGS="--suites decode,versus,load,split,throughput,swap"
 BENCH_OUT ?= benchmarks/results
 bench: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[bench]"

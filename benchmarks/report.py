@@ -154,9 +154,15 @@ def _swap_md(w: dict) -> list[str]:
                             f"{w[f'prefetch_{k}']['of_bandwidth']:.0%}"] for k in ("on", "off")])
 
 
+def _scale_md(sc: dict) -> list[str]:
+    from llm_shard.benchmarks import scale
+
+    return scale.markdown(sc)
+
+
 # bench.md's sections, in the suites' order
 SECTIONS = {"decode": _decode_md, "versus": _versus_md, "load": _load_md, "split": _split_md,
-            "throughput": _throughput_md, "swap": _swap_md}
+            "throughput": _throughput_md, "swap": _swap_md, "scale": _scale_md}
 
 
 def targets(r: dict) -> list[list]:
@@ -283,6 +289,10 @@ def plots(r: dict, out: Path) -> list[str]:
                                                                      "prefetch off"],
              {"of bandwidth": [w["prefetch_on"]["of_bandwidth"],
                                w["prefetch_off"]["of_bandwidth"]]}, "disk / bandwidth")
+    if "scale" in s:
+        from llm_shard.benchmarks import scale
+
+        scale.plot(s["scale"], bars)
     return written
 
 

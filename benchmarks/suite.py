@@ -11,9 +11,12 @@ figure is the median of several runs after a warm-up.
 - load (load.py): cold start to the first token, against transformers `from_pretrained`;
 - split, throughput (pipeline.py): decode over 1, 2 and 3 local Ray workers and the cost
   of a hop; 64 requests of mixed lengths over 2 workers, micro-batches off and on;
-- swap (swap.py): every block of the random PanGu-α streamed from the disk tier.
+- swap (swap.py): every block of the random PanGu-α streamed from the disk tier;
+- scale (scale.py): random LLaMA-7B and PanGu-α-13B on 3 local workers whose RAM budgets
+  sum to less than the model: decode against the disk roofline, peak RSS against the
+  budgets, predicted against measured, throughput mode (quick: a tiny random LLaMA).
 
-    llm-shard bench suite [--suites decode,versus,load,split,throughput,swap] [--quick]
+    llm-shard bench suite [--suites decode,versus,load,split,throughput,swap,scale] [--quick]
                           [--out DIR] [--runs N] [--threads N]
 """
 
@@ -28,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-from llm_shard.benchmarks import decode, load, pipeline, report, swap, versus
+from llm_shard.benchmarks import decode, load, pipeline, report, scale, swap, versus
 
 RUNNERS = {"decode": decode.suite_decode, "versus": versus.suite_versus,
            "load": load.suite_load, "split": pipeline.suite_split,
-           "throughput": pipeline.suite_throughput, "swap": swap.suite_swap}
+           "throughput": pipeline.suite_throughput, "swap": swap.suite_swap,
+           "scale": scale.suite_scale}
 SUITES = tuple(RUNNERS)
 
 
@@ -55,6 +59,12 @@ class Config:
     swap_layers: int | None = None
     swap_tokens: int = 3
     swap_runs: int = 3  # whole swap runs (cold bandwidth, prefetch on, off); medians
+    # scale: shapes of scale.SHAPES, decode tokens, sequence counts of the throughput mode
+    # (none: one sequence only)
+    scale_models: tuple[str, ...] = ("llama-7b", "pangu-13b")
+    scale_tokens: int = 8
+    scale_sequences: tuple[int, ...] = (8,)
+    scale_layers: int | None = None
     bandwidth_bytes: int = 512 << 20
     threads: int | None = None  # torch threads of the in-process suites (None: torch's)
     quick: bool = False
@@ -64,7 +74,8 @@ def quick_config() -> Config:
     """Tiny counts: checks that the harness works; its figures mean little."""
     return Config(runs=1, warmup=1, tokens=4, prompt_tokens=8, pangu_layers=3, load_runs=1,
                   split_tokens=4, split_runs=1, requests=16, throughput_tokens=4, swap_layers=3,
-                  swap_tokens=2, swap_runs=1, bandwidth_bytes=128 << 20, quick=True)
+                  swap_tokens=2, swap_runs=1, scale_models=("tiny",), scale_tokens=2,
+                  scale_sequences=(), bandwidth_bytes=128 << 20, quick=True)
 
 
 @dataclass

@@ -263,7 +263,11 @@ BENCHMARKS = {
     "prefix": "Time to first token of each turn of a 10-turn chat with the prefix cache "
               "and without, over 2 local workers; the 10th turn's over the first's "
               "(--help).",
-    "suite": "The whole suite (decode, versus transformers, load, split, throughput, swap) "
+    "scale": "Random LLaMA-7B and PanGu-α-13B int8 on 3 local workers whose RAM budgets sum "
+             "to less than the model: decode vs the disk roofline, peak RSS vs budgets, "
+             "predicted vs measured, throughput mode (--help).",
+    "suite": "The whole suite (decode, versus transformers, load, split, throughput, swap, "
+             "scale) "
              "with the machine's bandwidths: writes DIR/bench.json, bench.md and PNG plots "
              "(--help).",
 }

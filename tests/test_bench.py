@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from click.testing import CliRunner
 
 from llm_shard.benchmarks import kernels, suite, turns, versus
 from llm_shard.benchmarks import report as bench_report
+from llm_shard.cluster import transfer
 from llm_shard.coordinator.cli import cli
 
 MACHINE = {"memory_GBps", "memory_GBps_after", "disk_read_GBps", "disk_read_of", "page_cache",
@@ -35,6 +38,11 @@ SWAP = {"model", "store", "blocks", "block_bytes", "stage_ram_budget_bytes",
         "prefetch_speedup", "tokens", "threads", "runs", "suite_seconds"}
 
 
+# the quick run of every suite starts a dozen Ray pipelines: on a loaded 2-core host it
+# takes longer than pytest's default timeout (pyproject.toml)
+pytestmark = pytest.mark.timeout(1500)
+
+
 def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
@@ -50,17 +58,40 @@ def quick_run(ray_cluster, smollm2_stores, tmp_path_factory, request):
     if versus.transformers_available():  # the peer's fp32 folder, made once a session
         (home / "smollm2-135m-hf-fp32").symlink_to(request.getfixturevalue("smollm2_hf_folder"))
     out = tmp_path_factory.mktemp("bench")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLM_SHARD_HOME", str(home))
-        # --threads 1: on a shared CI machine, more threads than free cores crawl
-        done = CliRunner().invoke(cli, ["bench", "suite", "--quick", "--threads", "1",
-                                        "--out", str(out), "--pangu-dir", str(out / "pangu")])
+    # This session's Ray workers keep stores under their own $LLM_SHARD_HOME (the one the
+    # session started with), not this test's: each fetches a copy of every store it loads
+    # (cluster/transfer.py). The copies this run makes are removed after it.
+    theirs = worker_home()
+    stores = [smollm2_stores["int8"].path, smollm2_stores["fp32"].path, out / "pangu",
+              *(home / name for name in ("smollm2-135m", "smollm2-135m-fp32",
+                                         "bench-scale-tiny"))]
+    copies = {transfer.local_store_path(p, home, theirs) for p in stores} - {*stores}
+    copies = {p for p in copies if not p.exists()}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LLM_SHARD_HOME", str(home))
+            # --threads 1: on a shared CI machine, more threads than free cores crawl
+            done = CliRunner().invoke(cli, ["bench", "suite", "--quick", "--threads", "1",
+                                            "--out", str(out), "--pangu-dir",
+                                            str(out / "pangu")])
+    finally:
+        for p in copies:
+            shutil.rmtree(p, ignore_errors=True)
     if done.exception is not None and not isinstance(done.exception, SystemExit):
         raise done.exception
     assert done.exit_code == 0, done.output
     r = json.loads((out / "bench.json").read_text())
     print({k: round(v["suite_seconds"], 1) for k, v in r["suites"].items()})
     return r, out, done.output
+
+
+def worker_home() -> Path:
+    """$LLM_SHARD_HOME (or its default) of this session's Ray workers."""
+    import ray
+
+    from llm_shard.models.checkpoint.catalog import home
+
+    return Path(ray.get(ray.remote(lambda: str(home())).remote()))
 
 
 @pytest.mark.slow
@@ -138,6 +169,10 @@ def test_every_suite_runs_and_its_json_has_every_field(quick_run):
     for k in ("prefetch_on", "prefetch_off"):
         assert set(s["swap"][k]) == {"tok_s", "disk_GBps", "of_bandwidth"}
 
+    [tiny] = s["scale"]["models"]  # --quick: the tiny random LLaMA (test_bench_scale.py)
+    assert tiny["model"] == "random LLaMA (tiny) int8" and positive(tiny["one"]["tok_s"])
+    assert positive(tiny["of_disk_roofline"]) and tiny["reference"]["all_same"]
+
     # it printed the tables and the files it wrote
     assert bench_report.markdown(r) in printed
     assert f"wrote {out / 'bench.json'}, {out / 'bench.md'}" in printed
@@ -148,7 +183,7 @@ def test_markdown_has_a_table_per_suite(quick_run):
     r, out, _ = quick_run
     md = (out / "bench.md").read_text()
     for title in ("Targets", "Decode and prefill", "Versus transformers", "Cold start",
-                  "Split over", "Throughput", "Swap"):
+                  "Split over", "Throughput", "Swap", "Scale"):
         assert f"### {title}" in md
     assert "GB/s" in md and "| --- |" in md
     m = r["machine"]  # which CPU and int8 kernel the figures are of
