@@ -21,6 +21,7 @@ Ray starts it as `ray.remote(Worker)` so the dashboard and `ray list actors` say
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -47,11 +48,21 @@ from .tiers import Streamer, read_file
 
 log = logging.getLogger("llm_shard.worker")
 
-# A worker's fixed memory overhead, beyond its RAM budget: Python, torch, Ray, ZeroMQ and
-# the model code of an idle worker. Measured on start (info()["baseline_rss"]): ~360 MiB
-# with torch 2.13 CPU and Ray 2.60. Its peak RSS stays within budget + this baseline.
+# A bound on a worker's runtime: Python, torch, Ray, ZeroMQ and the model code of an idle
+# worker (a test pins it). Each worker measures its own (info()["overhead"]), which its RAM
+# budget pays first (docs/budgets.md): ~290 MiB at start, ~400 after its first compute,
+# with torch 2.13 CPU and Ray 2.60.
 WORKER_OVERHEAD = 512 * 2**20
 _POLL_MS = 100
+CALIBRATE_SECONDS = 0.3  # timing one block: at least this long (and `repeats` calls)
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so RSS shows what is in use."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def rss_bytes() -> int:
@@ -143,6 +154,7 @@ class Worker:
         with on_meta():  # import and initialise the model code: no weights
             self.store.arch.build(self.store.config, Part("embed"))
         self.baseline_rss = rss_bytes()  # Python, torch, Ray, ZeroMQ, model code: no weights
+        self.overhead = self.baseline_rss  # and once calibrated, what computing added
 
     # -- store transfer (cluster/transfer.py) ----------------------------------------
     def _fetch(self, parts: list[Part]) -> None:
@@ -208,7 +220,8 @@ class Worker:
 
         return {"address": self._address, "pid": os.getpid(), "threads": self.threads,
                 "cpus": self.cpus, "machine_cpus": len(self.allowed),
-                "baseline_rss": self.baseline_rss, "omp_env": self.omp_env,
+                "baseline_rss": self.baseline_rss, "overhead": self.overhead,
+                "omp_env": self.omp_env,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def calibrate(self, repeats: int = 5, stream: bool = False) -> dict[str, float]:
@@ -220,7 +233,16 @@ class Worker:
         RAM to the GPU and run there, as such a worker runs its RAM and disk blocks."""
         part = Part("block", 0)
         self._fetch([part])  # store transfer
-        return self._on_loop(self._calibrate, part, repeats, stream)
+        speeds = self._on_loop(self._calibrate, part, repeats, stream)
+        self.overhead = self._on_loop(self._settled_rss)
+        return speeds
+
+    def _settled_rss(self) -> int:
+        """The resident set once calibration's tensors are freed: the runtime with its
+        compute libraries and thread pools warm (the budget's overhead)."""
+        gc.collect()
+        _malloc_trim()
+        return max(self.baseline_rss, rss_bytes())
 
     def _calibrate(self, part: Part, repeats: int, stream: bool) -> dict[str, float]:
         size = self.store.part_bytes(part)
@@ -251,16 +273,23 @@ class Worker:
         def one_token():  # a fresh one-token sequence (a GLM prefix for ChatGLM's blocks)
             return Batch.of([1], [SequenceCache()], prefixes=[Prefix(1, 0)])
 
-        with torch.inference_mode():
-            decode.run_block(block, x, one_token())  # warm up: first touch, kernel choice
-            if device != "cpu":
-                torch.cuda.synchronize()
+        def timed() -> float:
             t0 = time.perf_counter()
-            for _ in range(repeats):
-                decode.run_block(block, x, one_token())
+            decode.run_block(block, x, one_token())
             if device != "cpu":
                 torch.cuda.synchronize()
-        return max((time.perf_counter() - t0) / repeats, 1e-9)
+            return time.perf_counter() - t0
+
+        with torch.inference_mode():
+            for _ in range(3):  # warm up: first touch, kernel choice, thread pools
+                timed()
+            # the median of at least `repeats` calls and CALIBRATE_SECONDS: the first calls
+            # and a busy machine's outliers would make every estimate pessimistic
+            times, t_end = [], time.perf_counter() + CALIBRATE_SECONDS
+            while len(times) < repeats or (time.perf_counter() < t_end and len(times) < 1000):
+                times.append(timed())
+        times.sort()
+        return max(times[len(times) // 2], 1e-9)
 
     def configure(self, epoch: int, start: int | None = None, end: int | None = None, *,
                   tiers: list[str] | None = None, cache_budget: int = 0,
