@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import glob
 import logging
 import os
 import queue
@@ -55,6 +56,20 @@ log = logging.getLogger("llm_shard.worker")
 WORKER_OVERHEAD = 512 * 2**20
 _POLL_MS = 100
 CALIBRATE_SECONDS = 0.3  # timing one block: at least this long (and `repeats` calls)
+
+
+def _cache_bytes() -> int:
+    """Twice the largest CPU cache this machine reports (32 MiB where it reports none)."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG") or 0) * scale)
+    return 2 * max(sizes, default=16 * 2**20)
 
 
 def _malloc_trim() -> None:
@@ -226,8 +241,10 @@ class Worker:
 
     def calibrate(self, repeats: int = 5, stream: bool = False) -> dict[str, float]:
         """Bytes of weights per second, per tier this worker can use: "ram" from one real
-        block of the model run one token at a time (what decoding does); "disk" no faster
-        than a cold read of that block's file (prefetch overlaps reading and computing);
+        block of the model run one token at a time (what decoding does), its weights out of
+        the CPU caches; "disk" that block streamed through a staging buffer as a disk block
+        runs (prefetch overlaps reading and computing), no faster than a cold read of its
+        file;
         "gpu" the same block on the GPU, where there is one. With `stream` (a GPU budget:
         the planner's streams_to_gpu) on a GPU, "ram" is that block streamed from pinned
         RAM to the GPU and run there, as such a worker runs its RAM and disk blocks."""
@@ -264,16 +281,37 @@ class Worker:
         buf = torch.empty(os.path.getsize(path), dtype=torch.uint8)
         t0 = time.perf_counter()
         read_file(path, buf)
-        speeds["disk"] = min(speeds["ram"], size / max(time.perf_counter() - t0, 1e-9))
+        cold = time.perf_counter() - t0
+        del buf
+        # a disk block as decode runs it: read into a staging buffer while the previous
+        # one computes, with the streaming kernel (no packed copy); no faster than a cold
+        # read of its file (the page cache may hold it here, not on a node short of RAM)
+        streamed = cold
+        if not stream:
+            streamer = Streamer.from_store(self.store, [part.index], self.dtype)
+            try:
+                streamed = self._time_block(
+                    lambda x, batch: streamer.run(part.index, x, batch), repeats)
+            finally:
+                streamer.close()
+        speeds["disk"] = min(speeds["ram"], size / max(cold, streamed, 1e-9))
         return speeds
 
     def _time_block(self, block, repeats: int, device: str = "cpu") -> float:
+        """Seconds of one decode step of `block` as a decode streams it: with its weights
+        out of the CPU caches (a block is read once per token, and a model's blocks
+        together outgrow the caches), the median of at least `repeats` calls and
+        CALIBRATE_SECONDS. One block timed over and over from a warm cache would read
+        several times faster than decoding does."""
         x = torch.randn(1, self.store.config.hidden_size, dtype=self.dtype, device=device)
+        evict = torch.ones(_cache_bytes() // 4) if device == "cpu" else None
 
         def one_token():  # a fresh one-token sequence (a GLM prefix for ChatGLM's blocks)
             return Batch.of([1], [SequenceCache()], prefixes=[Prefix(1, 0)])
 
         def timed() -> float:
+            if evict is not None:
+                evict.add_(1.0)  # touches 2x the last-level cache: the block is out of it
             t0 = time.perf_counter()
             decode.run_block(block, x, one_token())
             if device != "cpu":
@@ -283,8 +321,6 @@ class Worker:
         with torch.inference_mode():
             for _ in range(3):  # warm up: first touch, kernel choice, thread pools
                 timed()
-            # the median of at least `repeats` calls and CALIBRATE_SECONDS: the first calls
-            # and a busy machine's outliers would make every estimate pessimistic
             times, t_end = [], time.perf_counter() + CALIBRATE_SECONDS
             while len(times) < repeats or (time.perf_counter() < t_end and len(times) < 1000):
                 times.append(timed())
