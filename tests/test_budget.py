@@ -238,3 +238,38 @@ def test_plan_command_shows_the_runtime_and_counts_the_tie_once(smollm2_stores, 
     measured = run(cli, ["plan", "smollm2-135m", "--worker", "ram=2GiB"], env=env)
     assert measured.exit_code == 0, measured.output
     assert "measured here" in measured.output
+
+
+# ---------------------------------------------------------------- wrap: the same contract
+
+
+def test_wrap_pays_the_runtime_first():
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from llm_shard.worker.wrap import WrapError, runtime_bytes, wrap
+
+    def tiny():
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(
+            vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=12,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    model = tiny()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    runtime = runtime_bytes(model)
+    # the model's tensors are not the runtime: it is this process less them
+    from llm_shard.cluster.resources import rss_bytes
+    assert 0 < runtime <= rss_bytes() - weights + 4 * 2**20
+    # a given overhead comes out of ram: the same budget holds fewer blocks in RAM
+    ram = 600_000
+    alone = wrap(tiny(), ram=ram, disk="1GiB").model.layers.tiers
+    paid = wrap(tiny(), ram=ram + 100_000, overhead=100_000, disk="1GiB").model.layers.tiers
+    assert paid == alone and alone.count(DISK) > 0
+    with pytest.raises(WrapError, match="this process's runtime takes .* before the model"):
+        wrap(tiny(), ram="1MiB", overhead="measure")
+    # measured: the whole process within ram, the model in what the runtime leaves
+    model = tiny()
+    model = wrap(model, ram=runtime_bytes(model) + 8 * 2**20, overhead="measure")
+    assert set(model.model.layers.tiers) == {RAM}

@@ -175,9 +175,9 @@ def test_infeasible_when_only_buffers_are_short():
     with pytest.raises(PlanError) as e:
         plan(model, [worker("ram=150MiB,disk=1GiB", {DISK: 1e9})])
     msg = str(e.value)
-    assert "reach only block 0 of 4" in msg
-    assert ("block 0 with its KV cache and buffers does not fit: short of 50.00 MiB (ram "
-            "150.00 MiB for block 0 with its KV cache and buffers 200.00 MiB)") in msg
+    # one worker: the parts of its RAM, the one that does not fit and by how much
+    assert ("worker 0 (gpu 0 B, ram 150.00 MiB, disk 1.00 GiB): 4 blocks (0 B of them beyond "
+            "disk 1.00 GiB, and staging buffers) does not fit: short of 50.00 MiB") in msg
 
 
 def test_bad_arguments():
