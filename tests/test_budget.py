@@ -10,7 +10,13 @@ from click.testing import CliRunner
 from llm_shard.cluster.types import CACHE_CHUNK, Capacity, MiB, Tier
 from llm_shard.coordinator import planner
 from llm_shard.coordinator.cli import cli
-from llm_shard.coordinator.costs import cache_bytes_per_token, head_read_bytes, model_cost
+from llm_shard.coordinator.costs import (
+    cache_bytes_per_token,
+    head_read_bytes,
+    head_screen_bytes,
+    model_cost,
+    shared_bytes,
+)
 from llm_shard.coordinator.planner import (
     MIN_CACHE_TOKENS,
     ModelCost,
@@ -205,12 +211,19 @@ def test_model_cost_of_smollm2_asks_the_store(smollm2_stores):
     store = smollm2_stores["int8"]
     cost = model_cost(store, None)
     embed, head = store.part_bytes(Part("embed")), store.part_bytes(Part("head"))
-    assert cost.embed_bytes == embed and cost.head_bytes == head
-    assert cost.tied_bytes == min(embed, head)  # tie_word_embeddings: one matrix
     cfg = store.config
     # the float head is read through its int8 screen: a byte per weight and a scale per row
-    assert cost.head_read == head_read_bytes(store)
-    assert cfg.vocab_size * cfg.hidden_size <= cost.head_read < head // 3
+    screen = cfg.vocab_size * (cfg.hidden_size + 4)
+    assert head_screen_bytes(store) == screen
+    assert cost.embed_bytes == embed and cost.head_bytes == head + screen
+    # tied (tie_word_embeddings), but a version 1 store writes the matrix into both files
+    # and a worker maps both: nothing is held once; version 2 keeps one table
+    assert cfg.tie_word_embeddings
+    assert cost.tied_bytes == shared_bytes(store) == (
+        store.tied_bytes() if store.manifest["version"] >= 2 else 0)
+    assert cost.head_read == head_read_bytes(store) == head - 4 * cfg.vocab_size * \
+        cfg.hidden_size + screen
+    assert head_screen_bytes(smollm2_stores["fp32"]) == 0
     assert cost.cache_bytes_per_token == (cfg.cache_bytes_per_token,) * store.n_blocks
     assert cache_bytes_per_token(store) == cfg.cache_bytes_per_token
     assert cost.cache_tokens is None
@@ -224,17 +237,17 @@ def test_plan_command_shows_the_runtime_and_counts_the_tie_once(smollm2_stores, 
     os.symlink(smollm2_stores["int8"].path, home / "smollm2-135m")
     env = {"LLM_SHARD_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     run = CliRunner().invoke
-    ok = run(cli, ["plan", "smollm2-135m", "--worker", "ram=300MiB,disk=4GiB",
+    ok = run(cli, ["plan", "smollm2-135m", "--worker", "ram=400MiB,disk=4GiB",
                    "--overhead", "100MiB"], env=env)
     assert ok.exit_code == 0, ok.output
     lines = ok.output.splitlines()
     assert "runtime 100.00 MiB per worker, as given (--overhead)" in lines[0]
     assert lines[1].split()[3] == "runtime" and "100.00 MiB" in lines[2]
-    assert "(tied: one matrix)" in ok.output and "sized from the memory left" in ok.output
+    assert "sized from the memory left" in ok.output
     short = run(cli, ["plan", "smollm2-135m", "--worker", "ram=300MiB,disk=4GiB",
                       "--overhead", "280MiB"], env=env)
     assert short.exit_code == 1
-    assert "the embedding does not fit" in short.stderr
+    assert "the embedding does not fit: short of" in short.stderr
     measured = run(cli, ["plan", "smollm2-135m", "--worker", "ram=2GiB"], env=env)
     assert measured.exit_code == 0, measured.output
     assert "measured here" in measured.output
