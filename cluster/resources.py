@@ -22,7 +22,7 @@ __all__ = [
     "RESOURCE_NAMES", "MAX_QUANTITY", "RAM_HEADROOM_MIN", "RAM_HEADROOM_FRACTION",
     "DISK_HEADROOM", "GPU_HEADROOM", "ram_budget", "disk_budget", "gpu_budget",
     "detect_ram", "detect_disk", "detect_gpu_mem", "store_dir", "to_ray_resources",
-    "budgets_from_ray_nodes", "node_resources", "rss_bytes", "measure_runtime",
+    "budgets_from_ray_nodes", "node_resources", "rss_bytes",
 ]
 
 # Capacity field → Ray custom resource name.
@@ -61,25 +61,6 @@ def rss_bytes() -> int:
     """This process's resident set now (VmRSS: private and file-backed pages), from /proc."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure_runtime(store=None) -> Memory:
-    """This process's resident set once it imported what a worker imports (torch, ZeroMQ,
-    Ray, the worker and, given a store, its model code built on the meta device): the
-    runtime a worker's RAM budget pays before any weight, less Ray's core worker, which
-    only a Ray worker process has (it measures its own: worker/actor.py)."""
-    import ray  # noqa: F401
-    import torch  # noqa: F401
-    import zmq  # noqa: F401
-
-    import llm_shard.worker.actor  # noqa: F401
-
-    if store is not None:
-        from llm_shard.models.base import Part, on_meta
-
-        with on_meta():
-            store.arch.build(store.config, Part("embed"))
-    return Memory(rss_bytes())
 
 
 def store_dir() -> Path:

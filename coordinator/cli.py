@@ -205,17 +205,17 @@ NOMINAL_SPEED = {"gpu": 200e9, "ram": 20e9, "disk": 1.5e9}
 def _overhead(value: str | None, store) -> tuple[int, str]:
     """(bytes, how it was found) of each worker's runtime for `plan`: SIZE as given, or
     measured in this process once it imported what a worker imports."""
-    from llm_shard.cluster.resources import measure_runtime
     from llm_shard.cluster.types import Memory
+    from llm_shard.coordinator.costs import measure_runtime
 
     if value is not None:
         try:
             return Memory.parse(value), "as given (--overhead)"
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--overhead") from None
-    return measure_runtime(store), ("measured here (Python, torch, ZeroMQ, Ray's client and "
-                                    "the model code); serve measures each worker's own, "
-                                    "Ray's core worker included")
+    how = ("measured here (Python, torch, ZeroMQ, Ray's client and the model code); serve "
+           "measures each worker's own, Ray's core worker included")
+    return Memory(measure_runtime(store)), how
 
 
 @cli.command()

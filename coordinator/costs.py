@@ -13,14 +13,15 @@ in whatever dtype the cache is kept), plus a recurrent model's state per CACHE_C
 
 from __future__ import annotations
 
+from llm_shard.cluster.resources import rss_bytes
 from llm_shard.cluster.types import CACHE_CHUNK, block_cache_budget
 from llm_shard.models.base import Part
 from llm_shard.models.checkpoint.store import Store
 
 from .planner import ModelCost
 
-__all__ = ["cache_bytes_per_token", "head_read_bytes", "head_screen_bytes", "model_cost",
-           "shared_bytes"]
+__all__ = ["cache_bytes_per_token", "head_read_bytes", "head_screen_bytes", "measure_runtime",
+           "model_cost", "shared_bytes"]
 
 
 def shared_bytes(store: Store) -> int:
@@ -58,6 +59,23 @@ def cache_bytes_per_token(store: Store) -> int:
     """KV-cache bytes per token per block (a recurrent model's state spread over the
     CACHE_CHUNK tokens each sequence's state stands for), rounded up."""
     return -(-block_cache_budget(store.config, CACHE_CHUNK) // CACHE_CHUNK)
+
+
+def measure_runtime(store: Store | None = None) -> int:
+    """This process's resident set once it imported what a worker computes with (torch,
+    ZeroMQ, Ray, the decode kernels and, given a store, its model code built on the meta
+    device): the runtime a worker's RAM budget pays before any weight, less Ray's core
+    worker, which only a Ray worker process has (each measures its own: worker/actor.py)."""
+    import ray  # noqa: F401
+    import zmq  # noqa: F401
+
+    import llm_shard.models.kernels.decode  # noqa: F401
+    from llm_shard.models.base import on_meta
+
+    if store is not None:
+        with on_meta():
+            store.arch.build(store.config, Part("embed"))
+    return rss_bytes()
 
 
 def model_cost(store: Store, cache_tokens: int | None) -> ModelCost:
