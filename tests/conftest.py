@@ -330,8 +330,9 @@ def ray_cluster():
         cluster.shutdown()
 
 
-# Spread between workers' measured runtimes (a few MiB here) with room to spare.
-RUNTIME_MARGIN = 32 * 2**20
+# Spread between workers' measured runtimes (up to 8 MiB here between runs) with room to
+# spare; a test that pins tiers allows for this much more room (4 SmolLM2 blocks).
+RUNTIME_MARGIN = 16 * 2**20
 
 
 @pytest.fixture(scope="session")
