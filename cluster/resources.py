@@ -22,7 +22,7 @@ __all__ = [
     "RESOURCE_NAMES", "MAX_QUANTITY", "RAM_HEADROOM_MIN", "RAM_HEADROOM_FRACTION",
     "DISK_HEADROOM", "GPU_HEADROOM", "ram_budget", "disk_budget", "gpu_budget",
     "detect_ram", "detect_disk", "detect_gpu_mem", "store_dir", "to_ray_resources",
-    "budgets_from_ray_nodes", "node_resources",
+    "budgets_from_ray_nodes", "node_resources", "rss_bytes",
 ]
 
 # Capacity field → Ray custom resource name.
@@ -42,8 +42,8 @@ def _minus(amount: int, headroom: int) -> Memory:
 
 
 def ram_budget(total: int, available: int) -> Memory:
-    """available − max(1 GiB, 10 % of total), at least 0: room for the OS, Ray's daemons
-    and the worker's fixed overhead."""
+    """available − max(1 GiB, 10 % of total), at least 0: room for the OS and Ray's
+    daemons. The worker's own runtime is inside the budget (docs/budgets.md)."""
     return _minus(available, max(RAM_HEADROOM_MIN, int(total * RAM_HEADROOM_FRACTION)))
 
 
@@ -55,6 +55,12 @@ def disk_budget(free: int) -> Memory:
 def gpu_budget(free: int) -> Memory:
     """free − 512 MiB (the worker's CUDA context), at least 0 (0 stays 0: no GPU)."""
     return _minus(free, GPU_HEADROOM)
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (VmRSS: private and file-backed pages), from /proc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def store_dir() -> Path:
@@ -154,6 +160,10 @@ class MemoryType(click.ParamType):
 def node_resources(ram: Memory | None, disk: Memory | None, gpu_mem: Memory | None,
                    store: Path | None) -> None:
     """Print this node's budget as JSON for `ray start --resources`.
+
+    The RAM budget is the worker's whole process: its runtime (Python, torch, Ray: about
+    300-400 MiB, measured when it starts) comes out of it first, the model gets the rest.
+    The default leaves max(1GiB, 10%) of the node for the OS and Ray's daemons.
 
     \b
     ray start --head --resources="$(llm-shard node-resources)"

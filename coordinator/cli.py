@@ -202,40 +202,63 @@ def generate(model: str, prompt: str, max_tokens: int, chat: bool, dtype: str) -
 NOMINAL_SPEED = {"gpu": 200e9, "ram": 20e9, "disk": 1.5e9}
 
 
+def _overhead(value: str | None, store) -> tuple[int, str]:
+    """(bytes, how it was found) of each worker's runtime for `plan`: SIZE as given, or
+    measured in this process once it imported what a worker imports."""
+    from llm_shard.cluster.types import Memory
+    from llm_shard.coordinator.costs import measure_runtime
+
+    if value is not None:
+        try:
+            return Memory.parse(value), "as given (--overhead)"
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--overhead") from None
+    how = ("measured here (Python, torch, ZeroMQ, Ray's client and the model code); serve "
+           "measures each worker's own, Ray's core worker included")
+    return Memory(measure_runtime(store)), how
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--worker", "workers", multiple=True, required=True,
-              help="A worker's budget, e.g. ram=2GiB,disk=8GiB,gpu=4GiB (repeat per worker).")
+              help="A worker's budget, e.g. ram=2GiB,disk=8GiB,gpu=4GiB (repeat per worker); "
+                   "ram bounds its whole process, runtime included.")
 @click.option("--objective", type=click.Choice(["latency", "throughput"]), default="latency",
               show_default=True)
-@click.option("--cache-tokens", default=4096, show_default=True, type=click.IntRange(0, None),
-              help="KV-cache tokens to reserve on every block (all sequences together).")
+@click.option("--cache-tokens", default=None, type=click.IntRange(0, None),
+              help="KV-cache tokens to reserve on every block (all sequences together); "
+                   "default: as many as the memory left after the weights holds.")
+@click.option("--overhead", default=None, metavar="SIZE",
+              help="Each worker's runtime (RAM its budget pays before the model); default: "
+                   "measured in this process.")
 @click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="int8", show_default=True)
 @click.option("--use-all-workers", is_flag=True,
               help="Give every worker a stage, as serve --use-all-workers does.")
-def plan(model: str, workers: tuple[str, ...], objective: str, cache_tokens: int,
-         dtype: str, use_all_workers: bool) -> None:
-    """Print the partition table for MODEL over the given workers, loading nothing."""
-    from llm_shard.cluster.types import Capacity, Tier
-    from llm_shard.coordinator.planner import ModelCost, PlanError, WorkerSpec, format_plan
+def plan(model: str, workers: tuple[str, ...], objective: str, cache_tokens: int | None,
+         overhead: str | None, dtype: str, use_all_workers: bool) -> None:
+    """Print the partition table for MODEL over the given workers, loading no weights."""
+    from llm_shard.cluster.types import Capacity, Memory, Tier
+    from llm_shard.coordinator.costs import model_cost
+    from llm_shard.coordinator.planner import PlanError, WorkerSpec, format_plan
     from llm_shard.coordinator.planner import plan as make_plan
     from llm_shard.models.checkpoint.catalog import resolve
 
     store = resolve(model, dtype=dtype)
+    runtime, how = _overhead(overhead, store)
     try:
-        specs = [WorkerSpec(Capacity.parse(w), {t: NOMINAL_SPEED[t.value] for t in Tier})
-                 for w in workers]
+        specs = [WorkerSpec(Capacity.parse(w), {t: NOMINAL_SPEED[t.value] for t in Tier},
+                            runtime) for w in workers]
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--worker") from None
-    cost = ModelCost.from_manifest(store.manifest, cache_tokens,
-                                   store.config.cache_bytes_per_token)
+    cost = model_cost(store, cache_tokens)
     try:
         p, report = make_plan(cost, specs, objective=objective,
                               use_all_workers=use_all_workers)
     except PlanError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{store.path.name}: {store.n_blocks} blocks, {dtype}; nominal speeds "
-               f"(workers calibrate on start): {NOMINAL_SPEED}")
+               f"(workers calibrate on start): {NOMINAL_SPEED}; runtime {Memory(runtime)} "
+               f"per worker, {how}")
     click.echo(format_plan(p, report, cost))
 
 

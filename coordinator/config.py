@@ -29,7 +29,8 @@ class EngineConfig:
     else a private one). `dtype`: the store's weights; `compute_dtype`/`wire_dtype`: what stages
     compute in and send between them. `objective`: the planner's ("latency" or
     "throughput"). `cache_tokens`: KV-cache tokens every stage keeps for all sequences
-    together. `micro_batches`: groups in flight (None: one per stage). `use_all_workers`:
+    together (None: as many as the RAM its budget leaves after the weights holds).
+    `micro_batches`: groups in flight (None: one per stage). `use_all_workers`:
     give every worker a stage even where fewer would be faster. `hop_seconds`: the
     planner's cost of one stage-to-stage hop. `step_timeout`: seconds a step may take
     before the workers are probed; `control_timeout`: seconds a probed worker has to
@@ -48,7 +49,7 @@ class EngineConfig:
     compute_dtype: str = "fp32"
     wire_dtype: str = "bf16"
     objective: str = "latency"
-    cache_tokens: int = 4096
+    cache_tokens: int | None = None
     micro_batches: int | None = None
     use_all_workers: bool = False
     hop_seconds: float = DEFAULT_HOP_SECONDS

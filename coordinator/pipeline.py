@@ -25,9 +25,9 @@ from llm_shard.cluster.types import Capacity, Plan, Tier, block_cache_budget
 from llm_shard.models.checkpoint.store import Store
 from llm_shard.worker.actor import Worker
 
+from .costs import model_cost
 from .planner import (
     DEFAULT_HOP_SECONDS,
-    ModelCost,
     PlanError,
     PlanReport,
     WorkerSpec,
@@ -56,6 +56,7 @@ class WorkerHandle:
     actor: object
     info: dict = field(default_factory=dict)
     speed: dict = field(default_factory=dict)  # tier -> bytes of weights/s, measured
+    overhead: int = 0  # bytes: the runtime's resident set, measured after calibration
     threads: int = 1
     cpu_offset: int | None = None  # the first of its machine's CPUs it binds (None: unbound)
     watch: object = None  # the ObjectRef of its `watch` call: fails when the actor dies
@@ -64,8 +65,10 @@ class WorkerHandle:
 
     @property
     def spec(self) -> WorkerSpec:
-        """What the planner knows of this worker: its budget and measured speeds."""
-        return WorkerSpec(self.capacity, {Tier(t): v for t, v in self.speed.items()})
+        """What the planner knows of this worker: its budget, measured speeds and runtime
+        overhead (which its RAM budget pays first)."""
+        return WorkerSpec(self.capacity, {Tier(t): v for t, v in self.speed.items()},
+                          self.overhead)
 
 
 def cpu_offsets(nodes: list[ray_glue.Node], threads: list[int]) -> list[int | None]:
@@ -118,7 +121,7 @@ class Pipeline:
 
     def __init__(self, store: Store, capacities: list[Capacity], *, threads: list[int],
                  compute_dtype: str = "fp32", wire_dtype: str = "bf16",
-                 objective: str = "latency", cache_tokens: int = 4096,
+                 objective: str = "latency", cache_tokens: int | None = None,
                  use_all_workers: bool = False, hop_seconds: float = DEFAULT_HOP_SECONDS,
                  result_address: str, store_source: StoreSource | None = None,
                  link_keys: LinkKeys | None = None, max_restarts: int = 3,
@@ -141,10 +144,8 @@ class Pipeline:
         self.hop_seconds, self.cache_tokens = hop_seconds, cache_tokens
         self.result_address = result_address
         self.keys = link_keys  # CURVE on every ZeroMQ link (cluster/links.py); None: plain
-        # per block, float32 bytes (types.block_cache_budget): K/V rows, or RWKV states
-        self.cache_budget = block_cache_budget(store.config, cache_tokens)
-        self.cost = ModelCost.from_manifest(store.manifest, cache_tokens,
-                                            -(-self.cache_budget // max(1, cache_tokens)))
+        # None: the plan sizes the KV cache from the memory its stages leave
+        self.cost = model_cost(store, cache_tokens)
         nodes = ray_glue.worker_nodes(capacities)
         self._worker_kwargs = dict(compute_dtype=compute_dtype, wire_dtype=wire_dtype,
                                    store_source=store_source, link_keys=link_keys,
@@ -164,8 +165,11 @@ class Pipeline:
             for w in self.workers:
                 w.speed = ray.get(w.actor.calibrate.remote(
                     stream=int(w.capacity.gpu_mem) > 0), timeout=300)
-                log.info("worker %d (%s, pid %s): GB/s of weights %s", w.index, w.capacity,
-                         w.info["pid"], {t: round(v / 1e9, 2) for t, v in w.speed.items()})
+                w.overhead = ray.get(w.actor.info.remote(), timeout=60)["overhead"]
+                log.info("worker %d (%s, pid %s): GB/s of weights %s, runtime %.0f MiB",
+                         w.index, w.capacity, w.info["pid"],
+                         {t: round(v / 1e9, 2) for t, v in w.speed.items()},
+                         w.overhead / 2**20)
             self.epoch = 0
             self.plan, self.report = self._plan()
             self.cache_capacity = self._configure()
@@ -186,6 +190,8 @@ class Pipeline:
         specs = [w.spec for w in alive]
         p, report = plan(self.cost, specs, objective=self.objective,
                          hop_seconds=self.hop_seconds, use_all_workers=self.use_all_workers)
+        # per block (types.block_cache_budget): K/V rows, or RWKV states
+        self.cache_budget = block_cache_budget(self.store.config, report.cache_tokens)
         # the planner numbers the workers it was given; map back to ours (and the
         # report's stages keep the planner's numbering, in the same order as the plan's)
         stages = tuple(dataclasses.replace(s, worker=alive[s.worker].index) for s in p.stages)

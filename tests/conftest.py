@@ -328,3 +328,29 @@ def ray_cluster():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
         cluster.shutdown()
+
+
+# Spread between workers' measured runtimes (up to 8 MiB here between runs) with room to
+# spare; a test that pins tiers allows for this much more room (4 SmolLM2 blocks).
+RUNTIME_MARGIN = 16 * 2**20
+
+
+@pytest.fixture(scope="session")
+def worker_runtime(ray_cluster, smollm2_stores) -> int:
+    """Bytes of a Ray worker's runtime as a worker measures it (its `overhead` after
+    calibrating, worker/actor.py), plus RUNTIME_MARGIN. A RAM budget is the whole process
+    and pays the runtime first (docs/budgets.md): a test that sizes a budget for the
+    model's parts adds this."""
+    import ray
+
+    from llm_shard.cluster import ray_glue
+    from llm_shard.worker.actor import Worker
+
+    actor = ray_glue.start_actor(Worker, ray_glue.this_node(),
+                                 str(smollm2_stores["int8"].path), threads=1)
+    try:
+        ray.get(actor.calibrate.remote(), timeout=300)
+        return ray.get(actor.info.remote(), timeout=60)["overhead"] + RUNTIME_MARGIN
+    finally:
+        ray.get(actor.shutdown.remote(), timeout=30)
+        ray.kill(actor)

@@ -36,14 +36,16 @@ def _submit_all(model, tok):
 
 
 @pytest.mark.slow
-def test_random_kills_at_random_steps_cost_no_request(ray_cluster, smollm2_stores, caplog):
+def test_random_kills_at_random_steps_cost_no_request(ray_cluster, smollm2_stores, caplog,
+                                                       worker_runtime):
     store = smollm2_stores["int8"]
     tok = store.tokenizer()
     seed = int(os.environ.get("FAULT_SEED", random.randrange(2**32)))
     rng = random.Random(seed)
     print(f"\nfault seed {seed} (FAULT_SEED={seed} replays it)")
     total = sum(f["bytes"] for f in store.manifest["files"])
-    ram = int(total / 2.4)  # two workers cannot hold the model, three can: 3 stages
+    # two workers cannot hold the model, three can: 3 stages (each beside its runtime)
+    ram = int(total / 2.4) + worker_runtime
     with LLM(str(store.path), workers=[f"ram={ram}"] * 3, wire_dtype="fp32",
              cache_tokens=512, max_restarts=-1) as model:
         assert len(model.plan.stages) == 3

@@ -368,9 +368,9 @@ def test_a_removed_node_costs_no_request(ray_cluster, store, reference):
 
 
 @pytest.mark.slow
-def test_no_plan_left_fails_requests_clearly(ray_cluster, store):
+def test_no_plan_left_fails_requests_clearly(ray_cluster, store, worker_runtime):
     total = sum(f["bytes"] for f in store.manifest["files"])
-    ram = f"ram={int(total * 0.75)}"
+    ram = f"ram={int(total * 0.75) + worker_runtime}"
     with llm(store, 2, workers=[ram, ram], cache_tokens=1024, max_restarts=0) as model:
         assert len(model.plan.stages) == 2
         tok = store.tokenizer()
@@ -459,7 +459,8 @@ def test_cancel_frees_the_caches_on_every_stage(ray_cluster, store):
 
 
 @pytest.mark.slow
-def test_multi_node_plan_respects_each_advertised_budget(ray_cluster, store, reference):
+def test_multi_node_plan_respects_each_advertised_budget(ray_cluster, store, reference,
+                                                         worker_runtime):
     """Three nodes advertise different budgets (as `llm-shard node-resources` makes them);
     LLM() with no workers finds them, the plan fits each, and each actor runs on its node."""
     import ray
@@ -468,7 +469,8 @@ def test_multi_node_plan_respects_each_advertised_budget(ray_cluster, store, ref
     from llm_shard.cluster.types import Capacity, Memory, Tier
 
     total = sum(f["bytes"] for f in store.manifest["files"])
-    budgets = [Capacity(ram=Memory(int(total * share))) for share in (0.3, 0.45, 0.6)]
+    budgets = [Capacity(ram=Memory(int(total * share) + worker_runtime))
+               for share in (0.3, 0.45, 0.6)]
     nodes = [ray_cluster.add_node(num_cpus=1, resources=to_ray_resources(c)) for c in budgets]
     try:
         ray_cluster.wait_for_nodes()

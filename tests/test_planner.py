@@ -175,8 +175,9 @@ def test_infeasible_when_only_buffers_are_short():
     with pytest.raises(PlanError) as e:
         plan(model, [worker("ram=150MiB,disk=1GiB", {DISK: 1e9})])
     msg = str(e.value)
-    assert "reach only block 0 of 4" in msg
-    assert "plus its KV cache and buffers (200.00 MiB): short of 50.00 MiB" in msg
+    # one worker: the parts of its RAM, the one that does not fit and by how much
+    assert ("worker 0 (gpu 0 B, ram 150.00 MiB, disk 1.00 GiB): 4 blocks (0 B of them beyond "
+            "disk 1.00 GiB, and staging buffers) does not fit: short of 50.00 MiB") in msg
 
 
 def test_bad_arguments():
@@ -195,16 +196,18 @@ def test_bad_arguments():
 
 
 def random_case(rng: random.Random, n_blocks: int, n_workers: int, unit: int):
+    embed, head = rng.randint(0, 5) * unit, rng.randint(0, 5) * unit
     model = ModelCost(tuple(rng.randint(1, 10) * unit for _ in range(n_blocks)),
-                      rng.randint(0, 5) * unit, rng.randint(0, 5) * unit,
-                      tuple(rng.randint(0, 3) for _ in range(n_blocks)), rng.choice([0, unit]))
+                      embed, head, tuple(rng.randint(0, 3) for _ in range(n_blocks)),
+                      rng.choice([0, unit]), rng.choice([0, min(embed, head)]),
+                      rng.choice([None, head // 4]))
     workers = []
     for _ in range(n_workers):
         tiers = [t for t in (GPU, RAM, DISK) if rng.random() < 0.7] or [RAM]
         speed = {t: rng.choice([0.5, 1, 2, 4]) * {GPU: 50e9, RAM: 10e9, DISK: 1e9}[t]
                  for t in tiers}
         cap = Capacity(*(rng.randint(0, 12 * n_blocks // n_workers) * unit for _ in range(3)))
-        workers.append(WorkerSpec(cap, speed))
+        workers.append(WorkerSpec(cap, speed, rng.choice([0, 0, unit, 3 * unit])))
     return model, workers
 
 
@@ -218,7 +221,8 @@ def check_budgets(model: ModelCost, workers, p, report) -> None:
         disk = [model.block_bytes[b] for b in stage.blocks if stage.tier_of(b) is DISK]
         buffers = DISK_STAGING_SLOTS * max(disk, default=0)
         resident = (sum(model.cache_bytes(b) for b in stage.blocks)
-                    + model.embed_bytes * (stage.start == 0) + model.head_bytes * (stage.end == n))
+                    + model.embed_bytes * (stage.start == 0) + model.head_bytes * (stage.end == n)
+                    - model.tied_bytes * (stage.start == 0 and stage.end == n))
         assert rep.weights == weights and rep.buffers == buffers
         assert rep.resident[GPU] + rep.resident[RAM] == resident and rep.resident[DISK] == 0
         caches = sum(model.cache_bytes(b) for b in stage.blocks)  # where the blocks compute
@@ -228,7 +232,10 @@ def check_budgets(model: ModelCost, workers, p, report) -> None:
         assert rep.stream_buffers == (slots if streams_to_gpu(workers[stage.worker]) and streamed
                                       else 0)
         assert weights[GPU] + rep.resident[GPU] + rep.stream_buffers <= cap.gpu_mem
-        assert weights[RAM] + rep.resident[RAM] + buffers <= cap.ram
+        overhead = workers[stage.worker].overhead
+        assert rep.overhead == overhead and rep.used(RAM) == (weights[RAM] + rep.resident[RAM]
+                                                              + buffers + overhead)
+        assert weights[RAM] + rep.resident[RAM] + buffers + overhead <= cap.ram
         assert weights[DISK] <= cap.disk
 
 
@@ -247,12 +254,22 @@ def test_plans_respect_every_budget():
 
 
 def reference_stage(model: ModelCost, w: WorkerSpec, s: int, e: int) -> float | None:
-    """plan()'s cost model, by exhaustive scan: seconds, or None if it can't fit."""
+    """plan()'s cost model, by exhaustive scan: seconds before any read hidden while
+    waiting, or None if it can't fit."""
+    got = reference_stage_hidden(model, w, s, e)
+    return None if got is None else got[0]
+
+
+def reference_stage_hidden(model: ModelCost, w: WorkerSpec, s: int,
+                           e: int) -> tuple[float, float] | None:
+    """(seconds, the most seconds of its first disk block's read that waiting hides)."""
     blocks, speed, n = model.block_bytes, w.speed, model.n_blocks
     cache = [model.cache_bytes(b) for b in range(n)]
     gpu = int(w.capacity.gpu_mem) if GPU in speed else 0
     head = model.head_bytes * (e == n)
-    ram = int(w.capacity.ram) - model.embed_bytes * (s == 0) - head  # both always in RAM
+    # the runtime first, then embedding and head, always in RAM (a tied matrix once)
+    ram = (int(w.capacity.ram) - w.overhead - model.embed_bytes * (s == 0) - head
+           + model.tied_bytes * (s == 0 and e == n))
     g = s
     if streams_to_gpu(w):  # every cache on the GPU, then stream slots if not all fit
         room = gpu - sum(cache[s:e])
@@ -274,7 +291,9 @@ def reference_stage(model: ModelCost, w: WorkerSpec, s: int, e: int) -> float | 
                 and sum(disk) <= w.capacity.disk):
             t = sum(blocks[s:g]) / speed.get(GPU, 1) + sum(blocks[g:r]) / speed.get(RAM, 1)
             t += sum(disk) / speed.get(DISK, 1)
-            return t + head / speed.get(RAM, min(speed.values()))
+            read = (max(0.0, 1 / speed[DISK] - 1 / speed[RAM]) * disk[0]
+                    if disk and RAM in speed else 0.0)
+            return t + model.head_read * (e == n) / speed.get(RAM, min(speed.values())), read
     return None
 
 
@@ -286,11 +305,28 @@ def test_incremental_fill_matches_the_reference_on_every_range():
         n, w = model.n_blocks, workers[0]
         costs = planner._model(model)
         for s in range(n):
-            got = {p[0]: p[1] for p in planner._stages_from(costs, w, s)}
+            got = {p[0]: (p[1], p[8]) for p in planner._stages_from(costs, w, s)}
             want = {e: t for e in range(s + 1, n + 1)
-                    if (t := reference_stage(model, w, s, e)) is not None}
+                    if (t := reference_stage_hidden(model, w, s, e)) is not None}
             assert got.keys() == want.keys()
             assert all(got[e] == pytest.approx(want[e]) for e in got)
+
+
+def stage_times(model: ModelCost, stages, objective: str, hop: float) -> list[float] | None:
+    """Each stage's seconds for (worker, start, end) stages in order, None if one misfits.
+    Latency: a stage's first disk read hides in its wait, no longer than the stages after
+    it and the hop to them take."""
+    got = [reference_stage_hidden(model, w, s, e) for w, s, e in stages]
+    if None in got:
+        return None
+    times, after = [], 0.0
+    for k in reversed(range(len(got))):
+        t, read = got[k]
+        if objective == "latency" and k < len(got) - 1:
+            t -= min(read, hop + after)
+        times.append(t)
+        after += t + (hop if k < len(got) - 1 else 0.0)
+    return times[::-1]
 
 
 def brute_force(model: ModelCost, workers, objective: str, hop: float) -> float:
@@ -298,12 +334,13 @@ def brute_force(model: ModelCost, workers, objective: str, hop: float) -> float:
     for counts in itertools.product(range(n + 1), repeat=len(workers)):
         if sum(counts) != n:
             continue
-        times, s = [], 0
+        stages, s = [], 0
         for w, k in zip(workers, counts, strict=True):
             if k:
-                times.append(reference_stage(model, w, s, s + k))
+                stages.append((w, s, s + k))
                 s += k
-        if None in times:
+        times = stage_times(model, stages, objective, hop)
+        if times is None:
             continue
         cost = sum(times) + hop * (len(times) - 1) if objective == "latency" else max(times)
         best = min(best, cost)
@@ -323,9 +360,9 @@ def test_dp_is_optimal_against_brute_force():
         p, report = plan(model, workers, objective=objective, hop_seconds=hop)
         got = report.seconds_per_token if objective == "latency" else report.bottleneck_seconds
         assert got == pytest.approx(expected, rel=1e-9)
-        for stage, rep in zip(p.stages, report.stages, strict=True):
-            assert rep.seconds == pytest.approx(
-                reference_stage(model, workers[stage.worker], stage.start, stage.end))
+        want = stage_times(model, [(workers[s.worker], s.start, s.end) for s in p.stages],
+                           objective, hop)
+        assert [rep.seconds for rep in report.stages] == pytest.approx(want)
         compared += 1
     assert compared > 150
 
@@ -364,6 +401,9 @@ def test_from_manifest():
                                     cache_bytes_per_token_per_block=512)
     assert model == ModelCost((10, 20, 30), 1000, 2000, (512,) * 3, 4096)
     assert model.cache_bytes(1) == 2 * MiB
+    tied = ModelCost.from_manifest(manifest, None, 512, tied=True, head_read_bytes=500)
+    assert tied == ModelCost((10, 20, 30), 1000, 2000, 512, None, 1000, 500)
+    assert tied.outside_bytes(True, True) == 2000 and tied.outside_bytes(False, True) == 2000
     del manifest["files"][1]
     with pytest.raises(ValueError, match=r"lists no blocks/002\.safetensors"):
         ModelCost.from_manifest(manifest, 1, 1)
@@ -376,7 +416,8 @@ def test_format_plan_has_a_row_per_stage_and_totals():
     p, report = plan(model, workers, objective="throughput")
     text = format_plan(p, report, model)
     lines = text.splitlines()
-    assert lines[0].split() == ["stage", "worker", "blocks", "gpu", "ram", "disk", "ms/token"]
+    assert lines[0].split() == ["stage", "worker", "blocks", "runtime", "gpu", "ram", "disk",
+                                "ms/token"]
     assert len(lines) == 1 + len(p) + 2
     for i, (stage, line) in enumerate(zip(p.stages, lines[1:], strict=False)):
         assert line.split()[:2] == [str(i), str(stage.worker)]

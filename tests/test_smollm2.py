@@ -129,8 +129,10 @@ def test_plan_command(smollm2_stores):
     from llm_shard.coordinator.cli import cli
 
     store = str(smollm2_stores["int8"].path)
-    res = CliRunner().invoke(cli, ["plan", store, "--worker", "ram=300MiB",
-                                   "--worker", "ram=125MiB,disk=1GiB", "--cache-tokens", "2048"])
+    # each budget: a 200 MiB runtime (as given) and 300 or 160 MiB for the model
+    res = CliRunner().invoke(cli, ["plan", store, "--worker", "ram=500MiB",
+                                   "--worker", "ram=360MiB,disk=1GiB", "--cache-tokens", "2048",
+                                   "--overhead", "200MiB", "--use-all-workers"])
     assert res.exit_code == 0, res.output
     rows = [line.split() for line in res.output.splitlines() if line.strip()[:1].isdigit()]
     assert [r[:3] for r in rows] == [["0", "0", "[0,"], ["1", "1", rows[1][2]]]

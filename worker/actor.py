@@ -21,7 +21,9 @@ Ray starts it as `ray.remote(Worker)` so the dashboard and `ray list actors` say
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import glob
 import logging
 import os
 import queue
@@ -47,11 +49,35 @@ from .tiers import Streamer, read_file
 
 log = logging.getLogger("llm_shard.worker")
 
-# A worker's fixed memory overhead, beyond its RAM budget: Python, torch, Ray, ZeroMQ and
-# the model code of an idle worker. Measured on start (info()["baseline_rss"]): ~360 MiB
-# with torch 2.13 CPU and Ray 2.60. Its peak RSS stays within budget + this baseline.
+# A bound on a worker's runtime: Python, torch, Ray, ZeroMQ and the model code of an idle
+# worker (a test pins it). Each worker measures its own (info()["overhead"]), which its RAM
+# budget pays first (docs/budgets.md): ~290 MiB at start, ~400 after its first compute,
+# with torch 2.13 CPU and Ray 2.60.
 WORKER_OVERHEAD = 512 * 2**20
 _POLL_MS = 100
+CALIBRATE_SECONDS = 0.3  # timing one block: at least this long (and `repeats` calls)
+
+
+def _cache_bytes() -> int:
+    """Twice the largest CPU cache this machine reports (32 MiB where it reports none)."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG") or 0) * scale)
+    return 2 * max(sizes, default=16 * 2**20)
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so RSS shows what is in use."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def rss_bytes() -> int:
@@ -143,6 +169,7 @@ class Worker:
         with on_meta():  # import and initialise the model code: no weights
             self.store.arch.build(self.store.config, Part("embed"))
         self.baseline_rss = rss_bytes()  # Python, torch, Ray, ZeroMQ, model code: no weights
+        self.overhead = self.baseline_rss  # and once calibrated, what computing added
 
     # -- store transfer (cluster/transfer.py) ----------------------------------------
     def _fetch(self, parts: list[Part]) -> None:
@@ -208,19 +235,31 @@ class Worker:
 
         return {"address": self._address, "pid": os.getpid(), "threads": self.threads,
                 "cpus": self.cpus, "machine_cpus": len(self.allowed),
-                "baseline_rss": self.baseline_rss, "omp_env": self.omp_env,
+                "baseline_rss": self.baseline_rss, "overhead": self.overhead,
+                "omp_env": self.omp_env,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def calibrate(self, repeats: int = 5, stream: bool = False) -> dict[str, float]:
         """Bytes of weights per second, per tier this worker can use: "ram" from one real
-        block of the model run one token at a time (what decoding does); "disk" no faster
-        than a cold read of that block's file (prefetch overlaps reading and computing);
+        block of the model run one token at a time (what decoding does), its weights out of
+        the CPU caches; "disk" that block streamed through a staging buffer as a disk block
+        runs (prefetch overlaps reading and computing), no faster than a cold read of its
+        file;
         "gpu" the same block on the GPU, where there is one. With `stream` (a GPU budget:
         the planner's streams_to_gpu) on a GPU, "ram" is that block streamed from pinned
         RAM to the GPU and run there, as such a worker runs its RAM and disk blocks."""
         part = Part("block", 0)
         self._fetch([part])  # store transfer
-        return self._on_loop(self._calibrate, part, repeats, stream)
+        speeds = self._on_loop(self._calibrate, part, repeats, stream)
+        self.overhead = self._on_loop(self._settled_rss)
+        return speeds
+
+    def _settled_rss(self) -> int:
+        """The resident set once calibration's tensors are freed: the runtime with its
+        compute libraries and thread pools warm (the budget's overhead)."""
+        gc.collect()
+        _malloc_trim()
+        return max(self.baseline_rss, rss_bytes())
 
     def _calibrate(self, part: Part, repeats: int, stream: bool) -> dict[str, float]:
         size = self.store.part_bytes(part)
@@ -242,25 +281,51 @@ class Worker:
         buf = torch.empty(os.path.getsize(path), dtype=torch.uint8)
         t0 = time.perf_counter()
         read_file(path, buf)
-        speeds["disk"] = min(speeds["ram"], size / max(time.perf_counter() - t0, 1e-9))
+        cold = time.perf_counter() - t0
+        del buf
+        # a disk block as decode runs it: read into a staging buffer while the previous
+        # one computes, with the streaming kernel (no packed copy); no faster than a cold
+        # read of its file (the page cache may hold it here, not on a node short of RAM)
+        streamed = cold
+        if not stream:
+            streamer = Streamer.from_store(self.store, [part.index], self.dtype)
+            try:
+                streamed = self._time_block(
+                    lambda x, batch: streamer.run(part.index, x, batch), repeats)
+            finally:
+                streamer.close()
+        speeds["disk"] = min(speeds["ram"], size / max(cold, streamed, 1e-9))
         return speeds
 
     def _time_block(self, block, repeats: int, device: str = "cpu") -> float:
+        """Seconds of one decode step of `block` as a decode streams it: with its weights
+        out of the CPU caches (a block is read once per token, and a model's blocks
+        together outgrow the caches), the median of at least `repeats` calls and
+        CALIBRATE_SECONDS. One block timed over and over from a warm cache would read
+        several times faster than decoding does."""
         x = torch.randn(1, self.store.config.hidden_size, dtype=self.dtype, device=device)
+        evict = torch.ones(_cache_bytes() // 4) if device == "cpu" else None
 
         def one_token():  # a fresh one-token sequence (a GLM prefix for ChatGLM's blocks)
             return Batch.of([1], [SequenceCache()], prefixes=[Prefix(1, 0)])
 
-        with torch.inference_mode():
-            decode.run_block(block, x, one_token())  # warm up: first touch, kernel choice
-            if device != "cpu":
-                torch.cuda.synchronize()
+        def timed() -> float:
+            if evict is not None:
+                evict.add_(1.0)  # touches 2x the last-level cache: the block is out of it
             t0 = time.perf_counter()
-            for _ in range(repeats):
-                decode.run_block(block, x, one_token())
+            decode.run_block(block, x, one_token())
             if device != "cpu":
                 torch.cuda.synchronize()
-        return max((time.perf_counter() - t0) / repeats, 1e-9)
+            return time.perf_counter() - t0
+
+        with torch.inference_mode():
+            for _ in range(3):  # warm up: first touch, kernel choice, thread pools
+                timed()
+            times, t_end = [], time.perf_counter() + CALIBRATE_SECONDS
+            while len(times) < repeats or (time.perf_counter() < t_end and len(times) < 1000):
+                times.append(timed())
+        times.sort()
+        return max(times[len(times) // 2], 1e-9)
 
     def configure(self, epoch: int, start: int | None = None, end: int | None = None, *,
                   tiers: list[str] | None = None, cache_budget: int = 0,

@@ -36,7 +36,7 @@ from .tiers import Streamer, stream_kernel
 
 log = logging.getLogger("llm_shard.worker")
 
-__all__ = ["wrap", "BlockList", "quantize", "plan_tiers", "WrapError"]
+__all__ = ["wrap", "BlockList", "quantize", "plan_tiers", "runtime_bytes", "WrapError"]
 
 _HEADER_BYTES_PER_TENSOR = 256  # safetensors header entry + alignment filler, generously
 _STATE_NAMES = ("cache",)  # buffers named like this hold state between calls
@@ -208,6 +208,46 @@ def _release_file_pages(tensors: list[torch.Tensor]) -> int:
             release_mapped(t)
             released += (last - first) * page
     return released
+
+
+def _resident_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of these CPU tensors in this process's resident set (each storage once): a
+    tensor in a mapped file by its pages present, any other whole."""
+    seen, total = set(), 0
+    maps = _file_mappings()
+    starts = [a for a, _ in maps]
+    page = mmap.PAGESIZE
+    pagemap = open("/proc/self/pagemap", "rb", buffering=0) \
+        if os.path.exists("/proc/self/pagemap") else None
+    try:
+        for t in tensors:
+            if t.device.type != "cpu" or not t.numel():
+                continue
+            start = t.untyped_storage().data_ptr()
+            if start in seen:
+                continue
+            seen.add(start)
+            size = t.untyped_storage().nbytes()
+            k = bisect.bisect_right(starts, start) - 1
+            if pagemap is None or k < 0 or start + size > maps[k][1]:
+                total += size  # anonymous memory: resident once written
+                continue
+            first, last = start // page, -(-(start + size) // page)
+            pagemap.seek(first * 8)
+            entries = memoryview(pagemap.read((last - first) * 8)).cast("Q")
+            total += page * sum(1 for e in entries if e & _PAGEMAP_PRESENT)
+    finally:
+        if pagemap is not None:
+            pagemap.close()
+    return total
+
+
+def runtime_bytes(model: nn.Module) -> int:
+    """This process's resident set less the bytes of `model`'s tensors in it: what a
+    whole-process RAM budget pays before the model (wrap's `overhead="measure"`)."""
+    from llm_shard.cluster.resources import rss_bytes
+
+    return max(0, rss_bytes() - _resident_bytes(list(_tensors(model).values())))
 
 
 # --- moving arguments and checking state ---------------------------------------------
@@ -565,13 +605,18 @@ def _malloc_trim() -> None:
 def wrap(model: nn.Module, *, ram: int | str | None = None, gpu: int | str | None = None,
          disk: int | str | None = None, int8: bool = True, blocks: str | None = None,
          predicate: Predicate | None = None, kernel: str | None = None,
-         device: str | torch.device = "cuda", spill_dir: str | Path | None = None) -> nn.Module:
+         device: str | torch.device = "cuda", spill_dir: str | Path | None = None,
+         overhead: int | str | None = None) -> nn.Module:
     """Fits `model` into budgets, in place; returns it with its forward unchanged.
 
     `ram`, `gpu`, `disk`: budgets for the whole model's weights, as bytes or "2GiB" (ram,
     disk: no limit by default; gpu: none used by default); activations, the KV cache and
-    the int8 kernels' packed copies come on top. With `gpu`, the parts outside the block
-    list (embedding, final norm, LM head) go to `device` first, then as many blocks as
+    the int8 kernels' packed copies come on top. `overhead`: RAM the budget pays before
+    the model, as bytes or "1GiB", or "measure": this process's resident set now less the
+    model's tensors in it (`runtime_bytes`), so that `ram` bounds the whole process as a
+    worker's budget does (docs/budgets.md); None: 0, `ram` is the model's alone. With
+    `gpu`, the parts outside the block list (embedding, final norm, LM head) go to
+    `device` first, then as many blocks as
     fit; the next blocks stay in RAM and the last ones on disk, streamed. `int8`: swap
     Linear layers for Int8Linear (`predicate(name, linear)` picks them; default: all but a
     tied LM head, which would lose its tie and save nothing; `kernel`: the int8 kernel).
@@ -598,6 +643,13 @@ def wrap(model: nn.Module, *, ram: int | str | None = None, gpu: int | str | Non
     files = [_file_bytes(n, len(_tensors(b)) + 2 * len(s))
              for n, b, s in zip(sizes, block_list, int8_names)]
     gpu_b, ram_b, disk_b = _memory("gpu", gpu) or 0, _memory("ram", ram), _memory("disk", disk)
+    runtime = (runtime_bytes(model) if overhead == "measure"
+               else _memory("overhead", overhead) or 0)
+    if ram_b is not None and runtime:
+        if runtime > ram_b:
+            raise WrapError(f"ram={ram_b.to_spec()} is short: this process's runtime takes "
+                            f"{Memory(runtime)} of it before the model")
+        ram_b = Memory(ram_b - runtime)
     if gpu_b and not torch.cuda.is_available():
         raise WrapError(f"gpu={gpu} was given, but torch sees no CUDA device")
     tiers = plan_tiers(sizes, gpu=gpu_b, ram=ram_b, disk=disk_b, files=files,

@@ -51,6 +51,7 @@ class EngineCollector:
                                 value=m["running"])
         yield _per_stage("llm_shard_stage_seconds", "Compute seconds of one step per stage "
                          "(moving average)", m["stage_seconds"])
+        yield from self.prediction_families(m["stage_seconds"])
         yield _per_stage("llm_shard_stage_busy_seconds", "Seconds a stage holds a step, "
                          "receipt to send: compute, decoding, caches, sampling (moving "
                          "average)", m["busy_seconds"])
@@ -74,6 +75,20 @@ class EngineCollector:
         yield GaugeMetricFamily("llm_shard_prefix_cached_sequences", "Finished sequences "
                                 "whose caches the stages keep", value=m["prefix_cached_sequences"])
         yield from self.worker_families()
+
+    def prediction_families(self, measured: list[float]):
+        """The plan's estimate of each stage's seconds per step and, once steps have run,
+        how far the measured ones are from it (planner.prediction_errors)."""
+        from llm_shard.coordinator.planner import prediction_errors
+
+        report = self.llm.plan_report
+        yield _per_stage("llm_shard_stage_predicted_seconds", "The plan's estimate of a "
+                         "stage's compute seconds per decode step of one sequence",
+                         [s.seconds for s in report.stages])
+        if len(measured) == len(report.stages):
+            yield _per_stage("llm_shard_stage_prediction_error", "Measured over predicted "
+                             "stage seconds, less 1 (0.2: 20 % slower than planned)",
+                             prediction_errors(report, measured))
 
     def worker_families(self):
         """Per worker: bytes of its blocks in each tier, disk-tier bytes read (rate() gives
