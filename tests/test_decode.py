@@ -316,13 +316,15 @@ def test_a_block_whose_shapes_do_not_add_up_is_refused_not_read_past(monkeypatch
 
 def test_a_call_of_blocks_stops_at_one_whose_shapes_do_not_add_up():
     """Blocks 1 and 2 in one call, block 2's heads wrong: the error names layer 2; block
-    1 ran and took its cache row, block 2 took none."""
+    1 ran and took its cache row, block 2 took none. (A run's kept plan reads the heads
+    when it is made: a plan change, here block 2's layers prepared again, remakes it.)"""
     first, second = make_block("llama", "per-channel", True, 1), make_block(
         "llama", "per-channel", True, 2)
     caches = [SequenceCache()]
     with torch.inference_mode():
         decode.run_blocks([first, second], torch.randn(2, 128), Batch.of([2], caches))
     second.self_attn.heads, second.self_attn.kv_heads = 2, 1
+    prepare_int8(second)
     with torch.inference_mode(), pytest.raises(ValueError, match="block of layer 2"):
         decode.run_blocks([first, second], torch.randn(1, 128), Batch.of([1], caches))
     assert (caches[0].layer(1).offset, caches[0].layer(2).offset) == (3, 2)

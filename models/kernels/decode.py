@@ -19,6 +19,7 @@ LLM_SHARD_FUSED_BLOCKS=0, or `modules_only()`, turns it off (to compare: `llm-sh
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from contextlib import contextmanager
 
@@ -69,16 +70,30 @@ def run_blocks(modules, x: torch.Tensor, batch: Batch) -> torch.Tensor:
 def run_block(module: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor:
     """One block, in one C call where it can go there, else through its forward (a block
     streamed into a staging buffer, a block timed alone: no CUDA graphs)."""
-    y, ran = blocks((module,), x, batch)
+    y, ran = blocks((module,), x, batch, keep=False)
     return y if ran else module(x, batch)
 
 
-def blocks(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+def blocks(modules, x: torch.Tensor, batch: Batch, keep: bool = True
+           ) -> tuple[torch.Tensor, int]:
     """The longest run of `modules` from the first that can go in C, in one call (each a
     block whose `decode_args()` gives its layers.BlockParts); returns (output, how many
-    ran): 0 where the first must run through its modules."""
+    ran): 0 where the first must run through its modules. With `keep`, the run's _Plan
+    is kept across steps (a stage's resident blocks); without (a block streamed into a
+    staging buffer), or where no plan holds the first block, `_blocks_once`."""
     if not _decode_step(x, batch):
         return x, 0
+    modules = modules if isinstance(modules, (list, tuple)) else list(modules)
+    if not modules:
+        return x, 0
+    plan = _plan(modules, x.shape[1]) if keep else None
+    if plan is None:
+        return _blocks_once(modules, x, batch)
+    return plan.run(x, batch)
+
+
+def _blocks_once(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+    """`blocks` with every struct and array made for this one call."""
     f = build.ffi()
     specs, layers, kc, vc, ks, vs, total = [], [], [], [], [], [], []
     keep = []  # the query layer's query rows, alive until the call returns
@@ -236,15 +251,19 @@ def _run(x: torch.Tensor, batch: Batch, specs: list, layers: list[int], kc, vc, 
     for layer in layers[:done[0]]:
         for cache, new in zip(batch.caches, batch.seq_lens):
             cache.layer(layer).offset += new
+    if err:
+        _raise(err, rows, specs[done[0]], layers[done[0]])
+    return out, n
+
+
+def _raise(err: int, rows: int, s, layer: int):
+    """w8a16_blocks_run's error `err` for block_t s of `layer`, as an exception."""
     if err == -1:
         raise MemoryError(f"w8a16 block: no memory for {rows} rows")
-    if err:
-        s, layer = specs[done[0]], layers[done[0]]
-        raise ValueError(f"w8a16 block of layer {layer}: its projections' shapes do not "
-                         f"match a hidden size of {s.d}, {s.heads} + 2 x {s.kv} heads of "
-                         f"{s.hd} and an MLP of {s.inter}, or a layer's inputs are not "
-                         "whole blocks")
-    return out, n
+    raise ValueError(f"w8a16 block of layer {layer}: its projections' shapes do not "
+                     f"match a hidden size of {s.d}, {s.heads} + 2 x {s.kv} heads of "
+                     f"{s.hd} and an MLP of {s.inter}, or a layer's inputs are not "
+                     "whole blocks")
 
 
 def _caches(batch: Batch, p: BlockParts, x: torch.Tensor, kc, vc, ks, vs, total) -> bool:
@@ -267,3 +286,172 @@ def _caches(batch: Batch, p: BlockParts, x: torch.Tensor, kc, vc, ks, vs, total)
         vs += [kv.v.stride(0)] * n
         total += range(kv.offset + 1, kv.offset + n + 1)
     return True
+
+
+# Each thread's plans: {first block: {run length: _Plan}} (a plan's structs are written
+# each step, so threads running the same blocks keep their own).
+_LOCAL = threading.local()
+
+
+def _plan(modules, d: int):
+    """The kept _Plan of `modules` (made where none holds), or None where its first
+    block cannot go in C or has no plan (`_blocks_once` runs it)."""
+    plans = getattr(_LOCAL, "plans", None)
+    if plans is None:
+        plans = _LOCAL.plans = weakref.WeakKeyDictionary()
+    by_len = plans.get(modules[0])
+    plan = by_len.get(len(modules)) if by_len is not None else None
+    if plan is not None and plan.holds(modules, d):
+        return plan
+    plan = _Plan.make(modules, d)
+    if plan is None:
+        if by_len is not None:
+            by_len.pop(len(modules), None)
+        return None
+    plans.setdefault(modules[0], {})[len(modules)] = plan
+    return plan
+
+
+class _Plan:
+    """A run of blocks as one C call, its structs and pointer arrays kept across steps:
+    a step writes only what changed (the rotary tables, the caches' rows, a cache that
+    grew). Kept while no Int8Linear's plan changed (plan_epoch: a load, a move, a
+    re-fuse), the blocks are the same modules and their norms the same tensors at the
+    same addresses; the blocks' shapes (heads, head_dim) are read when it is made. At
+    these sizes remaking the structs each step (decode_args, _spec, _caches: ~20 us a
+    block) cost more than a small model's kernels of a block."""
+
+    def __init__(self) -> None:
+        self.refs: list = []  # weakrefs of the blocks
+        self.norms: list = []  # (the norm's _parameters, weight, its address, bias, its)
+        self.structs: list = []  # each block's own block_t (this thread's)
+        self.layers: list[int] = []
+        self.like: list[tuple[int, int]] = []  # (kv heads, head dim) of each block
+        self.ropes: dict = {}  # id(rope) -> (rope, [block indices])
+        self.queries: list = []  # (block index, its query rows' function)
+        self.rows, self.rope_at, self.threads = -1, {}, None
+
+    @classmethod
+    def make(cls, modules, d: int):
+        plan, f = cls(), build.ffi()
+        plan.epoch, plan.d = plan_epoch(), d
+        for m in modules:
+            args = getattr(m, "decode_args", None)
+            parts = args() if args is not None else None
+            spec = _spec(d, parts) if parts is not None else None
+            norms = (parts.norm1, parts.norm2, *parts.query[:1]) if spec is not None else ()
+            if spec is None or not all("weight" in n._parameters for n in norms):
+                break
+            l = len(plan.structs)
+            plan.refs.append(weakref.ref(m))
+            for n in norms:
+                w, b = n._parameters["weight"], n._parameters.get("bias")
+                plan.norms.append((n._parameters, w, w.data_ptr(), b,
+                                   None if b is None else b.data_ptr()))
+            plan.structs.append(f.new("block_t *", spec[0]))
+            plan.layers.append(parts.layer)
+            plan.like.append((parts.kv_heads, parts.head_dim))
+            if parts.rope is not None:
+                plan.ropes.setdefault(id(parts.rope), (parts.rope, []))[1].append(l)
+            if parts.query:
+                plan.queries.append((l, parts.query[2]))
+        if not plan.structs:
+            return None
+        plan.table = f.new("block_t *[]", plan.structs)
+        return plan
+
+    def holds(self, modules, d: int) -> bool:
+        """Whether this plan still runs `modules` as made (see the class)."""
+        if self.epoch != plan_epoch() or self.d != d:
+            return False
+        for r, m in zip(self.refs, modules):
+            if r() is not m:
+                return False
+        for params, w, wp, b, bp in self.norms:
+            if (params.get("weight") is not w or w.data_ptr() != wp
+                    or params.get("bias") is not b or (b is not None and b.data_ptr() != bp)):
+                return False
+        return True
+
+    def _arrays(self, rows: int) -> None:
+        """Pointer arrays for `rows` rows a block (block l's at [l * rows, (l + 1) * rows))."""
+        f, n = build.ffi(), len(self.structs) * rows
+        self.kc, self.vc = f.new("intptr_t[]", n), f.new("intptr_t[]", n)
+        self.ks, self.vs, self.total = f.new("long[]", n), f.new("long[]", n), f.new("int[]", n)
+        self.held = [None] * (2 * n)  # the cache tensors whose addresses are written
+        self.done = f.new("int *")
+        at = build.address
+        self.addresses = (at(self.table), at(self.kc), at(self.vc), at(self.ks), at(self.vs),
+                          at(self.total), at(self.done))
+        self.rows = rows
+
+    def run(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+        """The blocks over x in one C call, up to the first whose caches or query rows the
+        C code does not read; returns (output, how many ran)."""
+        rows = x.shape[0]
+        if rows != self.rows:
+            self._arrays(rows)
+        threads = (torch.get_num_threads(), w8a16.ATTEND_THREADED)
+        if threads != self.threads:
+            for s in self.structs:
+                s.threads, s.attend_threaded = threads
+            self.threads = threads
+        for key, (rope, ls) in self.ropes.items():
+            cos, sin = rope_tables(rope, batch, x)
+            ptrs = (cos.data_ptr(), sin.data_ptr())
+            if self.rope_at.get(key) != ptrs:
+                for l in ls:
+                    self.structs[l].cos, self.structs[l].sin = (_address(p) for p in ptrs)
+                self.rope_at[key] = ptrs
+        n, keep = len(self.structs), []
+        for l, query in self.queries:
+            q = query(batch.positions)
+            if not _cpu_float32_rows(q, x):
+                n = min(n, l)
+                break
+            self.structs[l].qin = _address(q.data_ptr())
+            keep.append(q)  # alive until the call returns
+        n, moved = self._caches(batch, x, n)
+        if not n:
+            return x, 0
+        out = x.clone()
+        b, k, v, ks, vs, total, done = self.addresses
+        err = w8a16.load().w8a16_blocks_run(b, n, out.data_ptr(), rows, k, v, ks, vs, total,
+                                            done)
+        for kv, new in moved[:self.done[0] * len(batch.caches)]:
+            kv.offset += new
+        if err:
+            _raise(err, rows, self.structs[self.done[0]], self.layers[self.done[0]])
+        return out, n
+
+    def _caches(self, batch: Batch, x: torch.Tensor, n: int) -> tuple[int, list]:
+        """Each block's cache rows written to the arrays (a cache without room for the
+        step's rows grows first), up to the first of the n blocks with a cache the C code
+        does not read; returns (blocks with their rows written, [(KVCache, new rows)] of
+        each block and sequence, in order)."""
+        kc, vc, ks, vs, total, held = self.kc, self.vc, self.ks, self.vs, self.total, self.held
+        lens, caches = batch.seq_lens, batch.caches
+        moved, i = [], 0
+        for l in range(n):
+            layer, found = self.layers[l], []
+            for cache, new in zip(caches, lens):
+                kv = cache.layer(layer)
+                k = kv.k
+                if k is None or kv.offset + new > k.shape[1]:
+                    like = x.new_empty(*self.like[l][:1], 1, self.like[l][1])
+                    kv.reserve(new, like, like)
+                    k = kv.k
+                if k.dtype != torch.float32 or not k.is_cpu:
+                    return l, moved
+                found.append((kv, new))
+            for kv, new in found:
+                k, v = kv.k, kv.v
+                for j in range(new):
+                    if held[2 * i] is not k:
+                        kc[i], ks[i], held[2 * i] = k.data_ptr(), k.stride(0), k
+                    if held[2 * i + 1] is not v:
+                        vc[i], vs[i], held[2 * i + 1] = v.data_ptr(), v.stride(0), v
+                    total[i] = kv.offset + j + 1
+                    i += 1
+            moved += found
+        return n, moved
