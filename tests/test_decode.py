@@ -236,7 +236,8 @@ def test_the_elementwise_steps_match_torch():
 def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, monkeypatch):
     """The real checkpoint (GGUF blocks, fused q/k/v and gate/up): the prompts and 8
     greedy steps of two sequences give bit-equal logits with the one-call blocks and
-    without, and the C path ran for every block of every step, the prompts' too."""
+    head and without, and the C path ran for every block of every step, the prompts'
+    too; the head's C call gives each row's argmax as its greedy pick."""
     from llm_shard.models.runner import StageModel
 
     store = smollm2_stores["int8"]
@@ -251,6 +252,8 @@ def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, mo
         logits = [stage(ids, Batch.of([len(p) for p in prompts_], caches))]
         for _ in range(8):
             logits.append(stage(logits[-1].argmax(-1), Batch.of([1, 1], caches)))
+            picks = logits[-1].argmax(-1).tolist() if fused else None
+            assert stage.greedy == picks
         return logits
 
     ran = counting(monkeypatch)

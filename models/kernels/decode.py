@@ -24,6 +24,7 @@ import weakref
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llm_shard.models.cache import Batch
@@ -118,6 +119,74 @@ def _blocks_once(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, 
         specs.append(spec)
         layers.append(parts.layer)
     return _run(x, batch, specs, layers, kc, vc, ks, vs, total)
+
+
+def run_head(head: nn.Module, x: torch.Tensor):
+    """A last stage's head over x (sequences, hidden) in one C call (w8a16_head): a norm,
+    then a screened LM head on w8a16, with each row's greedy pick; the modules' bits.
+    Returns (logits float32 (sequences, vocab), picks: [int]), or None where the head
+    is not one the C code runs (its modules run it)."""
+    if not (ENABLED and x.dtype == torch.float32 and x.is_cpu and x.dim() == 2
+            and x.is_contiguous() and no_graph(x)):
+        return None
+    args = getattr(head, "decode_args", None)
+    spec = _head_spec(head, args(), x.shape[1]) if args is not None else None
+    if spec is None:
+        return None
+    f, rows = build.ffi(), x.shape[0]
+    lin, s = spec[0], spec[1]
+    s.threads = torch.get_num_threads()
+    logits, xn = torch.empty(rows, s.O), torch.empty(rows, s.d)
+    counts, picks = f.new("int[]", rows), f.new("int[]", rows)
+    at = build.address
+    if w8a16.load().w8a16_head(at(s), x.data_ptr(), xn.data_ptr(), logits.data_ptr(), rows,
+                               at(counts), at(picks)):
+        raise MemoryError(f"w8a16 head: no memory for {rows} rows")
+    out = list(picks)
+    for r in range(rows):  # too many candidates: every logit in float (ScreenedLinear's)
+        if counts[r] > s.max_exact:
+            logits[r] = F.linear(xn[r], lin.weight, lin.bias)
+            out[r] = int(logits[r].argmax())
+    return logits, out
+
+
+# Each head's head_t, kept while its key holds: the screen's int8 copy (a new one after
+# prepare), the float weight, bias and norm tensors at their addresses, the hidden size.
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _head_spec(head: nn.Module, parts, d: int):
+    """(lm_head, head_t) of a head whose decode_args() are (norm, lm_head) with lm_head a
+    ScreenedLinear on w8a16 (None: its modules run it)."""
+    from llm_shard.models.quant.screened import ScreenedLinear, w8a16_bound_terms
+
+    norm, lin = parts
+    if not isinstance(lin, ScreenedLinear) or lin._screen is None:
+        return None
+    kernel, q, scales = lin._screen
+    w, b = lin.weight, lin.bias
+    key = (d, id(lin._screen), w.data_ptr(), None if b is None else b.data_ptr(),
+           _tensor(norm, "weight"), _tensor(norm, "bias"), lin.max_exact)
+    found = _HEADS.get(head)
+    if found is not None and found[0] == key:
+        return found[1]
+    n = _norm(norm)
+    tensors = (w, scales, *(() if b is None else (b,)))
+    if (kernel != "w8a16" or n is None or w8a16.problem() is not None
+            or not all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+                       for t in tensors)
+            or q.dtype != torch.int8 or not q.is_contiguous()
+            or q.shape != (lin.out_features, d) or w.shape != q.shape):
+        _HEADS.pop(head, None)
+        return None
+    l1, mx = w8a16_bound_terms(d)
+    spec = build.ffi().new("head_t *", {
+        "d": d, "O": lin.out_features, "layer_norm": n[0], "max_exact": lin.max_exact,
+        "eps": n[1], "bound_l1": l1, "bound_max": mx, "nw": _address(n[2]),
+        "nb": _address(n[3]), "w": _address(q.data_ptr()), "s": _address(scales.data_ptr()),
+        "W": _address(w.data_ptr()), "b": _address(None if b is None else b.data_ptr())})
+    _HEADS[head] = (key, (lin, spec, lin._screen))  # the screen kept: its id stays its own
+    return _HEADS[head][1]
 
 
 def _address(ptr: int | None):
