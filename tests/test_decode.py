@@ -368,3 +368,25 @@ def test_the_c_steps_leave_a_graph_being_built_to_torch():
         x = torch.randn(3, 64, requires_grad=True)
         mlp(x).sum().backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("max_exact", [None, 1])
+def test_a_head_in_one_c_call_gives_the_modules_bits_and_their_argmax(max_exact):
+    """A llama head (RMSNorm, screened LM head on w8a16) in one C call: bit-equal logits
+    to its modules', and each row's argmax as its pick; with max_exact=1 rows with more
+    candidates get every logit in float, as the modules give them."""
+    from llm_shard.models.quant.screened import ScreenedLinear
+
+    torch.manual_seed(4)
+    cfg = llama.LlamaConfig(hidden_size=128, intermediate_size=96, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                            rms_norm_eps=1e-5, rope_theta=1e4, vocab_size=1000)
+    head = llama.Head(cfg).eval()
+    nn.init.normal_(head.norm.weight, 1.0, 0.1)
+    head.lm_head = ScreenedLinear(head.lm_head, max_exact=max_exact, kernel="w8a16")
+    x = torch.randn(5, 128)
+    with torch.inference_mode():
+        logits, picks = decode.run_head(head, x)
+        ref = head(x)
+    assert torch.equal(logits, ref)
+    assert picks == ref.argmax(-1).tolist()
