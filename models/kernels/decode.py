@@ -383,12 +383,13 @@ def _plan(modules, d: int):
 
 class _Plan:
     """A run of blocks as one C call, its structs and pointer arrays kept across steps:
-    a step writes only what changed (the rotary tables, the caches' rows, a cache that
-    grew). Kept while no Int8Linear's plan changed (plan_epoch: a load, a move, a
-    re-fuse), the blocks are the same modules and their norms the same tensors at the
-    same addresses; the blocks' shapes (heads, head_dim) are read when it is made. At
-    these sizes remaking the structs each step (decode_args, _spec, _caches: ~20 us a
-    block) cost more than a small model's kernels of a block."""
+    a step writes only the rotary tables (where they moved) and the caches' addresses
+    and rows (holding no cache: a finished sequence's is freed). Kept while no
+    Int8Linear's plan changed (plan_epoch: a load, a move, a re-fuse), the blocks are the
+    same modules and their norms the same tensors at the same addresses; the blocks'
+    shapes (heads, head_dim) are read when it is made. At these sizes remaking the
+    structs each step (decode_args, _spec, _caches: ~20 us a block) cost more than a
+    small model's kernels of a block."""
 
     def __init__(self) -> None:
         self.refs: list = []  # weakrefs of the blocks
@@ -447,7 +448,6 @@ class _Plan:
         f, n = build.ffi(), len(self.structs) * rows
         self.kc, self.vc = f.new("intptr_t[]", n), f.new("intptr_t[]", n)
         self.ks, self.vs, self.total = f.new("long[]", n), f.new("long[]", n), f.new("int[]", n)
-        self.held = [None] * (2 * n)  # the cache tensors whose addresses are written
         self.done = f.new("int *")
         at = build.address
         self.addresses = (at(self.table), at(self.kc), at(self.vc), at(self.ks), at(self.vs),
@@ -498,7 +498,7 @@ class _Plan:
         step's rows grows first), up to the first of the n blocks with a cache the C code
         does not read; returns (blocks with their rows written, [(KVCache, new rows)] of
         each block and sequence, in order)."""
-        kc, vc, ks, vs, total, held = self.kc, self.vc, self.ks, self.vs, self.total, self.held
+        kc, vc, ks, vs, total = self.kc, self.vc, self.ks, self.vs, self.total
         lens, caches = batch.seq_lens, batch.caches
         moved, i = [], 0
         for l in range(n):
@@ -515,11 +515,9 @@ class _Plan:
                 found.append((kv, new))
             for kv, new in found:
                 k, v = kv.k, kv.v
+                kp, ksp, vp, vsp = k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0)
                 for j in range(new):
-                    if held[2 * i] is not k:
-                        kc[i], ks[i], held[2 * i] = k.data_ptr(), k.stride(0), k
-                    if held[2 * i + 1] is not v:
-                        vc[i], vs[i], held[2 * i + 1] = v.data_ptr(), v.stride(0), v
+                    kc[i], ks[i], vc[i], vs[i] = kp, ksp, vp, vsp
                     total[i] = kv.offset + j + 1
                     i += 1
             moved += found
