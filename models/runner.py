@@ -38,6 +38,7 @@ class StageModel(nn.Module):
         # the embedding is read into the page cache after the first forward pass, so that
         # its reads never hold up a cold start's first token (`store.read_ahead`)
         self.read_ahead = None
+        self.greedy: list[int] | None = None  # the last forward's argmax of each row
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, batch: Batch, all_logits: bool = False,
@@ -46,7 +47,8 @@ class StageModel(nn.Module):
         `run_blocks(x, batch)`, if given, runs the blocks instead of self.blocks.
 
         Returns hidden (rows, hidden), or on the last stage logits: (sequences, vocab)
-        for each sequence's last row, or (rows, vocab) with all_logits.
+        for each sequence's last row, or (rows, vocab) with all_logits. `self.greedy`:
+        each row's argmax where the head ran in one C call (decode.run_head), else None.
         """
         x = self.embed(inputs, batch) if self.embed is not None else inputs
         if run_blocks is not None:
@@ -55,11 +57,16 @@ class StageModel(nn.Module):
             x = decode.run_blocks(self.blocks.values(), x, batch)
         if self.embed is not None and self.read_ahead is None:
             self.read_ahead = read_ahead(self.embed)
+        self.greedy = None
         if self.head is None:
             return x
-        if not all_logits:
+        if not all_logits and x.shape[0] != len(batch.seq_lens):  # else one row each
             x = x[batch.last_rows]
-        return self.head(x).float()
+        found = decode.run_head(self.head, x)
+        if found is None:
+            return self.head(x).float()
+        logits, self.greedy = found
+        return logits
 
 
 class LocalModel:
@@ -79,7 +86,8 @@ class LocalModel:
         cache, step = SequenceCache(), list(ids)
         for _ in range(max_tokens):
             logits = self.stage(torch.tensor(step), Batch.of([len(step)], [cache]))
-            token = int(logits[0].argmax())
+            greedy = self.stage.greedy
+            token = greedy[0] if greedy is not None else int(logits[0].argmax())
             yield token
             if token in eos:
                 return

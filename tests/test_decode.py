@@ -236,7 +236,8 @@ def test_the_elementwise_steps_match_torch():
 def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, monkeypatch):
     """The real checkpoint (GGUF blocks, fused q/k/v and gate/up): the prompts and 8
     greedy steps of two sequences give bit-equal logits with the one-call blocks and
-    without, and the C path ran for every block of every step, the prompts' too."""
+    head and without, and the C path ran for every block of every step, the prompts'
+    too; the head's C call gives each row's argmax as its greedy pick."""
     from llm_shard.models.runner import StageModel
 
     store = smollm2_stores["int8"]
@@ -251,6 +252,8 @@ def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, mo
         logits = [stage(ids, Batch.of([len(p) for p in prompts_], caches))]
         for _ in range(8):
             logits.append(stage(logits[-1].argmax(-1), Batch.of([1, 1], caches)))
+            picks = logits[-1].argmax(-1).tolist() if fused else None
+            assert stage.greedy == picks
         return logits
 
     ran = counting(monkeypatch)
@@ -316,13 +319,15 @@ def test_a_block_whose_shapes_do_not_add_up_is_refused_not_read_past(monkeypatch
 
 def test_a_call_of_blocks_stops_at_one_whose_shapes_do_not_add_up():
     """Blocks 1 and 2 in one call, block 2's heads wrong: the error names layer 2; block
-    1 ran and took its cache row, block 2 took none."""
+    1 ran and took its cache row, block 2 took none. (A run's kept plan reads the heads
+    when it is made: a plan change, here block 2's layers prepared again, remakes it.)"""
     first, second = make_block("llama", "per-channel", True, 1), make_block(
         "llama", "per-channel", True, 2)
     caches = [SequenceCache()]
     with torch.inference_mode():
         decode.run_blocks([first, second], torch.randn(2, 128), Batch.of([2], caches))
     second.self_attn.heads, second.self_attn.kv_heads = 2, 1
+    prepare_int8(second)
     with torch.inference_mode(), pytest.raises(ValueError, match="block of layer 2"):
         decode.run_blocks([first, second], torch.randn(1, 128), Batch.of([1], caches))
     assert (caches[0].layer(1).offset, caches[0].layer(2).offset) == (3, 2)
@@ -363,3 +368,25 @@ def test_the_c_steps_leave_a_graph_being_built_to_torch():
         x = torch.randn(3, 64, requires_grad=True)
         mlp(x).sum().backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("max_exact", [None, 1])
+def test_a_head_in_one_c_call_gives_the_modules_bits_and_their_argmax(max_exact):
+    """A llama head (RMSNorm, screened LM head on w8a16) in one C call: bit-equal logits
+    to its modules', and each row's argmax as its pick; with max_exact=1 rows with more
+    candidates get every logit in float, as the modules give them."""
+    from llm_shard.models.quant.screened import ScreenedLinear
+
+    torch.manual_seed(4)
+    cfg = llama.LlamaConfig(hidden_size=128, intermediate_size=96, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                            rms_norm_eps=1e-5, rope_theta=1e4, vocab_size=1000)
+    head = llama.Head(cfg).eval()
+    nn.init.normal_(head.norm.weight, 1.0, 0.1)
+    head.lm_head = ScreenedLinear(head.lm_head, max_exact=max_exact, kernel="w8a16")
+    x = torch.randn(5, 128)
+    with torch.inference_mode():
+        logits, picks = decode.run_head(head, x)
+        ref = head(x)
+    assert torch.equal(logits, ref)
+    assert picks == ref.argmax(-1).tolist()

@@ -196,4 +196,4 @@ class StageRunner:
             s.history.extend(ids[offset:offset + n])
             offset += n
         return sample(logits, [self.sequences[i].params for i in seqs],
-                      [self.sequences[i].history for i in seqs], steps)
+                      [self.sequences[i].history for i in seqs], steps, self.model.greedy)

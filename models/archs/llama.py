@@ -141,6 +141,11 @@ class Head(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
+    def decode_args(self) -> tuple[nn.Module, nn.Module]:
+        """(norm, lm_head): lm_head(norm(x)), for a stage that runs the head whole
+        (models/kernels/decode.py run_head)."""
+        return self._modules["norm"], self._modules["lm_head"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(x))
 

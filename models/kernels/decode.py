@@ -19,10 +19,12 @@ LLM_SHARD_FUSED_BLOCKS=0, or `modules_only()`, turns it off (to compare: `llm-sh
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llm_shard.models.cache import Batch
@@ -69,16 +71,30 @@ def run_blocks(modules, x: torch.Tensor, batch: Batch) -> torch.Tensor:
 def run_block(module: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor:
     """One block, in one C call where it can go there, else through its forward (a block
     streamed into a staging buffer, a block timed alone: no CUDA graphs)."""
-    y, ran = blocks((module,), x, batch)
+    y, ran = blocks((module,), x, batch, keep=False)
     return y if ran else module(x, batch)
 
 
-def blocks(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+def blocks(modules, x: torch.Tensor, batch: Batch, keep: bool = True
+           ) -> tuple[torch.Tensor, int]:
     """The longest run of `modules` from the first that can go in C, in one call (each a
     block whose `decode_args()` gives its layers.BlockParts); returns (output, how many
-    ran): 0 where the first must run through its modules."""
+    ran): 0 where the first must run through its modules. With `keep`, the run's _Plan
+    is kept across steps (a stage's resident blocks); without (a block streamed into a
+    staging buffer), or where no plan holds the first block, `_blocks_once`."""
     if not _decode_step(x, batch):
         return x, 0
+    modules = modules if isinstance(modules, (list, tuple)) else list(modules)
+    if not modules:
+        return x, 0
+    plan = _plan(modules, x.shape[1]) if keep else None
+    if plan is None:
+        return _blocks_once(modules, x, batch)
+    return plan.run(x, batch)
+
+
+def _blocks_once(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+    """`blocks` with every struct and array made for this one call."""
     f = build.ffi()
     specs, layers, kc, vc, ks, vs, total = [], [], [], [], [], [], []
     keep = []  # the query layer's query rows, alive until the call returns
@@ -103,6 +119,74 @@ def blocks(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
         specs.append(spec)
         layers.append(parts.layer)
     return _run(x, batch, specs, layers, kc, vc, ks, vs, total)
+
+
+def run_head(head: nn.Module, x: torch.Tensor):
+    """A last stage's head over x (sequences, hidden) in one C call (w8a16_head): a norm,
+    then a screened LM head on w8a16, with each row's greedy pick; the modules' bits.
+    Returns (logits float32 (sequences, vocab), picks: [int]), or None where the head
+    is not one the C code runs (its modules run it)."""
+    if not (ENABLED and x.dtype == torch.float32 and x.is_cpu and x.dim() == 2
+            and x.is_contiguous() and no_graph(x)):
+        return None
+    args = getattr(head, "decode_args", None)
+    spec = _head_spec(head, args(), x.shape[1]) if args is not None else None
+    if spec is None:
+        return None
+    f, rows = build.ffi(), x.shape[0]
+    lin, s = spec[0], spec[1]
+    s.threads = torch.get_num_threads()
+    logits, xn = torch.empty(rows, s.O), torch.empty(rows, s.d)
+    counts, picks = f.new("int[]", rows), f.new("int[]", rows)
+    at = build.address
+    if w8a16.load().w8a16_head(at(s), x.data_ptr(), xn.data_ptr(), logits.data_ptr(), rows,
+                               at(counts), at(picks)):
+        raise MemoryError(f"w8a16 head: no memory for {rows} rows")
+    out = list(picks)
+    for r in range(rows):  # too many candidates: every logit in float (ScreenedLinear's)
+        if counts[r] > s.max_exact:
+            logits[r] = F.linear(xn[r], lin.weight, lin.bias)
+            out[r] = int(logits[r].argmax())
+    return logits, out
+
+
+# Each head's head_t, kept while its key holds: the screen's int8 copy (a new one after
+# prepare), the float weight, bias and norm tensors at their addresses, the hidden size.
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _head_spec(head: nn.Module, parts, d: int):
+    """(lm_head, head_t) of a head whose decode_args() are (norm, lm_head) with lm_head a
+    ScreenedLinear on w8a16 (None: its modules run it)."""
+    from llm_shard.models.quant.screened import ScreenedLinear, w8a16_bound_terms
+
+    norm, lin = parts
+    if not isinstance(lin, ScreenedLinear) or lin._screen is None:
+        return None
+    kernel, q, scales = lin._screen
+    w, b = lin.weight, lin.bias
+    key = (d, id(lin._screen), w.data_ptr(), None if b is None else b.data_ptr(),
+           _tensor(norm, "weight"), _tensor(norm, "bias"), lin.max_exact)
+    found = _HEADS.get(head)
+    if found is not None and found[0] == key:
+        return found[1]
+    n = _norm(norm)
+    tensors = (w, scales, *(() if b is None else (b,)))
+    if (kernel != "w8a16" or n is None or w8a16.problem() is not None
+            or not all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+                       for t in tensors)
+            or q.dtype != torch.int8 or not q.is_contiguous()
+            or q.shape != (lin.out_features, d) or w.shape != q.shape):
+        _HEADS.pop(head, None)
+        return None
+    l1, mx = w8a16_bound_terms(d)
+    spec = build.ffi().new("head_t *", {
+        "d": d, "O": lin.out_features, "layer_norm": n[0], "max_exact": lin.max_exact,
+        "eps": n[1], "bound_l1": l1, "bound_max": mx, "nw": _address(n[2]),
+        "nb": _address(n[3]), "w": _address(q.data_ptr()), "s": _address(scales.data_ptr()),
+        "W": _address(w.data_ptr()), "b": _address(None if b is None else b.data_ptr())})
+    _HEADS[head] = (key, (lin, spec, lin._screen))  # the screen kept: its id stays its own
+    return _HEADS[head][1]
 
 
 def _address(ptr: int | None):
@@ -236,15 +320,19 @@ def _run(x: torch.Tensor, batch: Batch, specs: list, layers: list[int], kc, vc, 
     for layer in layers[:done[0]]:
         for cache, new in zip(batch.caches, batch.seq_lens):
             cache.layer(layer).offset += new
+    if err:
+        _raise(err, rows, specs[done[0]], layers[done[0]])
+    return out, n
+
+
+def _raise(err: int, rows: int, s, layer: int):
+    """w8a16_blocks_run's error `err` for block_t s of `layer`, as an exception."""
     if err == -1:
         raise MemoryError(f"w8a16 block: no memory for {rows} rows")
-    if err:
-        s, layer = specs[done[0]], layers[done[0]]
-        raise ValueError(f"w8a16 block of layer {layer}: its projections' shapes do not "
-                         f"match a hidden size of {s.d}, {s.heads} + 2 x {s.kv} heads of "
-                         f"{s.hd} and an MLP of {s.inter}, or a layer's inputs are not "
-                         "whole blocks")
-    return out, n
+    raise ValueError(f"w8a16 block of layer {layer}: its projections' shapes do not "
+                     f"match a hidden size of {s.d}, {s.heads} + 2 x {s.kv} heads of "
+                     f"{s.hd} and an MLP of {s.inter}, or a layer's inputs are not "
+                     "whole blocks")
 
 
 def _caches(batch: Batch, p: BlockParts, x: torch.Tensor, kc, vc, ks, vs, total) -> bool:
@@ -267,3 +355,170 @@ def _caches(batch: Batch, p: BlockParts, x: torch.Tensor, kc, vc, ks, vs, total)
         vs += [kv.v.stride(0)] * n
         total += range(kv.offset + 1, kv.offset + n + 1)
     return True
+
+
+# Each thread's plans: {first block: {run length: _Plan}} (a plan's structs are written
+# each step, so threads running the same blocks keep their own).
+_LOCAL = threading.local()
+
+
+def _plan(modules, d: int):
+    """The kept _Plan of `modules` (made where none holds), or None where its first
+    block cannot go in C or has no plan (`_blocks_once` runs it)."""
+    plans = getattr(_LOCAL, "plans", None)
+    if plans is None:
+        plans = _LOCAL.plans = weakref.WeakKeyDictionary()
+    by_len = plans.get(modules[0])
+    plan = by_len.get(len(modules)) if by_len is not None else None
+    if plan is not None and plan.holds(modules, d):
+        return plan
+    plan = _Plan.make(modules, d)
+    if plan is None:
+        if by_len is not None:
+            by_len.pop(len(modules), None)
+        return None
+    plans.setdefault(modules[0], {})[len(modules)] = plan
+    return plan
+
+
+class _Plan:
+    """A run of blocks as one C call, its structs and pointer arrays kept across steps:
+    a step writes only the rotary tables (where they moved) and the caches' addresses
+    and rows (holding no cache: a finished sequence's is freed). Kept while no
+    Int8Linear's plan changed (plan_epoch: a load, a move, a re-fuse), the blocks are the
+    same modules and their norms the same tensors at the same addresses; the blocks'
+    shapes (heads, head_dim) are read when it is made. At these sizes remaking the
+    structs each step (decode_args, _spec, _caches: ~20 us a block) cost more than a
+    small model's kernels of a block."""
+
+    def __init__(self) -> None:
+        self.refs: list = []  # weakrefs of the blocks
+        self.norms: list = []  # (the norm's _parameters, weight, its address, bias, its)
+        self.structs: list = []  # each block's own block_t (this thread's)
+        self.layers: list[int] = []
+        self.like: list[tuple[int, int]] = []  # (kv heads, head dim) of each block
+        self.ropes: dict = {}  # id(rope) -> (rope, [block indices])
+        self.queries: list = []  # (block index, its query rows' function)
+        self.rows, self.rope_at, self.threads = -1, {}, None
+
+    @classmethod
+    def make(cls, modules, d: int):
+        plan, f = cls(), build.ffi()
+        plan.epoch, plan.d = plan_epoch(), d
+        for m in modules:
+            args = getattr(m, "decode_args", None)
+            parts = args() if args is not None else None
+            spec = _spec(d, parts) if parts is not None else None
+            norms = (parts.norm1, parts.norm2, *parts.query[:1]) if spec is not None else ()
+            if spec is None or not all("weight" in n._parameters for n in norms):
+                break
+            l = len(plan.structs)
+            plan.refs.append(weakref.ref(m))
+            for n in norms:
+                w, b = n._parameters["weight"], n._parameters.get("bias")
+                plan.norms.append((n._parameters, w, w.data_ptr(), b,
+                                   None if b is None else b.data_ptr()))
+            plan.structs.append(f.new("block_t *", spec[0]))
+            plan.layers.append(parts.layer)
+            plan.like.append((parts.kv_heads, parts.head_dim))
+            if parts.rope is not None:
+                plan.ropes.setdefault(id(parts.rope), (parts.rope, []))[1].append(l)
+            if parts.query:
+                plan.queries.append((l, parts.query[2]))
+        if not plan.structs:
+            return None
+        plan.table = f.new("block_t *[]", plan.structs)
+        return plan
+
+    def holds(self, modules, d: int) -> bool:
+        """Whether this plan still runs `modules` as made (see the class)."""
+        if self.epoch != plan_epoch() or self.d != d:
+            return False
+        for r, m in zip(self.refs, modules):
+            if r() is not m:
+                return False
+        for params, w, wp, b, bp in self.norms:
+            if (params.get("weight") is not w or w.data_ptr() != wp
+                    or params.get("bias") is not b or (b is not None and b.data_ptr() != bp)):
+                return False
+        return True
+
+    def _arrays(self, rows: int) -> None:
+        """Pointer arrays for `rows` rows a block (block l's at [l * rows, (l + 1) * rows))."""
+        f, n = build.ffi(), len(self.structs) * rows
+        self.kc, self.vc = f.new("intptr_t[]", n), f.new("intptr_t[]", n)
+        self.ks, self.vs, self.total = f.new("long[]", n), f.new("long[]", n), f.new("int[]", n)
+        self.done = f.new("int *")
+        at = build.address
+        self.addresses = (at(self.table), at(self.kc), at(self.vc), at(self.ks), at(self.vs),
+                          at(self.total), at(self.done))
+        self.rows = rows
+
+    def run(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+        """The blocks over x in one C call, up to the first whose caches or query rows the
+        C code does not read; returns (output, how many ran)."""
+        rows = x.shape[0]
+        if rows != self.rows:
+            self._arrays(rows)
+        threads = (torch.get_num_threads(), w8a16.ATTEND_THREADED)
+        if threads != self.threads:
+            for s in self.structs:
+                s.threads, s.attend_threaded = threads
+            self.threads = threads
+        for key, (rope, ls) in self.ropes.items():
+            cos, sin = rope_tables(rope, batch, x)
+            ptrs = (cos.data_ptr(), sin.data_ptr())
+            if self.rope_at.get(key) != ptrs:
+                for l in ls:
+                    self.structs[l].cos, self.structs[l].sin = (_address(p) for p in ptrs)
+                self.rope_at[key] = ptrs
+        n, keep = len(self.structs), []
+        for l, query in self.queries:
+            q = query(batch.positions)
+            if not _cpu_float32_rows(q, x):
+                n = min(n, l)
+                break
+            self.structs[l].qin = _address(q.data_ptr())
+            keep.append(q)  # alive until the call returns
+        n, moved = self._caches(batch, x, n)
+        if not n:
+            return x, 0
+        out = x.clone()
+        b, k, v, ks, vs, total, done = self.addresses
+        err = w8a16.load().w8a16_blocks_run(b, n, out.data_ptr(), rows, k, v, ks, vs, total,
+                                            done)
+        for kv, new in moved[:self.done[0] * len(batch.caches)]:
+            kv.offset += new
+        if err:
+            _raise(err, rows, self.structs[self.done[0]], self.layers[self.done[0]])
+        return out, n
+
+    def _caches(self, batch: Batch, x: torch.Tensor, n: int) -> tuple[int, list]:
+        """Each block's cache rows written to the arrays (a cache without room for the
+        step's rows grows first), up to the first of the n blocks with a cache the C code
+        does not read; returns (blocks with their rows written, [(KVCache, new rows)] of
+        each block and sequence, in order)."""
+        kc, vc, ks, vs, total = self.kc, self.vc, self.ks, self.vs, self.total
+        lens, caches = batch.seq_lens, batch.caches
+        moved, i = [], 0
+        for l in range(n):
+            layer, found = self.layers[l], []
+            for cache, new in zip(caches, lens):
+                kv = cache.layer(layer)
+                k = kv.k
+                if k is None or kv.offset + new > k.shape[1]:
+                    like = x.new_empty(*self.like[l][:1], 1, self.like[l][1])
+                    kv.reserve(new, like, like)
+                    k = kv.k
+                if k.dtype != torch.float32 or not k.is_cpu:
+                    return l, moved
+                found.append((kv, new))
+            for kv, new in found:
+                k, v = kv.k, kv.v
+                kp, ksp, vp, vsp = k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0)
+                for j in range(new):
+                    kc[i], ks[i], vc[i], vs[i] = kp, ksp, vp, vsp
+                    total[i] = kv.offset + j + 1
+                    i += 1
+            moved += found
+        return n, moved

@@ -308,6 +308,17 @@ def screen(logits: torch.Tensor, row_bound: torch.Tensor, scales: torch.Tensor,
     return counts
 
 
+def row_bound(x: torch.Tensor, l1: float, mx: float, lib: Library | None = None
+              ) -> torch.Tensor:
+    """Each row's l1 |x|_1 + mx absmax (rows, 1), float32, the sum in double: a screened
+    head's bound factor, as w8a16_head computes it. x float32 (rows, in), contiguous,
+    on the CPU (`can_elementwise`)."""
+    lib = lib or load()
+    out = torch.empty(x.shape[0], 1)
+    lib.w8a16_row_bound(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], l1, mx)
+    return out
+
+
 def can_elementwise(*tensors: torch.Tensor) -> bool:
     """Whether `silu_mul` and `gelu` run these: float32 on the CPU, contiguous, one shape,
     and the kernel built here."""

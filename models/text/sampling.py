@@ -116,8 +116,10 @@ def _penalize(row: torch.Tensor, history: Sequence[int], penalty: float) -> None
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           histories: Sequence[Sequence[int]], steps: Sequence[int]) -> list[Sampled]:
-    """One token per row of `logits` (batch, vocab).
+           histories: Sequence[Sequence[int]], steps: Sequence[int],
+           argmax: Sequence[int] | None = None) -> list[Sampled]:
+    """One token per row of `logits` (batch, vocab); `argmax`, where given, each row's
+    argmax already found (the head's C call: runner.StageModel.greedy).
 
     `histories[i]`: all token ids of sequence i so far (prompt and generated), for the
     repetition penalty. `steps[i]`: the index of the token being generated (0 for the
@@ -141,7 +143,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     tokens = [0] * batch
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if len(greedy) == batch and all(p.repetition_penalty == 1 for p in params):
-        tokens = logits.argmax(-1).tolist()  # no copy to penalize: every row's argmax
+        # no copy to penalize: every row's argmax
+        tokens = list(argmax) if argmax is not None else logits.argmax(-1).tolist()
     elif greedy:
         rows = logits[greedy]  # a copy, (len(greedy), vocab), to penalize in place
         for row, i in zip(rows, greedy):

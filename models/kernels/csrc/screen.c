@@ -1,4 +1,4 @@
-/* A screened LM head's candidate pass. */
+/* A screened LM head's candidate pass, and a last stage's whole head in one call. */
 #include "w8a16.h"
 
 /* A screened LM head's candidates (models/quant ScreenedLinear), in place. Row m
@@ -92,4 +92,55 @@ void w8a16_screen(float* logits, const float* pr, const float* s, const float* W
       }
     free(idx);
   }
+}
+
+/* Each row's factor of a screened head's error bound (quant/screened.py
+   w8a16_row_bound): out[m] = l1 |x[m]|_1 + mx max_i |x[m, i]|, the sum in double. */
+void w8a16_row_bound(const float* x, float* out, int M, int I, float l1, float mx) {
+  for (int m = 0; m < M; m++) {
+    const float* r = x + (size_t)m * I;
+    double sum = 0;
+    float top = 0;
+    for (int i = 0; i < I; i++) {
+      float a = fabsf(r[i]);
+      sum += a;
+      top = a > top ? a : top;
+    }
+    out[m] = l1 * (float)sum + mx * top;
+  }
+}
+
+/* The first index of the largest of y[0..O) (the first NaN where there is one), as
+   torch's argmax. */
+static int first_max(const float* y, int O) {
+  int at = 0;
+  for (int o = 0; o < O; o++) {
+    if (isnan(y[o])) return o;
+    if (y[o] > y[at]) at = o;
+  }
+  return at;
+}
+
+/* A last stage's head over M rows x (M, d): xn = norm(x), logits (M, O) the screened
+   head's of xn (the int8 copy's w8a16_linear with the bias, the rows' bounds, then
+   w8a16_screen), and picks[m] the argmax of row m. The same C functions, in the same
+   order, as the head's modules call one by one: the same bits. n[m]: row m's candidate
+   count; where over max_exact, its logits and pick are left to the caller (the whole
+   float product). Returns 0 or -1 (no memory). */
+int w8a16_head(const head_t* H, const float* x, float* xn, float* logits, int M, int* n,
+               int* picks) {
+  float* pr = (float*)malloc(sizeof(float) * (size_t)M + 64);
+  if (!pr) return -1;
+  if (H->layer_norm) w8a16_layer_norm(x, H->nw, H->nb, xn, M, H->d, H->eps);
+  else w8a16_rms_norm(x, H->nw, xn, M, H->d, H->eps);
+  int err = w8a16_linear(H->w, H->s, H->b, xn, logits, M, H->O, H->d, H->threads);
+  if (!err) {
+    w8a16_row_bound(xn, pr, M, H->d, H->bound_l1, H->bound_max);
+    w8a16_screen(logits, pr, H->s, H->W, H->b, xn, M, H->O, H->d, H->max_exact, n,
+                 H->threads);
+    for (int m = 0; m < M; m++)
+      picks[m] = n[m] <= H->max_exact ? first_max(logits + (size_t)m * H->O, H->O) : -1;
+  }
+  free(pr);
+  return err;
 }

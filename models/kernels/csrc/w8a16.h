@@ -50,6 +50,19 @@ typedef struct {
   proj_t qp;
 } block_t;
 
+/* A last stage's head as w8a16_head runs it: a norm, then a screened LM head
+   (models/quant/screened.py ScreenedLinear, its int8 copy on w8a16_linear). */
+typedef struct {
+  int d, O;                     /* hidden size, vocabulary */
+  int layer_norm;               /* 1: LayerNorm (nw, nb); 0: RMSNorm (nw) */
+  int max_exact, threads;
+  float eps, bound_l1, bound_max;  /* a row's bound factor: bound_l1 |x|_1 + bound_max absmax */
+  const float *nw, *nb;
+  const int8_t* w;              /* the int8 copy (O, d), its scales s (O) */
+  const float* s;
+  const float *W, *b;           /* the float weight (O, d), the bias (O) or NULL */
+} head_t;
+
 /* linear.c: per-channel int8 weights. 0: plain C, 1: AVX2 with FMA, 2: AVX512-VNNI. */
 int w8a16_variant(void);
 int w8a16_linear(const int8_t* w, const float* s, const float* b, const float* x, float* y,
@@ -80,10 +93,15 @@ void w8a16_silu_mul(const float* g, const float* u, float* y, int rows, int n, l
                     long us, int threads);
 void w8a16_gelu(const float* x, float* y, long n, int threads);
 
-/* screen.c: a screened LM head's candidates. */
+/* screen.c: a screened LM head's candidates, its rows' error bounds, and a whole head
+   with its greedy picks. */
 void w8a16_screen(float* logits, const float* pr, const float* s, const float* W,
                   const float* bias, const float* x, int M, int O, int I, int max_exact,
                   int* n, int threads);
+
+void w8a16_row_bound(const float* x, float* out, int M, int I, float l1, float mx);
+int w8a16_head(const head_t* H, const float* x, float* xn, float* logits, int M, int* n,
+               int* picks);
 
 /* block.c: a whole decoder block, and a run of them, in one call. */
 int w8a16_block(const block_t* B, float* x, int M, float* const* kc, float* const* vc,
