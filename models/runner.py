@@ -14,7 +14,7 @@ from torch import nn
 
 from llm_shard.models.base import Part
 from llm_shard.models.cache import Batch, SequenceCache
-from llm_shard.models.checkpoint.store import Store, read_ahead
+from llm_shard.models.checkpoint.store import Store
 from llm_shard.models.kernels import decode
 
 
@@ -35,9 +35,10 @@ class StageModel(nn.Module):
         self.blocks = nn.ModuleDict({str(i): store.load(Part("block", i), dtype, device)
                                      for i in range(start, end)} if load_blocks else {})
         self.head = store.load(Part("head"), dtype, device) if self.has_head else None
-        # the embedding is read into the page cache after the first forward pass, so that
-        # its reads never hold up a cold start's first token (`store.read_ahead`)
-        self.read_ahead = None
+        # the embedding reads its tokens' rows from its memory map (RowEmbedding), a tied
+        # head's layer where this stage holds both: one copy of the table
+        if self.embed is not None and self.head is not None:
+            store.share_tied(self.embed, self.head)
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, batch: Batch, all_logits: bool = False,
@@ -53,8 +54,6 @@ class StageModel(nn.Module):
             x = run_blocks(x, batch)
         if self.blocks:
             x = decode.run_blocks(self.blocks.values(), x, batch)
-        if self.embed is not None and self.read_ahead is None:
-            self.read_ahead = read_ahead(self.embed)
         if self.head is None:
             return x
         if not all_logits:
