@@ -141,12 +141,14 @@ class Pipeline:
         self.hop_seconds, self.cache_tokens = hop_seconds, cache_tokens
         self.result_address = result_address
         self.keys = link_keys  # CURVE on every ZeroMQ link (cluster/links.py); None: plain
-        # per block, float32 bytes (types.block_cache_budget): K/V rows, or RWKV states
+        # per block, bytes in store.kv_dtype (types.block_cache_budget): K/V rows, or RWKV
+        # states
         self.cache_budget = block_cache_budget(store.config, cache_tokens)
         self.cost = ModelCost.from_manifest(store.manifest, cache_tokens,
                                             -(-self.cache_budget // max(1, cache_tokens)))
         nodes = ray_glue.worker_nodes(capacities)
         self._worker_kwargs = dict(compute_dtype=compute_dtype, wire_dtype=wire_dtype,
+                                   kv_dtype=store.kv_dtype,
                                    store_source=store_source, link_keys=link_keys,
                                    host=worker_host)
         offsets = cpu_offsets(nodes, threads)

@@ -17,6 +17,7 @@ w8a16 streams into 2 MiB pages (placement.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from torch import nn
 
 from llm_shard.models import get_arch
 from llm_shard.models.base import Arch, ArchConfig, Part, on_meta, parts_of
+from llm_shard.models.cache import DEFAULT_KV_DTYPE, kv_dtype_of
 from llm_shard.models.checkpoint.placement import (
     back_to_back,
     huge_page_arena,
@@ -130,13 +132,21 @@ def without_padding(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 class Store:
     path: Path
     manifest: dict
+    # what this process's caches of the store store K/V in (models/cache.py KV_DTYPES);
+    # `config` carries it, so that its cache_bytes_per_token follows
+    kv_dtype: str = field(default=DEFAULT_KV_DTYPE, compare=False)
     checks: Checks = field(init=False, repr=False, compare=False)  # sha256 checks (verify.py)
 
     def __post_init__(self) -> None:
+        kv_dtype_of(self.kv_dtype)
         self.checks = Checks(self.path)
 
+    def with_kv_dtype(self, kv_dtype: str) -> Store:
+        """This store, its caches (and so its config's cache bytes) in `kv_dtype`."""
+        return dataclasses.replace(self, kv_dtype=kv_dtype)
+
     @classmethod
-    def open(cls, path: str | Path) -> Store:
+    def open(cls, path: str | Path, kv_dtype: str = DEFAULT_KV_DTYPE) -> Store:
         path = Path(path)
         mf = path / "manifest.json"
         if not mf.is_file():
@@ -151,7 +161,7 @@ class Store:
         if manifest.get("version") != VERSION:
             raise StoreError(f"{mf} has store version {manifest.get('version')}, this llm-shard "
                              f"reads version {VERSION}: convert the checkpoint again")
-        return cls(path, manifest)
+        return cls(path, manifest, kv_dtype)
 
     @property
     def arch(self) -> Arch:
@@ -159,7 +169,7 @@ class Store:
 
     @property
     def config(self) -> ArchConfig:
-        return self.arch.config.from_dict(self.manifest["config"])
+        return self.arch.config.from_dict(self.manifest["config"]).with_kv_dtype(self.kv_dtype)
 
     @property
     def dtype(self) -> str:
