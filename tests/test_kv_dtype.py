@@ -162,14 +162,15 @@ def test_greedy_tokens_are_the_same_in_fp16_and_fp32_kv(tmp_path, arch):
     assert agree >= 0.9 * steps
 
 
+@pytest.mark.slow
 def test_smollm2_kv_dtypes_along_the_fp32_greedy_path(smollm2_stores):
-    """SmolLM2-135M (int8 weights) on the tests' prompts, 16 tokens each, teacher-forced
+    """SmolLM2-135M (int8 weights) on four of the tests' prompts, 16 tokens each, teacher-forced
     along the fp32-cache greedy path: fp16 and int8 caches pick the same token at nearly
-    every step (measured: 128 of 128 for fp16, see the report) with logits close."""
+    every step, with logits close."""
     store = smollm2_stores["int8"]
     tok, stage = store.tokenizer(), StageModel(store, 0, store.n_blocks)
     agree, steps = {"fp16": 0, "int8": 0}, 0
-    for text in PROMPTS:
+    for text in PROMPTS[:4]:
         prompt = tok.encode(text)
         cache, path, step = SequenceCache(kv_dtype="fp32"), [], list(prompt)
         for _ in range(16):

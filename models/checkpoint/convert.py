@@ -81,6 +81,13 @@ def tied_head(layout: dict) -> dict[str, str]:
     return {k: embed[r.source] for k, r in layout["head"].items() if r.source in embed}
 
 
+def table_dtype(dtype: str, tied: bool) -> str:
+    """How a store of `dtype` keeps a token table: int8 rows with a scale per row in an
+    int8 store, but fp16 where the LM head is tied to it (the head's exact rows, which
+    its int8 screen recomputes the top logits from); other stores: their dtype."""
+    return ("fp16" if tied else "int8") if dtype == "int8" else dtype
+
+
 def tables(arch: Arch, cfg: ArchConfig) -> list[str]:
     """The embed part's token tables: its nn.Embeddings with a row per vocabulary entry
     (not PanGu's position table)."""
@@ -92,12 +99,13 @@ def tables(arch: Arch, cfg: ArchConfig) -> list[str]:
 
 def int8_keys(layout: dict, part: Part, linears: set[str]) -> set[str]:
     """The part's Linear weights that an int8 store rounds to int8: every one but a tied
-    LM head, which is the embedding's int8 rows (one copy, in embed.safetensors).
+    LM head, which is the embedding's table (one copy, in embed.safetensors), kept in
+    fp16 there (`table_dtype`) and read through an int8 screen (quant/screened.py).
 
-    An int8 tied head costs SmolLM2-135M 2 points of top-1 agreement with fp32 (0.971 ->
-    0.952 with round-to-nearest blocks) against the float table read through an int8
-    screen, which it was before store version 2; it saves the float table (113 MB there,
-    768 MiB for a 49152 x 4096 table), which the first stage held whole.
+    An int8 tied head costs SmolLM2-135M 2 points of top-1 agreement (0.971 -> 0.952 with
+    round-to-nearest blocks). An untied head is int8: on LLaMA-7B it is 500 MB of fp32
+    that the last stage reads at every decode step, so int8 there cuts the largest
+    single read 4x.
     """
     rules = part_rules(layout, part)
     tied = tied_keys(layout) if part.kind != "embed" else set()
@@ -211,11 +219,10 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
             calibrator = Calibrator(a, cfg, calibration_ids(tokenizer))
     writer = StoreWriter(Path(out), a, cfg, dtype,
                          {"path": str(Path(src).resolve()), "layout": source.layout})
-    table_names = tables(a, cfg)
+    tied = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in tied_head(layout).items()}
     writer.manifest["embedding"] = {
-        "tables": {t: dtype for t in table_names},
-        "tied": {k[: -len(".weight")]: v[: -len(".weight")]
-                 for k, v in tied_head(layout).items()}}
+        "tables": {t: table_dtype(dtype, t in tied.values()) for t in tables(a, cfg)},
+        "tied": tied}
     int8_record: dict[str, list[str]] = {}
     kept: dict[str, int] | None = {} if rounding == "gguf" else None
     parts = parts_of(cfg.n_blocks)
@@ -227,8 +234,12 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
             tensors = calibrator.quantize_part(part, tensors, int8)
         elif int8:
             tensors = round_nearest(tensors, int8)
-        if part.kind == "embed" and dtype == "int8":  # int8 rows, a scale per row
-            tensors = round_nearest(tensors, {f"{t}.weight" for t in table_names})
+        if part.kind == "embed":  # int8 rows with a scale per row, or fp16 rows
+            kinds = writer.manifest["embedding"]["tables"]
+            tensors = round_nearest(tensors, {f"{t}.weight" for t in kinds
+                                              if kinds[t] == "int8"})
+            tensors.update({f"{t}.weight": tensors[f"{t}.weight"].half() for t in kinds
+                            if kinds[t] == "fp16"})
         writer.write(part, tensors)
         if dtype == "int8":
             kind = "blocks" if part.kind == "block" else part.kind
@@ -247,8 +258,9 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
             "calibration": ({"text": "built-in (models/quant/calibrate.py), English and Chinese",
                              "tokens": calibrator.tokens} if calibrator is not None else None),
             # Which Linears are int8, per part kind (blocks: every block alike); the
-            # token tables are int8 rows with a float32 scale each (manifest "embedding"),
-            # a tied LM head reads them; every other tensor (norms, biases) is float32.
+            # token tables are int8 rows with a float32 scale each, or fp16 where a tied
+            # LM head reads them (manifest "embedding"); norms and biases are float32.
             "int8": int8_record,
-            "lm_head": "int8 rows of the embedding (tied)" if tied_head(layout) else "int8"})
+            "lm_head": "the embedding's fp16 table (tied), through an int8 screen"
+                       if tied else "int8"})
     return writer.finish(tokenizer)

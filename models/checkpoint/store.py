@@ -33,6 +33,7 @@ from llm_shard.models.cache import DEFAULT_KV_DTYPE, kv_dtype_of
 from llm_shard.models.checkpoint.placement import (
     back_to_back,
     huge_page_arena,
+    huge_page_place,
     huge_pages_problem,
     release_mapped,
     weights_to_huge_pages,
@@ -48,6 +49,7 @@ from llm_shard.models.errors import StoreError
 from llm_shard.models.quant.embedding import RowEmbedding, swap_tables
 from llm_shard.models.quant.fusion import prepare_int8
 from llm_shard.models.quant.linear import Int8Linear, int8_formats, keeps_dtype, swap_int8
+from llm_shard.models.quant.screened import screen_head
 
 # importable from here as well, for callers outside models/checkpoint
 __all__ = ["ALIGN", "DTYPES", "PAD", "SAFETENSORS_DTYPES", "VERIFIED", "VERIFIED_LOCK", "Store",
@@ -271,7 +273,10 @@ class Store:
                         dtype)
         raw = state  # kept to the end: no new tensor can take a mapped tensor's address
         mapped = {v.data_ptr() for v in raw.values()}
-        state = {k: (v if k in tables or keeps_dtype(k, v) else v.to(dtype))
+        # a tied head over an int8 store's fp16 table reads it mapped, through a screen
+        half = {f"{t}.weight" for t in self.tied} if (
+            part.kind == "head" and self.manifest["dtype"] == "int8") else set()
+        state = {k: (v if k in tables or k in half or keeps_dtype(k, v) else v.to(dtype))
                  for k, v in raw.items()}
         module.load_state_dict(state, strict=True, assign=True)
         module.to(device)
@@ -287,6 +292,15 @@ class Store:
                 if ((kernel == "fused" or layer.running in PACKED_KERNELS)
                         and layer.weight.data_ptr() in mapped):
                     release_mapped(layer.weight)  # a copy replaced the mapped bytes
+        if half:
+            # the float head (tied to the embedding) is read through an int8 screen; of a
+            # mapped weight, only the rows recomputed exactly are read from then on
+            screened = screen_head(module, lambda lin: release_mapped
+                                   if lin.weight.data_ptr() in mapped else None,
+                                   place=huge_page_place if huge else None)
+            for name in set(self.tied) - set(screened):  # no screen here: run it in dtype
+                lin = module.get_submodule(name)
+                lin.weight = nn.Parameter(lin.weight.to(dtype), requires_grad=False)
         del raw
         return module.eval().requires_grad_(False)
 
