@@ -62,20 +62,23 @@ class StageModel(nn.Module):
 
 
 class LocalModel:
-    """A whole model in this process: for tests, conversion checks and quick generation."""
+    """A whole model in this process: for tests, conversion checks and quick generation.
+    Its caches are `kv_dtype` (fp32: the reference numerics, unlike a served model's fp16)."""
 
-    def __init__(self, store: Store | str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, store: Store | str, dtype: torch.dtype = torch.float32,
+                 kv_dtype: str = "fp32") -> None:
         self.store = store if isinstance(store, Store) else Store.open(store)
         self.stage = StageModel(self.store, 0, self.store.n_blocks, dtype=dtype)
+        self.kv_dtype = kv_dtype
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """(len(ids), vocab) logits of a full forward pass over one sequence."""
-        cache = SequenceCache()
+        cache = SequenceCache(kv_dtype=self.kv_dtype)
         return self.stage(torch.tensor(ids), Batch.of([len(ids)], [cache]), all_logits=True)
 
     def stream(self, ids: list[int], max_tokens: int, eos: tuple[int, ...] = ()):
         """Greedy continuation with the cache: prefill once, then one token per step."""
-        cache, step = SequenceCache(), list(ids)
+        cache, step = SequenceCache(kv_dtype=self.kv_dtype), list(ids)
         for _ in range(max_tokens):
             logits = self.stage(torch.tensor(step), Batch.of([len(step)], [cache]))
             token = int(logits[0].argmax())
