@@ -501,8 +501,9 @@ def reserved_tokens(n: int) -> int:
     return -(-n // CACHE_CHUNK) * CACHE_CHUNK
 
 
-# Cache accounting is in float32 bytes per block (a bf16 cache takes half: conservative),
-# the same unit for the planner, the scheduler's admission and each stage's budget.
+# Cache accounting is in bytes per block of the caches' dtype (the config's kv_dtype, which
+# a Store's config carries), the same for the planner, the scheduler's admission and each
+# stage's budget.
 def sequence_bytes(cfg, n_tokens: int) -> int:
     """What one sequence of n tokens holds in one block of a model of config `cfg`: K/V
     rows (in CACHE_CHUNK steps) and, for a recurrent model (RWKV), its fixed-size state."""

@@ -22,6 +22,7 @@ from llm_shard.coordinator.config import MAX_PROMPTS_PER_REQUEST, EngineConfig
 from llm_shard.models import arch_names
 from llm_shard.models.errors import (
     DTYPE_NAMES,
+    KV_DTYPE_NAMES,
     ConvertError,
     SourceError,
     StoreError,
@@ -338,6 +339,10 @@ ENGINE_FLAGS = dict([
     _engine_flag("cache_tokens", "--cache-tokens", show_default=True,
                  type=click.IntRange(16, None),
                  help="KV-cache tokens each stage keeps for all sequences together."),
+    _engine_flag("kv_dtype", "--kv-dtype", type=click.Choice(list(KV_DTYPE_NAMES)),
+                 show_default=True,
+                 help="What each stage's KV cache stores K and V in (int8: a scale per head "
+                      "and token); attention computes in float32."),
     _engine_flag("micro_batches", "--micro-batches", type=click.IntRange(1, None),
                  help="Micro-batches in flight (default: one per stage)."),
     _engine_flag("use_all_workers", "--use-all-workers", is_flag=True,

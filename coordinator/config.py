@@ -35,7 +35,9 @@ class EngineConfig:
     planner's cost of one stage-to-stage hop. `step_timeout`: seconds a step may take
     before the workers are probed; `control_timeout`: seconds a probed worker has to
     answer before it counts as dead. `host`: the address workers send results to (None:
-    this Ray node's). `encrypt`: CURVE-encrypt and authenticate every ZeroMQ link with
+    this Ray node's). `kv_dtype`: what every stage's KV cache stores K and V in ("fp16",
+    "fp32" or "int8" with a scale per head and token; attention computes in compute_dtype).
+    `encrypt`: CURVE-encrypt and authenticate every ZeroMQ link with
     keys made here and handed to the workers (cluster/links.py); False only on a trusted
     single machine. `max_restarts`: how many times a lost worker is replaced by a fresh
     one (same node, same budget) within 10 minutes; -1 without limit, 0 never (the
@@ -50,6 +52,7 @@ class EngineConfig:
     wire_dtype: str = "bf16"
     objective: str = "latency"
     cache_tokens: int | None = None
+    kv_dtype: str = "fp16"
     micro_batches: int | None = None
     use_all_workers: bool = False
     hop_seconds: float = DEFAULT_HOP_SECONDS

@@ -137,7 +137,7 @@ class LLM:
         self.config = cfg = (config or EngineConfig()).replace(**settings)
         self.pipeline = self.scheduler = self._guard = None
         self.store_server = None  # store transfer
-        self.store = resolve(model, dtype=cfg.dtype)
+        self.store = resolve(model, dtype=cfg.dtype).with_kv_dtype(cfg.kv_dtype)
         try:
             self.tokenizer = self.store.tokenizer()
         except StoreError:  # token ids in, token ids out

@@ -148,6 +148,7 @@ class Pipeline:
         self.cost = model_cost(store, cache_tokens)
         nodes = ray_glue.worker_nodes(capacities)
         self._worker_kwargs = dict(compute_dtype=compute_dtype, wire_dtype=wire_dtype,
+                                   kv_dtype=store.kv_dtype,
                                    store_source=store_source, link_keys=link_keys,
                                    host=worker_host)
         offsets = cpu_offsets(nodes, threads)

@@ -12,9 +12,12 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from llm_shard.models.cache import DEFAULT_KV_DTYPE, kv_bytes_per_token, kv_dtype_of
 
 
 class _NoInit(torch.overrides.TorchFunctionMode):
@@ -71,7 +74,13 @@ class Rule:
 
 @dataclass
 class ArchConfig:
-    """Base of every architecture's config dataclass."""
+    """Base of every architecture's config dataclass.
+
+    `kv_dtype` (not a field: a run setting, never in a manifest) is what the caches of
+    this run store K/V in (models/cache.py KV_DTYPES); `cache_bytes_per_token` follows it.
+    A Store's `config` carries the store's `kv_dtype`."""
+
+    kv_dtype: ClassVar[str] = DEFAULT_KV_DTYPE
 
     @classmethod
     def normalize(cls, raw: dict) -> dict:
@@ -101,9 +110,22 @@ class ArchConfig:
         return None
 
     @property
-    def cache_bytes_per_token(self) -> int:
-        """KV-cache bytes one token costs in one block (float32 cache)."""
+    def kv_layout(self) -> tuple[int, int]:
+        """(heads, head_dim) of the K (and alike V) that one token adds to one block's
+        cache; (0, 0) where nothing grows with the sequence."""
         raise NotImplementedError
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """KV-cache bytes one token costs in one block, in a `kv_dtype` cache."""
+        return kv_bytes_per_token(*self.kv_layout, self.kv_dtype)
+
+    def with_kv_dtype(self, kv_dtype: str):
+        """This config, its caches in `kv_dtype` (KV_DTYPES)."""
+        kv_dtype_of(kv_dtype)
+        cfg = dataclasses.replace(self)
+        cfg.kv_dtype = kv_dtype
+        return cfg
 
 
 Layout = Callable[[ArchConfig], dict]

@@ -4,6 +4,9 @@ Whoever runs the blocks (a worker, or a local runner) owns the caches; a block o
 receives them through a `Batch`. Layer indices are the model's global ones. A layer keeps
 either keys/values that grow with the sequence (`KVCache`, attention models) or a
 fixed-size recurrent state that each step replaces (`StateCache`, RWKV).
+
+K/V are stored in the sequence's `kv_dtype` (KV_DTYPES: fp16 by default, fp32, or int8
+with a float32 scale per head and token) and read back in the dtype attention computes in.
 """
 
 from __future__ import annotations
@@ -15,41 +18,76 @@ import torch
 
 CHUNK = 256  # cache rows grow in steps of this many tokens (fewer reallocations)
 
+# What a KVCache stores K and V in. int8 rows come with a float32 scale per head and token
+# (symmetric, amax / 127 over the head's d values): kv_heads x 4 bytes a token for each.
+KV_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8}
+DEFAULT_KV_DTYPE = "fp16"
+
+
+def kv_dtype_of(name: str) -> torch.dtype:
+    if name not in KV_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {name!r}; choose one of "
+                         f"{', '.join(KV_DTYPES)}")
+    return KV_DTYPES[name]
+
+
+def kv_bytes_per_token(heads: int, head_dim: int, kv_dtype: str) -> int:
+    """Bytes one token's K and V take in one layer: `heads` vectors of `head_dim` each."""
+    dtype = kv_dtype_of(kv_dtype)
+    scale = 4 if dtype == torch.int8 else 0
+    return 2 * heads * (head_dim * dtype.itemsize + scale)
+
 
 class CacheFull(RuntimeError):
     """A cache could not grow within its byte budget."""
 
 
 class KVCache:
-    """K and V of one layer of one sequence, stored (kv_heads, capacity, head_dim)."""
+    """K and V of one layer of one sequence, stored (kv_heads, capacity, head_dim) in
+    `dtype` (KV_DTYPES' name); int8 with `k_scales`, `v_scales` (kv_heads, capacity)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: str = DEFAULT_KV_DTYPE) -> None:
+        self.dtype = kv_dtype_of(dtype)
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.k_scales: torch.Tensor | None = None
+        self.v_scales: torch.Tensor | None = None
         self.offset = 0
 
     def reserve(self, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Room for n more tokens past `offset`, in buffers of k's and v's dtype and device
-        (k, v: (kv_heads, ..., head_dim)); `offset` is left as it is."""
+        """Room for n more tokens past `offset`, in buffers of the cache's dtype on k's
+        device (k, v: (kv_heads, ..., head_dim)); `offset` is left as it is."""
         end = self.offset + n
         if self.k is None or end > self.k.shape[1]:
             cap = -(-end // CHUNK) * CHUNK
             shape = (k.shape[0], cap, k.shape[-1])
-            new_k, new_v = k.new_empty(shape), v.new_empty(shape)
+            new_k, new_v = (k.new_empty(shape, dtype=self.dtype) for _ in "kv")
             if self.k is not None:
                 new_k[:, : self.offset] = self.k[:, : self.offset]
                 new_v[:, : self.offset] = self.v[:, : self.offset]
             self.k, self.v = new_k, new_v
+            if self.dtype == torch.int8:
+                new_ks, new_vs = (k.new_empty(shape[:2], dtype=torch.float32) for _ in "kv")
+                if self.k_scales is not None:
+                    new_ks[:, : self.offset] = self.k_scales[:, : self.offset]
+                    new_vs[:, : self.offset] = self.v_scales[:, : self.offset]
+                self.k_scales, self.v_scales = new_ks, new_vs
 
     def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor):
-        """Append k, v (kv_heads, n, head_dim); return all keys and values so far."""
+        """Append k, v (kv_heads, n, head_dim); return all keys and values so far, in k's
+        dtype (a float32 model attends in float32 over an fp16 or int8 cache)."""
         n = k.shape[1]
         end = self.offset + n
         self.reserve(n, k, v)
-        self.k[:, self.offset : end] = k
-        self.v[:, self.offset : end] = v
+        if self.dtype == torch.int8:
+            self.k[:, self.offset : end], self.k_scales[:, self.offset : end] = _rows_int8(k)
+            self.v[:, self.offset : end], self.v_scales[:, self.offset : end] = _rows_int8(v)
+        else:
+            self.k[:, self.offset : end] = k
+            self.v[:, self.offset : end] = v
         self.offset = end
-        return self.k[:, :end], self.v[:, :end]
+        return (_read(self.k, self.k_scales, end, k.dtype),
+                _read(self.v, self.v_scales, end, v.dtype))
 
     def trim(self, n: int) -> None:
         """Forget the last n tokens."""
@@ -59,7 +97,26 @@ class KVCache:
     def nbytes(self) -> int:
         if self.k is None:
             return 0
-        return 2 * self.k.numel() * self.k.element_size()
+        scales = 0 if self.k_scales is None else 2 * self.k_scales.numel() * 4
+        return 2 * self.k.numel() * self.k.element_size() + scales
+
+
+def _rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (kv_heads, n, d) as int8 rows and a float32 scale per head and token."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1)
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return torch.round(x / scales[..., None]).clamp_(-127, 127).to(torch.int8), scales
+
+
+def _read(buf: torch.Tensor, scales: torch.Tensor | None, end: int,
+          dtype: torch.dtype) -> torch.Tensor:
+    """The first `end` tokens of a cache buffer in `dtype` (the buffer itself where its
+    dtype is that already)."""
+    rows = buf[:, :end]
+    if scales is None:
+        return rows if rows.dtype == dtype else rows.to(dtype)
+    return rows.to(dtype) * scales[:, :end, None].to(dtype)
 
 
 class StateCache:
@@ -103,11 +160,15 @@ class SequenceCache:
     layers: dict[int, KVCache] = field(default_factory=dict)
     states: dict[int, StateCache] = field(default_factory=dict)
     prefix: Prefix | None = None
+    kv_dtype: str = DEFAULT_KV_DTYPE  # what its KVCaches store K/V in (KV_DTYPES)
+
+    def __post_init__(self) -> None:
+        kv_dtype_of(self.kv_dtype)
 
     def layer(self, index: int) -> KVCache:
         cache = self.layers.get(index)
         if cache is None:
-            cache = self.layers[index] = KVCache()
+            cache = self.layers[index] = KVCache(self.kv_dtype)
         return cache
 
     def state(self, index: int) -> StateCache:
@@ -190,7 +251,7 @@ def copy_prefix(cache: SequenceCache, n: int) -> SequenceCache:
     if cache.states and n != held:
         raise ValueError(f"a recurrent state holds all {held} tokens folded together: a "
                          f"sequence can start from it whole, not from its first {n}")
-    out = SequenceCache()
+    out = SequenceCache(kv_dtype=cache.kv_dtype)
     for index, src in cache.layers.items():
         dst = out.layers[index] = copy.copy(src)  # keeps whatever else a KVCache records
         if src.k is not None:
@@ -198,6 +259,11 @@ def copy_prefix(cache: SequenceCache, n: int) -> SequenceCache:
             dst.k, dst.v = src.k.new_empty(shape), src.v.new_empty(shape)
             dst.k[:, :n] = src.k[:, :n]
             dst.v[:, :n] = src.v[:, :n]
+        if src.k_scales is not None:  # int8 rows' scales, one per head and token
+            dst.k_scales, dst.v_scales = (x.new_empty(shape[:2]) for x in (src.k_scales,
+                                                                          src.v_scales))
+            dst.k_scales[:, :n] = src.k_scales[:, :n]
+            dst.v_scales[:, :n] = src.v_scales[:, :n]
         dst.offset = n
     for index, src in cache.states.items():
         dst = out.states[index] = copy.copy(src)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 # a store's dtypes (models/checkpoint/store.py maps each to the torch dtype its float parts run in)
 DTYPE_NAMES = ("int8", "fp32", "bf16", "fp16")
+# what a KV cache stores K/V in (models/cache.py KV_DTYPES maps each to its torch dtype)
+KV_DTYPE_NAMES = ("fp16", "fp32", "int8")
 
 
 class UnknownArch(ValueError):

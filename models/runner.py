@@ -14,7 +14,7 @@ from torch import nn
 
 from llm_shard.models.base import Part
 from llm_shard.models.cache import Batch, SequenceCache
-from llm_shard.models.checkpoint.store import Store, read_ahead
+from llm_shard.models.checkpoint.store import Store
 from llm_shard.models.kernels import decode
 
 
@@ -35,10 +35,11 @@ class StageModel(nn.Module):
         self.blocks = nn.ModuleDict({str(i): store.load(Part("block", i), dtype, device)
                                      for i in range(start, end)} if load_blocks else {})
         self.head = store.load(Part("head"), dtype, device) if self.has_head else None
-        # the embedding is read into the page cache after the first forward pass, so that
-        # its reads never hold up a cold start's first token (`store.read_ahead`)
-        self.read_ahead = None
         self.greedy: list[int] | None = None  # the last forward's argmax of each row
+        # the embedding reads its tokens' rows from its memory map (RowEmbedding), a tied
+        # head's layer where this stage holds both: one copy of the table
+        if self.embed is not None and self.head is not None:
+            store.share_tied(self.embed, self.head)
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, batch: Batch, all_logits: bool = False,
@@ -55,8 +56,6 @@ class StageModel(nn.Module):
             x = run_blocks(x, batch)
         if self.blocks:
             x = decode.run_blocks(self.blocks.values(), x, batch)
-        if self.embed is not None and self.read_ahead is None:
-            self.read_ahead = read_ahead(self.embed)
         self.greedy = None
         if self.head is None:
             return x
@@ -70,20 +69,23 @@ class StageModel(nn.Module):
 
 
 class LocalModel:
-    """A whole model in this process: for tests, conversion checks and quick generation."""
+    """A whole model in this process: for tests, conversion checks and quick generation.
+    Its caches are `kv_dtype` (fp32: the reference numerics, unlike a served model's fp16)."""
 
-    def __init__(self, store: Store | str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, store: Store | str, dtype: torch.dtype = torch.float32,
+                 kv_dtype: str = "fp32") -> None:
         self.store = store if isinstance(store, Store) else Store.open(store)
         self.stage = StageModel(self.store, 0, self.store.n_blocks, dtype=dtype)
+        self.kv_dtype = kv_dtype
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """(len(ids), vocab) logits of a full forward pass over one sequence."""
-        cache = SequenceCache()
+        cache = SequenceCache(kv_dtype=self.kv_dtype)
         return self.stage(torch.tensor(ids), Batch.of([len(ids)], [cache]), all_logits=True)
 
     def stream(self, ids: list[int], max_tokens: int, eos: tuple[int, ...] = ()):
         """Greedy continuation with the cache: prefill once, then one token per step."""
-        cache, step = SequenceCache(), list(ids)
+        cache, step = SequenceCache(kv_dtype=self.kv_dtype), list(ids)
         for _ in range(max_tokens):
             logits = self.stage(torch.tensor(step), Batch.of([len(step)], [cache]))
             greedy = self.stage.greedy

@@ -129,7 +129,7 @@ def test_cached_decoding_equals_recompute(glm):
         assert int(reference_logits(sd, seq)[-1].argmax()) == token
         seq.append(token)
     # and the cached logits themselves, step by step
-    stage, cache = StageModel(store, 0, store.n_blocks), SequenceCache()
+    stage, cache = StageModel(store, 0, store.n_blocks), SequenceCache(kv_dtype="fp32")
     step = prompt
     for n in range(len(prompt), len(seq) + 1):
         logits = stage(torch.tensor(step), Batch.of([len(step)], [cache]))
@@ -141,7 +141,7 @@ def test_cached_decoding_equals_recompute(glm):
 def run_stages(stages, chunks):
     """Each stage with its own caches; a stage passes its batch's prefixes on, as a worker
     forwards them in the step header."""
-    caches = [[SequenceCache() for _ in chunks[0]] for _ in stages]
+    caches = [[SequenceCache(kv_dtype="fp32") for _ in chunks[0]] for _ in stages]
     out = []
     for step in chunks:
         x, prefixes = torch.tensor([t for seq in step for t in seq]), None
@@ -168,8 +168,8 @@ def test_later_stage_needs_the_prefix_and_prompt_comes_whole(glm):
     _, store = glm
     later = StageModel(store, 1, 3)
     with pytest.raises(ValueError, match="no GLM prefix"):
-        later(torch.zeros(4, CFG["hidden_size"]), Batch.of([4], [SequenceCache()]))
-    whole, cache = StageModel(store, 0, 3), SequenceCache()
+        later(torch.zeros(4, CFG["hidden_size"]), Batch.of([4], [SequenceCache(kv_dtype="fp32")]))
+    whole, cache = StageModel(store, 0, 3), SequenceCache(kv_dtype="fp32")
     prompt = text_ids(6, 8) + [GMASK, SOP]
     whole(torch.tensor(prompt[:3]), Batch.of([3], [cache], [prefix_of(store.config, prompt)]))
     with pytest.raises(ValueError, match="must come in one step"):

@@ -98,7 +98,7 @@ def test_cached_decoding_equals_recompute_and_transformers(cpm2):
 
 def test_the_cache_holds_cross_and_self_kv(cpm2):
     _, store, _ = cpm2
-    stage, cache = StageModel(store, 0, ENC + DEC), SequenceCache()
+    stage, cache = StageModel(store, 0, ENC + DEC), SequenceCache(kv_dtype="fp32")
     enc = ids(7, seed=5)
     stage(torch.tensor(enc + [START]), Batch.of([8], [cache]))
     stage(torch.tensor([5]), Batch.of([1], [cache]))
@@ -107,16 +107,16 @@ def test_the_cache_holds_cross_and_self_kv(cpm2):
     assert all(cache.state(i).value.shape == (2, 4, 7, 8) for i in cache.states)
     assert all(cache.layer(i).offset == 2 for i in cache.layers)  # two decoder tokens
     with pytest.raises(ValueError, match="decoder start token"):
-        stage(torch.tensor(enc), Batch.of([7], [SequenceCache()]))
+        stage(torch.tensor(enc), Batch.of([7], [SequenceCache(kv_dtype="fp32")]))
     lonely = StageModel(store, ENC, ENC + DEC, embed=False)
     with pytest.raises(ValueError, match="no encoder states"):
-        lonely(torch.zeros(1, 32), Batch.of([1], [SequenceCache()]))
+        lonely(torch.zeros(1, 32), Batch.of([1], [SequenceCache(kv_dtype="fp32")]))
 
 
 def run_stages(stages: list[StageModel], chunks: list[list[list[int]]]) -> list[torch.Tensor]:
     """Steps through stages as the pipeline runs them: each stage has its own caches, and
     the prefixes the first stage found travel with the step that starts a sequence."""
-    caches = [[SequenceCache() for _ in chunks[0]] for _ in stages]
+    caches = [[SequenceCache(kv_dtype="fp32") for _ in chunks[0]] for _ in stages]
     out = []
     for step in chunks:
         x, prefixes = torch.tensor([t for seq in step for t in seq]), None
@@ -157,7 +157,8 @@ def test_a_sequence_starts_beside_one_that_decodes(cpm2):
             x, prefixes = stage(x, batch), batch.prefixes
         return x
 
-    ca, cb = [SequenceCache(), SequenceCache()], [SequenceCache(), SequenceCache()]
+    ca, cb = ([SequenceCache(kv_dtype="fp32") for _ in range(2)],
+              [SequenceCache(kv_dtype="fp32") for _ in range(2)])
     step([a], [[c] for c in ca])
     both = step([[7], b], [[x, y] for x, y in zip(ca, cb)])
     alone_a = LocalModel(store).logits(a + [7])[-1]
@@ -196,7 +197,8 @@ def test_a_worker_can_time_every_block(cpm2):
     for i in (0, ENC - 1, ENC):
         block = store.load(Part("block", i))
         with torch.inference_mode():
-            out = block(torch.randn(1, 32), Batch.of([1], [SequenceCache()], [Prefix(1, 0)]))
+            out = block(torch.randn(1, 32),
+                        Batch.of([1], [SequenceCache(kv_dtype="fp32")], [Prefix(1, 0)]))
         assert out.shape == (1, 32) and torch.isfinite(out).all()
 
 
@@ -396,7 +398,7 @@ def test_generation_and_blank_templates(tmp_path):
     cfg = CPM2Config(vocab_size=len(v), d_model=8, d_kv=2, d_ff=8, num_layers=1, num_heads=4,
                      decoder_start_token_id=v["<s>"])
     embed = get_arch("cpm2").embed(cfg)
-    batch = Batch.of([len(prompt)], [SequenceCache()])
+    batch = Batch.of([len(prompt)], [SequenceCache(kv_dtype="fp32")])
     embed(torch.tensor(prompt), batch)
     assert batch.prefixes == [Prefix(6, 6)]
     saved = load_tokenizer(tmp_path / "store", tok.save(tmp_path / "store"))

@@ -68,7 +68,7 @@ def make_block(arch: str, int8: str, fuse: bool, layer: int = 1) -> nn.Module:
 
 def prompts(block: nn.Module, lens: list[int]) -> list[SequenceCache]:
     """Caches of len(lens) sequences, each prefilled by the modules with lens[i] rows."""
-    caches = [SequenceCache() for _ in lens]
+    caches = [SequenceCache(kv_dtype="fp32") for _ in lens]
     g = torch.Generator().manual_seed(7)
     for cache, n in zip(caches, lens):
         with torch.inference_mode():
@@ -153,7 +153,8 @@ def test_long_prompts_and_other_kernels_run_the_modules(monkeypatch):
         else:
             prepare_int8(float_block, kernel=kernel)
         with torch.inference_mode():
-            decode.run_block(float_block, torch.randn(1, 128), Batch.of([1], [SequenceCache()]))
+            decode.run_block(float_block, torch.randn(1, 128),
+                             Batch.of([1], [SequenceCache(kv_dtype="fp32")]))
     assert ran == [False, True, True, False, False]
 
 
@@ -246,7 +247,7 @@ def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, mo
 
     def run(fused: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(decode, "ENABLED", fused)
-        caches = [SequenceCache() for _ in prompts_]
+        caches = [SequenceCache(kv_dtype="fp32") for _ in prompts_]
         ids = torch.tensor([t for p in prompts_ for t in p])
         # each step's logits: one row per sequence, its last
         logits = [stage(ids, Batch.of([len(p) for p in prompts_], caches))]
@@ -285,7 +286,7 @@ def test_pangu_stages_run_their_blocks_in_one_call(tmp_path, monkeypatch):
 
     def run(model, fused: bool, **kw) -> list[torch.Tensor]:
         monkeypatch.setattr(decode, "ENABLED", fused)
-        caches = [SequenceCache() for _ in range(2)]
+        caches = [SequenceCache(kv_dtype="fp32") for _ in range(2)]
         logits = [model(torch.tensor([3, 14, 15, 92, 7, 8]), Batch.of([4, 2], caches), **kw)]
         for _ in range(5):
             logits.append(model(logits[-1].argmax(-1), Batch.of([1, 1], caches), **kw))
@@ -323,7 +324,7 @@ def test_a_call_of_blocks_stops_at_one_whose_shapes_do_not_add_up():
     when it is made: a plan change, here block 2's layers prepared again, remakes it.)"""
     first, second = make_block("llama", "per-channel", True, 1), make_block(
         "llama", "per-channel", True, 2)
-    caches = [SequenceCache()]
+    caches = [SequenceCache(kv_dtype="fp32")]
     with torch.inference_mode():
         decode.run_blocks([first, second], torch.randn(2, 128), Batch.of([2], caches))
     second.self_attn.heads, second.self_attn.kv_heads = 2, 1

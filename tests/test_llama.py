@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
-import mmap
-import os
-import time
 
 import pytest
 import torch
 from conftest import hf_llama, random_ids
 
 from llm_shard.models.archs.llama import interleaved_to_half
-from llm_shard.models.cache import Batch, SequenceCache
 from llm_shard.models.checkpoint.convert import convert
-from llm_shard.models.runner import LocalModel, StageModel
+from llm_shard.models.runner import LocalModel
 
 pytest.importorskip("transformers")  # the references are transformers models
 
@@ -105,41 +100,3 @@ def test_cached_decoding_equals_recompute(tmp_path):
     assert ref[0, len(prompt):].tolist() == generated
 
 
-def _in_page_cache(t: torch.Tensor) -> float:
-    """Share of a memory-mapped tensor's pages that are in the page cache (mincore)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = mmap.PAGESIZE
-    start = t.data_ptr() // page * page
-    n = -(-(t.data_ptr() + t.numel() * t.element_size() - start) // page)
-    vec = (ctypes.c_ubyte * n)()
-    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * page), vec) == 0, \
-        os.strerror(ctypes.get_errno())
-    return sum(v & 1 for v in vec) / n
-
-
-def test_the_embedding_is_read_ahead_after_the_first_forward_pass(tmp_path):
-    # a 64 MiB fp32 embedding, of which a forward pass reads 3 rows (the first read of a
-    # mapped file reads read_ahead_kb ahead: 8 MiB on this machine's disk)
-    hf_llama(vocab_size=65536, hidden_size=256, **CONFIGS["gqa-tied"]).save_pretrained(
-        tmp_path / "hf")
-    store = convert(tmp_path / "hf", tmp_path / "store", dtype="fp32", progress=False)
-    path = store.path / "embed.safetensors"
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # written back, so that its pages can be dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    stage = StageModel(store, 0, store.n_blocks)
-    weight = stage.embed.embed_tokens.weight
-    before = _in_page_cache(weight)
-    if before > 0.2:
-        pytest.skip(f"the page cache kept {before:.0%} of the embedding after "
-                    "POSIX_FADV_DONTNEED: cannot see a read-ahead here")
-    assert stage.read_ahead is None  # nothing read before the first token
-    stage(torch.tensor(ids(3)), Batch.of([3], [SequenceCache()]))
-    stage.read_ahead.join(timeout=30)
-    deadline = time.monotonic() + 30
-    while _in_page_cache(weight) < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _in_page_cache(weight) == 1

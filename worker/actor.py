@@ -102,7 +102,7 @@ class Worker:
                  wire_dtype: str = "bf16", host: str | None = None,
                  store_source: transfer.StoreSource | None = None,
                  link_keys: links.LinkKeys | None = None,
-                 cpu_offset: int | None = None) -> None:
+                 cpu_offset: int | None = None, kv_dtype: str = "fp16") -> None:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the budget says otherwise.
         torch.set_num_threads(int(threads))
         self.threads = int(threads)
@@ -131,7 +131,7 @@ class Worker:
                                                             home()))
             self._fetch([])
         # -- end store transfer ------------------------------------------------------
-        self.store = Store.open(self.store_path)
+        self.store = Store.open(self.store_path, kv_dtype=kv_dtype)  # its caches' dtype
         self.dtype = wire.activation_dtype(compute_dtype)
         self.wire_dtype = wire.activation_dtype(wire_dtype)
         self.ctx = zmq.Context()

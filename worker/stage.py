@@ -48,8 +48,8 @@ class _Sequence:
 
 class StageRunner:
     """Blocks [start, end) of a store, the caches of the sequences passing through, and
-    (last stage) the sampler. `cache_budget` (float32 bytes per block, see
-    `block_cache_budget`) bounds the caches; a sequence that would overflow it is rejected
+    (last stage) the sampler. `cache_budget` (bytes per block in the store's kv_dtype,
+    see `block_cache_budget`) bounds the caches; a sequence that would overflow it is rejected
     with CACHE_FULL (its cache freed), never half-computed."""
 
     def __init__(self, store: Store, start: int, end: int, *, cache_budget: int,
@@ -121,7 +121,7 @@ class StageRunner:
                 self.sequences[i] = _Sequence(copy_prefix(src.cache, rows), rows,
                                               history=src.history[:rows])
             elif i not in self.sequences:
-                self.sequences[i] = _Sequence(SequenceCache())
+                self.sequences[i] = _Sequence(SequenceCache(kv_dtype=self.cfg.kv_dtype))
         return rejected
 
     # ------------------------------------------------------------------ compute

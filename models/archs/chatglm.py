@@ -74,8 +74,8 @@ class ChatGLMConfig(ArchConfig):
         return self.num_layers
 
     @property
-    def cache_bytes_per_token(self) -> int:
-        return 2 * self.hidden_size * 4
+    def kv_layout(self) -> tuple[int, int]:
+        return self.num_attention_heads, self.head_dim
 
 
 def prefix_of(cfg: ChatGLMConfig, ids: list[int]) -> Prefix:

@@ -69,8 +69,8 @@ class LlamaConfig(ArchConfig):
         return self.num_hidden_layers
 
     @property
-    def cache_bytes_per_token(self) -> int:
-        return 2 * self.num_key_value_heads * self.head_dim * 4
+    def kv_layout(self) -> tuple[int, int]:
+        return self.num_key_value_heads, self.head_dim
 
 
 class Embedding(nn.Module):

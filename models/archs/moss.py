@@ -70,8 +70,8 @@ class MossConfig(ArchConfig):
         return self.n_layer
 
     @property
-    def cache_bytes_per_token(self) -> int:
-        return 2 * self.n_embd * 4
+    def kv_layout(self) -> tuple[int, int]:
+        return self.n_head, self.head_dim
 
 
 class Embedding(nn.Module):

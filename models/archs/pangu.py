@@ -47,8 +47,8 @@ class PanGuConfig(ArchConfig):
         return self.num_layers
 
     @property
-    def cache_bytes_per_token(self) -> int:
-        return 2 * self.hidden_size * 4
+    def kv_layout(self) -> tuple[int, int]:
+        return self.num_heads, self.head_dim
 
     @property
     def head_dim(self) -> int:

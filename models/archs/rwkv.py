@@ -51,8 +51,8 @@ class RwkvConfig(ArchConfig):
         return self.num_hidden_layers
 
     @property
-    def cache_bytes_per_token(self) -> int:
-        return 0  # the state does not grow with the sequence: see state_bytes_per_sequence
+    def kv_layout(self) -> tuple[int, int]:
+        return 0, 0  # the state does not grow with the sequence: see state_bytes_per_sequence
 
     @property
     def state_bytes_per_sequence(self) -> int:

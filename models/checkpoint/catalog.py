@@ -7,6 +7,8 @@ store, or to a checkpoint folder or GGUF file, is accepted wherever a name is.
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from llm_shard.models.errors import StoreError
 
 if TYPE_CHECKING:
     from llm_shard.models.checkpoint.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ def resolve(name_or_path: str, dtype: str = "int8", progress: bool = True) -> St
         return Store.open(path)
     if path.exists():
         target = home() / f"{path.stem}-{dtype}"
-        if (target / "manifest.json").is_file():
+        if _current(target):
             return Store.open(target)
         return convert(path, target, dtype=dtype, progress=progress)
     info = CATALOG.get(name_or_path)
@@ -75,7 +79,7 @@ def resolve(name_or_path: str, dtype: str = "int8", progress: bool = True) -> St
 
     get_arch(info.arch)  # a planned architecture says so plainly
     target = home() / (info.name if dtype == "int8" else f"{info.name}-{dtype}")
-    if (target / "manifest.json").is_file():
+    if _current(target):
         return Store.open(target)
     if info.name == "smollm2-135m":
         gguf = smollm2_gguf()
@@ -91,6 +95,26 @@ def resolve(name_or_path: str, dtype: str = "int8", progress: bool = True) -> St
         raise StoreError(f"{info.name} is not in {home()} and the Hugging Face hub is not "
                          f"reachable (offline?); {manual}")
     return convert(folder, target, dtype=dtype, progress=progress)
+
+
+def _current(target: Path) -> bool:
+    """Whether home's store `target` exists in this llm-shard's store version. One of an
+    earlier version is a conversion this llm-shard can make again from its source, so it
+    is converted again (over it) rather than refused; a store named by its path is not."""
+    from llm_shard.models.checkpoint.store import VERSION
+
+    manifest = target / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        version = json.loads(manifest.read_text()).get("version")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return True  # Store.open names what is wrong with it
+    if version != VERSION:
+        log.warning("%s is a store of version %s, this llm-shard reads version %s: "
+                    "converting it again", target, version, VERSION)
+        return False
+    return True
 
 
 DOWNLOAD_PATTERNS = ("*.json", "*.model", "*.txt", "*.tiktoken", "tokenizer*")

@@ -74,12 +74,35 @@ def tied_keys(layout: dict) -> set[str]:
     return {r.source for r in layout["embed"].values()}
 
 
-def int8_keys(layout: dict, part: Part, linears: set[str]) -> set[str]:
-    """The part's Linear weights that an int8 store holds as int8: every one, but a tied
-    LM head, which stays float.
+def tied_head(layout: dict) -> dict[str, str]:
+    """{head key: embed key} of the head's tensors that are the embedding's: a tied LM
+    head, which the store keeps once, in the embedding's file."""
+    embed = {r.source: k for k, r in layout["embed"].items()}
+    return {k: embed[r.source] for k, r in layout["head"].items() if r.source in embed}
 
-    A tied head is the embedding matrix, kept float anyway: an int8 copy would save no
-    storage and costs SmolLM2-135M 2 points of top-1 agreement (0.971 -> 0.952 with
+
+def table_dtype(dtype: str, tied: bool) -> str:
+    """How a store of `dtype` keeps a token table: int8 rows with a scale per row in an
+    int8 store, but fp16 where the LM head is tied to it (the head's exact rows, which
+    its int8 screen recomputes the top logits from); other stores: their dtype."""
+    return ("fp16" if tied else "int8") if dtype == "int8" else dtype
+
+
+def tables(arch: Arch, cfg: ArchConfig) -> list[str]:
+    """The embed part's token tables: its nn.Embeddings with a row per vocabulary entry
+    (not PanGu's position table)."""
+    with on_meta():
+        module = arch.build(cfg, Part("embed"))
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.Embedding) and m.num_embeddings == cfg.vocab_size]
+
+
+def int8_keys(layout: dict, part: Part, linears: set[str]) -> set[str]:
+    """The part's Linear weights that an int8 store rounds to int8: every one but a tied
+    LM head, which is the embedding's table (one copy, in embed.safetensors), kept in
+    fp16 there (`table_dtype`) and read through an int8 screen (quant/screened.py).
+
+    An int8 tied head costs SmolLM2-135M 2 points of top-1 agreement (0.971 -> 0.952 with
     round-to-nearest blocks). An untied head is int8: on LLaMA-7B it is 500 MB of fp32
     that the last stage reads at every decode step, so int8 there cuts the largest
     single read 4x.
@@ -98,8 +121,11 @@ def encode_part(source: Source, arch: Arch, cfg: ArchConfig, layout: dict, part:
     they are (weight, scales, mins; counted there) instead."""
     shapes, linears = _expected_shapes(arch, cfg, part)
     int8 = int8_keys(layout, part, linears) if dtype == "int8" else set()
+    tied = tied_head(layout) if part.kind == "head" else {}
     out = {}
     for key, rule in part_rules(layout, part).items():
+        if key in tied:  # the embedding's file holds it
+            continue
         blocks = source.blocks(rule.source) if kept is not None and key in int8 else None
         if blocks is not None:
             out.update(_kept_blocks(source, key, rule, blocks, shapes[key]))
@@ -193,6 +219,10 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
             calibrator = Calibrator(a, cfg, calibration_ids(tokenizer))
     writer = StoreWriter(Path(out), a, cfg, dtype,
                          {"path": str(Path(src).resolve()), "layout": source.layout})
+    tied = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in tied_head(layout).items()}
+    writer.manifest["embedding"] = {
+        "tables": {t: table_dtype(dtype, t in tied.values()) for t in tables(a, cfg)},
+        "tied": tied}
     int8_record: dict[str, list[str]] = {}
     kept: dict[str, int] | None = {} if rounding == "gguf" else None
     parts = parts_of(cfg.n_blocks)
@@ -204,6 +234,12 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
             tensors = calibrator.quantize_part(part, tensors, int8)
         elif int8:
             tensors = round_nearest(tensors, int8)
+        if part.kind == "embed":  # int8 rows with a scale per row, or fp16 rows
+            kinds = writer.manifest["embedding"]["tables"]
+            tensors = round_nearest(tensors, {f"{t}.weight" for t in kinds
+                                              if kinds[t] == "int8"})
+            tensors.update({f"{t}.weight": tensors[f"{t}.weight"].half() for t in kinds
+                            if kinds[t] == "fp16"})
         writer.write(part, tensors)
         if dtype == "int8":
             kind = "blocks" if part.kind == "block" else part.kind
@@ -221,10 +257,10 @@ def convert(src: str | Path, out: str | Path, arch: str | None = None, dtype: st
             "rounding": rounding,
             "calibration": ({"text": "built-in (models/quant/calibrate.py), English and Chinese",
                              "tokens": calibrator.tokens} if calibrator is not None else None),
-            # Which Linears are int8, per part kind (blocks: every block alike); every
-            # other tensor (embedding, norms, biases, a tied LM head) is float32.
+            # Which Linears are int8, per part kind (blocks: every block alike); the
+            # token tables are int8 rows with a float32 scale each, or fp16 where a tied
+            # LM head reads them (manifest "embedding"); norms and biases are float32.
             "int8": int8_record,
-            "lm_head": "float32, tied to the embedding" if any(
-                tied_keys(layout) & {r.source for r in part_rules(layout, Part("head")).values()}
-            ) else "int8"})
+            "lm_head": "the embedding's fp16 table (tied), through an int8 screen"
+                       if tied else "int8"})
     return writer.finish(tokenizer)

@@ -14,7 +14,6 @@ import functools
 import logging
 import mmap
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from llm_shard.models.quant.linear import Int8Linear
 
 log = logging.getLogger(__name__)
 
-_MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_POPULATE_READ = 4, 14, 22
+_MADV_DONTNEED, _MADV_HUGEPAGE = 4, 14
 _libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 HUGE_PAGE = 2 << 20
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -170,27 +169,3 @@ def back_to_back(weights: list[torch.Tensor]) -> torch.Tensor | None:
     shape = (sum(w.shape[0] for w in weights), *first.shape[1:])
     return first.as_strided(shape, torch.empty(shape, device="meta").stride(),
                             first.storage_offset())
-
-
-def read_ahead(module: nn.Module) -> threading.Thread:
-    """Read a module's memory-mapped tensors in from their files, in a daemon thread
-    (returned): madvise(MADV_POPULATE_READ), Linux 5.14+, maps every page. (MADV_WILLNEED
-    reads no more than the disk's readahead window.)
-
-    For the embedding, the one mapped part that a forward pass reads a few rows of: from a
-    cold page cache each new token's row is otherwise a read from disk in the middle of
-    a step. The planner counts the embedding in its stage's RAM."""
-    tensors = [*module.parameters(), *module.buffers()]
-
-    def advise() -> None:
-        for t in tensors:
-            if err := _advise(t, _MADV_POPULATE_READ):
-                log.warning("cannot read the %s mapped bytes of a %s in ahead (madvise: "
-                            "%s): its rows are read from disk as they are first used",
-                            t.numel() * t.element_size(), type(module).__name__,
-                            os.strerror(err))
-                return
-
-    thread = threading.Thread(target=advise, name="llm-shard-read-ahead", daemon=True)
-    thread.start()
-    return thread

@@ -3,17 +3,21 @@
     STORE/manifest.json            arch, config, dtype, quantization, tokenizer, files
     STORE/embed.safetensors        the embedding
     STORE/blocks/NNN.safetensors   one file per block (global index), so a worker maps only its own
-    STORE/head.safetensors         final norm and LM head
+    STORE/head.safetensors         final norm and LM head (a tied one: in embed.safetensors)
     STORE/tokenizer/...
 
 int8 stores hold each Linear weight as `<name>.weight` (int8, out x in) plus
-`<name>.scales` (float32, per output channel). Loading memory-maps a part's file, checks
+`<name>.scales` (float32, per output channel), and the token tables (manifest
+"embedding") alike: int8 rows, a scale per row; other stores keep the tables in their
+dtype. A tied LM head is the table's tensors, read from embed.safetensors (manifest
+"embedding" "tied": {head layer: table}). Loading memory-maps a part's file, checks
 its size and its sha256 (verify.py: unless recorded as already checked), and places what
 w8a16 streams into 2 MiB pages (placement.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,12 +29,12 @@ from torch import nn
 
 from llm_shard.models import get_arch
 from llm_shard.models.base import Arch, ArchConfig, Part, on_meta, parts_of
+from llm_shard.models.cache import DEFAULT_KV_DTYPE, kv_dtype_of
 from llm_shard.models.checkpoint.placement import (
     back_to_back,
     huge_page_arena,
     huge_page_place,
     huge_pages_problem,
-    read_ahead,
     release_mapped,
     weights_to_huge_pages,
 )
@@ -42,17 +46,21 @@ from llm_shard.models.checkpoint.verify import (
     sha256_file,
 )
 from llm_shard.models.errors import StoreError
+from llm_shard.models.quant.embedding import RowEmbedding, swap_tables
 from llm_shard.models.quant.fusion import prepare_int8
-from llm_shard.models.quant.linear import int8_formats, keeps_dtype, swap_int8
+from llm_shard.models.quant.linear import Int8Linear, int8_formats, keeps_dtype, swap_int8
 from llm_shard.models.quant.screened import screen_head
 
 # importable from here as well, for callers outside models/checkpoint
 __all__ = ["ALIGN", "DTYPES", "PAD", "SAFETENSORS_DTYPES", "VERIFIED", "VERIFIED_LOCK", "Store",
-           "StoreError", "StoreWriter", "huge_page_arena", "huge_pages_problem", "read_ahead",
+           "StoreError", "StoreWriter", "huge_page_arena", "huge_pages_problem",
            "record_verified", "release_mapped", "save_aligned", "without_padding"]
 
 FORMAT = "llm-shard-store"
-VERSION = 1
+# 2: token tables at their stored size (int8 rows + scales in int8 stores), a tied head
+# kept once, in embed.safetensors. Version 1 stores are refused (Store.open) or, in the
+# catalog's home, converted again (catalog.resolve).
+VERSION = 2
 # the torch dtype each store dtype runs its float parts in; its names are DTYPE_NAMES, which
 # the command line offers without loading torch (tests/test_store_verify.py checks)
 DTYPES = {"int8": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
@@ -110,6 +118,14 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
             f.write(chunk)
 
 
+def _tensor_bytes(path: Path) -> dict[str, int]:
+    """{tensor name: bytes} from a safetensors file's header (no data read)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+            if k != "__metadata__"}
+
+
 def without_padding(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if not k.startswith(PAD)}
 
@@ -118,13 +134,21 @@ def without_padding(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 class Store:
     path: Path
     manifest: dict
+    # what this process's caches of the store store K/V in (models/cache.py KV_DTYPES);
+    # `config` carries it, so that its cache_bytes_per_token follows
+    kv_dtype: str = field(default=DEFAULT_KV_DTYPE, compare=False)
     checks: Checks = field(init=False, repr=False, compare=False)  # sha256 checks (verify.py)
 
     def __post_init__(self) -> None:
+        kv_dtype_of(self.kv_dtype)
         self.checks = Checks(self.path)
 
+    def with_kv_dtype(self, kv_dtype: str) -> Store:
+        """This store, its caches (and so its config's cache bytes) in `kv_dtype`."""
+        return dataclasses.replace(self, kv_dtype=kv_dtype)
+
     @classmethod
-    def open(cls, path: str | Path) -> Store:
+    def open(cls, path: str | Path, kv_dtype: str = DEFAULT_KV_DTYPE) -> Store:
         path = Path(path)
         mf = path / "manifest.json"
         if not mf.is_file():
@@ -139,7 +163,7 @@ class Store:
         if manifest.get("version") != VERSION:
             raise StoreError(f"{mf} has store version {manifest.get('version')}, this llm-shard "
                              f"reads version {VERSION}: convert the checkpoint again")
-        return cls(path, manifest)
+        return cls(path, manifest, kv_dtype)
 
     @property
     def arch(self) -> Arch:
@@ -147,7 +171,7 @@ class Store:
 
     @property
     def config(self) -> ArchConfig:
-        return self.arch.config.from_dict(self.manifest["config"])
+        return self.arch.config.from_dict(self.manifest["config"]).with_kv_dtype(self.kv_dtype)
 
     @property
     def dtype(self) -> str:
@@ -168,8 +192,34 @@ class Store:
         """Bytes of all the store's weight files, as its manifest lists them."""
         return sum(f["bytes"] for f in self.manifest["files"])
 
+    @property
+    def tables(self) -> list[str]:
+        """The embed part's token tables (RowEmbeddings once loaded)."""
+        return list(self.manifest["embedding"]["tables"])
+
+    @property
+    def tied(self) -> dict[str, str]:
+        """{head layer: embed table} of a tied LM head, whose tensors are the table's."""
+        return dict(self.manifest["embedding"]["tied"])
+
+    def tied_bytes(self) -> int:
+        """Bytes of embed.safetensors that a tied head reads (0 for an untied head)."""
+        names = {f"{t}.{n}" for t in self.tied.values() for n in ("weight", "scales")}
+        return sum(b for name, b in _tensor_bytes(self.path / Part("embed").file).items()
+                   if name in names)
+
     def part_bytes(self, part: Part) -> int:
-        return self.file_entry(part.file)["bytes"]
+        """Bytes the part holds at its stored size, as mapped or read to run it: its
+        file's, and for a tied head the table it shares with the embedding (counted in
+        both parts: `parts_bytes` counts it once where one worker holds both)."""
+        extra = self.tied_bytes() if part.kind == "head" else 0
+        return self.file_entry(part.file)["bytes"] + extra
+
+    def parts_bytes(self, parts: list[Part]) -> int:
+        """Bytes of the parts one worker holds together: a tied head's table counted once."""
+        total = sum(self.part_bytes(p) for p in parts)
+        kinds = {p.kind for p in parts}
+        return total - (self.tied_bytes() if {"embed", "head"} <= kinds else 0)
 
     def _sized(self, name: str) -> tuple[dict, Path, os.stat_result]:
         """The file's manifest entry, path and stat; StoreError if missing or mis-sized."""
@@ -203,18 +253,31 @@ class Store:
 
     def load(self, part: Part, dtype: torch.dtype = torch.float32,
              device: str | torch.device = "cpu") -> nn.Module:
-        """Build one part and fill it from its file: int8 Linears stay int8."""
+        """Build one part and fill it from its file: int8 Linears stay int8, token tables
+        stay as stored and mapped (RowEmbedding), a tied head reads the embedding's."""
         arch, cfg = self.arch, self.config
         with on_meta():
             module = arch.build(cfg, part)
         state = self.tensors(part)
-        int8 = int8_formats(state)
-        if int8:
-            with on_meta():  # empty Int8Linears: the state dict fills them
+        if part.kind == "head" and self.tied:
+            table = self.tensors(Part("embed"))
+            for layer, name in self.tied.items():
+                state.update({f"{layer}.{k}": table[f"{name}.{k}"]
+                              for k in ("weight", "scales") if f"{name}.{k}" in table})
+        tables = {f"{t}.weight" for t in self.tables} if part.kind == "embed" else set()
+        int8 = {k: v for k, v in int8_formats(state).items() if f"{k}.weight" not in tables}
+        with on_meta():  # empty Int8Linears and RowEmbeddings: the state dict fills them
+            if int8:
                 swap_int8(module, formats=int8)
+            swap_tables(module, {k[: -len(".weight")]: state[k].dtype for k in tables},
+                        dtype)
         raw = state  # kept to the end: no new tensor can take a mapped tensor's address
         mapped = {v.data_ptr() for v in raw.values()}
-        state = {k: (v if keeps_dtype(k, v) else v.to(dtype)) for k, v in raw.items()}
+        # a tied head over an int8 store's fp16 table reads it mapped, through a screen
+        half = {f"{t}.weight" for t in self.tied} if (
+            part.kind == "head" and self.manifest["dtype"] == "int8") else set()
+        state = {k: (v if k in tables or k in half or keeps_dtype(k, v) else v.to(dtype))
+                 for k, v in raw.items()}
         module.load_state_dict(state, strict=True, assign=True)
         module.to(device)
         # the int8 weights that w8a16 streams every step go into 2 MiB pages (where
@@ -229,14 +292,39 @@ class Store:
                 if ((kernel == "fused" or layer.running in PACKED_KERNELS)
                         and layer.weight.data_ptr() in mapped):
                     release_mapped(layer.weight)  # a copy replaced the mapped bytes
-        if part.kind == "head" and self.manifest["dtype"] == "int8":
-            # a float head (tied to the embedding) is read through an int8 screen; of a
+        if half:
+            # the float head (tied to the embedding) is read through an int8 screen; of a
             # mapped weight, only the rows recomputed exactly are read from then on
-            screen_head(module, lambda lin: release_mapped
-                        if lin.weight.data_ptr() in mapped else None,
-                        place=huge_page_place if huge else None)
+            screened = screen_head(module, lambda lin: release_mapped
+                                   if lin.weight.data_ptr() in mapped else None,
+                                   place=huge_page_place if huge else None)
+            for name in set(self.tied) - set(screened):  # no screen here: run it in dtype
+                lin = module.get_submodule(name)
+                lin.weight = nn.Parameter(lin.weight.to(dtype), requires_grad=False)
         del raw
         return module.eval().requires_grad_(False)
+
+    def share_tied(self, embed: nn.Module, head: nn.Module) -> int:
+        """One copy of a tied table where one worker holds both parts: the embedding reads
+        its rows from the head's layer (int8 rows and scales, or float rows where the head
+        runs in the stored dtype), whose bytes the head reads at every step anyway.
+        Returns the bytes no longer held twice (0: untied, or the layer's form differs,
+        such as an fp32 head over a bf16 table, or a packed kernel's copy)."""
+        saved = 0
+        for layer, name in self.tied.items():
+            table, lin = embed.get_submodule(name), head.get_submodule(layer)
+            if not isinstance(table, RowEmbedding):
+                raise StoreError(f"{self.path}: {name} is not a loaded token table")
+            if isinstance(lin, Int8Linear):
+                if lin.group or lin.nibbles_now() is not None:
+                    continue
+                weight, scales = lin.weight, lin.scales
+            else:
+                weight, scales = lin.weight, None
+            if table.share(weight, scales):
+                saved += weight.numel() * weight.element_size() + (
+                    0 if scales is None else scales.numel() * scales.element_size())
+        return saved
 
     def tokenizer(self):
         from llm_shard.models.text.tokenizer import load_tokenizer

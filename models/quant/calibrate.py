@@ -193,6 +193,8 @@ class Calibrator:
         Returns the state dict to store: int8 `.weight` and float32 `.scales` for those
         keys, the other tensors unchanged.
         """
+        if part.kind == "head" and not int8:  # a tied head: the embedding's int8 rows
+            return dict(tensors)
         with on_meta():
             module = self.arch.build(self.cfg, part)
         module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True,

@@ -38,7 +38,7 @@ from torch import nn
 from llm_shard.models.archs.cpm2.bminf import open_bminf
 from llm_shard.models.archs.cpm2.tokenizer import CPM2Tokenizer
 from llm_shard.models.base import Arch, ArchConfig, Rule
-from llm_shard.models.cache import Batch, Prefix
+from llm_shard.models.cache import Batch, Prefix, kv_bytes_per_token
 from llm_shard.models.layers import RMSNorm
 
 
@@ -98,8 +98,15 @@ class CPM2Config(ArchConfig):
     def cache_bytes_per_token(self) -> int:
         """A decoder block keeps K and V for every token of a sequence: self-attention for
         decoder tokens, cross-attention for encoder tokens. Encoder blocks keep nothing
-        (see cache_bytes_per_token_per_block); this is the bound for every block."""
-        return 2 * self.num_heads * self.d_kv * 4
+        (see cache_bytes_per_token_per_block); this is the bound for every block. The
+        self-attention's are in `kv_dtype`, the cross-attention's float32 (a StateCache):
+        the larger counts."""
+        return max(kv_bytes_per_token(*self.kv_layout, self.kv_dtype),
+                   kv_bytes_per_token(*self.kv_layout, "fp32"))
+
+    @property
+    def kv_layout(self) -> tuple[int, int]:
+        return self.num_heads, self.d_kv
 
     @property
     def cache_bytes_per_token_per_block(self) -> tuple[int, ...]:
