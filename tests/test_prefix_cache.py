@@ -93,17 +93,23 @@ def test_archs_whose_rows_depend_on_the_whole_prompt_are_refused():
 
 # ---------------------------------------------------------------------- caches
 
-def test_copy_prefix_copies_rows_and_leaves_the_source():
-    src = SequenceCache()
+@pytest.mark.parametrize("kv_dtype", ["fp32", "fp16", "int8"])
+def test_copy_prefix_copies_rows_and_leaves_the_source(kv_dtype):
+    src = SequenceCache(kv_dtype=kv_dtype)
     kv = src.layer(3)
     k, v = torch.randn(2, 300, 4), torch.randn(2, 300, 4)
     kv.update_and_fetch(k, v)
+    held = [t.clone() for t in (kv.k, kv.v, kv.k_scales, kv.v_scales) if t is not None]
     out = copy_prefix(src, 257)
+    assert out.kv_dtype == kv_dtype
     got = out.layer(3)
-    assert got.offset == 257 and got.k.shape == (2, 512, 4)
-    assert torch.equal(got.k[:, :257], k[:, :257]) and torch.equal(got.v[:, :257], v[:, :257])
+    assert got.offset == 257 and got.k.shape == (2, 512, 4) and got.k.dtype == kv.k.dtype
+    copied = [t for t in (got.k, got.v, got.k_scales, got.v_scales) if t is not None]
+    assert len(copied) == len(held) == (4 if kv_dtype == "int8" else 2)
+    for a, b in zip(copied, held):
+        assert torch.equal(a[:, :257], b[:, :257])
     got.update_and_fetch(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4))
-    assert kv.offset == 300 and torch.equal(kv.k[:, 257], k[:, 257])  # not shared
+    assert kv.offset == 300 and torch.equal(kv.k[:, 257], held[0][:, 257])  # not shared
 
 
 def test_copy_prefix_refuses_what_cannot_be_cut():
