@@ -11,7 +11,9 @@ prefetch, which hides compute behind the next block's read). Also the suite's `s
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -41,36 +43,44 @@ def build_store(path: Path, preset: str, layers: int | None, progress: bool = Tr
 
 def random_store(path: Path, arch_name: str, cfg, label: str, progress: bool = True):
     """A random int8 store of `arch_name` with config `cfg` at `path` (reused when it is
-    there): weights N(0, 0.02), norm gains 1, every block Linear quantized per channel."""
+    there): weights N(0, 0.02), norm gains 1, kept as `convert` keeps a checkpoint with an
+    untied head: every block's and the head's Linear int8 per channel, the token tables
+    int8 rows with a scale per row."""
     from tqdm import tqdm
 
     from llm_shard.models import get_arch
     from llm_shard.models.base import parts_of
-    from llm_shard.models.checkpoint.store import Store, StoreWriter
-    from llm_shard.models.quant import quantize_weight
+    from llm_shard.models.checkpoint.convert import round_nearest, table_dtype, tables
+    from llm_shard.models.checkpoint.store import VERSION, Store, StoreWriter
 
-    if (path / "manifest.json").is_file():
-        return Store.open(path)
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        version = json.loads(manifest.read_text()).get("version")
+        if version == VERSION:
+            return Store.open(path)
+        print(f"{path}: a random store of version {version}, this llm-shard writes "
+              f"{VERSION}: building it again")
+        shutil.rmtree(path)
     arch = get_arch(arch_name)
     writer = StoreWriter(path, arch, cfg, "int8", {"path": label, "layout": "random"})
+    token_tables = tables(arch, cfg)
+    writer.manifest["embedding"] = {
+        "tables": {t: table_dtype("int8", tied=False) for t in token_tables}, "tied": {}}
     g = torch.Generator().manual_seed(0)
     for part in tqdm(parts_of(cfg.n_blocks), desc=f"{label} int8", unit="part",
                      disable=not progress):
         with torch.device("meta"):
             module = arch.build(cfg, part)
-        linears = {f"{n}.weight" for n, m in module.named_modules()
-                   if isinstance(m, torch.nn.Linear)} if part.kind == "block" else set()
+        int8 = ({f"{n}.weight" for n, m in module.named_modules()
+                 if isinstance(m, torch.nn.Linear)} if part.kind != "embed"
+                else {f"{t}.weight" for t in token_tables})
         tensors = {}
         for name, p in module.state_dict().items():
             t = torch.randn(p.shape, generator=g) * 0.02
             if name.endswith(".weight") and p.dim() == 1:  # norm gains
                 t = torch.ones(p.shape)
-            if name in linears:
-                q, scales = quantize_weight(t)
-                tensors[name], tensors[name[: -len("weight")] + "scales"] = q, scales
-            else:
-                tensors[name] = t
-        writer.write(part, tensors)
+            tensors[name] = t
+        writer.write(part, round_nearest(tensors, int8))
     store = writer.finish()
     for f in store.manifest["files"]:  # written pages to disk, so that reads are cold
         with open(store.path / f["name"], "rb") as fh:
