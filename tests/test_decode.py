@@ -265,6 +265,123 @@ def test_smollm2_decodes_the_same_logits_with_its_blocks_in_c(smollm2_stores, mo
     assert all(torch.equal(a, b) for a, b in zip(on, off))
 
 
+def kv_caches(n: int, layers, kv_heads: int, head_dim: int,
+              dtype: torch.dtype) -> list[SequenceCache]:
+    """n sequences' caches whose `layers` hold K/V in `dtype`: each KVCache's first chunk
+    made in it (a cache grows in its own dtype)."""
+    from llm_shard.models.cache import CHUNK
+
+    caches = [SequenceCache() for _ in range(n)]
+    for cache in caches:
+        for layer in layers:
+            kv = cache.layer(layer)
+            kv.k, kv.v = (torch.zeros(kv_heads, CHUNK, head_dim, dtype=dtype) for _ in "kv")
+    return caches
+
+
+def test_smollm2_decodes_with_float16_caches_in_c(smollm2_stores, monkeypatch):
+    """The real checkpoint with float16 KV caches: every block of every step (the prompts'
+    too) runs in the one C call, the modules give the same logits bit for bit (their
+    attention over the same float16 rows), and the greedy tokens of two sequences are
+    those of float32 caches."""
+    from llm_shard.models.runner import StageModel
+
+    store = smollm2_stores["int8"]
+    stage, cfg = StageModel(store, 0, store.n_blocks), store.config
+    prompts_ = [[1, 504, 3458, 282, 4649, 314], [1, 19, 4]]
+
+    def run(fused: bool, dtype: torch.dtype) -> tuple[list, list]:
+        monkeypatch.setattr(decode, "ENABLED", fused)
+        caches = kv_caches(2, range(store.n_blocks), cfg.num_key_value_heads, cfg.head_dim,
+                           dtype)
+        ids = torch.tensor([t for p in prompts_ for t in p])
+        logits = [stage(ids, Batch.of([len(p) for p in prompts_], caches))]
+        for _ in range(10):
+            logits.append(stage(logits[-1].argmax(-1), Batch.of([1, 1], caches)))
+        assert all(c.layer(0).k.dtype == dtype for c in caches)
+        return logits, [lg.argmax(-1).tolist() for lg in logits]
+
+    ran = counting(monkeypatch)
+    with torch.inference_mode():
+        half, half_tokens = run(True, torch.float16)
+        assert [n for n in ran if n] == [store.n_blocks] * 11
+        modules, _ = run(False, torch.float16)
+        _, full_tokens = run(True, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(half, modules))
+    assert half_tokens == full_tokens
+
+
+def test_float16_caches_in_one_c_call_give_the_modules_bits(monkeypatch):
+    """Three sequences with float16 caches of 5, 1 and 200 tokens: the one C call's output
+    and cache rows are the modules' bits; a cache full at 256 rows grows in the call,
+    still float16, with the bits of one made bigger first; a batch mixing float16 and
+    float32 caches runs the modules, each row with the bits it gets alone in C."""
+    from llm_shard.models.cache import CHUNK
+
+    for arch in ("llama", "pangu-query"):
+        block = make_block(arch, "blocks+mins", True)
+        attn = block.attn if arch.startswith("pangu") else block.self_attn
+        layer, kvh = attn.layer, 2 if arch == "llama" else 4
+        caches = kv_caches(4, [layer], kvh, 32, torch.float16)
+        g = torch.Generator().manual_seed(7)
+        with torch.inference_mode():
+            for cache, n in zip(caches, [5, 1, 200, CHUNK]):
+                for at in range(0, n, 64):
+                    rows = min(64, n - at)
+                    decode.run_block(block, torch.randn(rows, 128, generator=g),
+                                     Batch.of([rows], [cache]))
+        x = torch.randn(3, 128, generator=g)
+        y1, c1 = step(block, x, caches[:3], True, monkeypatch)
+        y0, c0 = step(block, x, caches[:3], False, monkeypatch)
+        assert torch.equal(y1, y0) and not torch.equal(y1, x)
+        for a, b in zip(c1, c0):
+            kv1, kv0 = a.layer(layer), b.layer(layer)
+            assert kv1.k.dtype == kv0.k.dtype == torch.float16 and kv1.offset == kv0.offset
+            assert torch.equal(kv1.k[:, :kv1.offset], kv0.k[:, :kv0.offset])
+            assert torch.equal(kv1.v[:, :kv1.offset], kv0.v[:, :kv0.offset])
+        full = caches[3]
+        bigger = copy.deepcopy(full)
+        kv = bigger.layer(layer)
+        kv.k, kv.v = (torch.cat([t, torch.zeros_like(t)], 1) for t in (kv.k, kv.v))
+        (y, (grown,)), (want, (made,)) = (step(block, x[:1], [c], True, monkeypatch)
+                                          for c in (full, bigger))
+        kv, kv0 = grown.layer(layer), made.layer(layer)
+        assert torch.equal(y, want) and kv.k.dtype == torch.float16
+        assert kv.k.shape[1] == 2 * CHUNK and kv.offset == CHUNK + 1
+        assert torch.equal(kv.k[:, :CHUNK + 1], kv0.k[:, :CHUNK + 1])
+        assert torch.equal(kv.v[:, :CHUNK + 1], kv0.v[:, :CHUNK + 1])
+        mixed = [caches[0], *kv_caches(1, [layer], kvh, 32, torch.float32)]
+        with torch.inference_mode():
+            decode.run_block(block, torch.randn(4, 128, generator=g), Batch.of([4], mixed[1:]))
+        y, _ = step(block, x[:2], mixed, False, monkeypatch)
+        ran = counting(monkeypatch)
+        with torch.inference_mode():
+            assert torch.equal(decode.run_block(block, x[:2], Batch.of(
+                [1, 1], copy.deepcopy(mixed))), y)
+        assert ran == [0]
+        monkeypatch.undo()
+        for r in range(2):
+            assert torch.equal(step(block, x[r:r + 1], mixed[r:r + 1], True, monkeypatch)[0],
+                               y[r:r + 1])
+
+
+def test_a_cache_of_another_dtype_runs_the_modules_and_says_so(caplog):
+    """int8 K/V (the torch path's, with scales): not one the C call reads; said once."""
+    from llm_shard.models.cache import KVCache
+
+    kv = KVCache()
+    kv.k, kv.v = (torch.zeros(2, 4, 8, dtype=torch.int8) for _ in "kv")
+    decode._TOLD.discard(torch.int8)
+    with caplog.at_level("INFO", logger=decode.__name__):
+        assert decode._half(kv) is None and decode._half(kv) is None
+    said = [r.getMessage() for r in caplog.records if r.name == decode.__name__]
+    assert len(said) == 1 and "torch.int8" in said[0] and "modules" in said[0]
+    kv.k, kv.v = (torch.zeros(2, 4, 8, dtype=torch.float16) for _ in "kv")
+    assert decode._half(kv) == 1
+    kv.v = kv.v.float()
+    assert decode._half(kv) is None  # keys and values of one dtype
+
+
 def test_pangu_stages_run_their_blocks_in_one_call(tmp_path, monkeypatch):
     """An int8 PanGu-α store, as one stage and as tiers with a disk block between RAM
     blocks: the prompts and every decode step give the modules' logits bit for bit; the

@@ -369,3 +369,77 @@ def test_screen_recomputes_torchs_candidates_alike_in_every_variant(out, inp):
     w8a16.screen(with_bias, row_bound, scales, weight, bias, x, max_exact)
     pick = (with_bias != logits + bias) & maybe
     torch.testing.assert_close(with_bias[pick], (ref + bias)[pick], rtol=1e-5, atol=1e-5)
+
+
+def _half_edges() -> torch.Tensor:
+    """float32 values where float16 rounding can go wrong: every finite float16, the ties
+    halfway between neighbours (subnormal, normal, at each exponent step) and one float32
+    step either side of them, the overflow edge, and random values over float16's range
+    and past it (NaN left out: its payload bits are the hardware's)."""
+    h = torch.arange(-0x7c00, 0x7c00 + 1, dtype=torch.int32)  # -inf .. inf in sign-magnitude
+    bits = torch.where(h < 0, 0x8000 - h, h).to(torch.int16)
+    exact = bits.view(torch.float16).float().sort().values
+    mid = (exact[:-1].double() + exact[1:].double()) / 2
+    mid = mid[mid.isfinite()].float()
+    steps = torch.cat([mid, mid.nextafter(mid + 1), mid.nextafter(mid - 1)])
+    g = torch.Generator().manual_seed(17)
+    wide = torch.randn(20000, generator=g) * torch.exp2(torch.randint(-30, 20, (20000,),
+                                                                       generator=g).float())
+    edge = torch.tensor([65504.0, 65519.996, 65520.0, 65536.0, 1e30, 2.0 ** -25,
+                         2.0 ** -25 * 1.0000001, 2.0 ** -24 * 1.5, 2.0 ** -26, 0.0, -0.0])
+    return torch.cat([exact[exact.isfinite()], steps, wide, edge, -edge])
+
+
+@pytest.mark.parametrize("lib", variant_libs(), ids=lambda lib: lib.path.name.split("-")[1])
+def test_a_float16_cache_row_gets_torchs_half_bits_in_every_variant(lib):
+    """append_attend into float16 caches: the rows written are torch's .half() of k1, v1,
+    bit for bit (round to nearest even, ties, subnormals, overflow to inf), the F16C and
+    AVX512 conversions and the plain-C one alike."""
+    x = _half_edges()
+    n = x.numel() // 2 * 2
+    k1, v1 = x[:n // 2].reshape(1, -1).contiguous(), x[n // 2:n].reshape(1, -1).contiguous()
+    keys = torch.zeros(1, 3, n // 2, dtype=torch.float16)
+    values = keys.clone()
+    q = torch.zeros(1, n // 2)
+    assert w8a16.can_append_attend(q, k1, v1, keys, values)
+    w8a16.append_attend(q, k1, v1, keys, values, 2, 1.0, lib=lib)
+    assert torch.equal(keys[0, 1].view(torch.int16), k1[0].half().view(torch.int16))
+    assert torch.equal(values[0, 1].view(torch.int16), v1[0].half().view(torch.int16))
+    assert not keys[0, 2].any() and not values[0, 0].any()  # no other row written
+
+
+@pytest.mark.parametrize("lib", variant_libs(), ids=lambda lib: lib.path.name.split("-")[1])
+@pytest.mark.parametrize("heads,kv_heads,total,d", [(9, 3, 37, 64), (4, 4, 300, 80)])
+def test_attend_over_a_float16_cache_is_attend_over_its_float32_copy(lib, heads, kv_heads,
+                                                                     total, d):
+    """A float16 cache's view (capacity past `total`): the bits of attend over its exact
+    float32 copy, and softmax(q k^T * scale) v over the half values in float64 to float32
+    rounding; append_attend then attends over the row it wrote alike."""
+    torch.manual_seed(total)
+    cap = total + 13
+    k = (torch.randn(kv_heads, cap, d) * 3).half()
+    v = torch.randn(kv_heads, cap, d).half()
+    q = torch.randn(heads, d)
+    kt, vt = k[:, :total], v[:, :total]
+    assert w8a16.can_attend(q, kt, vt)
+    got = w8a16.attend(q, kt, vt, 0.1, lib=lib)
+    assert torch.equal(got, w8a16.attend(q, kt.float(), vt.float(), 0.1, lib=lib))
+    per = heads // kv_heads
+    kk, vv = kt.double().repeat_interleave(per, 0), vt.double().repeat_interleave(per, 0)
+    probs = torch.softmax(torch.einsum("hd,htd->ht", q.double() * 0.1, kk), -1)
+    torch.testing.assert_close(got.double(), torch.einsum("ht,htd->hd", probs, vv),
+                               rtol=1e-5, atol=1e-5)
+    k1, v1 = torch.randn(kv_heads, d), torch.randn(kv_heads, d)
+    out = w8a16.append_attend(q, k1, v1, k, v, total + 1, 0.1, lib=lib)
+    assert torch.equal(k[:, total], k1.half()) and torch.equal(v[:, total], v1.half())
+    assert torch.equal(out, w8a16.attend(q, k[:, :total + 1].float(),
+                                         v[:, :total + 1].float(), 0.1, lib=lib))
+
+
+def test_attend_takes_float32_and_float16_caches_only():
+    q, k = torch.randn(4, 8), torch.randn(2, 5, 8)
+    assert w8a16.can_attend(q, k.half(), k.half())
+    assert not w8a16.can_attend(q, k.half(), k)  # keys and values of one dtype
+    assert not w8a16.can_attend(q.half(), k.half(), k.half())  # float32 queries
+    assert not w8a16.can_attend(q, k.to(torch.int8), k.to(torch.int8))
+    assert not w8a16.can_append_attend(q, k[:, 0].half(), k[:, 0].half(), k.half(), k.half())

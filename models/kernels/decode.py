@@ -13,11 +13,16 @@ Python calls around a block's int8 kernels cost more than their work, and one ca
 run of blocks leaves their Python (caches, pointers) back to back, warm, not between weight
 streams. CUDA rows of a decode step replay cuda_graphs instead.
 
+The C attention reads and writes float32 and float16 KV caches (w8a16.CACHE_DTYPES; a
+float16 row written as torch's `.half()` rounds it, read back exactly); a block whose
+caches are another dtype (int8 with scales) runs through its modules, said once in the log.
+
 LLM_SHARD_FUSED_BLOCKS=0, or `modules_only()`, turns it off (to compare: `llm-shard bench`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -33,6 +38,9 @@ from llm_shard.models.layers import ROW_BY_ROW_ROWS, BlockParts, RMSNorm, no_gra
 from llm_shard.models.quant import plan_epoch, plan_serials, w8a16_calls
 
 ENABLED = os.environ.get("LLM_SHARD_FUSED_BLOCKS", "1") != "0"
+
+log = logging.getLogger(__name__)
+_TOLD: set = set()  # the cache dtypes whose blocks were said to run through their modules
 
 
 @contextmanager
@@ -96,7 +104,7 @@ def blocks(modules, x: torch.Tensor, batch: Batch, keep: bool = True
 def _blocks_once(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
     """`blocks` with every struct and array made for this one call."""
     f = build.ffi()
-    specs, layers, kc, vc, ks, vs, total = [], [], [], [], [], [], []
+    specs, layers, kc, vc, ks, vs, total, half = [], [], [], [], [], [], [], []
     keep = []  # the query layer's query rows, alive until the call returns
     for m in modules:  # decode_args of each until one cannot go: O(blocks) a stage
         args = getattr(m, "decode_args", None)
@@ -106,7 +114,7 @@ def _blocks_once(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, 
         spec = _spec(x.shape[1], parts)
         rows = parts.query[2](batch.positions) if spec is not None and parts.query else None
         if spec is None or (rows is not None and not _cpu_float32_rows(rows, x)) or \
-                not _caches(batch, parts, x, kc, vc, ks, vs, total):
+                not _caches(batch, parts, x, kc, vc, ks, vs, total, half):
             break
         spec = f.new("block_t *", spec[0])  # this call's: another thread may run the block
         if rows is not None:
@@ -118,7 +126,7 @@ def _blocks_once(modules, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, 
         spec.threads, spec.attend_threaded = torch.get_num_threads(), w8a16.ATTEND_THREADED
         specs.append(spec)
         layers.append(parts.layer)
-    return _run(x, batch, specs, layers, kc, vc, ks, vs, total)
+    return _run(x, batch, specs, layers, kc, vc, ks, vs, total, half[:1] == [1])
 
 
 def run_head(head: nn.Module, x: torch.Tensor):
@@ -303,9 +311,10 @@ def _decode_step(x: torch.Tensor, batch: Batch) -> bool:
 
 
 def _run(x: torch.Tensor, batch: Batch, specs: list, layers: list[int], kc, vc, ks, vs,
-         total) -> tuple[torch.Tensor, int]:
+         total, half: bool) -> tuple[torch.Tensor, int]:
     """specs' blocks over x in one C call; their caches' pointers, strides and lengths in
-    kc, vc, ks, vs and total (rows per block). Returns (output, len(specs))."""
+    kc, vc, ks, vs and total (rows per block), float16 where `half`, else float32.
+    Returns (output, len(specs))."""
     n, rows = len(specs), x.shape[0]
     if not n:
         return x, 0
@@ -316,7 +325,7 @@ def _run(x: torch.Tensor, batch: Batch, specs: list, layers: list[int], kc, vc, 
               f.new("long[]", ks), f.new("long[]", vs), f.new("int[]", total)]
     b, k, v, k_stride, v_stride, lengths = (at(a) for a in arrays)
     err = w8a16.load().w8a16_blocks_run(b, n, out.data_ptr(), rows, k, v, k_stride, v_stride,
-                                        lengths, at(done))
+                                        lengths, int(half), at(done))
     for layer in layers[:done[0]]:
         for cache, new in zip(batch.caches, batch.seq_lens):
             cache.layer(layer).offset += new
@@ -335,18 +344,42 @@ def _raise(err: int, rows: int, s, layer: int):
                      "whole blocks")
 
 
-def _caches(batch: Batch, p: BlockParts, x: torch.Tensor, kc, vc, ks, vs, total) -> bool:
+def _grow(kv, n: int, like: tuple[int, int], x: torch.Tensor) -> None:
+    """Room for n more rows in KVCache kv, of its dtype (x's for a new one, where the
+    cache does not choose its own); like: (kv heads, head dim)."""
+    if kv.k is None or kv.offset + n > kv.k.shape[1]:
+        t = (x if kv.k is None else kv.k).new_empty(like[0], 1, like[1])
+        kv.reserve(n, t, t)
+
+
+def _half(kv) -> int | None:
+    """w8a16_blocks_run's `half` for KVCache kv's buffers: 0 float32, 1 float16, None:
+    the C code does not read them (another dtype, int8 with scales, is said once in the
+    log; not on the CPU)."""
+    k, v = kv.k, kv.v
+    flag = w8a16.CACHE_DTYPES.get(k.dtype)
+    if flag is None and k.dtype not in _TOLD:
+        _TOLD.add(k.dtype)
+        log.info("KV caches of %s: their blocks run through their modules (the one C call "
+                 "a block reads float32 and float16 caches)", k.dtype)
+    return flag if v.dtype == k.dtype and k.is_cpu and v.is_cpu else None
+
+
+def _caches(batch: Batch, p: BlockParts, x: torch.Tensor, kc, vc, ks, vs, total,
+            half: list[int]) -> bool:
     """Room for one more row in each sequence's cache of block p; appends their pointers,
     head strides and lengths with it (False, appending nothing: a cache the C code does
-    not read)."""
+    not read, or of another dtype than the run's so far). half: [the run's `half`], set
+    by its first block."""
     found = []
     for cache, n in zip(batch.caches, batch.seq_lens):
         kv = cache.layer(p.layer)
-        if kv.k is None or kv.offset + n > kv.k.shape[1]:
-            like = x.new_empty(p.kv_heads, 1, p.head_dim)
-            kv.reserve(n, like, like)
-        if kv.k.dtype != torch.float32 or not kv.k.is_cpu:
+        _grow(kv, n, (p.kv_heads, p.head_dim), x)
+        flag = _half(kv)
+        if flag is None or flag != (half[0] if half else flag):
             return False
+        if not half:
+            half.append(flag)
         found.append((kv, n))
     for kv, n in found:  # row j of a sequence: its cache's row offset + j, seeing those up to it
         kc += [kv.k.data_ptr()] * n
@@ -480,38 +513,38 @@ class _Plan:
                 break
             self.structs[l].qin = _address(q.data_ptr())
             keep.append(q)  # alive until the call returns
-        n, moved = self._caches(batch, x, n)
+        n, moved, half = self._caches(batch, x, n)
         if not n:
             return x, 0
         out = x.clone()
         b, k, v, ks, vs, total, done = self.addresses
         err = w8a16.load().w8a16_blocks_run(b, n, out.data_ptr(), rows, k, v, ks, vs, total,
-                                            done)
+                                            half, done)
         for kv, new in moved[:self.done[0] * len(batch.caches)]:
             kv.offset += new
         if err:
             _raise(err, rows, self.structs[self.done[0]], self.layers[self.done[0]])
         return out, n
 
-    def _caches(self, batch: Batch, x: torch.Tensor, n: int) -> tuple[int, list]:
+    def _caches(self, batch: Batch, x: torch.Tensor, n: int) -> tuple[int, list, int]:
         """Each block's cache rows written to the arrays (a cache without room for the
         step's rows grows first), up to the first of the n blocks with a cache the C code
-        does not read; returns (blocks with their rows written, [(KVCache, new rows)] of
-        each block and sequence, in order)."""
+        does not read, or of another dtype than the first block's; returns (blocks with
+        their rows written, [(KVCache, new rows)] of each block and sequence, in order,
+        their caches' `half`)."""
         kc, vc, ks, vs, total = self.kc, self.vc, self.ks, self.vs, self.total
         lens, caches = batch.seq_lens, batch.caches
-        moved, i = [], 0
+        moved, i, half = [], 0, None
         for l in range(n):
             layer, found = self.layers[l], []
             for cache, new in zip(caches, lens):
                 kv = cache.layer(layer)
-                k = kv.k
-                if k is None or kv.offset + new > k.shape[1]:
-                    like = x.new_empty(*self.like[l][:1], 1, self.like[l][1])
-                    kv.reserve(new, like, like)
-                    k = kv.k
-                if k.dtype != torch.float32 or not k.is_cpu:
-                    return l, moved
+                if kv.k is None or kv.offset + new > kv.k.shape[1]:
+                    _grow(kv, new, self.like[l], x)
+                flag = _half(kv)
+                if flag is None or flag != (flag if half is None else half):
+                    return l, moved, half or 0
+                half = flag
                 found.append((kv, new))
             for kv, new in found:
                 k, v = kv.k, kv.v
@@ -521,4 +554,4 @@ class _Plan:
                     total[i] = kv.offset + j + 1
                     i += 1
             moved += found
-        return n, moved
+        return n, moved, half or 0

@@ -8,9 +8,10 @@ checks and errors around each call.
   depends on that row alone, not on the call's other rows, the thread count or the SIMD
   variant (AVX512-VNNI, AVX2 with FMA, plain C).
 - the float32 steps of a decode step where torch's ops cost more than their work:
-  `attend` and `append_attend`, `rotate`, `rms_norm`, `layer_norm`, `silu_mul`, `gelu`, and
-  a screened LM head's candidate pass, `screen`. models/layers.py calls each where its
-  `can_*` says it runs, torch's ops otherwise.
+  `attend` and `append_attend` (over a float32 or a float16 KV cache), `rotate`,
+  `rms_norm`, `layer_norm`, `silu_mul`, `gelu`, and a screened LM head's candidate pass,
+  `screen`. models/layers.py calls each where its `can_*` says it runs, torch's ops
+  otherwise.
 - `problem()`: why the kernels cannot run here (no compiler, no AVX2, no torch libgomp);
   the int8 layers then take the next kernel of their preference list, and log it.
 """
@@ -154,11 +155,15 @@ def _cpu_float32(*tensors: torch.Tensor) -> bool:
             and problem() is None)
 
 
+CACHE_DTYPES = {torch.float32: 0, torch.float16: 1}  # what `attend` reads: its `half` flag
+
+
 def can_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether `attend` runs these: float32 on the CPU, q (heads, d) contiguous, keys and
-    values (kv_heads, total, d) with rows of d, kv_heads dividing heads, and the
-    kernel built here."""
-    if not _cpu_float32(q, keys, values):
+    """Whether `attend` runs these: q (heads, d) float32 contiguous, keys and values
+    (kv_heads, total, d) of one dtype, float32 or float16 (CACHE_DTYPES), with rows of d,
+    kv_heads dividing heads, all on the CPU, and the kernel built here."""
+    if not (_cpu_float32(q) and keys.dtype in CACHE_DTYPES and values.dtype == keys.dtype
+            and keys.is_cpu and values.is_cpu):
         return False
     g, total, d = keys.shape
     return (q.is_contiguous() and q.dim() == 2 and q.shape[1] == d and q.shape[0] % g == 0
@@ -169,15 +174,15 @@ def can_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> boo
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
            lib: Library | None = None) -> torch.Tensor:
     """Attention of one query row q (heads, d) against keys/values (kv_heads, total, d),
-    query head h reading kv head h // (heads // kv_heads): (heads, d) float32. Needs
-    `can_attend`."""
+    query head h reading kv head h // (heads // kv_heads): (heads, d) float32, float16
+    keys and values read as their (exact) float32 values. Needs `can_attend`."""
     lib = lib or load()
     heads, d = q.shape
     g, total, _ = keys.shape
     out = torch.empty_like(q)
     if lib.w8a16_attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(),
-                        heads, g, total, d, keys.stride(0), values.stride(0), scale,
-                        _attend_threads(heads, total, d)):
+                        heads, g, total, d, keys.stride(0), values.stride(0),
+                        CACHE_DTYPES[keys.dtype], scale, _attend_threads(heads, total, d)):
         raise MemoryError(f"w8a16 attend: no memory for {heads} x {total} scores")
     return out
 
@@ -199,9 +204,10 @@ def append_attend(q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, keys: tor
                   values: torch.Tensor, total: int, scale: float,
                   out: torch.Tensor | None = None, lib: Library | None = None
                   ) -> torch.Tensor:
-    """k1, v1 written at row total - 1 of the cache buffers keys and values, then `attend`
-    of q against their first `total` rows, into `out` ((heads, d) float32, contiguous; a
-    new tensor if None). Needs `can_append_attend`."""
+    """k1, v1 written at row total - 1 of the cache buffers keys and values (a float16
+    cache: rounded to nearest even, torch's `.half()` bits), then `attend` of q against
+    their first `total` rows, into `out` ((heads, d) float32, contiguous; a new tensor if
+    None). Needs `can_append_attend`."""
     heads, d = q.shape
     g, capacity, _ = keys.shape
     if not 0 < total <= capacity:
@@ -213,8 +219,8 @@ def append_attend(q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, keys: tor
         raise ValueError(f"out must be a contiguous float32 CPU tensor of {tuple(q.shape)}")
     if (lib or load()).w8a16_append_attend(
             q.data_ptr(), k1.data_ptr(), v1.data_ptr(), keys.data_ptr(), values.data_ptr(),
-            out.data_ptr(), heads, g, total, d, keys.stride(0), values.stride(0), scale,
-            _attend_threads(heads, total, d)):
+            out.data_ptr(), heads, g, total, d, keys.stride(0), values.stride(0),
+            CACHE_DTYPES[keys.dtype], scale, _attend_threads(heads, total, d)):
         raise MemoryError(f"w8a16 attend: no memory for {heads} x {total} scores")
     return out
 

@@ -54,11 +54,12 @@ static void norm(const block_t* B, const float* w, const float* b, const float* 
 
 /* x (M, d) += attn(norm1(x)); x += mlp(norm2(x)), pre-norm, for M rows that are each a
    decode step of its own sequence: row m's new key and value are written at row total[m]
-   - 1 of its caches kc[m], vc[m] ((kv, capacity, hd), head strides ks[m], vs[m]), and
-   its query attends to their first total[m] rows. Returns 0, -1 (no memory) or -2 (its
+   - 1 of its caches kc[m], vc[m] ((kv, capacity, hd), head strides ks[m], vs[m] in
+   values; float32 where half is 0, float16 bits where it is 1: every cache of the call),
+   and its query attends to their first total[m] rows. Returns 0, -1 (no memory) or -2 (its
    shapes do not add up, or a layer's inputs are not whole blocks). */
-int w8a16_block(const block_t* B, float* x, int M, float* const* kc, float* const* vc,
-                const long* ks, const long* vs, const int* total) {
+int w8a16_block(const block_t* B, float* x, int M, void* const* kc, void* const* vc,
+                const long* ks, const long* vs, const int* total, int half) {
   int d = B->d, qw = B->heads * B->hd, kw = B->kv * B->hd, qs = B->qin ? 0 : qw;
   int wqkv = proj_width(&B->qkv), wup = proj_width(&B->up), wmax = wqkv > wup ? wqkv : wup;
   if (wqkv != qs + 2 * kw || wup != (B->gelu ? 1 : 2) * B->inter || !reads(&B->qkv, d)
@@ -102,23 +103,21 @@ int w8a16_block(const block_t* B, float* x, int M, float* const* kc, float* cons
      on the threads side by side (a prompt's rows, or a batch's sequences), one row's
      over its heads */
   for (int m = 0; m < M; m++)
-    for (int g = 0; g < B->kv; g++) {
-      memcpy(kc[m] + g * ks[m] + (size_t)(total[m] - 1) * B->hd,
-             k + (size_t)m * kw + (size_t)g * B->hd, sizeof(float) * B->hd);
-      memcpy(vc[m] + g * vs[m] + (size_t)(total[m] - 1) * B->hd,
-             v + (size_t)m * kw + (size_t)g * B->hd, sizeof(float) * B->hd);
-    }
+    cache_write(k + (size_t)m * kw, v + (size_t)m * kw, kc[m], vc[m], B->kv, total[m] - 1,
+                B->hd, ks[m], vs[m], half);
   if (M == 1) {
     long work = (long)B->heads * total[0] * B->hd;
+    int threads = work >= B->attend_threaded ? B->threads : 1;
     if ((err = w8a16_attend(q, kc[0], vc[0], att, B->heads, B->kv, total[0], B->hd, ks[0],
-                            vs[0], B->scale, work >= B->attend_threaded ? B->threads : 1)))
+                            vs[0], half, B->scale, threads)))
       goto done;
   } else {
     int failed = 0;
     #pragma omp parallel for schedule(dynamic) num_threads(B->threads) reduction(|:failed)
     for (int m = 0; m < M; m++)
       failed |= w8a16_attend(q + (size_t)m * qw, kc[m], vc[m], att + (size_t)m * qw,
-                             B->heads, B->kv, total[m], B->hd, ks[m], vs[m], B->scale, 1);
+                             B->heads, B->kv, total[m], B->hd, ks[m], vs[m], half, B->scale,
+                             1);
     if (failed) { err = -1; goto done; }
   }
   if ((err = proj_run(&B->o, att, big, tmp, M, B->threads))) goto done;
@@ -138,13 +137,14 @@ done:
    w8a16_block with its caches kc[l * M + m], vc, ks, vs and total likewise. *done: the
    blocks that ran (their cache rows written). Returns 0, or w8a16_block's error for
    block *done: -1 (no memory), -2 (its shapes do not add up: it wrote nothing). */
-int w8a16_blocks_run(const block_t* const* B, int n, float* x, int M, float* const* kc,
-                     float* const* vc, const long* ks, const long* vs, const int* total,
-                     int* done) {
+int w8a16_blocks_run(const block_t* const* B, int n, float* x, int M, void* const* kc,
+                     void* const* vc, const long* ks, const long* vs, const int* total,
+                     int half, int* done) {
   *done = 0;
   for (int l = 0; l < n; l++) {
     size_t at = (size_t)l * M;
-    int err = w8a16_block(B[l], x, M, kc + at, vc + at, ks + at, vs + at, total + at);
+    int err = w8a16_block(B[l], x, M, kc + at, vc + at, ks + at, vs + at, total + at,
+                          half);
     if (err) return err;
     *done = l + 1;
   }

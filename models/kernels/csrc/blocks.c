@@ -20,35 +20,6 @@
 #define G 32
 #define MAXNB 1024  /* blocks per row converted on the stack: I <= 32768 */
 
-static inline float h2f(uint16_t h) {
-  uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, f;
-  if (e == 0) {
-    float v = ldexpf((float)m, -24);  /* zero or subnormal: exact */
-    return sign ? -v : v;
-  }
-  f = e == 31 ? (sign | 0x7f800000u | (m << 13)) : (sign | ((e + 112) << 23) | (m << 13));
-  float r;
-  memcpy(&r, &f, sizeof r);
-  return r;
-}
-
-/* n float16 -> float32 (exact in every variant). */
-static inline void halves(const uint16_t* h, float* f, int n) {
-  int i = 0;
-#if VARIANT == 2
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + i))));
-#elif VARIANT == 1 && defined(__F16C__)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
-#endif
-#if defined(__F16C__)
-  for (; i < n; i++) f[i] = _cvtsh_ss(h[i]);
-#else
-  for (; i < n; i++) f[i] = h2f(h[i]);
-#endif
-}
-
 #if VARIANT > 0
 static inline float reduce8(__m256 a) {  /* reduce16 from h = 4 */
   __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

@@ -76,12 +76,13 @@ int w8a16_blocks4(const uint8_t* w4, int lo, const uint16_t* d, const uint16_t* 
 void w8a16_pack_nibbles(const int8_t* w, uint8_t* out, long rows, int I, int lo,
                         int threads);
 
-/* attend.c: one query row against a KV cache. */
-int w8a16_attend(const float* q, const float* k, const float* v, float* out, int heads, int kv,
-                 int total, int d, long ks, long vs, float scale, int threads);
-int w8a16_append_attend(const float* q, const float* k1, const float* v1, float* k, float* v,
+/* attend.c: one query row against a KV cache, its rows float32 (half 0) or float16 bits
+   (half 1). */
+int w8a16_attend(const float* q, const void* k, const void* v, float* out, int heads, int kv,
+                 int total, int d, long ks, long vs, int half, float scale, int threads);
+int w8a16_append_attend(const float* q, const float* k1, const float* v1, void* k, void* v,
                         float* out, int heads, int kv, int total, int d, long ks, long vs,
-                        float scale, int threads);
+                        int half, float scale, int threads);
 
 /* elementwise.c: norms, rotary, activations. */
 void w8a16_rms_norm(const float* x, const float* w, float* y, int rows, int d, float eps);
@@ -104,11 +105,11 @@ int w8a16_head(const head_t* H, const float* x, float* xn, float* logits, int M,
                int* picks);
 
 /* block.c: a whole decoder block, and a run of them, in one call. */
-int w8a16_block(const block_t* B, float* x, int M, float* const* kc, float* const* vc,
-                const long* ks, const long* vs, const int* total);
-int w8a16_blocks_run(const block_t* const* B, int n, float* x, int M, float* const* kc,
-                     float* const* vc, const long* ks, const long* vs, const int* total,
-                     int* done);
+int w8a16_block(const block_t* B, float* x, int M, void* const* kc, void* const* vc,
+                const long* ks, const long* vs, const int* total, int half);
+int w8a16_blocks_run(const block_t* const* B, int n, float* x, int M, void* const* kc,
+                     void* const* vc, const long* ks, const long* vs, const int* total,
+                     int half, int* done);
 
 /* pin.c: thread pinning. */
 int w8a16_pin(const int* cpus, int n);
@@ -182,11 +183,86 @@ static inline int64_t hsum(acc_t v) {
    step per row in xs (linear.c; blocks.c reads it too). */
 HIDDEN void round_rows(const float* x, int M, int I, int16_t* q, float* xs);
 
+/* Rows k1, v1 (kv, d) into row `row` of a float32 (half 0) or float16 (half 1) cache
+   (attend.c; block.c writes its rows with it too). */
+HIDDEN void cache_write(const float* k1, const float* v1, void* k, void* v, int kv, int row,
+                        int d, long ks, long vs, int half);
+
 /* The lanes' fixed tree: v[l] += v[l + h] for h = 8, 4, 2, 1. */
 static inline float reduce16(float v[16]) {
   for (int h = 8; h >= 1; h /= 2)
     for (int l = 0; l < h; l++) v[l] = v[l] + v[l + h];
   return v[0];
+}
+
+/* float16, stored as its bits, and float32. h2f: exact. f2h: rounded to nearest, ties to
+   even, as torch's .half() and F16C's conversion round (an overflow to inf, a NaN to a
+   quiet NaN with its payload's high bits); plain C, for the x86-64 baseline. */
+static inline float h2f(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, f;
+  if (e == 0) {
+    float v = ldexpf((float)m, -24);  /* zero or subnormal: exact */
+    return sign ? -v : v;
+  }
+  f = e == 31 ? (sign | 0x7f800000u | (m << 13)) : (sign | ((e + 112) << 23) | (m << 13));
+  float r;
+  memcpy(&r, &f, sizeof r);
+  return r;
+}
+
+static inline uint16_t f2h(float f) {
+  uint32_t x, a;
+  memcpy(&x, &f, sizeof x);
+  uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+  a = x & 0x7fffffffu;
+  if (a > 0x7f800000u) return sign | 0x7e00 | (uint16_t)((a >> 13) & 0x3ff);  /* NaN */
+  if (a >= 0x477ff000u) return sign | 0x7c00;  /* >= 65520 (or inf): inf */
+  if (a < 0x38800000u) {  /* under 2^-14: a subnormal's step 2^-24 is the ulp of 0.5 */
+    float s, t;
+    memcpy(&s, &a, sizeof s);
+    t = s + 0.5f;  /* rounded to a multiple of 2^-24, ties to even, by the addition */
+    memcpy(&a, &t, sizeof a);
+    return sign | (uint16_t)(a - 0x3f000000u);
+  }
+  /* rebias the exponent (-112), round the 13 bits dropped (a carry moves the exponent) */
+  a += 0xc8000fffu + ((a >> 13) & 1);
+  return sign | (uint16_t)(a >> 13);
+}
+
+/* n float16 -> float32 (exact in every variant). */
+static inline void halves(const uint16_t* h, float* f, int n) {
+  int i = 0;
+#if VARIANT == 2
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + i))));
+#elif VARIANT == 1 && defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
+#endif
+#if defined(__F16C__)
+  for (; i < n; i++) f[i] = _cvtsh_ss(h[i]);
+#else
+  for (; i < n; i++) f[i] = h2f(h[i]);
+#endif
+}
+
+/* n float32 -> float16, rounded to nearest even (the same bits in every variant). */
+static inline void to_halves(const float* f, uint16_t* h, int n) {
+  int i = 0;
+#if VARIANT == 2
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256((__m256i*)(h + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT));
+#elif VARIANT == 1 && defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i*)(h + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+#if defined(__F16C__)
+  for (; i < n; i++) h[i] = _cvtss_sh(f[i], _MM_FROUND_TO_NEAREST_INT);
+#else
+  for (; i < n; i++) h[i] = f2h(f[i]);
+#endif
 }
 
 #endif
