@@ -371,6 +371,26 @@ def test_screen_recomputes_torchs_candidates_alike_in_every_variant(out, inp):
     torch.testing.assert_close(with_bias[pick], (ref + bias)[pick], rtol=1e-5, atol=1e-5)
 
 
+def test_screen_over_float16_rows_is_the_screen_over_their_float32_copy():
+    """A tied head reads the embedding's fp16 table: the candidates' float logits over the
+    fp16 rows are the bits of the same pass over the rows' exact float32 copy, in every
+    variant, with and without a bias."""
+    g = torch.Generator().manual_seed(6)
+    rows, out, inp, max_exact = 5, 300, 72, 60
+    half = (torch.randn(out, inp, generator=g) * 0.05).half()
+    x = torch.randn(rows, inp, generator=g)
+    logits = x @ half.float().T + torch.randn(rows, out, generator=g) * 1e-3
+    scales = torch.rand(out, generator=g) / 50
+    row_bound = torch.rand(rows, 1, generator=g)
+    for lib in variant_libs():
+        for bias in (None, torch.randn(out, generator=g)):
+            got, want = logits.clone(), logits.clone()
+            n = w8a16.screen(got, row_bound, scales, half, bias, x, max_exact, lib=lib)
+            m = w8a16.screen(want, row_bound, scales, half.float(), bias, x, max_exact, lib=lib)
+            assert torch.equal(n, m) and 0 < int(n.min()) and torch.equal(got, want)
+            assert not torch.equal(got, logits)  # the candidates were recomputed
+
+
 def _half_edges() -> torch.Tensor:
     """float32 values where float16 rounding can go wrong: every finite float16, the ties
     halfway between neighbours (subnormal, normal, at each exponent step) and one float32

@@ -153,7 +153,7 @@ def run_head(head: nn.Module, x: torch.Tensor):
     out = list(picks)
     for r in range(rows):  # too many candidates: every logit in float (ScreenedLinear's)
         if counts[r] > s.max_exact:
-            logits[r] = F.linear(xn[r], lin.weight, lin.bias)
+            logits[r] = F.linear(xn[r], lin.weight.float(), lin.bias)  # fp16: a tied table
             out[r] = int(logits[r].argmax())
     return logits, out
 
@@ -179,10 +179,11 @@ def _head_spec(head: nn.Module, parts, d: int):
     if found is not None and found[0] == key:
         return found[1]
     n = _norm(norm)
-    tensors = (w, scales, *(() if b is None else (b,)))
+    tensors = (scales, *(() if b is None else (b,)))
     if (kernel != "w8a16" or n is None or w8a16.problem() is not None
             or not all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
                        for t in tensors)
+            or w.dtype not in w8a16.SCREEN_WEIGHTS or not (w.is_cpu and w.is_contiguous())
             or q.dtype != torch.int8 or not q.is_contiguous()
             or q.shape != (lin.out_features, d) or w.shape != q.shape):
         _HEADS.pop(head, None)
@@ -192,7 +193,8 @@ def _head_spec(head: nn.Module, parts, d: int):
         "d": d, "O": lin.out_features, "layer_norm": n[0], "max_exact": lin.max_exact,
         "eps": n[1], "bound_l1": l1, "bound_max": mx, "nw": _address(n[2]),
         "nb": _address(n[3]), "w": _address(q.data_ptr()), "s": _address(scales.data_ptr()),
-        "W": _address(w.data_ptr()), "b": _address(None if b is None else b.data_ptr())})
+        "W": _address(w.data_ptr()), "b": _address(None if b is None else b.data_ptr()),
+        "w_half": int(w.dtype == torch.float16)})
     _HEADS[head] = (key, (lin, spec, lin._screen))  # the screen kept: its id stays its own
     return _HEADS[head][1]
 

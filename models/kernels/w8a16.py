@@ -156,6 +156,7 @@ def _cpu_float32(*tensors: torch.Tensor) -> bool:
 
 
 CACHE_DTYPES = {torch.float32: 0, torch.float16: 1}  # what `attend` reads: its `half` flag
+SCREEN_WEIGHTS = (torch.float32, torch.float16)  # a screened head's float rows (`screen`)
 
 
 def can_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -285,11 +286,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 def can_screen(logits: torch.Tensor, row_bound: torch.Tensor, scales: torch.Tensor,
                weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> bool:
-    """Whether `screen` runs these: float32 on the CPU, contiguous, of matching shapes,
-    and the kernel built here."""
+    """Whether `screen` runs these: float32 on the CPU (the weight float32 or float16: a
+    tied head's fp16 table), contiguous, of matching shapes, and the kernel built here."""
     rows, out = logits.shape
-    tensors = (logits, row_bound, scales, weight, x) + (() if bias is None else (bias,))
-    return (_cpu_float32(*tensors) and all(t.is_contiguous() for t in tensors)
+    tensors = (logits, row_bound, scales, x) + (() if bias is None else (bias,))
+    return (_cpu_float32(*tensors) and all(t.is_contiguous() for t in (*tensors, weight))
+            and weight.dtype in SCREEN_WEIGHTS and weight.is_cpu
             and row_bound.numel() == rows and scales.shape == (out,)
             and weight.shape == (out, x.shape[1]) and x.shape[0] == rows
             and (bias is None or bias.shape == (out,)))
@@ -308,7 +310,8 @@ def screen(logits: torch.Tensor, row_bound: torch.Tensor, scales: torch.Tensor,
     counts = torch.empty(rows, dtype=torch.int32)
     if rows:
         lib.w8a16_screen(logits.data_ptr(), row_bound.data_ptr(), scales.data_ptr(),
-                         weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                         weight.data_ptr(), int(weight.dtype == torch.float16),
+                         0 if bias is None else bias.data_ptr(),
                          x.data_ptr(), rows, out, x.shape[1],
                          max_exact, counts.data_ptr(), torch.get_num_threads())
     return counts

@@ -5,7 +5,9 @@
    of logits (M, O) holds the int8 copy's logits, each within b = pr[m] * s[o] of the
    float head's. Every o whose upper bound logits + b reaches the largest lower bound
    (max over o of logits - b) could be the float argmax: its logit becomes the float
-   dot(W[o], x[m]) (+ bias[o]), W float32 (O, I). The same float operations as torch's
+   dot(W[o], x[m]) (+ bias[o]), W float32 (O, I), or float16 bits with w_half (each
+   candidate row converted exactly to float32 first: the same dot as over its float32
+   copy). The same float operations as torch's
    elementwise ops on those (rows, O) tensors, so the same candidates. The dot: 16 lanes,
    lane l taking inputs i = l mod 16 in order (multiply, then add), added in reduce16's
    tree: its bits depend on the row and the weight row alone. n[m]: row m's candidate
@@ -55,16 +57,22 @@ static float lower_top(const float* y, const float* s, float p, int O) {
   return nan ? NAN : top;
 }
 
-void w8a16_screen(float* logits, const float* pr, const float* s, const float* W,
-                  const float* bias, const float* x, int M, int O, int I, int max_exact,
-                  int* n, int threads) {
+void w8a16_screen(float* logits, const float* pr, const float* s, const void* W,
+                  int w_half, const float* bias, const float* x, int M, int O, int I,
+                  int max_exact, int* n, int threads) {
   #pragma omp parallel for schedule(static, 1) num_threads(M < threads ? M : threads)
   for (int m = 0; m < M; m++) {
     float* y = logits + (size_t)m * O;
     const float p = pr[m], top = lower_top(y, s, p, O);
     int count = 0, o = 0;
     int* idx = (int*)malloc(sizeof(int) * ((size_t)max_exact + 1));
-    if (!idx) { n[m] = INT32_MAX; continue; }  /* the caller's whole float product */
+    float* row = w_half ? (float*)malloc(sizeof(float) * (size_t)I) : NULL;
+    if (!idx || (w_half && !row)) {  /* the caller's whole float product */
+      free(idx);
+      free(row);
+      n[m] = INT32_MAX;
+      continue;
+    }
 #if VARIANT == 2
     __m512 vp = _mm512_set1_ps(p), vt = _mm512_set1_ps(top);
     for (; o + 16 <= O && count <= max_exact; o += 16) {
@@ -87,10 +95,16 @@ void w8a16_screen(float* logits, const float* pr, const float* s, const float* W
     n[m] = count;
     if (count <= max_exact)
       for (int k = 0; k < count; k++) {
-        float v = dot16(W + (size_t)idx[k] * I, x + (size_t)m * I, I);
+        const float* w = (const float*)W + (size_t)idx[k] * I;
+        if (w_half) {
+          halves((const uint16_t*)W + (size_t)idx[k] * I, row, I);
+          w = row;
+        }
+        float v = dot16(w, x + (size_t)m * I, I);
         y[idx[k]] = bias ? v + bias[idx[k]] : v;
       }
     free(idx);
+    free(row);
   }
 }
 
@@ -136,8 +150,8 @@ int w8a16_head(const head_t* H, const float* x, float* xn, float* logits, int M,
   int err = w8a16_linear(H->w, H->s, H->b, xn, logits, M, H->O, H->d, H->threads);
   if (!err) {
     w8a16_row_bound(xn, pr, M, H->d, H->bound_l1, H->bound_max);
-    w8a16_screen(logits, pr, H->s, H->W, H->b, xn, M, H->O, H->d, H->max_exact, n,
-                 H->threads);
+    w8a16_screen(logits, pr, H->s, H->W, H->w_half, H->b, xn, M, H->O, H->d, H->max_exact,
+                 n, H->threads);
     for (int m = 0; m < M; m++)
       picks[m] = n[m] <= H->max_exact ? first_max(logits + (size_t)m * H->O, H->O) : -1;
   }

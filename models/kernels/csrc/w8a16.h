@@ -60,7 +60,9 @@ typedef struct {
   const float *nw, *nb;
   const int8_t* w;              /* the int8 copy (O, d), its scales s (O) */
   const float* s;
-  const float *W, *b;           /* the float weight (O, d), the bias (O) or NULL */
+  const void* W;                /* the float weight (O, d): float32, or float16 bits */
+  const float* b;               /* the bias (O) or NULL */
+  int w_half;                   /* 1: W is float16 (a tied head's table kept in fp16) */
 } head_t;
 
 /* linear.c: per-channel int8 weights. 0: plain C, 1: AVX2 with FMA, 2: AVX512-VNNI. */
@@ -96,9 +98,9 @@ void w8a16_gelu(const float* x, float* y, long n, int threads);
 
 /* screen.c: a screened LM head's candidates, its rows' error bounds, and a whole head
    with its greedy picks. */
-void w8a16_screen(float* logits, const float* pr, const float* s, const float* W,
-                  const float* bias, const float* x, int M, int O, int I, int max_exact,
-                  int* n, int threads);
+void w8a16_screen(float* logits, const float* pr, const float* s, const void* W,
+                  int w_half, const float* bias, const float* x, int M, int O, int I,
+                  int max_exact, int* n, int threads);
 
 void w8a16_row_bound(const float* x, float* out, int M, int I, float l1, float mx);
 int w8a16_head(const head_t* H, const float* x, float* xn, float* logits, int M, int* n,
