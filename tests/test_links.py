@@ -79,7 +79,8 @@ def test_a_foreign_client_step_is_ignored_and_logged(ray_cluster, smollm2_stores
     """With CURVE (the default) a foreign step is refused at the handshake: the worker
     counts a refused connection and runs no step. Without it (--no-encrypt) the same step
     is run: the test tells the two apart."""
-    with LLM(str(smollm2_stores["int8"].path), workers=["ram=1GiB"], cache_tokens=512,
+    # room for the foreign sequence beside the prefix cache's finished one and the next
+    with LLM(str(smollm2_stores["int8"].path), workers=["ram=1GiB"], cache_tokens=1024,
              encrypt=encrypt) as model:
         want = model.generate(["The capital of France is"], GREEDY)[0].token_ids
         (stage,) = model.plan.stages

@@ -185,8 +185,11 @@ class Worker:
 
     def _fetch_stage(self, start: int, end: int) -> None:
         n = self.store.n_blocks
-        self._fetch([Part("embed")] * (start == 0) + [Part("block", i) for i in range(start, end)]
-                    + [Part("head")] * (end == n))
+        # a tied head reads its table from the embedding's file (store v2): both come
+        head = [Part("head")] + [Part("embed")] * bool(self.store.tied) if end == n else []
+        parts = ([Part("embed")] * (start == 0) + [Part("block", i) for i in range(start, end)]
+                 + head)
+        self._fetch(list(dict.fromkeys(parts)))
     # -- end store transfer ----------------------------------------------------------
 
     def _cpus(self, n: int) -> list[int] | None:
