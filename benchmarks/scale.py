@@ -70,7 +70,7 @@ SHAPES = {
     # the harness check (--quick, tests): small enough to build in seconds, budgets sized
     # from the store so that about half its blocks stream from disk (tight_spec)
     "tiny": Shape("random LLaMA (tiny) int8", "llama", "",
-                  {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 704,
+                  {"vocab_size": 1024, "hidden_size": 512, "intermediate_size": 1408,
                    "num_hidden_layers": 24, "num_attention_heads": 4}),
 }
 
@@ -87,17 +87,38 @@ def build(name: str, layers: int | None = None, folder: Path | None = None,
                              progress)
 
 
-def tight_spec(store, cache_tokens: int, workers: int = WORKERS) -> str:
+RUNTIME_MARGIN = 4 * 2**20  # over the probe worker's runtime: workers here differ by ~1 MiB
+
+
+def worker_runtime(store_path: str) -> int:
+    """Bytes of a Ray worker's runtime as a worker measures it: a worker of the store on
+    this node, calibrated, its `overhead` (worker/actor.py), then stopped. Needs Ray."""
+    import ray
+
+    from llm_shard.cluster import ray_glue
+    from llm_shard.worker.actor import Worker
+
+    actor = ray_glue.start_actor(Worker, ray_glue.this_node(), str(store_path), threads=1)
+    try:
+        ray.get(actor.calibrate.remote(), timeout=300)
+        return ray.get(actor.info.remote(), timeout=60)["overhead"]
+    finally:
+        ray.get(actor.shutdown.remote(), timeout=30)
+        ray.kill(actor)
+
+
+def tight_spec(store, cache_tokens: int, runtime: int, workers: int = WORKERS) -> str:
     """A RAM budget for each of `workers` workers that leaves about half the blocks on
-    disk: the larger of embedding and head, two staging buffers, one stage's KV cache and
-    a share of half the blocks."""
+    disk: the worker's `runtime` (a budget is the whole process: docs/budgets.md), the
+    larger of embedding and head, two staging buffers, one stage's KV cache and a share of
+    a third of the blocks (a stage with no disk block holds blocks in its buffers' room)."""
     from llm_shard.models.base import Part
 
     n = store.n_blocks
     blocks = [store.part_bytes(Part("block", i)) for i in range(n)]
     resident = max(store.part_bytes(Part("embed")), store.part_bytes(Part("head")))
     cache = store.config.cache_bytes_per_token * cache_tokens * -(-n // workers)
-    ram = resident + 2 * max(blocks) + cache + sum(blocks) // (2 * workers)
+    ram = runtime + resident + 2 * max(blocks) + cache + sum(blocks) // (3 * workers)
     return f"ram={ram},disk={4 * store.nbytes}"
 
 
@@ -246,7 +267,9 @@ def run_model(name: str, tokens: int = 8, sequences=(8,), layers: int | None = N
     many = max(sequences, default=1)
     # caches grow in whole chunks per sequence: room for one sequence, or for `many`
     per_seq = reserved_tokens(PROMPT_TOKENS + tokens + 1)
-    spec = shape.worker or tight_spec(store, many * per_seq)
+    # a budget is the whole process: a worker's measured runtime first
+    spec = shape.worker or tight_spec(store, many * per_seq,
+                                      worker_runtime(store.path) + RUNTIME_MARGIN)
     # one sequence's cache; a budget sized from the store fits the batches' caches, and
     # its one-sequence run keeps them so that its blocks stay tight too
     one_cache = per_seq if shape.worker else many * per_seq

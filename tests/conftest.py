@@ -341,16 +341,6 @@ def worker_runtime(ray_cluster, smollm2_stores) -> int:
     calibrating, worker/actor.py), plus RUNTIME_MARGIN. A RAM budget is the whole process
     and pays the runtime first (docs/budgets.md): a test that sizes a budget for the
     model's parts adds this."""
-    import ray
+    from llm_shard.benchmarks.scale import worker_runtime as measured
 
-    from llm_shard.cluster import ray_glue
-    from llm_shard.worker.actor import Worker
-
-    actor = ray_glue.start_actor(Worker, ray_glue.this_node(),
-                                 str(smollm2_stores["int8"].path), threads=1)
-    try:
-        ray.get(actor.calibrate.remote(), timeout=300)
-        return ray.get(actor.info.remote(), timeout=60)["overhead"] + RUNTIME_MARGIN
-    finally:
-        ray.get(actor.shutdown.remote(), timeout=30)
-        ray.kill(actor)
+    return measured(smollm2_stores["int8"].path) + RUNTIME_MARGIN
