@@ -119,11 +119,15 @@ def test_every_suite_runs_and_its_json_has_every_field(quick_run):
                 b * row["bandwidth_GBps"] * 1e9 / m["step_weight_bytes"])
         p = m["profile_batch_1"]
         assert set(p) == PROFILE and positive(p["int8_linear_GBps"])
-        # every linear of every block, fused q/k/v and gate/up included, and the head
-        assert p["calls_per_step"]["Int8Linear"] > 0 and p["calls_per_step"]["ScreenedLinear"] == 1
+        # every linear of every block, fused q/k/v and gate/up included, and the head:
+        # SmolLM2's screened one (none where its one C call, w8a16_head, runs it), PanGu's
+        # random untied head an int8 layer among the Int8Linears
+        calls = p["calls_per_step"]
+        assert calls["Int8Linear"] > 0
+        assert calls.get("ScreenedLinear", 0) <= (1 if "SmolLM2" in m["model"] else 0)
         assert sum(p["modules_ms"].values()) <= p["step_ms"]
         assert p["int8_linear_ms"] == pytest.approx(
-            p["modules_ms"]["Int8Linear"] + p["modules_ms"]["ScreenedLinear"])
+            p["modules_ms"]["Int8Linear"] + p["modules_ms"].get("ScreenedLinear", 0))
 
     vs = s["versus"]
     engines = {(x["engine"], x["dtype"]) for x in vs["rows"]}
