@@ -246,14 +246,6 @@ def _within(x: dict) -> None:
         peak is not None and peak - (x["baseline_rss"] or 0) <= x["budget_ram"])
 
 
-def _available_ram() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
-
-
 def run_model(name: str, tokens: int = 8, sequences=(8,), layers: int | None = None,
               reference: bool = True, folder: Path | None = None,
               progress: bool = True, log=print) -> dict:
@@ -338,9 +330,11 @@ def reference_tokens(store, ids: list[list[int]], tokens: int, cache_tokens: int
                      log=print) -> dict:
     """The same greedy generates on one worker with RAM for the whole model: whether every
     sequence's tokens are those of the tight workers."""
+    from llm_shard.cluster.resources import detect_ram
+
     ram = store.nbytes + store.config.cache_bytes_per_token * cache_tokens * store.n_blocks \
         + (1 << 30)
-    free = _available_ram()
+    free = int(detect_ram()[1])
     if ram + (1 << 30) > free:
         return {"ran": False, "why": f"one roomy worker needs {ram / 2**30:.1f} GiB; "
                                      f"{free / 2**30:.1f} GiB is available"}

@@ -14,7 +14,7 @@ import zmq
 
 from llm_shard.cluster import ray_glue, wire
 from llm_shard.cluster.links import Guard, LinkKeys
-from llm_shard.cluster.resources import budgets_from_ray_nodes
+from llm_shard.cluster.resources import budgets_from_ray_nodes, detect_ram
 from llm_shard.cluster.transfer import StoreServer
 from llm_shard.cluster.types import (
     Capacity,
@@ -66,14 +66,6 @@ def _out_of_vocab(ids, vocab: int) -> list:
     return [t for t in ids if not 0 <= t < vocab][:5]
 
 
-def _available_ram() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
-
-
 def worker_capacities(workers) -> list[Capacity]:
     """`workers` as LLM takes it: N (N workers sharing this machine's memory evenly), a
     list of SPEC strings or Capacity objects, or None (every Ray node's advertised budget,
@@ -83,7 +75,7 @@ def worker_capacities(workers) -> list[Capacity]:
     if isinstance(workers, int):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        ram = Memory(int(_available_ram() * LOCAL_RAM_SHARE / workers))
+        ram = Memory(int(detect_ram()[1] * LOCAL_RAM_SHARE / workers))
         return [Capacity(ram=ram) for _ in range(workers)]
     if workers is None:
         import ray
