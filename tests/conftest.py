@@ -269,6 +269,23 @@ def save_untied(model, folder):
               folder / "model.safetensors")
 
 
+def tiny_store(arch: str, root: Path):
+    """A tiny random fp32 store of `arch` (pangu-alpha, chatglm, rwkv, moss, cpm2) at
+    root/store, converted from its reference checkpoint written at root/hf."""
+    from llm_shard.models.checkpoint.convert import convert
+
+    hf = root / "hf"
+    writers = {"pangu-alpha": lambda: write_hf_port(hf, random_hf_state(seed=2)),
+               "chatglm": lambda: write_checkpoint(hf, random_state()),
+               "rwkv": lambda: hf_rwkv().save_pretrained(hf),
+               "moss": lambda: hf_codegen().save_pretrained(hf),
+               "cpm2": lambda: save_untied(hf_t5(), hf)}
+    writers[arch]()
+    # MOSS's config says CodeGen: the arch is named
+    return convert(hf, root / "store", arch="moss" if arch == "moss" else None, dtype="fp32",
+                   progress=False)
+
+
 # --- session fixtures ----------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

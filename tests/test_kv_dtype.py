@@ -3,6 +3,8 @@ store, what they count, and the same greedy tokens on the tests' prompts."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import (
@@ -14,16 +16,10 @@ from conftest import (
     START,
     chain,
     greedy_through,
-    hf_codegen,
     hf_llama,
-    hf_t5,
-    random_hf_state,
     random_ids,
-    random_state,
-    save_untied,
     text_ids,
-    write_checkpoint,
-    write_hf_port,
+    tiny_store,
 )
 
 from llm_shard.cluster.types import reserved_tokens, sequence_bytes
@@ -94,33 +90,16 @@ def _llama(root):
     return convert(root / "hf", root / "store", dtype="fp32", progress=False)
 
 
-def _pangu(root):
-    write_hf_port(root / "hf", random_hf_state(seed=2))
-    return convert(root / "hf", root / "store", dtype="fp32", progress=False)
-
-
-def _chatglm(root):
-    write_checkpoint(root / "hf", random_state())
-    return convert(root / "hf", root / "store", dtype="fp32", progress=False)
-
-
-def _moss(root):
-    hf_codegen().save_pretrained(root / "hf")
-    return convert(root / "hf", root / "store", arch="moss", dtype="fp32", progress=False)
-
-
-def _cpm2(root):
-    save_untied(hf_t5(), root / "hf")
-    return convert(root / "hf", root / "store", dtype="fp32", progress=False)
-
-
 # the prompts of the architectures' pipeline tests (tests/test_pipeline_archs.py)
 ARCHS = {
     "llama": (_llama, lambda seed: random_ids(4 + seed, seed, 0, 97)),
-    "pangu-alpha": (_pangu, lambda seed: [3 + seed, 14, 15, 92, 65][: 3 + seed % 3]),
-    "chatglm": (_chatglm, lambda seed: text_ids(5 + seed, seed) + [GMASK, SOP]),
-    "moss": (_moss, lambda seed: random_ids(4 + seed, seed, 0, MOSS_VOCAB)),
-    "cpm2": (_cpm2, lambda seed: random_ids(4 + seed, seed, 2, CPM2_VOCAB) + [START]),
+    "pangu-alpha": (partial(tiny_store, "pangu-alpha"),
+                    lambda seed: [3 + seed, 14, 15, 92, 65][: 3 + seed % 3]),
+    "chatglm": (partial(tiny_store, "chatglm"),
+                lambda seed: text_ids(5 + seed, seed) + [GMASK, SOP]),
+    "moss": (partial(tiny_store, "moss"), lambda seed: random_ids(4 + seed, seed, 0, MOSS_VOCAB)),
+    "cpm2": (partial(tiny_store, "cpm2"),
+             lambda seed: random_ids(4 + seed, seed, 2, CPM2_VOCAB) + [START]),
 }
 
 

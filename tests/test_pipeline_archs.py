@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from functools import partial
 
 import pytest
 from conftest import (
@@ -18,46 +19,13 @@ from conftest import (
     RWKV_VOCAB,
     SOP,
     START,
-    hf_codegen,
-    hf_rwkv,
-    hf_t5,
-    random_hf_state,
     random_ids,
-    random_state,
-    save_untied,
     text_ids,
-    write_checkpoint,
-    write_hf_port,
+    tiny_store,
 )
 
 from llm_shard import LLM, SamplingParams
-from llm_shard.models.checkpoint.convert import convert
 from llm_shard.models.runner import LocalModel
-
-
-def _pangu(root):
-    write_hf_port(root / "hf", random_hf_state(seed=2))
-    return convert(root / "hf", root / "store", dtype="fp32", progress=False)
-
-
-def _chatglm(root):
-    write_checkpoint(root / "hf", random_state())
-    return convert(root / "hf", root / "store", dtype="fp32", progress=False)
-
-
-def _rwkv(root):
-    hf_rwkv().save_pretrained(root / "hf")
-    return convert(root / "hf", root / "store", dtype="fp32", progress=False)
-
-
-def _moss(root):
-    hf_codegen().save_pretrained(root / "hf")
-    return convert(root / "hf", root / "store", arch="moss", dtype="fp32", progress=False)
-
-
-def _cpm2(root):
-    save_untied(hf_t5(), root / "hf")
-    return convert(root / "hf", root / "store", dtype="fp32", progress=False)
 
 
 def _glm_prompt(seed):
@@ -65,12 +33,14 @@ def _glm_prompt(seed):
 
 
 ARCHS = {
-    "pangu-alpha": (_pangu, lambda seed: [3 + seed, 14, 15, 92, 65][: 3 + seed % 3]),
-    "chatglm": (_chatglm, _glm_prompt),
-    "rwkv": (_rwkv, lambda seed: random_ids(4 + seed, seed, 0, RWKV_VOCAB)),
-    "moss": (_moss, lambda seed: random_ids(4 + seed, seed, 0, MOSS_VOCAB)),
+    "pangu-alpha": (partial(tiny_store, "pangu-alpha"),
+                    lambda seed: [3 + seed, 14, 15, 92, 65][: 3 + seed % 3]),
+    "chatglm": (partial(tiny_store, "chatglm"), _glm_prompt),
+    "rwkv": (partial(tiny_store, "rwkv"), lambda seed: random_ids(4 + seed, seed, 0, RWKV_VOCAB)),
+    "moss": (partial(tiny_store, "moss"), lambda seed: random_ids(4 + seed, seed, 0, MOSS_VOCAB)),
     # encoder input, then the decoder's start token: one stream of rows per sequence
-    "cpm2": (_cpm2, lambda seed: random_ids(4 + seed, seed, 2, CPM2_VOCAB) + [START]),
+    "cpm2": (partial(tiny_store, "cpm2"),
+             lambda seed: random_ids(4 + seed, seed, 2, CPM2_VOCAB) + [START]),
 }
 N_PROMPTS, MAX_TOKENS = 6, 24
 
