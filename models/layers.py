@@ -133,16 +133,49 @@ def rope_rows(rope: Rotary, batch: Batch):
 
 def rope_tables(rope: Rotary, batch: Batch, like: torch.Tensor):
     """(cos, signed sin), each (rows, 1, dim) on `like`'s device and dtype, for
-    `rotate(x, cos, sin)`; once per batch, rotary setting, device and dtype."""
+    `rotate(x, cos, sin)`; once per batch, rotary setting, device and dtype. Float32 CPU
+    rows of a rotary whose angles depend on the position alone are rows of `_position_tables`
+    (the same bits, without a decode step's ten ops)."""
     key = ("rope3", rope.dim, rope.base, rope.kind, rope.factor, rope.max_positions,
            rope.table_dtype, like.device, like.dtype)
     found = batch.memo.get(key)
     if found is None:
-        cos, sin = rope_rows(rope, batch)
-        half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[:, :half], sin[:, half:]), -1)  # rotate_half's sign, once
-        found = batch.memo[key] = (cos[:, None, :].to(like.device, like.dtype),
-                                   sin[:, None, :].to(like.device, like.dtype))
+        if (rope.kind != "dynamic" and rope.table_dtype == torch.float32
+                and like.dtype == torch.float32 and like.device.type == "cpu"):
+            pos = batch.positions
+            last = int(pos[0]) if pos.numel() == 1 else int(pos.max()) if pos.numel() else 0
+            cos, sin = _position_tables(rope, last + 1)
+            found = (cos.index_select(0, pos)[:, None, :], sin.index_select(0, pos)[:, None, :])
+        else:
+            cos, sin = rope_rows(rope, batch)
+            sin = _signed(sin)
+            found = (cos[:, None, :].to(like.device, like.dtype),
+                     sin[:, None, :].to(like.device, like.dtype))
+        batch.memo[key] = found
+    return found
+
+
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """sin with rotate_half's sign on its first half (what `rotate` multiplies by)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[:, :half], sin[:, half:]), -1)
+
+
+# (dim, base, kind, factor) -> float32 (cos, signed sin) of positions [0, n) on the CPU,
+# shared by every block and stage of this process; n doubles as sequences grow
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _position_tables(rope: Rotary, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope`'s (cos, signed sin) tables, float32 (n, dim) for n >= `positions`: rows of
+    Rotary.cos_sin over torch.arange(n), so each row holds the bits that cos_sin computes
+    for that position alone (elementwise ops)."""
+    key = (rope.dim, rope.base, rope.kind, rope.factor)
+    found = _TABLES.get(key)
+    if found is None or found[0].shape[0] < positions:
+        n = max(256, 1 << (positions - 1).bit_length())
+        cos, sin = rope.cos_sin(torch.arange(n))
+        found = _TABLES[key] = (cos, _signed(sin))
     return found
 
 

@@ -100,3 +100,23 @@ def test_cached_decoding_equals_recompute(tmp_path):
     assert ref[0, len(prompt):].tolist() == generated
 
 
+@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 4.0}])
+@pytest.mark.parametrize("dim", [64, 80])
+def test_rope_tables_are_cos_sin_of_each_row_bit_for_bit(dim, scaling):
+    """A decode step's rotary rows come from the process's position tables (grown as
+    sequences pass their end): the bits Rotary.cos_sin computes for those positions alone,
+    on batches of one row, several rows and several sequences."""
+    from llm_shard.models.cache import Batch, SequenceCache
+    from llm_shard.models.layers import Rotary, _signed, rope_tables
+
+    rope = Rotary(dim, 10000.0, 4096, scaling)
+    like = torch.zeros(1)
+    g = torch.Generator().manual_seed(dim)
+    for lens, top in (([1], 10), ([1], 3000), ([7], 200), ([3, 1, 5], 5000)):
+        batch = Batch.of(lens, [SequenceCache() for _ in lens])
+        batch.positions = torch.randint(0, top, (sum(lens),), generator=g)
+        cos, sin = rope_tables(rope, batch, like)
+        want_cos, want_sin = rope.cos_sin(batch.positions)
+        assert cos.shape == (sum(lens), 1, dim)
+        assert torch.equal(cos[:, 0], want_cos)
+        assert torch.equal(sin[:, 0], _signed(want_sin))

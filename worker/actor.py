@@ -30,7 +30,6 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import replace
 
 import torch
 import zmq
@@ -503,7 +502,7 @@ class Worker:
         threads = min(msg.threads.get(self.runner.start, self.computing), len(self.allowed))
         try:
             self._compute_with(threads)
-            out = self.runner.step(msg)
+            out = self.runner.step(msg, received)
         except (StageError, KeyError, TypeError, ValueError) as e:
             self._malformed(f"step it cannot run: {e}")
             self._error(msg, e)
@@ -514,8 +513,7 @@ class Worker:
             return
         self.steps += 1
         self.steps_by_threads[threads] = self.steps_by_threads.get(threads, 0) + 1
-        wire.send(self.next, replace(out, busy_ms=(*out.busy_ms,
-                                                   (time.perf_counter() - received) * 1e3)))
+        wire.send(self.next, out)
 
     def _error(self, msg: Step, e: Exception) -> None:
         err = Error(self.epoch, msg.mb, f"{type(e).__name__}: {e}",

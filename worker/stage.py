@@ -46,6 +46,13 @@ class _Sequence:
     history: list[int] = field(default_factory=list)  # last stage only
 
 
+def _held(msg: Step, received: float | None) -> tuple[float, ...]:
+    """The step's `busy_ms`, with this stage's (ms since `received`) where it is given."""
+    if received is None:
+        return msg.busy_ms
+    return (*msg.busy_ms, (time.perf_counter() - received) * 1e3)
+
+
 class StageRunner:
     """Blocks [start, end) of a store, the caches of the sequences passing through, and
     (last stage) the sampler. `cache_budget` (bytes per block in the store's kv_dtype,
@@ -125,10 +132,12 @@ class StageRunner:
         return rejected
 
     # ------------------------------------------------------------------ compute
-    def step(self, msg: Step) -> Step | Result:
+    def step(self, msg: Step, received: float | None = None) -> Step | Result:
         """Run one step; returns the message to send on: the step for the next stage, or
         the Result (sampled tokens) from the last. The Step arrives validated (its rows add
-        up); what depends on this stage (its caches, `hidden` past stage 0) is checked here."""
+        up); what depends on this stage (its caches, `hidden` past stage 0) is checked here.
+        `received` (time.perf_counter() when the worker got it): the message gains
+        `busy_ms`, how long this stage held the step, so that it is built once."""
         if not self.first and msg.hidden is None:
             raise StageError(f"blocks [{self.start}, {self.end}) need the step's `hidden` "
                              "activations")
@@ -146,7 +155,7 @@ class StageRunner:
             seqs, lens, steps = ([v[j] for j in keep] for v in (seqs, lens, steps))
         rejected = {**msg.rejected, **new_rejects}
         if not seqs:
-            return self._empty(msg, tokens, rejected)
+            return self._empty(msg, tokens, rejected, received)
 
         # GLM prompt contexts: found by the first stage, passed on to the others
         prefixes = [Prefix(*msg.prefixes[i]) if i in msg.prefixes else None for i in seqs]
@@ -165,21 +174,24 @@ class StageRunner:
             found = {i: (p.length, p.mask_pos) for i, p in zip(seqs, batch.prefixes)
                      if p is not None and i in reset}
         if not self.last:
+            hidden = wire.to_wire(out, self.wire_dtype)
             return replace(msg, seqs=seqs, lens=lens, steps=steps, tokens=tokens,
-                           hidden=wire.to_wire(out, self.wire_dtype), rejected=rejected,
-                           prefixes=found, stage_ms=stage_ms)
+                           hidden=hidden, rejected=rejected, prefixes=found,
+                           stage_ms=stage_ms, busy_ms=_held(msg, received))
         picked = self._sample(out, msg, seqs, lens, steps, tokens, reset)
         return Result(msg.epoch, msg.mb, seqs, [p.token for p in picked],
                       [p.logprob for p in picked], [p.top_logprobs for p in picked],
-                      rejected=rejected, stage_ms=stage_ms, busy_ms=msg.busy_ms)
+                      rejected=rejected, stage_ms=stage_ms, busy_ms=_held(msg, received))
 
-    def _empty(self, msg: Step, tokens: torch.Tensor, rejected: dict[int, str]) -> Step | Result:
+    def _empty(self, msg: Step, tokens: torch.Tensor, rejected: dict[int, str],
+               received: float | None) -> Step | Result:
         """Every sequence was rejected: pass the rejections on with no rows."""
         if not self.last:
             return replace(msg, seqs=(), lens=(), steps=(), tokens=tokens,
-                           hidden=torch.zeros(0, 0, dtype=self.wire_dtype), rejected=rejected)
+                           hidden=torch.zeros(0, 0, dtype=self.wire_dtype), rejected=rejected,
+                           busy_ms=_held(msg, received))
         return Result(msg.epoch, msg.mb, (), (), (), (), rejected=rejected,
-                      stage_ms=msg.stage_ms, busy_ms=msg.busy_ms)
+                      stage_ms=msg.stage_ms, busy_ms=_held(msg, received))
 
     def _sample(self, logits: torch.Tensor, msg: Step, seqs: list[int], lens: list[int],
                 steps: list[int], tokens: torch.Tensor, reset: set[int]) -> list:
