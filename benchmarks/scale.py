@@ -10,7 +10,10 @@ plan's disk blocks; the workers' own counters check it) and the share of the dis
 (the cold read rate of the same block files, measured before and after the run, over
 those bytes); each worker's peak RSS (VmHWM) against its budget; the planner's predicted
 seconds per token and per stage against the measured ones; and whether the greedy tokens
-of every sequence are those of one worker with RAM to spare.
+of every sequence are those of one worker with RAM to spare. The tight workers send
+activations in fp32 here (`wire_dtype`), so that this compares the split itself bit for
+bit: the default bf16 wire rounds the hidden rows at every cut, which on a random 7B
+flipped a near-tie of one sequence in eight within nine tokens (fp32: none).
 
 The disk figures are honest on a machine whose page cache could hold the store: the
 store's pages are dropped (posix_fadvise DONTNEED) before the cold-read measurement and
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
     from llm_shard.benchmarks.suite import Context
 
 WORKERS = 3
+WIRE_DTYPE = "fp32"  # activations between the tight workers' stages (see above)
 PROMPT_TOKENS = 16
 # llama.cpp (llama-cpp-python) memory-mapping a random 7B Q8_0 GGUF in a 4.5 GiB cgroup on
 # this kind of machine, one sequence: measured once by hand, not by this bench
@@ -151,10 +155,11 @@ def _llm(store, workers: list[str], cache_tokens: int, micro_batches: int | None
          objective: str = "latency"):
     from llm_shard import LLM
 
-    # a worker lost mid-run would replay its sequences: none may restart
+    # a worker lost mid-run would replay its sequences: none may restart. WIRE_DTYPE:
+    # the cuts pass the hidden rows unrounded (the module's docstring)
     return LLM(str(store.path), workers=workers, use_all_workers=True, max_restarts=0,
                cache_tokens=cache_tokens, micro_batches=micro_batches, objective=objective,
-               step_timeout=600.0)
+               step_timeout=600.0, wire_dtype=WIRE_DTYPE)
 
 
 def plan_rows(llm) -> list[dict]:
@@ -279,6 +284,7 @@ def run_model(name: str, tokens: int = 8, sequences=(8,), layers: int | None = N
     with _llm(store, [spec] * WORKERS, one_cache) as llm:
         out["ram_budgets_bytes"] = budgets = sum(int(w.capacity.ram)
                                                  for w in llm.pipeline.workers)
+        out["wire_dtype"] = llm.config.wire_dtype  # what the stages pass on (WIRE_DTYPE)
         out["stages"] = plan_rows(llm)
         out["predicted_s_per_token"] = llm.plan_report.seconds_per_token
         out["one"] = one = decode_one(llm, ids[0], tokens)
@@ -383,7 +389,10 @@ def markdown(r: dict) -> list[str]:
              "generate of 1 token subtracted); batches count every generated token of "
              "the whole job, prefill included. *every stage busy*: the slowest stage's "
              "step time (the run's own) sets the pace with a micro-batch per stage: S x "
-             "one stage's rate when balanced.", ""]
+             "one stage's rate when balanced. *same tokens*: every sequence's greedy "
+             f"tokens are one roomy worker's; the stages pass activations in {WIRE_DTYPE} "
+             "here (the default bf16 rounds them at each cut, which can flip a random "
+             "model's near-tie).", ""]
     rows = []
     for m in r["models"]:
         ref = m.get("reference", {})
