@@ -53,10 +53,8 @@ log = logging.getLogger("llm_shard.worker")
 # budget pays first (docs/budgets.md): ~290 MiB at start, ~400 after its first compute,
 # with torch 2.13 CPU and Ray 2.60.
 WORKER_OVERHEAD = 512 * 2**20
-# Serving maps pages of torch's library that calibrating did not, the more where the page
-# cache holds it (fault-around): a SmolLM2 worker of a freshly installed venv peaked ~2%
-# over its runtime measured after calibrating plus its planned parts. The runtime it
-# reports (its budget's overhead) is measured x (1 + this).
+# The share added to the runtime measured after calibrating: serving maps pages of torch's
+# library that calibrating did not (docs/budgets.md).
 RUNTIME_GROWTH = 0.05
 _POLL_MS = 100
 CALIBRATE_SECONDS = 0.3  # timing one block: at least this long (and `repeats` calls)
