@@ -36,6 +36,7 @@ undisturbed output.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -160,6 +161,9 @@ class Group:
 # How often the loop asks Ray whether a worker died: ray.wait costs ~0.2 ms (measured
 # here), ~1% of SmolLM2's decode when asked between every two steps, as it was.
 _WATCH_SECONDS = 0.05
+# How long the loop waits for a result before it looks for dead workers and late steps,
+# with sequences running and without; a submit or cancel wakes it at once (its pipe).
+BUSY_POLL_MS, IDLE_POLL_MS = 20, 50
 _EMA = 0.2  # weight of the newest step in the moving averages of step times
 # Loop iterations failing in a row after which the scheduler gives up (a bug that repeats):
 # every request fails from then on and /health says why.
@@ -202,6 +206,11 @@ class Scheduler:
         self.n_groups = micro_batches or len(pipeline.plan.stages)
         self.eos = tuple(tokenizer.eos_ids) if tokenizer is not None else ()
         self.inbox: queue.Queue = queue.Queue()
+        # a byte on this pipe wakes the loop from its poll when the inbox gains an item,
+        # so a request arriving at an idle pipeline starts at once, not at the poll's end
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.waiting = WaitQueue()
         self.running: dict[int, Sequence] = {}
         self.groups = [Group(i) for i in range(self.n_groups)]
@@ -253,12 +262,14 @@ class Scheduler:
             params = replace(params, seed=secrets.randbits(63))
         future: Future = Future()
         self.inbox.put((list(prompt), params, on_text, request, future))
+        self._wake()
         return future
 
     def cancel(self, future: Future) -> None:
         """Stop a request (a client went away): it leaves its group, its caches are freed
         with the group's next message, and its Future is cancelled."""
         self.inbox.put(("cancel", future))
+        self._wake()
 
     def metrics(self) -> dict:
         """Counters and gauges for /metrics (read from any thread; approximate)."""
@@ -274,13 +285,31 @@ class Scheduler:
 
     def close(self) -> None:
         self.stopping.set()
+        self._wake()
         self.thread.join(timeout=10)
         self.push.close(linger=0)
+        if not self.thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full: the loop has a wake-up waiting
+            pass
+
+    def _woken(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     # ------------------------------------------------------------------ loop
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.results, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         in_a_row = 0
         while not self.stopping.is_set():
             if self.failed:  # every request fails: only answer new ones
@@ -291,7 +320,10 @@ class Scheduler:
                 self._take_new()
                 self._admit()
                 self._send_steps()
-                if poller.poll(20 if self.running else 50):
+                ready = dict(poller.poll(BUSY_POLL_MS if self.running else IDLE_POLL_MS))
+                if self._wake_r in ready:
+                    self._woken()
+                if self.results in ready:
                     self._receive()
                 self._watch()
                 in_a_row = 0

@@ -5,6 +5,8 @@ first stage (no Ray), which answers each step as a last stage would."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import CancelledError
 from types import SimpleNamespace
 
 import pytest
@@ -165,7 +167,12 @@ def test_a_big_batch_does_not_starve_a_small_request():
         big = [stage.sched.submit([1, 2], SamplingParams(max_tokens=4, temperature=0,
                                                          ignore_eos=True), request=batch)
                for _ in range(400)]
-        step = stage.next_step()
+        step = stage.next_step()  # the first may go out before the rest are queued
+        for _ in range(3):
+            if len(step.seqs) == 8:
+                break
+            stage.answer(step)
+            step = stage.next_step()
         assert len(step.seqs) == 8
         small = stage.sched.submit([9], GREEDY)
         steps = 0
@@ -312,3 +319,31 @@ def test_unencrypted_links_bind_loopback_when_every_worker_is_here(caplog):
     assert "UNENCRYPTED links between machines" in caplog.text and "10.0.0.2" in caplog.text
     if zmq.has("curve"):
         assert link_host([here], LinkKeys.generate(), here) is None
+
+
+def test_a_request_to_an_idle_scheduler_starts_at_once(monkeypatch):
+    """A submit wakes the loop from its poll: with the idle poll made a minute long, the
+    first step still goes out (it used to wait out the poll, up to 50 ms of every
+    request's time to first token), and so does a cancel's Free."""
+    from llm_shard.coordinator import scheduler
+
+    monkeypatch.setattr(scheduler, "IDLE_POLL_MS", 60_000)
+    monkeypatch.setattr(scheduler, "BUSY_POLL_MS", 60_000)
+    s = Stage()
+    try:
+        time.sleep(0.2)  # the loop is in its poll
+        done = s.sched.submit([1, 2], GREEDY)
+        step = s.next_step()  # 10 s receive timeout: zmq.Again had the poll not woken
+        assert step.seqs == (1,) and step.reset == (1,)
+        s.answer(step)
+        s.answer(s.next_step())
+        assert done.result(timeout=10).token_ids == [7, 7]
+        time.sleep(0.2)
+        doomed = s.sched.submit([3], GREEDY)
+        step = s.next_step()
+        s.sched.cancel(doomed)  # its step in flight: only the wake-up runs the cancel
+        with pytest.raises(CancelledError):
+            doomed.result(timeout=10)
+        s.answer(step)  # the cancelled sequence's result is dropped
+    finally:
+        s.close()
