@@ -36,7 +36,6 @@ undisturbed output.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -58,6 +57,7 @@ from llm_shard.models.text.tokenizer import StreamDecoder, Tokenizer
 from .pipeline import Pipeline, StageCores
 from .planner import PlanError
 from .prefix import prefix_index, prefix_metrics
+from .wake import Wake
 
 log = logging.getLogger("llm_shard.coordinator")
 
@@ -206,11 +206,7 @@ class Scheduler:
         self.n_groups = micro_batches or len(pipeline.plan.stages)
         self.eos = tuple(tokenizer.eos_ids) if tokenizer is not None else ()
         self.inbox: queue.Queue = queue.Queue()
-        # a byte on this pipe wakes the loop from its poll when the inbox gains an item,
-        # so a request arriving at an idle pipeline starts at once, not at the poll's end
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self.wake = Wake()  # set when the inbox gains an item: the loop's poll returns
         self.waiting = WaitQueue()
         self.running: dict[int, Sequence] = {}
         self.groups = [Group(i) for i in range(self.n_groups)]
@@ -262,14 +258,14 @@ class Scheduler:
             params = replace(params, seed=secrets.randbits(63))
         future: Future = Future()
         self.inbox.put((list(prompt), params, on_text, request, future))
-        self._wake()
+        self.wake.set()
         return future
 
     def cancel(self, future: Future) -> None:
         """Stop a request (a client went away): it leaves its group, its caches are freed
         with the group's next message, and its Future is cancelled."""
         self.inbox.put(("cancel", future))
-        self._wake()
+        self.wake.set()
 
     def metrics(self) -> dict:
         """Counters and gauges for /metrics (read from any thread; approximate)."""
@@ -285,31 +281,17 @@ class Scheduler:
 
     def close(self) -> None:
         self.stopping.set()
-        self._wake()
+        self.wake.set()
         self.thread.join(timeout=10)
         self.push.close(linger=0)
         if not self.thread.is_alive():
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:  # the pipe is full: the loop has a wake-up waiting
-            pass
-
-    def _woken(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+            self.wake.close()
 
     # ------------------------------------------------------------------ loop
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.results, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self.wake.fd, zmq.POLLIN)
         in_a_row = 0
         while not self.stopping.is_set():
             if self.failed:  # every request fails: only answer new ones
@@ -321,8 +303,8 @@ class Scheduler:
                 self._admit()
                 self._send_steps()
                 ready = dict(poller.poll(BUSY_POLL_MS if self.running else IDLE_POLL_MS))
-                if self._wake_r in ready:
-                    self._woken()
+                if self.wake.fd in ready:
+                    self.wake.clear()
                 if self.results in ready:
                     self._receive()
                 self._watch()

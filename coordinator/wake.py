@@ -1,0 +1,34 @@
+"""A wake-up for a thread that sleeps in a ZeroMQ poll: another thread's `set` makes the
+poll on `fd` return at once (the self-pipe trick; zmq.Poller takes a plain file descriptor
+beside its sockets). The scheduler's loop polls its results socket and this, so a request
+arriving at an idle pipeline starts at once, not when the poll times out."""
+
+from __future__ import annotations
+
+import os
+
+
+class Wake:
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe()  # poll `fd` for POLLIN
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)
+
+    def set(self) -> None:
+        """Wake the poller (from any thread; never blocks)."""
+        try:
+            os.write(self._w, b"\0")
+        except BlockingIOError:  # the pipe is full: a wake-up is already waiting
+            pass
+
+    def clear(self) -> None:
+        """Take every pending wake-up (the polling thread, once woken)."""
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._w)
