@@ -456,6 +456,37 @@ def test_attend_over_a_float16_cache_is_attend_over_its_float32_copy(lib, heads,
                                          v[:, :total + 1].float(), 0.1, lib=lib))
 
 
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 4, 80), (8, 2, 128),
+                                             (6, 3, 72), (2, 1, 16), (4, 2, 256)])
+def test_attend_gets_the_same_bits_in_every_variant(heads, kv_heads, d):
+    """The vector variants score 16 (AVX512) or 8 (AVX2) cache rows at once and hold the
+    output in registers: each score and output has the plain C code's bits, for row counts
+    on both sides of those groups, head sizes that are not a multiple of 16, and either
+    cache dtype; and the scores' order does not mix rows up (a row's bits alone)."""
+    g = torch.Generator().manual_seed(d)
+    libs = variant_libs()
+    for total in (1, 7, 8, 15, 16, 17, 33, 100):
+        k = torch.randn(kv_heads, total + 3, d, generator=g)[:, :total] * 3
+        v = torch.randn(kv_heads, total + 3, d, generator=g)[:, :total]
+        q = torch.randn(heads, d, generator=g)
+        for kt, vt in ((k, v), (k.half(), v.half())):
+            got = [w8a16.attend(q, kt, vt, 0.125, lib=lib) for lib in libs]
+            for other, lib in zip(got[1:], libs[1:]):
+                assert torch.equal(other, got[0]), (lib.w8a16_variant(), total, kt.dtype)
+    # one row's score moved: only heads reading it change, as a row apart would say
+    q = torch.randn(heads, d, generator=g)
+    k = torch.randn(kv_heads, 40, d, generator=g)
+    v = torch.randn(kv_heads, 40, d, generator=g)
+    for lib in libs:
+        base = w8a16.attend(q, k, v, 0.125, lib=lib)
+        bumped = k.clone()
+        bumped[0, 21] *= 2
+        moved = w8a16.attend(q, bumped, v, 0.125, lib=lib)
+        per = heads // kv_heads
+        assert not torch.equal(moved[:per], base[:per])
+        assert torch.equal(moved[per:], base[per:])
+
+
 def test_attend_takes_float32_and_float16_caches_only():
     q, k = torch.randn(4, 8), torch.randn(2, 5, 8)
     assert w8a16.can_attend(q, k.half(), k.half())
