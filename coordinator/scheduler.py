@@ -51,13 +51,13 @@ import zmq
 from llm_shard.cluster import links, wire
 from llm_shard.cluster.messages import MAX_STEP_ROWS, Error, Free, Result, Step
 from llm_shard.cluster.types import Completion, SamplingParams, sequence_bytes
+from llm_shard.cluster.wake import Wake
 from llm_shard.models.text.sampling import finish_reason, truncate_at_stop
 from llm_shard.models.text.tokenizer import StreamDecoder, Tokenizer
 
 from .pipeline import Pipeline, StageCores
 from .planner import PlanError
 from .prefix import prefix_index, prefix_metrics
-from .wake import Wake
 
 log = logging.getLogger("llm_shard.coordinator")
 

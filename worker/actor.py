@@ -37,6 +37,7 @@ import zmq
 from llm_shard.cluster import links, ray_glue, transfer, wire
 from llm_shard.cluster.messages import Error, Free, Step
 from llm_shard.cluster.types import Tier
+from llm_shard.cluster.wake import Wake
 from llm_shard.models.base import Part, on_meta
 from llm_shard.models.cache import Batch, Prefix, SequenceCache
 from llm_shard.models.checkpoint.catalog import home
@@ -161,7 +162,7 @@ class Worker:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (future, fn, args) for the loop
-        self._wake_r, self._wake_w = os.pipe()  # a byte here wakes the loop for a job
+        self.wake = Wake()  # set: the loop leaves its poll to run a job
         self.loop = threading.Thread(target=self._loop, name="stage-loop", daemon=True)
         self.loop.start()
         if self.cpus:
@@ -395,7 +396,7 @@ class Worker:
 
     def shutdown(self) -> None:
         self.stopping.set()
-        os.write(self._wake_w, b"x")
+        self.wake.set()
         self.loop.join(timeout=5)
         with self.lock:
             self.runner = None
@@ -404,7 +405,8 @@ class Worker:
                     sock.close(linger=0)
         self.guard.close()
         self.ctx.term()
-        os.close(self._wake_w)
+        if not self.loop.is_alive():
+            self.wake.close()
 
     # ------------------------------------------------------------------ transport
     def _push(self, address: str) -> zmq.Socket:
@@ -424,7 +426,7 @@ class Worker:
             raise RuntimeError("the worker is shutting down")
         future: Future = Future()
         self._jobs.put((future, fn, args))
-        os.write(self._wake_w, b"x")
+        self.wake.set()
         if self.stopping.is_set():  # the loop may have drained its jobs before this one
             self._run_jobs()  # fails it (and any other left) rather than wait forever
         return future.result()
@@ -446,20 +448,19 @@ class Worker:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self.wake.fd, zmq.POLLIN)
         try:
             self._serve(poller)
         finally:
             self.stopping.set()
             self._run_jobs()  # fails what is left: nothing waits forever
-            os.close(self._wake_r)
 
     def _serve(self, poller: zmq.Poller) -> None:
         while not self.stopping.is_set():
             try:
                 events = dict(poller.poll(_POLL_MS))
-                if self._wake_r in events:
-                    os.read(self._wake_r, 4096)
+                if self.wake.fd in events:
+                    self.wake.clear()
                     self._run_jobs()
                 if self.pull not in events:
                     continue

@@ -1,7 +1,8 @@
 """A wake-up for a thread that sleeps in a ZeroMQ poll: another thread's `set` makes the
 poll on `fd` return at once (the self-pipe trick; zmq.Poller takes a plain file descriptor
-beside its sockets). The scheduler's loop polls its results socket and this, so a request
-arriving at an idle pipeline starts at once, not when the poll times out."""
+beside its sockets). The coordinator's scheduler polls its results socket and this, so a
+request arriving at an idle pipeline starts at once, not when the poll times out; a
+worker's loop polls its step socket and this, for calls that must run on its thread."""
 
 from __future__ import annotations
 
