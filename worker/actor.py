@@ -45,7 +45,7 @@ from llm_shard.models.checkpoint.store import Store, record_verified
 from llm_shard.models.kernels import decode, w8a16
 
 from .stage import StageError, StageRunner
-from .tiers import Streamer, read_file
+from .tiers import Streamer, cold_read_seconds
 
 log = logging.getLogger("llm_shard.worker")
 
@@ -282,14 +282,7 @@ class Worker:
                         lambda x, batch: streamer.run(part.index, x, batch), repeats, "cuda")
                 finally:
                     streamer.close()
-        path = self.store._checked(part.file)
-        with open(path, "rb", buffering=0) as f:  # drop it from the page cache: a cold read
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        buf = torch.empty(os.path.getsize(path), dtype=torch.uint8)
-        t0 = time.perf_counter()
-        read_file(path, buf)
-        cold = time.perf_counter() - t0
-        del buf
+        cold = cold_read_seconds(self.store._checked(part.file))
         # a disk block as decode runs it: read into a staging buffer while the previous
         # one computes, with the streaming kernel (no packed copy); no faster than a cold
         # read of its file (the page cache may hold it here, not on a node short of RAM)

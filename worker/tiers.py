@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -56,6 +57,28 @@ def read_file(path: os.PathLike, buf: torch.Tensor) -> int:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return size
+
+
+COLD_READS = 3
+
+
+def cold_read_seconds(path: os.PathLike, runs: int = COLD_READS,
+                      clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds to read a file whose pages are not in the page cache, as a disk block is
+    read every token (read_file drops them after): the median of `runs` reads. Not the
+    first alone: a disk stage reads the same files token after token, and the first read
+    of a file may be far off the rate of the next (a VM's disk here read a block at 0.3
+    GB/s, then the same block at 2 GB/s, the rate its decode streamed at)."""
+    if hasattr(os, "posix_fadvise"):
+        with open(path, "rb", buffering=0) as f:  # drop it from the page cache: cold
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    buf = torch.empty(os.path.getsize(path), dtype=torch.uint8)
+    seconds = []
+    for _ in range(runs):
+        t0 = clock()
+        read_file(path, buf)  # and its pages dropped again
+        seconds.append(clock() - t0)
+    return statistics.median(seconds)
 
 
 def layout(buf: torch.Tensor) -> Layout:
