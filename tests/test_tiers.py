@@ -225,3 +225,49 @@ def test_a_cold_read_is_timed_as_the_median_of_several(tmp_path, monkeypatch):
     monkeypatch.setattr(tiers, "read_file", read_file)
     assert tiers.cold_read_seconds(path, clock=lambda: next(clock)) == pytest.approx(0.12)
     assert reads == [path.stat().st_size] * tiers.COLD_READS == [1 << 20] * 3
+
+
+LOAD_PEAK = """
+import json, sys
+from llm_shard.models.base import Part
+from llm_shard.models.checkpoint.store import Store
+
+def status():
+    d = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(d[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+
+store = Store.open(sys.argv[1])
+with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on
+    f.write("5")
+before = status()["VmRSS"]
+block = store.load(Part("block", 0))
+after = status()
+print(json.dumps({"held": after["VmRSS"] - before, "transient": after["VmHWM"] - after["VmRSS"]}))
+"""
+
+
+def test_loading_a_block_holds_no_weight_twice(tmp_path):
+    """A RAM block's int8 weights are copied out of the file's mapping (into 2 MiB pages)
+    a piece at a time, each piece's mapped pages dropped behind it: loading peaks at its
+    block's bytes plus a piece, not plus its largest weight (100 MiB on a 13B, which put a
+    full worker 26 MiB over its budget). Measured in a fresh process (VmHWM)."""
+    import json
+    import subprocess
+    import sys
+
+    from llm_shard.benchmarks.swap import random_store
+    from llm_shard.models.archs.llama import LlamaConfig
+    from llm_shard.models.checkpoint.placement import COPY_BYTES, huge_pages_problem
+
+    if huge_pages_problem() is not None:
+        pytest.skip(f"weights are not copied out of the mapping here: {huge_pages_problem()}")
+    cfg = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=49152,
+                      num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8)
+    store = random_store(tmp_path / "wide", "llama", cfg, "wide", progress=False)
+    weight = cfg.hidden_size * cfg.intermediate_size  # an MLP matrix: 48 MiB of int8
+    out = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(store.path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["held"] >= 3 * weight  # the block is resident
+    assert got["transient"] < 2 * COPY_BYTES < weight, got

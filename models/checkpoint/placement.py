@@ -134,7 +134,7 @@ def weights_to_huge_pages(module: nn.Module, mapped: set[int]) -> int:
             nbytes = old.nbytes // (1 if lo is None else 2)
             if lo is None:
                 new = arena[at: at + nbytes].view(old.dtype).view(old.shape)
-                new.copy_(old)
+                _copy_releasing(new, old, old.data_ptr() in mapped)
                 m._buffers["weight"] = new
             else:  # the stored weight stays (mapped: read again only if used again)
                 m.nibbles = Nibbles(w8a16.pack_nibbles(old, lo, arena[at: at + nbytes]),
@@ -144,6 +144,23 @@ def weights_to_huge_pages(module: nn.Module, mapped: set[int]) -> int:
             at += nbytes
         offset += size
     return offset
+
+
+# A mapped weight is copied this many bytes at a time, each piece's source pages dropped
+# behind it: loading holds one piece twice, not a whole weight (a 13B block's MLP matrix
+# is 100 MiB, which the RAM budget does not count and a full worker went over by).
+COPY_BYTES = 8 << 20
+
+
+def _copy_releasing(new: torch.Tensor, old: torch.Tensor, release: bool) -> None:
+    """new.copy_(old) for contiguous tensors of one shape, in COPY_BYTES pieces, the pages
+    of each piece of `old` dropped once copied where `release` (memory-mapped)."""
+    src, dst = old.view(-1), new.view(-1)
+    step = max(1, COPY_BYTES // old.element_size())
+    for a in range(0, src.numel(), step):
+        dst[a: a + step].copy_(src[a: a + step])
+        if release:
+            release_mapped(src[a: a + step])
 
 
 def _nibble_run(run: list[Int8Linear]) -> int | None:
