@@ -7,6 +7,7 @@ worker's loop polls its step socket and this, for calls that must run on its thr
 from __future__ import annotations
 
 import os
+import threading
 
 
 class Wake:
@@ -14,13 +15,18 @@ class Wake:
         self.fd, self._w = os.pipe()  # poll `fd` for POLLIN
         os.set_blocking(self.fd, False)
         os.set_blocking(self._w, False)
+        self._lock = threading.Lock()  # no write after close: the fd may be reused by then
+        self.closed = False
 
     def set(self) -> None:
-        """Wake the poller (from any thread; never blocks)."""
-        try:
-            os.write(self._w, b"\0")
-        except BlockingIOError:  # the pipe is full: a wake-up is already waiting
-            pass
+        """Wake the poller (from any thread; never blocks; nothing once closed)."""
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                os.write(self._w, b"\0")
+            except BlockingIOError:  # the pipe is full: a wake-up is already waiting
+                pass
 
     def clear(self) -> None:
         """Take every pending wake-up (the polling thread, once woken)."""
@@ -31,5 +37,8 @@ class Wake:
             pass
 
     def close(self) -> None:
-        os.close(self.fd)
-        os.close(self._w)
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                os.close(self.fd)
+                os.close(self._w)

@@ -244,6 +244,8 @@ class Scheduler:
         turns with other requests as one (None: a request of its own)."""
         if not prompt:
             raise ValueError("a prompt needs at least one token")
+        if self.stopping.is_set():
+            raise RequestError("the LLM was shut down")
         vocab = self.pipeline.store.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:

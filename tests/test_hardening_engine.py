@@ -347,3 +347,25 @@ def test_a_request_to_an_idle_scheduler_starts_at_once(monkeypatch):
         s.answer(step)  # the cancelled sequence's result is dropped
     finally:
         s.close()
+
+
+def test_a_submit_after_close_is_refused_and_wakes_nothing():
+    """Once closed, the scheduler refuses a request with a clear error (it used to wait
+    forever), and its wake-up writes nothing more: its pipe's numbers may belong to
+    another file by then."""
+    import os
+
+    s = Stage()
+    s.close()
+    with pytest.raises(RequestError, match="shut down"):
+        s.sched.submit([1], GREEDY)
+    r, w = os.pipe()  # may take the closed pipe's numbers
+    try:
+        s.sched.wake.set()
+        s.sched.cancel(object())
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)
+    finally:
+        os.close(r)
+        os.close(w)
