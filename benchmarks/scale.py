@@ -12,8 +12,8 @@ those bytes); each worker's peak RSS (VmHWM) against its budget; the planner's p
 seconds per token and per stage against the measured ones; and whether the greedy tokens
 of every sequence are those of one worker with RAM to spare. The tight workers send
 activations in fp32 here (`wire_dtype`), so that this compares the split itself bit for
-bit: the default bf16 wire rounds the hidden rows at every cut, which on a random 7B
-flipped a near-tie of one sequence in eight within nine tokens (fp32: none).
+bit: the default bf16 wire rounds the hidden rows at every cut, which can flip a random
+model's near-tie.
 
 The disk figures are honest on a machine whose page cache could hold the store: the
 store's pages are dropped (posix_fadvise DONTNEED) before the cold-read measurement and

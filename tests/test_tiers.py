@@ -208,8 +208,8 @@ def test_a_batch_over_the_cache_budget_completes_by_queueing(ray_cluster, store,
 
 def test_a_cold_read_is_timed_as_the_median_of_several(tmp_path, monkeypatch):
     """Calibration times a disk block's file as the median of COLD_READS whole reads with
-    its pages dropped, not by the first alone: a first read 6x slower than the next (as a
-    VM's disk gave here) does not set the rate the planner plans disk blocks with."""
+    its pages dropped, not by the first alone: a first read far slower than the next
+    does not set the rate the planner plans disk blocks with."""
     from llm_shard.worker import tiers
 
     path = tmp_path / "block.safetensors"
@@ -249,8 +249,8 @@ print(json.dumps({"held": after["VmRSS"] - before, "transient": after["VmHWM"] -
 def test_loading_a_block_holds_no_weight_twice(tmp_path):
     """A RAM block's int8 weights are copied out of the file's mapping (into 2 MiB pages)
     a piece at a time, each piece's mapped pages dropped behind it: loading peaks at its
-    block's bytes plus a piece, not plus its largest weight (100 MiB on a 13B, which put a
-    full worker 26 MiB over its budget). Measured in a fresh process (VmHWM)."""
+    block's bytes plus a piece, not plus its largest weight, which no budget counts.
+    Measured in a fresh process (VmHWM)."""
     import json
     import subprocess
     import sys

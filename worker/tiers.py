@@ -66,9 +66,8 @@ def cold_read_seconds(path: os.PathLike, runs: int = COLD_READS,
                       clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds to read a file whose pages are not in the page cache, as a disk block is
     read every token (read_file drops them after): the median of `runs` reads. Not the
-    first alone: a disk stage reads the same files token after token, and the first read
-    of a file may be far off the rate of the next (a VM's disk here read a block at 0.3
-    GB/s, then the same block at 2 GB/s, the rate its decode streamed at)."""
+    first alone: a disk stage reads the same files token after token, and a file's first
+    read may be far off the rate of the next (docs/budgets.md)."""
     if hasattr(os, "posix_fadvise"):
         with open(path, "rb", buffering=0) as f:  # drop it from the page cache: cold
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)

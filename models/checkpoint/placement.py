@@ -147,8 +147,7 @@ def weights_to_huge_pages(module: nn.Module, mapped: set[int]) -> int:
 
 
 # A mapped weight is copied this many bytes at a time, each piece's source pages dropped
-# behind it: loading holds one piece twice, not a whole weight (a 13B block's MLP matrix
-# is 100 MiB, which the RAM budget does not count and a full worker went over by).
+# behind it: loading holds one piece twice, not a whole weight, which no budget counts.
 COPY_BYTES = 8 << 20
 
 
